@@ -1,0 +1,36 @@
+"""flowkit: a Jupyter-first prediction-serving toolkit.
+
+Build a pipeline with :class:`Flow`, run it in-process with ``flow.run``, rewrite it with
+:func:`optimize`, and serve it from a dask cluster with :func:`deploy`.
+"""
+
+from .errors import FlowError, OperatorError, Overloaded, SchemaError
+from .flow import Flow, Node
+from .plan import QID, Plan
+from .schema import Schema
+from .table import GroupedTable, Row, Table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Table", "Row", "Schema", "GroupedTable", "Flow", "Node", "Plan", "QID",
+    "FlowError", "SchemaError", "OperatorError", "Overloaded",
+    "optimize", "deploy", "inspect", "Deployment",
+]
+
+
+def __getattr__(name):
+    # Later layers load on first use, so `import flowkit` stays light.
+    if name == "optimize":
+        from .optimize import optimize
+        return optimize
+    if name in ("deploy", "Deployment"):
+        from .runtime import deployment
+        return getattr(deployment, name)
+    if name == "inspect":
+        from flowkit_widgets import inspect
+        return inspect
+    if name == "gpu":
+        import importlib
+        return importlib.import_module(".gpu", __name__)
+    raise AttributeError(f"module 'flowkit' has no attribute {name!r}")

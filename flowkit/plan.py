@@ -1,0 +1,330 @@
+"""The plan: an immutable logical DAG of operator specs.
+
+An operator spec describes work; it does not run it (the executors in ``flowkit.runtime`` do).
+Every spec is a frozen dataclass with a unique ``name`` (the operator's function name, made
+unique within the plan), the names of its ``inputs`` and its output ``schema``. A ``Plan`` is the
+specs in topological order plus the name of its output, and the notes that optimizer passes
+recorded. Passes in ``flowkit.optimize`` build new plans; nothing here mutates.
+
+>>> from flowkit.schema import Schema
+>>> s = Schema({"x": int})
+>>> p = Plan("demo", (Source(name="input", schema=s), Map(name="inc", inputs=("input",), schema=s, fn=abs)), "inc")
+>>> [op.name for op in p.nodes], p.consumers("input")
+(['input', 'inc'], ('inc',))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Callable
+
+from .errors import FlowError
+from .schema import Schema
+
+__all__ = [
+    "QID", "Op", "Source", "Map", "Filter", "GroupBy", "Agg", "Combine", "Lookup", "Join", "Union",
+    "AnyOf", "Stage", "Batching", "Rewrite", "Plan", "AGGREGATES", "JOIN_KINDS",
+]
+
+AGGREGATES = ("count", "sum", "min", "max", "mean")
+JOIN_KINDS = ("inner", "left", "outer")
+
+
+class _Qid:
+    """The join key meaning "the row's qid" (``fk.QID``)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "fk.QID"
+
+    def __reduce__(self):
+        return (_Qid, ())
+
+
+QID = _Qid()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Op:
+    """Base of every operator spec."""
+
+    name: str
+    inputs: tuple[str, ...] = ()
+    schema: Schema
+    grouped_by: str | None = None
+
+    kind = "op"
+    shape = "box"       # visual hints for renderers (streamz-style, on the class)
+
+    @property
+    def hints(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def is_gpu(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source(Op):
+    """The flow's input table."""
+
+    kind = "input"
+    shape = "invhouse"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Batching:
+    """Dynamic batching settings recorded on a batching map or stage."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Map(Op):
+    """Row map (``col is None``): the output row is exactly the ``names`` columns.
+    Column map (``col``): ``col`` is replaced by ``fn(row[col])``. ``batching``: ``fn`` takes
+    the whole table and returns one value (or tuple) per row."""
+
+    fn: Callable
+    names: tuple[str, ...] = ()
+    col: str | None = None
+    batching: bool = False
+    gpu: bool = False
+    high_variance: bool = False
+    max_batch: int | None = None
+    max_wait_ms: float | None = None
+    out_types: tuple[Any, ...] = ()     # declared output types checked at run time (object = unchecked)
+
+    kind = "map"
+
+    @property
+    def hints(self) -> tuple[str, ...]:
+        return tuple(h for h, on in (("gpu", self.gpu), ("batching", self.batching),
+                                     ("high_variance", self.high_variance)) if on)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.gpu
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filter(Op):
+    """Keep rows where ``fn(row)`` is true; with ``group``, keep groups where ``fn(group_table)`` is."""
+
+    fn: Callable
+    group: bool = False
+    kind = "filter"
+    shape = "trapezium"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupBy(Op):
+    column: str
+    kind = "groupby"
+    shape = "folder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Agg(Op):
+    fn: str
+    column: str | None
+    kind = "agg"
+    shape = "folder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Combine(Op):
+    kind = "combine"
+    shape = "folder"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lookup(Op):
+    """Add a column holding a stored object: ``key`` itself, or (``dynamic``) the key in column ``key``."""
+
+    key: str
+    dynamic: bool = False
+    kind = "lookup"
+    shape = "cylinder"
+
+    @property
+    def out_column(self) -> str:
+        return f"{self.key}_value" if self.dynamic else self.key
+
+    @property
+    def hints(self) -> tuple[str, ...]:
+        return ("dynamic",) if self.dynamic else ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Join(Op):
+    on: Any = QID
+    how: str = "inner"
+    kind = "join"
+    shape = "invtriangle"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Union(Op):
+    kind = "union"
+    shape = "invtriangle"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnyOf(Op):
+    """Whichever input is ready first wins. ``race`` names the stage it races replicas of."""
+
+    race: str | None = None
+    kind = "anyof"
+    shape = "diamond"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage(Op):
+    """A fused group of operators run as one task, in order, with no serialization between them.
+
+    ``members`` are specs whose inputs name either earlier members or the stage's own inputs.
+    ``replica_of``/``replica`` mark a competitive copy; ``lookup_split`` marks a stage that
+    starts at a dynamic lookup (so the runtime may run it where the looked-up object lives).
+    """
+
+    members: tuple[Op, ...]
+    output: str = ""
+    batching: Batching | None = None
+    replica_of: str | None = None
+    replica: int | None = None
+    lookup_split: bool = False
+    kind = "stage"
+    shape = "box3d"
+
+    @property
+    def member_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.members)
+
+    @property
+    def is_gpu(self) -> bool:
+        return any(m.is_gpu for m in self.members)
+
+    @property
+    def high_variance(self) -> bool:
+        return any(getattr(m, "high_variance", False) for m in self.members)
+
+    @property
+    def hints(self) -> tuple[str, ...]:
+        hs: list[str] = []
+        for m in self.members:
+            hs += [h for h in m.hints if h not in hs]
+        return tuple(hs)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One change an optimizer pass made: which pass, what it says, which operators it touched."""
+
+    rule: str
+    message: str
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Operator specs in topological order, the output's name, and the rewrites recorded so far."""
+
+    name: str
+    nodes: tuple[Op, ...]
+    output: str
+    rewrites: tuple[Rewrite, ...] = field(default=(), compare=False)
+
+    @cached_property
+    def by_name(self) -> dict[str, Op]:
+        return {op.name: op for op in self.nodes}
+
+    @cached_property
+    def _consumers(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {op.name: [] for op in self.nodes}
+        for op in self.nodes:
+            for i in op.inputs:
+                if op.name not in out[i]:
+                    out[i].append(op.name)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def __getitem__(self, name: str) -> Op:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise FlowError(f"no operator {name!r} in plan {self.name!r}") from None
+
+    def consumers(self, name: str) -> tuple[str, ...]:
+        return self._consumers[name]
+
+    @property
+    def source(self) -> Source:
+        return next(op for op in self.nodes if isinstance(op, Source))
+
+    @property
+    def schema(self) -> Schema:
+        return self[self.output].schema
+
+    def with_nodes(self, nodes, output: str | None = None, rewrites=()) -> "Plan":
+        """A new plan with these nodes (sorted topologically), keeping earlier rewrites."""
+        return Plan(self.name, toposort(tuple(nodes)), output or self.output, self.rewrites + tuple(rewrites))
+
+    def stages(self) -> tuple[Op, ...]:
+        """The units an executor schedules: every spec except the source."""
+        return tuple(op for op in self.nodes if not isinstance(op, Source))
+
+
+def toposort(nodes: tuple[Op, ...]) -> tuple[Op, ...]:
+    """Order specs so every input comes before its consumers (stable for already-sorted input)."""
+    by_name = {op.name: op for op in nodes}
+    done: set[str] = set()
+    out: list[Op] = []
+    visiting: set[str] = set()
+
+    def visit(op: Op) -> None:
+        if op.name in done:
+            return
+        if op.name in visiting:
+            raise FlowError(f"the plan has a cycle through {op.name!r}")
+        visiting.add(op.name)
+        for i in op.inputs:
+            if i not in by_name:
+                raise FlowError(f"operator {op.name!r} reads {i!r}, which is not in the plan")
+            visit(by_name[i])
+        visiting.discard(op.name)
+        done.add(op.name)
+        out.append(op)
+
+    for op in nodes:
+        visit(op)
+    return tuple(out)
+
+
+def cull(plan: Plan) -> Plan:
+    """Keep only the operators the output depends on."""
+    keep: set[str] = set()
+    stack = [plan.output]
+    while stack:
+        n = stack.pop()
+        if n not in keep:
+            keep.add(n)
+            stack.extend(plan[n].inputs)
+    return Plan(plan.name, tuple(op for op in plan.nodes if op.name in keep), plan.output, plan.rewrites)
+
+
+def rename(op: Op, **changes) -> Op:
+    """A copy of ``op`` with fields changed (``dataclasses.replace``)."""
+    return replace(op, **changes)

@@ -1,0 +1,1 @@
+"""Execution: operator semantics, the reference executor, and the dask runtime (``Deployment``)."""

@@ -1,0 +1,315 @@
+"""Operator semantics over tables: the one definition every executor shares.
+
+``apply(op, inputs, ctx)`` computes one operator spec over its input tables. The reference
+executor, fused stages and the dask workers all call it, so every executor gives the same rows
+with the same qids. ``ctx`` supplies stored objects for lookups (``ctx.lookup(key)``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Protocol
+
+from ..errors import FlowError, OperatorError, SchemaError
+from ..plan import QID, Agg, AnyOf, Combine, Filter, GroupBy, Join, Lookup, Map, Op, Source, Stage, Union
+from ..schema import fits, type_name
+from ..table import GroupedTable, Row, Table
+
+__all__ = ["apply", "run_members", "callable_for", "Context", "DictStore"]
+
+
+class Context(Protocol):
+    def lookup(self, key: Any) -> Any: ...
+
+
+class DictStore:
+    """A lookup context over a plain mapping (``flow.run(x, store={...})``)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store=None):
+        self.store = store or {}
+
+    def lookup(self, key: Any) -> Any:
+        try:
+            return self.store[key]
+        except KeyError:
+            raise KeyError(f"no stored object under key {key!r}") from None
+        except TypeError:
+            raise KeyError(f"unusable store key {key!r}") from None
+
+
+# -- class operators: one instance per process ---------------------------------------------
+_instances: dict[type, Any] = {}
+_instances_lock = threading.Lock()
+
+
+def callable_for(fn: Callable) -> Callable:
+    """The callable to invoke: ``fn`` itself, or for a class its one instance in this process."""
+    if not isinstance(fn, type):
+        return fn
+    inst = _instances.get(fn)
+    if inst is None:
+        with _instances_lock:
+            inst = _instances.get(fn)
+            if inst is None:
+                inst = _instances[fn] = fn()
+    return inst
+
+
+# -- the operators ---------------------------------------------------------------------------
+def apply(op: Op, inputs: list, ctx: Context):
+    """Compute ``op`` over its inputs (Tables, or a GroupedTable where the op takes one)."""
+    impl = _IMPLS.get(type(op))
+    if impl is None:
+        raise FlowError(f"no semantics for {type(op).__name__} {op.name!r}")
+    return impl(op, inputs, ctx)
+
+
+def run_members(stage: Stage, inputs: list, ctx: Context):
+    """Run a fused stage's members in order, in this thread, with no copies between them."""
+    from .reference import evaluate
+
+    return evaluate(stage.members, dict(zip(stage.inputs, inputs)), stage.output, ctx)
+
+
+def _map(op: Map, inputs: list, ctx: Context) -> Table:
+    t: Table = inputs[0]
+    fn = callable_for(op.fn)
+    if op.batching:
+        rows = _map_batch(op, fn, t)
+    elif op.col is None:
+        rows = []
+        schema, single, append = t.schema, len(op.names) == 1, None
+        append = rows.append
+        for r, q in zip(t.rows, t.qids):
+            try:
+                v = fn(Row(schema, r, q))
+            except Exception as e:
+                raise OperatorError(op.name, q, e) from e
+            append((v,) if single else _unpack(op, v, q))
+    else:
+        i = t.schema.index[op.col]
+        rows = []
+        for r, q in zip(t.rows, t.qids):
+            try:
+                v = fn(r[i])
+            except Exception as e:
+                raise OperatorError(op.name, q, e) from e
+            rows.append(r[:i] + (v,) + r[i + 1:])
+    if op.out_types and any(ty is not object for ty in op.out_types):
+        _check_outputs(op, rows, t.qids)
+    return Table._make(op.schema, rows, list(t.qids))
+
+
+def _map_batch(op: Map, fn: Callable, t: Table) -> list:
+    arg = t.column(op.col) if op.col is not None else t
+    first = t.qids[0] if t.qids else None
+    if not t.rows:
+        return []
+    try:
+        out = list(fn(arg))
+    except Exception as e:
+        raise OperatorError(op.name, first, e) from e
+    if len(out) != len(t):
+        raise OperatorError(op.name, first, None, message=f"batching map {op.name!r} returned {len(out)} values for "
+                                                           f"{len(t)} rows; return one value per row, in order")
+    if op.col is not None:
+        i = t.schema.index[op.col]
+        return [r[:i] + (v,) + r[i + 1:] for r, v in zip(t.rows, out)]
+    if len(op.names) == 1:
+        return [(v,) for v in out]
+    return [_unpack(op, v, q) for v, q in zip(out, t.qids)]
+
+
+def _unpack(op: Map, v: Any, qid: Any) -> tuple:
+    try:
+        tup = tuple(v)
+    except TypeError:
+        tup = None
+    if tup is None or len(tup) != len(op.names):
+        raise OperatorError(op.name, qid, None, message=f"map {op.name!r} must return {len(op.names)} values for "
+                                                         f"names {list(op.names)}, got {_short(v)} (row qid={qid})")
+    return tup
+
+
+def _check_outputs(op: Map, rows: list, qids: list) -> None:
+    cols = [op.schema.index[op.col if op.col in op.schema.index else op.names[0]]] if op.col else range(len(op.names))
+    for c in cols:
+        name, ty = op.schema.names[c], op.schema.types[c]
+        if ty is object:
+            continue
+        for r, q in zip(rows, qids):
+            v = r[c]
+            if v is not None and not fits(v, ty):
+                raise SchemaError(f"map {op.name!r} declares column {name!r} as {type_name(ty)} but returned "
+                                  f"{type_name(type(v))} ({_short(v)}) for row qid={q}", column=name)
+
+
+def _filter(op: Filter, inputs: list, ctx: Context):
+    src = inputs[0]
+    fn = callable_for(op.fn)
+    if op.group:
+        kept = {}
+        for key, t in src.groups.items():
+            try:
+                keep = fn(t)
+            except Exception as e:
+                raise OperatorError(op.name, t.qids[0] if t.qids else None, e) from e
+            if keep:
+                kept[key] = t
+        return GroupedTable(src.schema, src.key, kept)
+    if isinstance(src, GroupedTable):
+        groups = {k: _filter_rows(op, fn, t) for k, t in src.groups.items()}
+        return GroupedTable(src.schema, src.key, {k: t for k, t in groups.items() if len(t)})
+    return _filter_rows(op, fn, src)
+
+
+def _filter_rows(op: Filter, fn: Callable, t: Table) -> Table:
+    rows, qids, schema = [], [], t.schema
+    for r, q in zip(t.rows, t.qids):
+        try:
+            keep = fn(Row(schema, r, q))
+        except Exception as e:
+            raise OperatorError(op.name, q, e) from e
+        if keep:
+            rows.append(r)
+            qids.append(q)
+    return Table._make(t.schema, rows, qids)
+
+
+def _groupby(op: GroupBy, inputs: list, ctx: Context) -> GroupedTable:
+    t: Table = inputs[0]
+    i = t.schema.index[op.column]
+    rows: dict[Any, list] = {}
+    qids: dict[Any, list] = {}
+    for r, q in zip(t.rows, t.qids):
+        k = _group_key(r[i])
+        rows.setdefault(k, []).append(r)
+        qids.setdefault(k, []).append(q)
+    return GroupedTable(t.schema, op.column, {k: Table._make(t.schema, rows[k], qids[k]) for k in rows})
+
+
+def _group_key(v: Any) -> Any:
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        raise SchemaError(f"groupby: value {_short(v)} is not hashable and cannot be a group key") from None
+
+
+def _agg(op: Agg, inputs: list, ctx: Context) -> Table:
+    src = inputs[0]
+    if isinstance(src, GroupedTable):
+        rows = [(key, _aggregate(op, t)) for key, t in src.groups.items()]
+    else:
+        rows = [(_aggregate(op, src),)]
+    return Table._make(op.schema, rows, list(range(len(rows))))
+
+
+def _aggregate(op: Agg, t: Table) -> Any:
+    if op.column is None:
+        return len(t)
+    values = [v for v in t.column(op.column) if v is not None]
+    if op.fn == "count":
+        return len(values)
+    try:
+        if op.fn == "sum":
+            return float(sum(values))
+        if not values:
+            return None
+        if op.fn == "mean":
+            return float(sum(values)) / len(values)
+        v = min(values) if op.fn == "min" else max(values)
+        return float(v) if op.schema.types[-1] is float else v
+    except Exception as e:
+        raise OperatorError(op.name, t.qids[0] if t.qids else None, e) from e
+
+
+def _combine(op: Combine, inputs: list, ctx: Context) -> Table:
+    return inputs[0].combine()
+
+
+def _lookup(op: Lookup, inputs: list, ctx: Context) -> Table:
+    t: Table = inputs[0]
+    if not op.dynamic:
+        try:
+            obj = ctx.lookup(op.key)
+        except Exception as e:
+            raise OperatorError(op.name, t.qids[0] if t.qids else None, e) from e
+        return Table._make(op.schema, [r + (obj,) for r in t.rows], list(t.qids))
+    i = t.schema.index[op.key]
+    rows = []
+    for r, q in zip(t.rows, t.qids):
+        try:
+            rows.append(r + (ctx.lookup(r[i]),))
+        except Exception as e:
+            raise OperatorError(op.name, q, e) from e
+    return Table._make(op.schema, rows, list(t.qids))
+
+
+def _join(op: Join, inputs: list, ctx: Context) -> Table:
+    left, right = inputs
+    ls, rs = left.schema, right.schema
+    extra = [rs.index[n] for n in rs.names if n not in ls.index]
+    if op.on is QID:
+        lkeys, rkeys = left.qids, right.qids
+    else:
+        li, ri = ls.index[op.on], rs.index[op.on]
+        lkeys, rkeys = [r[li] for r in left.rows], [r[ri] for r in right.rows]
+    index: dict[Any, list[int]] = {}
+    for j, k in enumerate(rkeys):
+        if k is not None:
+            index.setdefault(k, []).append(j)
+    rows, qids, matched = [], [], set()
+    pad = (None,) * len(extra)
+    for r, q, k in zip(left.rows, left.qids, lkeys):
+        hits = index.get(k) if k is not None else None
+        if hits:
+            for j in hits:
+                rr = right.rows[j]
+                rows.append(r + tuple(rr[e] for e in extra))
+                qids.append(q)
+                matched.add(j)
+        elif op.how != "inner":
+            rows.append(r + pad)
+            qids.append(q)
+    if op.how == "outer":
+        back = [rs.index.get(n) for n in ls.names]
+        for j, (rr, q) in enumerate(zip(right.rows, right.qids)):
+            if j not in matched:
+                rows.append(tuple(None if b is None else rr[b] for b in back) + tuple(rr[e] for e in extra))
+                qids.append(q)
+    return Table._make(op.schema, rows, qids)
+
+
+def _union(op: Union, inputs: list, ctx: Context) -> Table:
+    rows, qids = [], []
+    for t in inputs:
+        rows.extend(t.rows)
+        qids.extend(t.qids)
+    return Table._make(op.schema, rows, qids)
+
+
+def _anyof(op: AnyOf, inputs: list, ctx: Context) -> Table:
+    t = inputs[0]
+    return Table._make(op.schema, t.rows, t.qids)
+
+
+def _stage(op: Stage, inputs: list, ctx: Context):
+    return run_members(op, inputs, ctx)
+
+
+def _source(op: Source, inputs: list, ctx: Context):
+    return inputs[0]
+
+
+_IMPLS: dict[type, Callable] = {
+    Map: _map, Filter: _filter, GroupBy: _groupby, Agg: _agg, Combine: _combine, Lookup: _lookup,
+    Join: _join, Union: _union, AnyOf: _anyof, Stage: _stage, Source: _source,
+}
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."

@@ -1,0 +1,155 @@
+"""Schemas: ordered column names with their types, and the checks that values fit them.
+
+Column types are Python classes: ``int``, ``float``, ``str``, ``bool``, ``bytes``,
+``numpy.ndarray``, ``torch.Tensor`` (or any other class, checked with ``isinstance``) and
+``object`` for anything. ``None`` is null and fits every type. ``float`` columns accept ints;
+``int`` and ``float`` columns do not accept bools.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Mapping
+
+from .errors import SchemaError
+
+__all__ = ["Schema", "type_name", "fits", "check_type"]
+
+
+def type_name(t: Any) -> str:
+    """Short, readable name of a column type (``numpy.ndarray``, ``torch.Tensor``)."""
+    if t is object:
+        return "object"
+    module = getattr(t, "__module__", "builtins")
+    name = getattr(t, "__qualname__", None) or repr(t)
+    if module == "builtins":
+        return name
+    return f"{module.split('.')[0]}.{name}"
+
+
+def fits(value: Any, t: Any) -> bool:
+    """Does ``value`` fit a column of type ``t``?
+
+    >>> fits(1, float), fits(True, int), fits(None, str), fits("a", object)
+    (True, False, True, True)
+    """
+    if value is None or t is object:
+        return True
+    if t is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    if t is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    if t is bool:
+        return isinstance(value, bool) or type(value).__name__ == "bool_"
+    return isinstance(value, t)
+
+
+def check_type(t: Any, where: str) -> Any:
+    """Validate that ``t`` can be a column type; returns it."""
+    if not isinstance(t, type):
+        raise SchemaError(f"{where}: column type must be a class such as int, str or numpy.ndarray, not {t!r}")
+    return t
+
+
+def compatible(a: Any, b: Any) -> bool:
+    """Can columns of types ``a`` and ``b`` hold the same values (for joins and unions)?"""
+    if a is b or a is object or b is object:
+        return True
+    if {a, b} == {int, float}:
+        return True
+    return issubclass(a, b) or issubclass(b, a)
+
+
+class Schema:
+    """Ordered column names and types.
+
+    >>> s = Schema({"x": int, "s": str})
+    >>> s.names, s["x"], "s" in s, len(s)
+    (('x', 's'), <class 'int'>, True, 2)
+    >>> s
+    Schema({'x': int, 's': str})
+    """
+
+    __slots__ = ("names", "types", "index", "_hash")
+
+    def __init__(self, columns: Mapping[str, Any] | Iterable[tuple[str, Any]] | "Schema"):
+        if isinstance(columns, Schema):
+            items = list(columns.items())
+        elif isinstance(columns, Mapping):
+            items = list(columns.items())
+        else:
+            items = list(columns)
+        names = []
+        for name, t in items:
+            if not isinstance(name, str) or not name:
+                raise SchemaError(f"column names must be non-empty strings, not {name!r}")
+            if name in names:
+                raise SchemaError(f"column {name!r} appears twice in the schema", column=name)
+            check_type(t, f"column {name!r}")
+            names.append(name)
+        self.names: tuple[str, ...] = tuple(names)
+        self.types: tuple[Any, ...] = tuple(t for _, t in items)
+        self.index: dict[str, int] = {n: i for i, n in enumerate(self.names)}
+        self._hash = None
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.types[self.index[name]]
+        except KeyError:
+            raise SchemaError(f"no column {name!r}; the columns are {list(self.names)}", column=name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):
+        return zip(self.names, self.types)
+
+    def keys(self):
+        return self.names
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Schema):
+            return self.names == other.names and self.types == other.types
+        if isinstance(other, Mapping):
+            return list(self.items()) == list(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self.names, self.types))
+        return self._hash
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n!r}: {type_name(t)}" for n, t in self.items())
+        return f"Schema({{{inner}}})"
+
+    def __getstate__(self):
+        return list(self.items())
+
+    def __setstate__(self, state):
+        self.__init__(state)
+
+    def describe(self) -> str:
+        """``x: int, s: str`` — the form used in labels and messages."""
+        return ", ".join(f"{n}: {type_name(t)}" for n, t in self.items())
+
+    def check_row(self, values: tuple, qid: Any, where: str = "input") -> None:
+        """Raise ``SchemaError`` naming the column if a value does not fit its type."""
+        for name, t, v in zip(self.names, self.types, values):
+            if t is not object and v is not None and not fits(v, t):
+                raise SchemaError(
+                    f"{where}: column {name!r} expects {type_name(t)}, found {type_name(type(v))} "
+                    f"({_short(v)}) in row qid={qid}",
+                    column=name,
+                )
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
