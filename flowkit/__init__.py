@@ -6,6 +6,7 @@ Build a pipeline with :class:`Flow`, run it in-process with ``flow.run``, rewrit
 
 from .errors import FlowError, OperatorError, Overloaded, SchemaError
 from .flow import Flow, Node
+from .optimize import optimize
 from .plan import QID, Plan
 from .schema import Schema
 from .table import GroupedTable, Row, Table
@@ -21,9 +22,6 @@ __all__ = [
 
 def __getattr__(name):
     # Later layers load on first use, so `import flowkit` stays light.
-    if name == "optimize":
-        from .optimize import optimize
-        return optimize
     if name in ("deploy", "Deployment"):
         from .runtime import deployment
         return getattr(deployment, name)

@@ -188,8 +188,10 @@ class Table:
         """A DataFrame with one column per schema column and the qids as its index (``qid``)."""
         import pandas as pd
 
-        data = {n: pd.Series([r[i] for r in self.rows], dtype=_pandas_dtype(t)) for i, (n, t) in enumerate(self.schema.items())}
-        return pd.DataFrame(data, index=pd.Index(self.qids, name="qid"), columns=list(self.schema.names))
+        index = pd.Index(self.qids, name="qid")
+        data = {n: pd.Series([r[i] for r in self.rows], dtype=_pandas_dtype(t), index=index)
+                for i, (n, t) in enumerate(self.schema.items())}
+        return pd.DataFrame(data, index=index, columns=list(self.schema.names))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Table):

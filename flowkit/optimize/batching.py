@@ -1,0 +1,47 @@
+"""Batching: mark every stage that holds a ``batching=True`` map for dynamic batching.
+
+The mark (``Stage.batching``) carries ``max_batch`` and ``max_wait_ms``: the operator's own
+values where it set them, else the rule's defaults. A lone batching map becomes a one-member
+stage of the same name so that the mark has somewhere to live. Row-wise members of a fused
+batching stage run over the merged batch table too.
+
+>>> import flowkit as fk
+>>> f = fk.Flow("f", {"x": int})
+>>> _ = f.map(lambda t: [r["x"] for r in t], names=["y"], batching=True, max_batch=8)
+>>> [(op.name, op.batching) for op in mark_batching(f.plan).stages()]
+[('lambda#1', Batching(max_batch=8, max_wait_ms=5.0))]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..plan import Batching, Map, Plan, Rewrite, Stage
+
+__all__ = ["mark_batching"]
+
+
+def _batchers(op) -> list[Map]:
+    members = op.members if isinstance(op, Stage) else (op,)
+    return [m for m in members if isinstance(m, Map) and m.batching]
+
+
+def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> Plan:
+    nodes, rewrites = [], []
+    for op in plan.nodes:
+        maps = _batchers(op)
+        if not maps:
+            nodes.append(op)
+            continue
+        spec = Batching(max_batch=min(m.max_batch or max_batch for m in maps),
+                        max_wait_ms=min(m.max_wait_ms if m.max_wait_ms is not None else max_wait_ms for m in maps))
+        if isinstance(op, Stage):
+            op = replace(op, batching=spec)
+        else:
+            op = Stage(name=op.name, inputs=op.inputs, schema=op.schema, members=(op,), output=op.name, batching=spec)
+        nodes.append(op)
+        rewrites.append(Rewrite("batching", f"{op.name!r} merges concurrent requests into batches of up to "
+                                            f"{spec.max_batch} rows, waiting at most {spec.max_wait_ms:g} ms "
+                                            f"(batching map{'s' if len(maps) > 1 else ''} "
+                                            f"{', '.join(repr(m.name) for m in maps)})", (op.name,), (op.name,)))
+    return plan.with_nodes(nodes, rewrites=rewrites)

@@ -1,0 +1,45 @@
+"""Competitive execution: run each high-variance operator (or its stage) as k racing replicas.
+
+In the plan the race is visible: ``k`` replica stages (``name~1`` .. ``name~k``) feed an
+``anyof`` that keeps the original name, so consumers are unchanged. The first replica to finish
+wins; the runtime cancels the others.
+
+>>> import flowkit as fk
+>>> f = fk.Flow("f", {"x": int})
+>>> _ = f.map(abs, names=["y"], high_variance=True)
+>>> [(op.name, op.kind, op.inputs) for op in race(f.plan, 3).stages()]
+[('abs~1', 'stage', ('input',)), ('abs~2', 'stage', ('input',)), ('abs~3', 'stage', ('input',)), ('abs', 'anyof', ('abs~1', 'abs~2', 'abs~3'))]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..plan import AnyOf, Map, Plan, Rewrite, Stage
+
+__all__ = ["race"]
+
+
+def _high_variance(op) -> bool:
+    return (isinstance(op, Map) and op.high_variance) or (isinstance(op, Stage) and op.high_variance)
+
+
+def race(plan: Plan, k: int) -> Plan:
+    """Replace every high-variance operator by ``k`` replicas joined by an ``anyof``."""
+    if k < 2:
+        return plan
+    nodes, rewrites = [], []
+    for op in plan.nodes:
+        if not _high_variance(op):
+            nodes.append(op)
+            continue
+        stage = op if isinstance(op, Stage) else Stage(name=op.name, inputs=op.inputs, schema=op.schema,
+                                                       members=(op,), output=op.name)
+        replicas = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
+        nodes += replicas
+        nodes.append(AnyOf(name=op.name, inputs=tuple(r.name for r in replicas), schema=op.schema, race=op.name))
+        rewrites.append(Rewrite("compete", f"{op.name!r} is high-variance: {k} replicas race "
+                                           f"({', '.join(r.name for r in replicas)}); the first result wins and "
+                                           f"the others are cancelled", (op.name,),
+                                tuple(r.name for r in replicas) + (op.name,)))
+    return plan.with_nodes(nodes, rewrites=rewrites)

@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION", "inf")
