@@ -282,6 +282,23 @@ class Plan:
         """A new plan with these nodes (sorted topologically), keeping earlier rewrites."""
         return Plan(self.name, toposort(tuple(nodes)), output or self.output, self.rewrites + tuple(rewrites))
 
+    def describe(self) -> str:
+        """The plan as text, one operator per line: name, kind, inputs and marks."""
+        lines = []
+        for op in self.stages():
+            marks = [h for h in op.hints if not (h == "batching" and getattr(op, "batching", None))]
+            if isinstance(op, Stage):
+                marks.insert(0, "[" + " → ".join(op.member_names) + "]")
+                if op.batching:
+                    marks.append(f"batching(max_batch={op.batching.max_batch}, max_wait_ms={op.batching.max_wait_ms:g})")
+                if op.lookup_split:
+                    marks.append("lookup_split")
+                if op.replica:
+                    marks.append(f"replica {op.replica} of {op.replica_of!r}")
+            out = " (output)" if op.name == self.output else ""
+            lines.append(f"{op.name} <- {', '.join(op.inputs)}: {op.kind} {' '.join(marks)}".rstrip() + out)
+        return "\n".join(lines)
+
     def stages(self) -> tuple[Op, ...]:
         """The units an executor schedules: every spec except the source."""
         return tuple(op for op in self.nodes if not isinstance(op, Source))

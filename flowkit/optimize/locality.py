@@ -72,6 +72,8 @@ def _split(stage: Stage) -> tuple[list, list[Rewrite]]:
                              (stage.name,), (first.name, rest.name)))
     if _dynamic(rest.members[0]) and not rest.lookup_split:
         rest = replace(rest, lookup_split=True)
+        notes.append(Rewrite("locality", f"{rest.name!r} starts at dynamic lookup {rest.members[0].name!r}: it runs "
+                                         f"where the object for each key already lives", (rest.name,), (rest.name,)))
     return parts + [rest], notes
 
 
