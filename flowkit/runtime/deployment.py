@@ -1,0 +1,319 @@
+"""``fk.deploy``: serve a flow from a dask.distributed cluster.
+
+A ``Deployment`` optimizes the flow, gives every worker the plan through a dask
+``WorkerPlugin`` (so dask places it on new workers too), and sends requests straight to the
+workers over one session each (see ``router.py`` and ``worker.py``). dask stays in charge of
+the cluster: starting and adapting workers, restarting dead ones, holding stored objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from typing import Any, Iterable, Mapping
+
+from ..errors import FlowError, Overloaded
+from ..flow import Flow
+from ..table import Table, as_table
+from .router import Request, Router
+from .stats import StageStats, percentile
+from .wire import dumps, dumps_plan
+from .worker import READY_TOPIC, DeploymentPlugin, store_key
+
+__all__ = ["deploy", "Deployment"]
+
+logger = logging.getLogger("flowkit.deploy")
+
+
+def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, **options) -> "Deployment":
+    """Deploy ``flow`` on ``cluster`` and return the running ``Deployment``.
+
+    ``cluster``: ``None`` starts the embedded default (an adaptive ``LocalCluster`` with worker
+    processes, 1 to the number of cores); or a ``distributed.Client``, any dask ``Cluster``
+    object (dask-kubernetes, dask-jobqueue, dask-gateway ...), or a scheduler address.
+    ``optimize``: True (default rules), False, or a dict of rules for ``fk.optimize``.
+    Options: ``max_inflight`` (1000), ``retries`` (2), ``timeout`` (60 s to wait for workers).
+    """
+    return Deployment(flow, cluster=cluster, optimize=optimize, **options)
+
+
+class Deployment:
+    """A flow served from a dask cluster. Also a context manager (closes on exit)."""
+
+    def __init__(self, flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *,
+                 max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0, n_workers: int | None = None):
+        from ..optimize import optimize as _optimize
+
+        if not isinstance(flow, Flow):
+            raise FlowError(f"deploy needs a Flow, not {type(flow).__name__}")
+        if optimize is True:
+            flow = _optimize(flow)
+        elif isinstance(optimize, Mapping):
+            flow = _optimize(flow, **optimize)
+        elif optimize is not False:
+            raise FlowError(f"optimize must be True, False or a dict of rules, not {optimize!r}")
+        self.flow = flow
+        self.plan = flow.plan
+        self.name = self.plan.name
+        self.id = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        self.max_inflight = max_inflight
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._e2e = StageStats()
+        self._stored: dict[Any, Any] = {}
+        self._closed = False
+        self._owned: list = []
+        self.client, self.cluster = self._connect(cluster, n_workers)
+        try:
+            self._start(retries, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _connect(self, cluster: Any, n_workers: int | None):
+        from distributed import Client
+
+        if cluster is None:
+            from distributed import LocalCluster
+
+            cores = os.cpu_count() or 1
+            cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs=logging.ERROR)
+            self._owned.append(cluster)
+            cluster.adapt(minimum=1, maximum=max(cores, n_workers or 1))
+            client = Client(cluster)
+            self._owned.insert(0, client)
+            return client, cluster
+        if isinstance(cluster, Client):
+            return cluster, getattr(cluster, "cluster", None)
+        if isinstance(cluster, str):
+            client = Client(cluster)
+            self._owned.append(client)
+            return client, None
+        if hasattr(cluster, "scheduler_address"):
+            client = Client(cluster)
+            self._owned.append(client)
+            return client, cluster
+        raise FlowError(f"cluster must be None, a distributed.Client, a dask Cluster or a scheduler address, "
+                        f"not {type(cluster).__name__}")
+
+    def _start(self, retries: int, timeout: float) -> None:
+        security = getattr(self.client, "security", None)
+        args = security.get_connection_args("client") if security is not None else {}
+        self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
+        self.client.subscribe_topic(READY_TOPIC, self._on_ready)
+        self._plugin_name = f"flowkit-{self.id}"
+        self.client.register_plugin(DeploymentPlugin(self.id, dumps_plan(self.plan)), name=self._plugin_name)
+        for address in self.client.scheduler_info().get("workers", {}):
+            self._router.add_worker(address)
+        if not self._router.ready.wait(timeout):
+            raise FlowError(f"no worker of the cluster took deployment {self.id!r} within {timeout:g} s")
+
+    def _on_ready(self, event) -> None:
+        msg = event[1] if isinstance(event, tuple) else event
+        if isinstance(msg, dict) and msg.get("deployment") == self.id:
+            self._router.add_worker(msg["worker"])
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, data: Any) -> Future:
+        """Send one request; returns a ``concurrent.futures.Future`` of its ``fk.Table``.
+
+        The input is checked first (``SchemaError`` before any work is scheduled); beyond
+        ``max_inflight`` requests in flight, ``fk.Overloaded`` is raised instead of queueing.
+        """
+        if self._closed:
+            raise FlowError(f"deployment {self.id!r} is closed")
+        table = as_table(data, self.plan.source.schema)
+        with self._lock:
+            if self._inflight >= self.max_inflight:
+                raise Overloaded(f"deployment {self.name!r} has {self._inflight} requests in flight "
+                                 f"(max_inflight={self.max_inflight}); retry later")
+            self._inflight += 1
+        try:
+            return self._router.submit("run", dumps(table))
+        except BaseException:
+            with self._lock:
+                self._inflight -= 1
+            raise
+
+    def _done(self, req: Request, ok: bool) -> None:
+        if req.kind != "run":
+            return
+        with self._lock:
+            self._inflight -= 1
+        self._e2e.record(time.perf_counter() - req.started, ok)
+
+    def run(self, data: Any, timeout: float | None = None) -> Table:
+        """Send one request and wait for its result."""
+        return self.submit(data).result(timeout)
+
+    def map(self, inputs: Iterable[Any], *, progress: bool = True, timeout: float | None = None) -> list[Table]:
+        """Score many inputs, keeping at most half of ``max_inflight`` in flight; results in order."""
+        inputs = list(inputs)
+        window = max(1, self.max_inflight // 2)
+        futures: list[Future] = []
+        bar = _Progress(len(inputs), f"{self.name}") if progress else None
+        done = 0
+        for i, x in enumerate(inputs):
+            while i - done >= window:
+                futures[done].result(timeout)
+                done += 1
+                if bar:
+                    bar.update(done)
+            futures.append(self.submit(x))
+        results = []
+        for i, f in enumerate(futures):
+            results.append(f.result(timeout))
+            if bar and i + 1 > done:
+                bar.update(i + 1)
+        if bar:
+            bar.close()
+        return results
+
+    # -- store ------------------------------------------------------------------------------
+    def put(self, key: Any, obj: Any) -> None:
+        """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data."""
+        dkey = store_key(self.id, key)
+        old = self._stored.pop(key, None)
+        if old is not None:
+            old.release()
+            deadline = time.monotonic() + 10
+            while self.client.who_has([old]).get(dkey) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self._router.broadcast("forget", dumps(key))
+        self._stored[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
+
+    # -- observability ----------------------------------------------------------------------
+    def stats(self):
+        """A pandas DataFrame, one row per stage (plus ``(end to end)``): requests, errors,
+        p50_ms, p99_ms, workers, and the stage's extra counters."""
+        import pandas as pd
+
+        merged: dict[str, dict] = {}
+        for snap in self._router.broadcast("stats"):
+            for stage, s in snap["stages"].items():
+                m = merged.setdefault(stage, {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}})
+                m["requests"] += s["requests"]
+                m["errors"] += s["errors"]
+                m["latencies"] += s["latencies"]
+                for k, v in s["counters"].items():
+                    m["counters"][k] = m["counters"].get(k, 0) + v
+                if s["requests"] or s["counters"]:
+                    m["workers"].append(snap["worker"])
+        e2e = self._e2e.snapshot()
+        rows = [_row("(end to end)", e2e["requests"], e2e["errors"], e2e["latencies"], ["client"], {})]
+        for op in self.plan.stages():
+            m = merged.get(op.name, {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}})
+            rows.append(_row(op.name, m["requests"], m["errors"], m["latencies"], m["workers"], m["counters"]))
+        store = merged.get("__store__")
+        df = pd.DataFrame(rows).set_index("stage", drop=False)
+        if store and store["counters"]:
+            df.attrs["lookups"] = store["counters"]
+        return df
+
+    @property
+    def workers(self) -> list[str]:
+        """Addresses of the workers this deployment is connected to."""
+        return self._router.workers
+
+    @property
+    def dashboard_link(self) -> str | None:
+        try:
+            return self.client.dashboard_link
+        except Exception:
+            return None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.workers)} workers, {self._inflight} in flight"
+        return f"<Deployment {self.name!r} ({state}) dashboard: {self.dashboard_link}>"
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release what this deployment started (its plugin, stored objects, and the embedded
+        cluster) and nothing it was given."""
+        if self._closed:
+            return
+        self._closed = True
+        router = getattr(self, "_router", None)
+        if router is not None:
+            router.close()
+        try:
+            self.client.unsubscribe_topic(READY_TOPIC)
+        except Exception:
+            pass
+        if getattr(self, "_plugin_name", None) and self.client.status == "running":
+            try:
+                self.client.unregister_worker_plugin(self._plugin_name)
+            except Exception as e:
+                logger.debug("unregistering the plugin: %s", e)
+        for fut in self._stored.values():
+            try:
+                fut.release()
+            except Exception:
+                pass
+        self._stored.clear()
+        for thing in self._owned:
+            try:
+                thing.close()
+            except Exception as e:
+                logger.debug("closing %r: %s", thing, e)
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True) and sys is not None:
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+def _row(stage, requests, errors, latencies, workers, counters) -> dict:
+    ms = [s * 1000 for s in latencies]
+    return {"stage": stage, "requests": requests, "errors": errors, "p50_ms": percentile(ms, 50),
+            "p99_ms": percentile(ms, 99), "workers": ", ".join(workers), **counters}
+
+
+class _Progress:
+    """A progress bar for ``dep.map``: an ipywidgets bar in a notebook, else a text line on stderr."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.widget, self.last = total, label, None, 0.0
+        try:
+            from IPython import get_ipython
+
+            if get_ipython() is not None and "IPKernelApp" in get_ipython().config:
+                import ipywidgets
+                from IPython.display import display
+
+                self.widget = ipywidgets.IntProgress(value=0, max=total, description=label[:12])
+                display(self.widget)
+        except Exception:
+            self.widget = None
+
+    def update(self, n: int) -> None:
+        if self.widget is not None:
+            self.widget.value = n
+            return
+        now = time.monotonic()
+        if now - self.last > 0.2 or n == self.total:
+            self.last = now
+            width = 30
+            filled = int(width * n / max(1, self.total))
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {n}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.widget is None:
+            self.update(self.total)
+            sys.stderr.write("\n")

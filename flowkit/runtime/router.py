@@ -1,0 +1,252 @@
+"""The client side of the request path: one session per worker, straight to the worker.
+
+A background thread runs an asyncio loop holding one connection (a dask comm, so TLS applies)
+per worker. ``submit`` hands a request to that loop, which sends it on the least-loaded session;
+the answer resolves a ``concurrent.futures.Future``. When a connection is lost (a worker died or
+was retired), every request in flight on it is sent again elsewhere, up to ``retries`` times,
+then fails with a ``FlowError`` that says so: no request is left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+from distributed.comm import connect
+
+from ..errors import FlowError
+from .wire import loads
+
+__all__ = ["Router", "Request"]
+
+logger = logging.getLogger("flowkit.router")
+
+
+@dataclass(eq=False)
+class Request:
+    kind: str
+    payload: bytes | None
+    future: Future
+    id: int = 0
+    attempts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    workers: list = field(default_factory=list)
+    waited_since: float | None = None
+
+
+class Session:
+    def __init__(self, router: "Router", address: str, comm, nthreads: int):
+        self.router = router
+        self.address = address
+        self.comm = comm
+        self.nthreads = nthreads
+        self.inflight: dict[int, Request] = {}
+        self.lock = asyncio.Lock()
+        self.closed = False
+
+    async def send(self, req: Request) -> None:
+        self.inflight[req.id] = req
+        msg = {"kind": req.kind, "id": req.id}
+        if req.payload is not None:
+            msg["payload"] = req.payload
+        try:
+            async with self.lock:
+                await self.comm.write(msg)
+        except Exception:
+            await self.router._lost(self)
+
+    async def read_forever(self) -> None:
+        try:
+            while True:
+                msg = await self.comm.read()
+                req = self.inflight.pop(msg.get("id"), None)
+                if req is not None:
+                    self.router._resolve(req, msg, self.address)
+        except Exception:
+            await self.router._lost(self)
+
+
+class Router:
+    """Routes requests to worker sessions from a background event loop."""
+
+    def __init__(self, deployment: str, connection_args: dict | None = None, retries: int = 2,
+                 wait_for_workers: float = 60.0, on_done: Callable[[Request, bool], None] | None = None):
+        self.deployment = deployment
+        self.connection_args = connection_args or {}
+        self.retries = retries
+        self.wait_for_workers = wait_for_workers
+        self.on_done = on_done
+        self.sessions: dict[str, Session] = {}
+        self.connecting: set[str] = set()
+        self.waiting: list[Request] = []
+        self.ids = itertools.count(1)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
+        self.thread.start()
+        self.ready = threading.Event()
+        self._timer = asyncio.run_coroutine_threadsafe(self._expire_waiting(), self.loop)
+
+    # -- called from any thread -------------------------------------------------------------
+    def add_worker(self, address: str) -> None:
+        self.loop.call_soon_threadsafe(self._spawn_connect, address)
+
+    def submit(self, kind: str, payload: bytes | None = None) -> Future:
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        req = Request(kind, payload, fut)
+        self.loop.call_soon_threadsafe(self._dispatch, req)
+        return fut
+
+    def broadcast(self, kind: str, payload: bytes | None = None, timeout: float = 10.0) -> list:
+        """Send one request to every connected worker and wait for all the answers."""
+        async def gather():
+            futs = []
+            for s in list(self.sessions.values()):
+                fut: Future = Future()
+                fut.set_running_or_notify_cancel()
+                req = Request(kind, payload, fut, id=next(self.ids), attempts=self.retries)
+                futs.append(fut)
+                await s.send(req)
+            return futs
+
+        futs = asyncio.run_coroutine_threadsafe(gather(), self.loop).result(timeout)
+        out = []
+        for f in futs:
+            try:
+                out.append(f.result(timeout))
+            except Exception as e:  # a worker that went away answers nothing
+                logger.debug("broadcast %s: %s", kind, e)
+        return out
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self.sessions)
+
+    def inflight(self) -> int:
+        return sum(len(s.inflight) for s in list(self.sessions.values())) + len(self.waiting)
+
+    def close(self) -> None:
+        async def shutdown():
+            for s in list(self.sessions.values()):
+                s.closed = True
+                try:
+                    await s.comm.write({"kind": "close"})
+                    await s.comm.close()
+                except Exception:
+                    s.comm.abort()
+            self.sessions.clear()
+            for req in self.waiting:
+                self._fail(req, FlowError("the deployment was closed before this request could run"))
+            self.waiting.clear()
+
+        if self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+            except Exception:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    # -- on the loop ------------------------------------------------------------------------
+    def _spawn_connect(self, address: str) -> None:
+        if address in self.sessions or address in self.connecting:
+            return
+        self.connecting.add(address)
+        asyncio.ensure_future(self._connect(address))
+
+    async def _connect(self, address: str, attempts: int = 20) -> None:
+        try:
+            for i in range(attempts):
+                try:
+                    comm = await connect(address, timeout=10, **self.connection_args)
+                    await comm.write({"op": "flowkit_session", "deployment": self.deployment, "reply": False})
+                    hello = await comm.read()
+                except Exception as e:
+                    logger.debug("connect to %s failed: %s", address, e)
+                    hello, comm = {"ok": False, "error": str(e)}, None
+                if hello.get("ok"):
+                    session = Session(self, address, comm, hello.get("nthreads", 1))
+                    self.sessions[address] = session
+                    asyncio.ensure_future(session.read_forever())
+                    self.ready.set()
+                    waiting, self.waiting = self.waiting, []
+                    for req in waiting:
+                        self._dispatch(req)
+                    return
+                if comm is not None:
+                    comm.abort()
+                if "is not set up" not in str(hello.get("error", "")) and i >= 2:
+                    return  # the worker is gone
+                await asyncio.sleep(min(0.05 * 2 ** i, 1.0))
+        finally:
+            self.connecting.discard(address)
+
+    def _dispatch(self, req: Request) -> None:
+        if req.id == 0:
+            req.id = next(self.ids)
+        if not self.sessions:
+            req.waited_since = req.waited_since or time.monotonic()
+            self.waiting.append(req)
+            return
+        session = min(self.sessions.values(), key=lambda s: (len(s.inflight) / s.nthreads, s.address in req.workers))
+        req.workers.append(session.address)
+        asyncio.ensure_future(session.send(req))
+
+    def _resolve(self, req: Request, msg: dict, worker: str) -> None:
+        if req.future.done():
+            return
+        try:
+            if msg.get("ok"):
+                value = loads(msg["payload"]) if "payload" in msg else msg.get("stats", True)
+                req.future.set_result(value)
+            else:
+                err = msg.get("error")
+                req.future.set_exception(loads(err) if isinstance(err, bytes) else FlowError(str(err)))
+        except BaseException as e:
+            req.future.set_exception(e)
+        if self.on_done is not None:
+            self.on_done(req, msg.get("ok", False))
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if not req.future.done():
+            req.future.set_exception(exc)
+            if self.on_done is not None:
+                self.on_done(req, False)
+
+    async def _lost(self, session: Session) -> None:
+        if self.sessions.get(session.address) is not session:
+            return
+        del self.sessions[session.address]
+        session.comm.abort()
+        if session.closed:
+            return
+        inflight, session.inflight = list(session.inflight.values()), {}
+        if inflight:
+            logger.warning("lost worker %s with %d requests in flight; re-sending them", session.address, len(inflight))
+        for req in inflight:
+            req.attempts += 1
+            if req.attempts > self.retries:
+                self._fail(req, FlowError(f"request {req.id} was lost {req.attempts} times with its worker "
+                                          f"({', '.join(req.workers)}); giving up"))
+            else:
+                self._dispatch(req)
+
+    async def _expire_waiting(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            keep = []
+            for req in self.waiting:
+                if now - (req.waited_since or now) > self.wait_for_workers:
+                    self._fail(req, FlowError(f"no worker became available within {self.wait_for_workers:g} s"))
+                else:
+                    keep.append(req)
+            self.waiting = keep
+
+
