@@ -1,0 +1,230 @@
+"""The dask runtime: the conformance suite on a deployment, clusters, faults, limits, errors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+from distributed import Client, LocalCluster
+
+import flowkit as fk
+
+from .conformance import CASES, SCHEMA, XS, rows
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conformance_on_a_deployment(client, case):
+    flow, data, store, expected = CASES[case]()
+    with fk.deploy(flow, cluster=client, optimize=False) as dep:
+        for key, obj in (store or {}).items():
+            dep.put(key, obj)
+        assert rows(dep.run(data, timeout=30)) == expected
+        assert rows(dep.submit(data).result(30)) == expected
+
+
+@pytest.mark.parametrize("rules", [True, {"whole": True}, {"fusion": False, "compete": 2}])
+def test_optimized_deployments_match_the_reference(client, rules):
+    flow, data, store, expected = CASES["pipeline"]()
+    with fk.deploy(flow, cluster=client, optimize=rules) as dep:
+        assert rows(dep.run(data, timeout=30)) == expected
+
+
+def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment():
+    flow, data, _, expected = CASES["row_map"]()
+    dep = fk.deploy(flow)
+    try:
+        assert "dashboard: http://" in repr(dep)
+        assert rows(dep.run(data)) == expected
+        cluster = dep.cluster
+        assert cluster is not None and cluster._adaptive is not None
+        assert cluster._adaptive.minimum == 1 and cluster._adaptive.maximum == (os.cpu_count() or 1)
+    finally:
+        dep.close()
+    assert dep.client.status == "closed" and cluster.status.name == "closed"
+
+
+def test_close_releases_only_what_the_deployment_started(client):
+    flow, data, _, expected = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client) as dep:
+        dep.put("k", 1)
+        assert any("flowkit-" in name for name in client.run_on_scheduler(
+            lambda dask_scheduler: list(dask_scheduler.worker_plugins)))
+    assert client.status == "running"
+    plugins = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+    assert not any(name.startswith("flowkit-" + dep.id) for name in plugins)
+    assert rows(fk.deploy(flow, cluster=client).run(data)) == expected
+
+
+def test_stats_report_every_stage_with_latency_and_worker(client):
+    flow = fk.Flow("stats", SCHEMA)
+    flow.map(lambda r: r["x"], names=["y"]).filter(lambda r: r["y"] > 1)
+    with fk.deploy(flow, cluster=client, optimize=False) as dep:
+        for _ in range(5):
+            dep.run(XS)
+        df = dep.stats()
+    assert list(df["stage"]) == ["(end to end)", "lambda#1", "lambda#2"]
+    assert {"requests", "errors", "p50_ms", "p99_ms", "workers"} <= set(df.columns)
+    assert (df["requests"] == 5).all() and (df["errors"] == 0).all()
+    assert (df["p50_ms"] > 0).all() and (df["p99_ms"] >= df["p50_ms"]).all()
+    assert df.loc["lambda#1", "workers"].startswith("tcp://")
+
+
+def test_a_user_exception_fails_only_its_request(client):
+    def explode(row) -> int:
+        if row["x"] == 3:
+            raise ValueError("bad row")
+        return row["x"]
+
+    flow = fk.Flow("errors", SCHEMA)
+    flow.map(explode, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep:
+        with pytest.raises(fk.OperatorError, match="'explode' raised ValueError: bad row on row qid=2") as e:
+            dep.run(XS, timeout=30)
+        assert e.value.operator == "explode" and e.value.qid == 2 and isinstance(e.value.original, ValueError)
+        assert dep.run({"x": [1], "s": ["a"]}).column("y") == [1]
+        assert dep.stats().loc["explode", "errors"] == 1
+
+
+def test_schema_errors_are_raised_at_submit_before_any_work(client):
+    flow, _, _, _ = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client) as dep:
+        with pytest.raises(fk.SchemaError, match="column 'x' expects int, found str"):
+            dep.submit({"x": ["1"], "s": ["a"]})
+        with pytest.raises(fk.SchemaError, match="unexpected column 'z'"):
+            dep.submit([{"z": 1}])
+        assert dep.stats()["requests"].sum() == 0
+
+
+def slow(row) -> int:
+    time.sleep(0.3)
+    return row["x"]
+
+
+def test_result_times_out_cleanly_and_the_request_still_completes(client):
+    flow = fk.Flow("slow", SCHEMA)
+    flow.map(slow, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep:
+        fut = dep.submit({"x": [1], "s": ["a"]})
+        with pytest.raises(concurrent.futures.TimeoutError):
+            fut.result(timeout=0.01)
+        assert not fut.done() or fut.result().column("y") == [1]
+        assert fut.result(timeout=30).column("y") == [1]
+
+
+def test_admission_control_sheds_load_beyond_max_inflight(client):
+    flow = fk.Flow("overload", SCHEMA)
+    flow.map(slow, names=["y"])
+    with fk.deploy(flow, cluster=client, max_inflight=3) as dep:
+        futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(3)]
+        with pytest.raises(fk.Overloaded, match="max_inflight=3"):
+            dep.submit({"x": [9], "s": ["a"]})
+        assert [f.result(30).column("y") for f in futs] == [[0], [1], [2]]
+        assert dep.run({"x": [5], "s": ["a"]}, timeout=30).column("y") == [5]
+
+
+def test_map_scores_many_inputs_in_order(client, capsys):
+    flow, _, _, _ = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client, max_inflight=8) as dep:
+        out = dep.map([{"x": [i], "s": ["a"]} for i in range(40)])
+    assert [t.column("y") for t in out] == [[2 * i] for i in range(40)]
+    assert "40/40" in capsys.readouterr().err
+
+
+def test_class_operators_are_instantiated_once_per_worker(client, tmp_path):
+    log = tmp_path / "inits.log"
+    module = tmp_path / "flowkit_test_models.py"
+    module.write_text(textwrap.dedent(f"""
+        import os
+        class Model:
+            def __init__(self):
+                with open({str(log)!r}, "a") as f:
+                    f.write(str(os.getpid()) + "\\n")
+            def __call__(self, row) -> int:
+                return row["x"] + 1
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import flowkit_test_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    flow = fk.Flow("models", SCHEMA)
+    flow.map(flowkit_test_models.Model, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep:
+        futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(40)]
+        assert [f.result(30).column("y") for f in futs] == [[i + 1] for i in range(40)]
+        workers = dep.stats().iloc[1]["workers"].split(", ")
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)) == len(workers) >= 1
+    del sys.modules["flowkit_test_models"]
+
+
+def test_a_worker_killed_under_load_loses_no_request(client):
+    def work(row) -> int:
+        time.sleep(0.01)
+        return row["x"] * 2
+
+    flow = fk.Flow("faults", SCHEMA)
+    flow.map(work, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep:
+        pids = client.run(os.getpid)
+        futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(150)]
+        time.sleep(0.3)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        futs += [dep.submit({"x": [i], "s": ["a"]}) for i in range(150, 200)]
+        results = []
+        for f in futs:
+            try:
+                results.append(f.result(timeout=60).column("y")[0])
+            except fk.FlowError as e:  # a clear error is allowed; a hang is not
+                results.append(e)
+        assert sum(isinstance(r, int) for r in results) >= 195
+        assert [r for r in results if isinstance(r, int)] == [2 * i for i, r in enumerate(results) if isinstance(r, int)]
+    client.wait_for_workers(2, timeout=60)
+
+
+@pytest.mark.slow
+def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
+    import subprocess
+
+    bin_dir = os.path.dirname(sys.executable)
+    sched_file = tmp_path / "scheduler.json"
+    env = dict(os.environ, PYTHONPATH="")
+    sched = subprocess.Popen([os.path.join(bin_dir, "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                              "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    worker = None
+    try:
+        deadline = time.time() + 30
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        worker = subprocess.Popen([os.path.join(bin_dir, "dask"), "worker", "--scheduler-file", str(sched_file),
+                                   "--nthreads", "1", "--nworkers", "2", "--no-dashboard"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+        import json
+
+        address = json.loads(sched_file.read_text())["address"]
+        with Client(address) as c:
+            c.wait_for_workers(2, timeout=60)
+        for case in ("pipeline", "class_operator", "dynamic_lookup", "anyof"):
+            flow, data, store, expected = CASES[case]()
+            with fk.deploy(flow, cluster=address) as dep:
+                for key, obj in (store or {}).items():
+                    dep.put(key, obj)
+                assert rows(dep.run(data, timeout=60)) == expected
+    finally:
+        for p in (worker, sched):
+            if p is not None:
+                p.terminate()
+                p.wait(30)
