@@ -61,3 +61,70 @@ def save(name: str, payload: dict, markdown: str) -> Path:
     path.write_text(json.dumps({"meta": meta, **payload}, indent=2, default=str))
     (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{meta}\n\n{markdown}\n")
     return path
+
+
+def open_loop(send, rate: float, seconds: float, seed: int = 0, timeout: float = 10.0) -> dict:
+    """Poisson arrivals at ``rate``/s for ``seconds``. ``send(done)`` starts one request and
+    calls ``done()`` from any thread when it finishes. Latency counts from each request's
+    *scheduled* send time, so a backlog is not hidden (no coordinated omission)."""
+    import random
+    import threading
+
+    rng = random.Random(seed)
+    n = max(1, int(rate * seconds))
+    schedule, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        schedule.append(t)
+    latencies = [None] * n
+    remaining = threading.Semaphore(0)
+    start = time.perf_counter()
+    errors = 0
+    for i, at in enumerate(schedule):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+        def done(i=i, at=at):
+            latencies[i] = time.perf_counter() - (start + at)
+            remaining.release()
+
+        try:
+            send(done)
+        except Exception:
+            errors += 1
+            remaining.release()
+    deadline = time.perf_counter() + timeout
+    for _ in range(n):
+        if not remaining.acquire(timeout=max(0.0, deadline - time.perf_counter())):
+            break
+    got = [x for x in latencies if x is not None]
+    ms = [x * 1000 for x in got]
+    return {"rate": rate, "sent": n, "completed": len(got), "errors": errors, "p50_ms": percentile(ms, 50),
+            "p99_ms": percentile(ms, 99) if len(got) == n else float("inf"),
+            "within_50ms": sum(1 for x in ms if x <= 50) / n}
+
+
+def plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
+    """A line plot of ``{label: (xs, ys)}`` saved as PNG (skipped when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -213,6 +213,7 @@ class Deployment:
             rows.append(_row(op.name, m["requests"], m["errors"], m["latencies"], m["workers"], m["counters"]))
         store = merged.get("__store__")
         df = pd.DataFrame(rows).set_index("stage", drop=False)
+        df.index.name = None
         if store and store["counters"]:
             df.attrs["lookups"] = store["counters"]
         return df
