@@ -9,13 +9,14 @@ from .flow import Flow, Node
 from .optimize import optimize
 from .plan import QID, Plan
 from .schema import Schema
+from .runtime.cancel import Cancelled, cancelled
 from .table import GroupedTable, Row, Table
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Table", "Row", "Schema", "GroupedTable", "Flow", "Node", "Plan", "QID",
-    "FlowError", "SchemaError", "OperatorError", "Overloaded",
+    "FlowError", "SchemaError", "OperatorError", "Overloaded", "Cancelled", "cancelled",
     "optimize", "deploy", "inspect", "Deployment",
 ]
 

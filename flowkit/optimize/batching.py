@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import Batching, Map, Plan, Rewrite, Stage
+from ..plan import QID, Agg, Batching, Combine, Filter, GroupBy, Join, Map, Plan, Rewrite, Stage
 
 __all__ = ["mark_batching"]
 
@@ -26,12 +26,27 @@ def _batchers(op) -> list[Map]:
     return [m for m in members if isinstance(m, Map) and m.batching]
 
 
+def _mixes_requests(op) -> str | None:
+    """The member that combines rows (so it would mix requests merged into one batch), if any."""
+    for m in (op.members if isinstance(op, Stage) else (op,)):
+        if isinstance(m, (GroupBy, Agg, Combine)) or (isinstance(m, Filter) and m.group) or \
+                (isinstance(m, Join) and m.on is not QID):
+            return m.name
+    return None
+
+
 def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> Plan:
     nodes, rewrites = [], []
     for op in plan.nodes:
         maps = _batchers(op)
         if not maps:
             nodes.append(op)
+            continue
+        mixer = _mixes_requests(op)
+        if mixer is not None:
+            nodes.append(op)
+            rewrites.append(Rewrite("batching", f"{op.name!r} is not batched across requests: its member {mixer!r} "
+                                                f"combines rows, which would mix requests", (op.name,), ()))
             continue
         spec = Batching(max_batch=min(m.max_batch or max_batch for m in maps),
                         max_wait_ms=min(m.max_wait_ms if m.max_wait_ms is not None else max_wait_ms for m in maps))

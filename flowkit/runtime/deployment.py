@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, Iterable, Mapping
 
@@ -21,6 +22,7 @@ from ..errors import FlowError, Overloaded
 from ..flow import Flow
 from ..table import Table, as_table
 from .router import Request, Router
+from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile
 from .wire import dumps, dumps_plan
 from .worker import READY_TOPIC, DeploymentPlugin, store_key
@@ -65,12 +67,15 @@ class Deployment:
         self._inflight = 0
         self._lock = threading.Lock()
         self._e2e = StageStats()
+        self._recent: deque = deque(maxlen=8192)   # (finish time, seconds) of recent requests
         self._stored: dict[Any, Any] = {}
         self._closed = False
         self._owned: list = []
         self.client, self.cluster = self._connect(cluster, n_workers)
         try:
             self._start(retries, timeout)
+            if self._owned and self.cluster in self._owned:
+                self.adapt(minimum=1, maximum=max(os.cpu_count() or 1, n_workers or 1))
         except BaseException:
             self.close()
             raise
@@ -82,11 +87,9 @@ class Deployment:
         if cluster is None:
             from distributed import LocalCluster
 
-            cores = os.cpu_count() or 1
             cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
                                    dashboard_address=":0", silence_logs=logging.ERROR)
             self._owned.append(cluster)
-            cluster.adapt(minimum=1, maximum=max(cores, n_workers or 1))
             client = Client(cluster)
             self._owned.insert(0, client)
             return client, cluster
@@ -147,7 +150,9 @@ class Deployment:
             return
         with self._lock:
             self._inflight -= 1
-        self._e2e.record(time.perf_counter() - req.started, ok)
+        now = time.perf_counter()
+        self._e2e.record(now - req.started, ok)
+        self._recent.append((now, now - req.started))
 
     def run(self, data: Any, timeout: float | None = None) -> Table:
         """Send one request and wait for its result."""
@@ -176,6 +181,26 @@ class Deployment:
             bar.close()
         return results
 
+    # -- scaling ----------------------------------------------------------------------------
+    def adapt(self, minimum: int = 1, maximum: int | None = None, interval: str = "500ms", wait_count: int = 6):
+        """Scale the cluster on this deployment's serving load (``ServingAdaptive``).
+
+        The embedded cluster does this from the start. Any dask cluster object with
+        ``adapt(Adaptive=...)`` (LocalCluster, SpecCluster, KubeCluster ...) can use it too."""
+        if self.cluster is None or not hasattr(self.cluster, "adapt"):
+            raise FlowError("this deployment was given no cluster object to scale (pass cluster=a dask Cluster)")
+        maximum = maximum if maximum is not None else (os.cpu_count() or 1)
+        return self.cluster.adapt(Adaptive=ServingAdaptive, load=self._load, minimum=minimum, maximum=maximum,
+                                  interval=interval, wait_count=wait_count)
+
+    def _load(self) -> Load:
+        now = time.perf_counter()
+        recent = [s for t, s in list(self._recent) if now - t <= 2.0]
+        history = [s for t, s in list(self._recent) if now - t > 2.0]
+        return Load(inflight=self._router.mean_inflight(), threads_per_worker=self._router.threads_per_worker(),
+                    p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
+                    p99_history_ms=percentile(history, 99) * 1000 if history else 0.0)
+
     # -- store ------------------------------------------------------------------------------
     def put(self, key: Any, obj: Any) -> None:
         """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data."""
@@ -191,31 +216,36 @@ class Deployment:
 
     # -- observability ----------------------------------------------------------------------
     def stats(self):
-        """A pandas DataFrame, one row per stage (plus ``(end to end)``): requests, errors,
-        p50_ms, p99_ms, workers, and the stage's extra counters."""
+        """A pandas DataFrame, one row per stage after a first ``(end to end)`` row measured at the
+        client: requests, errors, p50_ms, p99_ms, workers (where the stage ran), and what the
+        stage did: ``batch_sizes`` (rows per batch -> count), ``wins <replica>`` and
+        ``cancelled losers`` for races, ``cancelled`` for a replica's stopped work, and
+        ``local lookups`` / ``remote lookups`` for stages with dynamic lookups."""
         import pandas as pd
 
         merged: dict[str, dict] = {}
         for snap in self._router.broadcast("stats"):
             for stage, s in snap["stages"].items():
-                m = merged.setdefault(stage, {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}})
+                m = merged.setdefault(stage, _empty())
                 m["requests"] += s["requests"]
                 m["errors"] += s["errors"]
                 m["latencies"] += s["latencies"]
                 for k, v in s["counters"].items():
                     m["counters"][k] = m["counters"].get(k, 0) + v
-                if s["requests"] or s["counters"]:
+                for k, v in s["batch_sizes"].items():
+                    m["batch_sizes"][int(k)] = m["batch_sizes"].get(int(k), 0) + v
+                if s["requests"] or s["counters"] or s["batch_sizes"]:
                     m["workers"].append(snap["worker"])
         e2e = self._e2e.snapshot()
-        rows = [_row("(end to end)", e2e["requests"], e2e["errors"], e2e["latencies"], ["client"], {})]
+        rows = [_row("(end to end)", {**_empty(), **e2e, "workers": ["client"]})]
+        lookups = merged.get("__store__", _empty())["counters"]
         for op in self.plan.stages():
-            m = merged.get(op.name, {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}})
-            rows.append(_row(op.name, m["requests"], m["errors"], m["latencies"], m["workers"], m["counters"]))
-        store = merged.get("__store__")
+            m = merged.get(op.name, _empty())
+            if any(getattr(x, "dynamic", False) for x in getattr(op, "members", (op,))):
+                m["counters"] = {**lookups, **m["counters"]}
+            rows.append(_row(op.name, m))
         df = pd.DataFrame(rows).set_index("stage", drop=False)
         df.index.name = None
-        if store and store["counters"]:
-            df.attrs["lookups"] = store["counters"]
         return df
 
     @property
@@ -279,10 +309,17 @@ class Deployment:
                 pass
 
 
-def _row(stage, requests, errors, latencies, workers, counters) -> dict:
-    ms = [s * 1000 for s in latencies]
-    return {"stage": stage, "requests": requests, "errors": errors, "p50_ms": percentile(ms, 50),
-            "p99_ms": percentile(ms, 99), "workers": ", ".join(workers), **counters}
+def _empty() -> dict:
+    return {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}, "batch_sizes": {}}
+
+
+def _row(stage: str, m: dict) -> dict:
+    ms = [s * 1000 for s in m["latencies"]]
+    row = {"stage": stage, "requests": m["requests"], "errors": m["errors"], "p50_ms": percentile(ms, 50),
+           "p99_ms": percentile(ms, 99), "workers": ", ".join(m["workers"])}
+    if m["batch_sizes"]:
+        row["batch_sizes"] = dict(sorted(m["batch_sizes"].items()))
+    return {**row, **m["counters"]}
 
 
 class _Progress:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..plan import AnyOf, Op, Plan
 from ..table import Table, as_table
+from .cancel import checkpoint
 from .semantics import DictStore, apply
 
 __all__ = ["run_plan", "evaluate"]
@@ -31,6 +32,7 @@ def evaluate(nodes: tuple[Op, ...], env: dict[str, Any], output: str, ctx) -> An
     """Evaluate ``nodes`` (topologically ordered) given the tables already in ``env``."""
     if not any(isinstance(op, AnyOf) for op in nodes):
         for op in nodes:
+            checkpoint()
             env[op.name] = apply(op, [env[i] for i in op.inputs], ctx)
         return env[output]
     return _Racing(nodes, env, ctx).value(output)

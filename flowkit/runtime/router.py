@@ -38,6 +38,7 @@ class Request:
     started: float = field(default_factory=time.perf_counter)
     workers: list = field(default_factory=list)
     waited_since: float | None = None
+    target: str | None = None     # a request for one particular worker (not re-routed if it is lost)
 
 
 class Session:
@@ -83,23 +84,27 @@ class Router:
         self.wait_for_workers = wait_for_workers
         self.on_done = on_done
         self.sessions: dict[str, Session] = {}
-        self.connecting: set[str] = set()
+        self.connecting: dict[str, asyncio.Future] = {}
         self.waiting: list[Request] = []
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
         self.thread.start()
         self.ready = threading.Event()
+        self._load_sum = 0.0
+        self._load_n = 0
         self._timer = asyncio.run_coroutine_threadsafe(self._expire_waiting(), self.loop)
+        self._sampler = asyncio.run_coroutine_threadsafe(self._sample_load(), self.loop)
 
     # -- called from any thread -------------------------------------------------------------
     def add_worker(self, address: str) -> None:
         self.loop.call_soon_threadsafe(self._spawn_connect, address)
 
-    def submit(self, kind: str, payload: bytes | None = None) -> Future:
+    def submit(self, kind: str, payload: bytes | None = None, worker: str | None = None) -> Future:
+        """Send a request to the least-loaded worker (or to ``worker``); a Future of the answer."""
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
-        req = Request(kind, payload, fut)
+        req = Request(kind, payload, fut, target=worker)
         self.loop.call_soon_threadsafe(self._dispatch, req)
         return fut
 
@@ -131,6 +136,16 @@ class Router:
     def inflight(self) -> int:
         return sum(len(s.inflight) for s in list(self.sessions.values())) + len(self.waiting)
 
+    def mean_inflight(self) -> float:
+        """Mean requests in flight since the last call (sampled every 20 ms)."""
+        n, total = self._load_n, self._load_sum
+        self._load_n, self._load_sum = 0, 0.0
+        return total / n if n else float(self.inflight())
+
+    def threads_per_worker(self) -> int:
+        sessions = list(self.sessions.values())
+        return max(1, round(sum(s.nthreads for s in sessions) / len(sessions))) if sessions else 1
+
     def close(self) -> None:
         async def shutdown():
             for s in list(self.sessions.values()):
@@ -144,6 +159,9 @@ class Router:
             for req in self.waiting:
                 self._fail(req, FlowError("the deployment was closed before this request could run"))
             self.waiting.clear()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
 
         if self.loop.is_running():
             try:
@@ -155,10 +173,16 @@ class Router:
 
     # -- on the loop ------------------------------------------------------------------------
     def _spawn_connect(self, address: str) -> None:
-        if address in self.sessions or address in self.connecting:
-            return
-        self.connecting.add(address)
-        asyncio.ensure_future(self._connect(address))
+        if address not in self.sessions and address not in self.connecting:
+            self.connecting[address] = asyncio.ensure_future(self._connect(address))
+
+    async def _session_for(self, address: str, attempts: int = 3) -> "Session | None":
+        if address in self.sessions:
+            return self.sessions[address]
+        if address not in self.connecting:
+            self.connecting[address] = asyncio.ensure_future(self._connect(address, attempts))
+        await asyncio.shield(self.connecting[address])
+        return self.sessions.get(address)
 
     async def _connect(self, address: str, attempts: int = 20) -> None:
         try:
@@ -185,11 +209,14 @@ class Router:
                     return  # the worker is gone
                 await asyncio.sleep(min(0.05 * 2 ** i, 1.0))
         finally:
-            self.connecting.discard(address)
+            self.connecting.pop(address, None)
 
     def _dispatch(self, req: Request) -> None:
         if req.id == 0:
             req.id = next(self.ids)
+        if req.target is not None:
+            asyncio.ensure_future(self._send_to(req))
+            return
         if not self.sessions:
             req.waited_since = req.waited_since or time.monotonic()
             self.waiting.append(req)
@@ -197,6 +224,14 @@ class Router:
         session = min(self.sessions.values(), key=lambda s: (len(s.inflight) / s.nthreads, s.address in req.workers))
         req.workers.append(session.address)
         asyncio.ensure_future(session.send(req))
+
+    async def _send_to(self, req: Request) -> None:
+        session = await self._session_for(req.target)
+        if session is None:
+            self._fail(req, FlowError(f"worker {req.target} is not reachable"))
+        else:
+            req.workers.append(session.address)
+            await session.send(req)
 
     def _resolve(self, req: Request, msg: dict, worker: str) -> None:
         if req.future.done():
@@ -231,11 +266,19 @@ class Router:
             logger.warning("lost worker %s with %d requests in flight; re-sending them", session.address, len(inflight))
         for req in inflight:
             req.attempts += 1
-            if req.attempts > self.retries:
+            if req.target is not None:
+                self._fail(req, FlowError(f"worker {req.target} was lost while running request {req.id}"))
+            elif req.attempts > self.retries:
                 self._fail(req, FlowError(f"request {req.id} was lost {req.attempts} times with its worker "
                                           f"({', '.join(req.workers)}); giving up"))
             else:
                 self._dispatch(req)
+
+    async def _sample_load(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            self._load_sum += sum(len(s.inflight) for s in self.sessions.values()) + len(self.waiting)
+            self._load_n += 1
 
     async def _expire_waiting(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from ..errors import FlowError, OperatorError, SchemaError
 from ..plan import QID, Agg, AnyOf, Combine, Filter, GroupBy, Join, Lookup, Map, Op, Source, Stage, Union
 from ..schema import fits, type_name
 from ..table import GroupedTable, Row, Table
+from .cancel import checkpoint
 
 __all__ = ["apply", "run_members", "callable_for", "Context", "DictStore"]
 
@@ -80,9 +81,10 @@ def _map(op: Map, inputs: list, ctx: Context) -> Table:
         rows = _map_batch(op, fn, t)
     elif op.col is None:
         rows = []
-        schema, single, append = t.schema, len(op.names) == 1, None
+        schema, single = t.schema, len(op.names) == 1
         append = rows.append
         for r, q in zip(t.rows, t.qids):
+            checkpoint()
             try:
                 v = fn(Row(schema, r, q))
             except Exception as e:
@@ -168,6 +170,7 @@ def _filter(op: Filter, inputs: list, ctx: Context):
 def _filter_rows(op: Filter, fn: Callable, t: Table) -> Table:
     rows, qids, schema = [], [], t.schema
     for r, q in zip(t.rows, t.qids):
+        checkpoint()
         try:
             keep = fn(Row(schema, r, q))
         except Exception as e:

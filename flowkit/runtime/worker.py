@@ -22,7 +22,10 @@ from typing import Any
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..plan import AnyOf, Plan
+from ..errors import FlowError
+from ..plan import AnyOf, Plan, Stage
+from ..table import Table
+from .cancel import Cancelled, Token, running_under
 from .semantics import apply
 from .stats import StageStats
 from .wire import dumps, dumps_error, loads
@@ -125,27 +128,22 @@ async def _session(worker, comm, deployment: str) -> Status:
 
 
 class WorkerStore:
-    """Lookups on a worker: the object from this worker's dask memory when it is here, else
-    fetched once from the worker that holds it (and kept)."""
+    """Objects put with ``dep.put``: read from this worker's dask memory when they are here,
+    otherwise fetched from the worker that holds them. ``stats`` counts local and remote reads."""
 
     def __init__(self, deployment: str, worker):
         self.deployment = deployment
         self.worker = worker
-        self.cache: dict[str, Any] = {}
         self.stats = StageStats()
 
     def lookup(self, key: Any) -> Any:
         dkey = store_key(self.deployment, key)
         data = self.worker.data
         if dkey in data:
-            self.stats.count("local")
+            self.stats.count("local lookups")
             return data[dkey]
-        if dkey in self.cache:
-            self.stats.count("local")
-            return self.cache[dkey]
         value = self._fetch(dkey, key)
-        self.stats.count("remote")
-        self.cache[dkey] = value
+        self.stats.count("remote lookups")
         return value
 
     def _fetch(self, dkey: str, key: Any) -> Any:
@@ -154,8 +152,7 @@ class WorkerStore:
 
         async def fetch():
             who = await self.worker.scheduler.who_has(keys=[dkey])
-            holders = [w for w in who.get(dkey, []) if w != self.worker.address]
-            for holder in holders:
+            for holder in [w for w in who.get(dkey, []) if w != self.worker.address]:
                 resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
                 if resp.get("status") == "OK" and dkey in resp["data"]:
                     return True, resp["data"][dkey]
@@ -166,70 +163,208 @@ class WorkerStore:
             raise KeyError(f"no stored object under key {key!r}")
         return value
 
-    def forget(self, key: Any) -> None:
-        self.cache.pop(store_key(self.deployment, key), None)
+
+class RequestStore:
+    """One request's view of the store: each key is read once per request, however many rows use it."""
+
+    __slots__ = ("store", "memo")
+
+    def __init__(self, store: WorkerStore):
+        self.store = store
+        self.memo: dict = {}
+
+    def lookup(self, key: Any) -> Any:
+        try:
+            return self.memo[key]
+        except KeyError:
+            value = self.memo[key] = self.store.lookup(key)
+            return value
+        except TypeError:
+            return self.store.lookup(key)
+
+
+class Peers:
+    """The other workers, as seen from this one: their resources, who holds which stored
+    object, and sessions to them (a ``Router`` with this worker's security)."""
+
+    def __init__(self, deployment: str, worker, ttl: float = 1.0):
+        from .router import Router
+
+        self.worker = worker
+        self.ttl = ttl
+        self.router = Router(deployment, worker.security.get_connection_args("worker"), retries=0,
+                             wait_for_workers=5.0)
+        self._identity: dict = {}
+        self._identity_at = 0.0
+        self._holders: dict[str, tuple[float, list]] = {}
+
+    async def workers(self) -> dict:
+        if time.monotonic() - self._identity_at > self.ttl:
+            ident = await self.worker.scheduler.identity()
+            self._identity = {a: w for a, w in ident.get("workers", {}).items()
+                              if w.get("status", "running") in ("running", "Status.running")}
+            self._identity_at = time.monotonic()
+        return self._identity
+
+    async def others(self) -> list[str]:
+        return [a for a in await self.workers() if a != self.worker.address]
+
+    async def holders(self, dkeys: list[str]) -> dict[str, list]:
+        now = time.monotonic()
+        missing = [k for k in dkeys if now - self._holders.get(k, (-1e9, None))[0] > self.ttl]
+        if missing:
+            who = await self.worker.scheduler.who_has(keys=missing)
+            for k in missing:
+                self._holders[k] = (now, list(who.get(k, [])))
+        return {k: self._holders[k][1] for k in dkeys}
+
+    async def call(self, target: str, kind: str, payload: bytes):
+        return await asyncio.wrap_future(self.router.submit(kind, payload, worker=target))
+
+    def close(self) -> None:
+        self.router.close()
 
 
 class WorkerDeployment:
-    """One deployment's plan on one worker, with its threads and per-stage statistics."""
+    """One deployment's plan on one worker: its threads, batchers, peers and statistics.
+
+    A request runs here stage by stage. A plan with nothing to place or race runs in one hop to
+    the deployment's threads. Otherwise each stage is placed: a batching stage joins this
+    worker's batch queue; a ``lookup_split`` stage goes to the worker holding most of its keys;
+    a GPU stage goes to a worker with a ``GPU`` resource when this one has none; replicas of a
+    high-variance stage run on distinct workers, the first result wins and the others are
+    cancelled (their tokens are set; remote ones get a ``cancel`` message).
+    """
 
     def __init__(self, deployment: str, plan: Plan, worker, options: dict):
         self.id = deployment
         self.plan = plan
         self.worker = worker
         self.ops = plan.nodes[1:]
+        self.by_name = {op.name: op for op in self.ops}
         self.source = plan.source.name
         self.stats = {op.name: StageStats() for op in self.ops}
-        self.racing = any(isinstance(op, AnyOf) for op in self.ops)
+        self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
+                              (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
         threads = max(1, worker.state.nthreads)
-        # Racing branches must really run at the same time, so a plan with a race gets more threads.
-        self.pool = ThreadPoolExecutor(threads * 8 if self.racing else threads, thread_name_prefix=f"flowkit-{deployment}")
+        # Racing replicas, remote stages and batches must not queue behind each other.
+        self.pool = ThreadPoolExecutor(threads if self.simple else threads * 8, thread_name_prefix=f"flowkit-{deployment}")
         self.store = WorkerStore(deployment, worker)
+        self.peers = Peers(deployment, worker) if not self.simple else None
+        self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
+        self.tokens: dict[str, Token] = {}
+        self.has_gpu = worker.state.total_resources.get("GPU", 0) > 0
         self.closed = False
 
     def close(self) -> None:
         self.closed = True
+        for b in self.batchers.values():
+            b.close()
+        if self.peers is not None:
+            self.peers.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- the session protocol ----------------------------------------------------------------
     async def handle(self, msg: dict) -> dict:
         kind, rid = msg.get("kind"), msg.get("id")
         try:
             if kind == "run":
-                table = loads(msg["payload"])
-                out = await self.run(table)
+                out = await self.run(loads(msg["payload"]))
                 return {"id": rid, "ok": True, "payload": dumps(out)}
+            if kind == "stage":
+                name, inputs, tid = loads(msg["payload"])
+                token = self.tokens[tid] = Token()
+                try:
+                    out = await self.local(self.by_name[name], inputs, token)
+                finally:
+                    self.tokens.pop(tid, None)
+                return {"id": rid, "ok": True, "payload": dumps(out)}
+            if kind == "cancel":
+                token = self.tokens.get(loads(msg["payload"]))
+                if token is not None:
+                    token.cancel("a competing replica won")
+                return {"id": rid, "ok": True}
             if kind == "stats":
                 return {"id": rid, "ok": True, "stats": self.snapshot()}
-            if kind == "forget":
-                self.store.forget(loads(msg["payload"]))
-                return {"id": rid, "ok": True}
             raise ValueError(f"unknown request kind {kind!r}")
-        except BaseException as e:  # every failure goes back to the requester, the session lives on
-            if isinstance(e, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # every failure goes back to the requester; the session lives on
             return {"id": rid, "ok": False, "error": dumps_error(e)}
 
+    # -- running a request -------------------------------------------------------------------
     async def run(self, table):
         loop = asyncio.get_running_loop()
-        if not self.racing:
+        if self.simple:
             return await loop.run_in_executor(self.pool, self._run_all, table)
-        return await _Racing(self, table, loop).value(self.plan.output)
+        return await _Execution(self, table, loop).value(self.plan.output)
 
     def _run_all(self, table):
         env = {self.source: table}
+        ctx = RequestStore(self.store)
         for op in self.ops:
-            env[op.name] = self.apply(op, [env[i] for i in op.inputs])
+            env[op.name] = self.apply(op, [env[i] for i in op.inputs], ctx)
         return env[self.plan.output]
 
-    def apply(self, op, inputs):
+    def apply(self, op, inputs, ctx, token: Token | None = None):
         t0 = time.perf_counter()
         try:
-            out = apply(op, inputs, self.store)
+            with running_under(token):
+                out = apply(op, inputs, ctx)
+        except Cancelled:
+            self.stats[op.name].count("cancelled")
+            raise
         except BaseException:
             self.stats[op.name].record(time.perf_counter() - t0, ok=False)
             raise
         self.stats[op.name].record(time.perf_counter() - t0)
         return out
+
+    async def local(self, op, inputs, token: Token | None = None):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self.apply, op, inputs, RequestStore(self.store), token)
+
+    async def execute(self, op, inputs, token: Token | None = None):
+        """Run one stage where it belongs (see the class docstring)."""
+        if isinstance(op, Stage) and op.batching and op.name in self.batchers:
+            return await self.batchers[op.name].submit(inputs[0])
+        target = await self.place(op, inputs)
+        if target is not None:
+            try:
+                return await self.remote(target, op, inputs, token or Token())
+            except FlowError as e:  # the chosen worker went away: run here instead
+                if "not reachable" not in str(e) and "was lost" not in str(e):
+                    raise
+        return await self.local(op, inputs, token)
+
+    async def place(self, op, inputs) -> str | None:
+        """The worker that should run ``op`` (None: this one)."""
+        if isinstance(op, Stage) and op.lookup_split and inputs and isinstance(inputs[0], Table):
+            lookup = op.members[0]
+            keys = {k for k in inputs[0].column(lookup.key) if k is not None}
+            if not keys:
+                return None
+            counts: dict[str, int] = {}
+            for holders in (await self.peers.holders([store_key(self.id, k) for k in keys])).values():
+                for w in holders:
+                    counts[w] = counts.get(w, 0) + 1
+            if not counts or counts.get(self.worker.address, 0) == max(counts.values()):
+                return None
+            return max(counts, key=counts.get)
+        if op.is_gpu and not self.has_gpu:
+            gpus = [a for a, w in (await self.peers.workers()).items()
+                    if (w.get("resources") or {}).get("GPU", 0) > 0 and a != self.worker.address]
+            return gpus[0] if gpus else None
+        return None
+
+    async def remote(self, target: str, op, inputs, token: Token):
+        tid = f"{self.worker.address}/{id(token)}/{time.monotonic_ns()}"
+        task = asyncio.ensure_future(self.peers.call(target, "stage", dumps((op.name, inputs, tid))))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.peers.router.submit("cancel", dumps(tid), worker=target)
+            raise
 
     def snapshot(self) -> dict:
         snap = {name: s.snapshot() for name, s in self.stats.items()}
@@ -237,13 +372,12 @@ class WorkerDeployment:
         return {"worker": self.worker.address, "stages": snap}
 
 
-class _Racing:
-    """Demand-driven evaluation on the worker's loop: the inputs of each ``anyof`` race."""
+class _Execution:
+    """One request on the coordinating worker: stages computed on demand, races run concurrently."""
 
     def __init__(self, dep: WorkerDeployment, table, loop):
         self.dep = dep
         self.loop = loop
-        self.ops = {op.name: op for op in dep.ops}
         self.memo: dict[str, asyncio.Future] = {dep.source: _done(loop, table)}
 
     async def value(self, name: str):
@@ -252,39 +386,159 @@ class _Racing:
             return await asyncio.shield(fut)
         fut = self.memo[name] = self.loop.create_future()
         try:
-            op = self.ops[name]
+            op = self.dep.by_name[name]
             if isinstance(op, AnyOf):
-                result = await self._race(op)
+                result = await (self._race(op) if op.race else self._first(op))
             else:
                 inputs = [await self.value(i) for i in op.inputs]
-                result = await self.loop.run_in_executor(self.dep.pool, self.dep.apply, op, inputs)
+                result = await self.dep.execute(op, inputs)
             fut.set_result(result)
         except BaseException as e:
             if not fut.done():
                 fut.set_exception(e)
-                fut.exception()  # mark retrieved: the caller raises it
+                fut.exception()  # the caller raises it; mark it retrieved
             raise
         return result
 
     async def _race(self, op: AnyOf):
-        from ..table import Table
+        """Competitive replicas: on distinct workers where possible; the first result wins."""
+        replicas = [self.dep.by_name[r] for r in op.inputs]
+        inputs = [await self.value(i) for i in replicas[0].inputs]
+        t0 = time.perf_counter()
+        others = await self.dep.peers.others()
+        places = [None] + others[: len(replicas) - 1]
+        places += [None] * (len(replicas) - len(places))
+        tokens = [Token() for _ in replicas]
+        tasks = {}
+        for rep, where, token in zip(replicas, places, tokens):
+            coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs, token)
+            tasks[asyncio.ensure_future(coro)] = (rep, where, token)
+        stats = self.dep.stats[op.name]
+        errors, pending = [], set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for d in done:
+                if d.exception() is None:
+                    rep = tasks[d][0]
+                    for p in pending:
+                        tasks[p][2].cancel("a competing replica won")
+                        p.cancel()
+                    stats.count(f"wins {rep.name}")
+                    stats.count("cancelled losers", len(pending))
+                    stats.record(time.perf_counter() - t0)
+                    t = d.result()
+                    return Table._make(op.schema, t.rows, t.qids)
+                if isinstance(d.exception(), FlowError) and tasks[d][1] is not None and \
+                        "not reachable" in str(d.exception()):  # its worker left: run that replica here
+                    rep, _, token = tasks.pop(d)
+                    retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
+                    tasks[retry] = (rep, None, token)
+                    pending.add(retry)
+                    continue
+                errors.append(d.exception())
+        stats.record(time.perf_counter() - t0, ok=False)
+        raise errors[0]
 
+    async def _first(self, op: AnyOf):
+        """A user's anyof: whichever input finishes first."""
         pending = {asyncio.ensure_future(self.value(i)) for i in op.inputs}
         errors = []
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for d in done:
                 if d.exception() is None:
-                    for p in pending:
-                        p.cancel()
                     t = d.result()
                     return Table._make(op.schema, t.rows, t.qids)
                 errors.append(d.exception())
         raise errors[0]
 
 
+class Batcher:
+    """Dynamic batching for one stage on one worker.
+
+    Requests queue; a batch closes when it holds ``max_batch`` rows or its oldest request has
+    waited ``max_wait_ms``, whichever comes first. The stage runs once over the merged table
+    (qids become ``(request, qid)`` pairs) and each request gets its own rows back. A request
+    larger than ``max_batch`` is cut into batches of its own.
+    """
+
+    def __init__(self, dep: WorkerDeployment, stage: Stage):
+        self.dep = dep
+        self.stage = stage
+        self.max_batch = stage.batching.max_batch
+        self.max_wait = stage.batching.max_wait_ms / 1000
+        self.queue: list = []
+        self.wakeup: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
+        self.waits: list[float] = []  # how long each request waited for its batch to close (recent)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def submit(self, table):
+        if len(table) > self.max_batch:
+            parts = [Table._make(table.schema, table.rows[i:i + self.max_batch], table.qids[i:i + self.max_batch])
+                     for i in range(0, len(table), self.max_batch)]
+            outs = await asyncio.gather(*(self.submit(p) for p in parts))
+            return Table._make(outs[0].schema, [r for o in outs for r in o.rows], [q for o in outs for q in o.qids])
+        loop = asyncio.get_running_loop()
+        if self.task is None:
+            self.wakeup = asyncio.Event()
+            self.task = asyncio.ensure_future(self._loop())
+        fut = loop.create_future()
+        self.queue.append((table, fut, time.perf_counter()))
+        self.wakeup.set()
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.queue:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            deadline = self.queue[0][2] + self.max_wait
+            while sum(len(t) for t, _, _ in self.queue) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch, rows = [], 0
+            while self.queue and rows + len(self.queue[0][0]) <= self.max_batch:
+                item = self.queue.pop(0)
+                batch.append(item)
+                rows += len(item[0])
+            now = time.perf_counter()
+            self.waits = (self.waits + [now - at for _, _, at in batch])[-4096:]
+            asyncio.ensure_future(self._run(batch, rows))
+
+    async def _run(self, batch: list, rows: int) -> None:
+        stats = self.dep.stats[self.stage.name]
+        with stats.lock:
+            stats.batch_sizes[rows] += 1
+        merged = Table._make(batch[0][0].schema, [r for t, _, _ in batch for r in t.rows],
+                             [(i, q) for i, (t, _, _) in enumerate(batch) for q in t.qids])
+        try:
+            out = await self.dep.local(self.stage, [merged])
+        except BaseException as e:
+            for _, fut, _ in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        parts: list[tuple[list, list]] = [([], []) for _ in batch]
+        for r, (i, q) in zip(out.rows, out.qids):
+            parts[i][0].append(r)
+            parts[i][1].append(q)
+        for (rws, qids), (_, fut, _) in zip(parts, batch):
+            if not fut.done():
+                fut.set_result(Table._make(out.schema, rws, qids))
+
+
 def _done(loop, value) -> asyncio.Future:
     f = loop.create_future()
     f.set_result(value)
     return f
-

@@ -1,0 +1,69 @@
+"""Cooperative cancellation: how a losing replica stops.
+
+A running Python thread cannot be killed, so work is cancelled by asking it to stop: each unit
+of work runs under a ``Token``; executors check it between operators and between rows
+(``checkpoint``), and user code that loops for long can call ``flowkit.cancelled()`` itself.
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["Token", "Cancelled", "cancelled", "checkpoint", "running_under"]
+
+_local = threading.local()
+
+
+class Cancelled(BaseException):
+    """The work was cancelled (a competing replica won, or the request was abandoned).
+
+    Like ``asyncio.CancelledError`` it derives from ``BaseException``, so user code's
+    ``except Exception`` does not swallow it."""
+
+
+class Token:
+    """A cancellation flag shared by one unit of work and whoever may cancel it."""
+
+    __slots__ = ("event", "reason")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.reason = reason
+        self.event.set()
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.event.is_set()
+
+
+class running_under:
+    """Context manager: run the enclosed code under ``token`` (in this thread)."""
+
+    __slots__ = ("token", "previous")
+
+    def __init__(self, token: Token | None):
+        self.token = token
+
+    def __enter__(self):
+        self.previous = getattr(_local, "token", None)
+        _local.token = self.token
+        return self.token
+
+    def __exit__(self, *exc):
+        _local.token = self.previous
+
+
+def cancelled() -> bool:
+    """True when the work running in this thread has been cancelled (call it in long loops)."""
+    token = getattr(_local, "token", None)
+    return token is not None and token.event.is_set()
+
+
+def checkpoint() -> None:
+    """Raise ``Cancelled`` if the work running in this thread has been cancelled."""
+    token = getattr(_local, "token", None)
+    if token is not None and token.event.is_set():
+        raise Cancelled(token.reason or "cancelled")

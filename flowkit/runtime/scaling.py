@@ -1,0 +1,73 @@
+"""Autoscaling on the serving load.
+
+Requests that go straight to workers never become dask tasks, so dask's default adaptive
+target (which counts tasks) would see an idle cluster under any load. ``ServingAdaptive``
+overrides ``Adaptive.target()`` with Cloudflow's operator-autoscaling rule applied to what the
+deployment measures: a worker is busy while it holds requests, so the mean number of requests
+in flight per worker thread is its utilization. Above 70% the target grows to bring it back
+under 70%; when the recent p99 latency passes 1.25x its history under real load, one worker
+is added; below 10% the target shrinks (dask then retires workers gracefully: their stored
+objects move first, and requests in flight on them are sent again).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from distributed.deploy.adaptive import Adaptive
+
+__all__ = ["ServingAdaptive", "Load", "serving_target"]
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the deployment measured over the last interval."""
+
+    inflight: float            # mean requests in flight (all workers)
+    threads_per_worker: int
+    p99_recent_ms: float
+    p99_history_ms: float
+
+
+def serving_target(load: Load, workers: int, minimum: int, maximum: float,
+                   high: float = 0.7, low: float = 0.1, latency_factor: float = 1.25) -> int:
+    """The number of workers the load calls for (a pure function of the measurements).
+
+    >>> serving_target(Load(3.0, 1, 5.0, 5.0), workers=2, minimum=1, maximum=8)
+    5
+    >>> serving_target(Load(0.05, 1, 5.0, 5.0), workers=4, minimum=1, maximum=8)
+    1
+    >>> serving_target(Load(1.0, 1, 30.0, 10.0), workers=2, minimum=1, maximum=8)
+    3
+    """
+    capacity = max(1, workers) * max(1, load.threads_per_worker)
+    utilization = load.inflight / capacity
+    if utilization > high:
+        target = max(workers + 1, math.ceil(load.inflight / (high * load.threads_per_worker)))
+    elif utilization > 0.3 and load.p99_history_ms > 0 and load.p99_recent_ms > latency_factor * load.p99_history_ms:
+        target = workers + 1
+    elif utilization < low:
+        target = math.ceil(load.inflight / (high * load.threads_per_worker))
+    else:
+        target = workers
+    return int(max(minimum, min(maximum, target)))
+
+
+class ServingAdaptive(Adaptive):
+    """dask ``Adaptive`` whose target follows the deployment's load (see the module docstring)."""
+
+    def __init__(self, *args, load: Callable[[], Load] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.load = load
+        self.history: list[tuple[int, Load]] = []
+
+    async def target(self) -> int:
+        if self.load is None:
+            return await super().target()
+        load = self.load()
+        workers = len(self.plan)
+        target = serving_target(load, workers, self.minimum, self.maximum)
+        self.history = (self.history + [(target, load)])[-600:]
+        return target
