@@ -199,7 +199,7 @@ class Deployment:
         history = [s for t, s in list(self._recent) if now - t > 2.0]
         return Load(inflight=self._router.mean_inflight(), threads_per_worker=self._router.threads_per_worker(),
                     p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
-                    p99_history_ms=percentile(history, 99) * 1000 if history else 0.0)
+                    p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
 
     # -- store ------------------------------------------------------------------------------
     def put(self, key: Any, obj: Any) -> None:

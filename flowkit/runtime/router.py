@@ -14,6 +14,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -91,8 +92,7 @@ class Router:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
         self.thread.start()
         self.ready = threading.Event()
-        self._load_sum = 0.0
-        self._load_n = 0
+        self._load: deque = deque(maxlen=100)   # (time, requests in flight), every 20 ms: the last 2 s
         self._timer = asyncio.run_coroutine_threadsafe(self._expire_waiting(), self.loop)
         self._sampler = asyncio.run_coroutine_threadsafe(self._sample_load(), self.loop)
 
@@ -136,11 +136,11 @@ class Router:
     def inflight(self) -> int:
         return sum(len(s.inflight) for s in list(self.sessions.values())) + len(self.waiting)
 
-    def mean_inflight(self) -> float:
-        """Mean requests in flight since the last call (sampled every 20 ms)."""
-        n, total = self._load_n, self._load_sum
-        self._load_n, self._load_sum = 0, 0.0
-        return total / n if n else float(self.inflight())
+    def mean_inflight(self, seconds: float = 2.0) -> float:
+        """Mean requests in flight over the last ``seconds`` (sampled every 20 ms)."""
+        now = time.monotonic()
+        samples = [n for t, n in list(self._load) if now - t <= seconds]
+        return sum(samples) / len(samples) if samples else float(self.inflight())
 
     def threads_per_worker(self) -> int:
         sessions = list(self.sessions.values())
@@ -277,8 +277,7 @@ class Router:
     async def _sample_load(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            self._load_sum += sum(len(s.inflight) for s in self.sessions.values()) + len(self.waiting)
-            self._load_n += 1
+            self._load.append((time.monotonic(), sum(len(s.inflight) for s in self.sessions.values()) + len(self.waiting)))
 
     async def _expire_waiting(self) -> None:
         while True:

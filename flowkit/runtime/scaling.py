@@ -6,7 +6,7 @@ overrides ``Adaptive.target()`` with Cloudflow's operator-autoscaling rule appli
 deployment measures: a worker is busy while it holds requests, so the mean number of requests
 in flight per worker thread is its utilization. Above 70% the target grows to bring it back
 under 70%; when the recent p99 latency passes 1.25x its history under real load, one worker
-is added; below 10% the target shrinks (dask then retires workers gracefully: their stored
+is added (when utilization is over 50% and there are 200 past requests to compare with); below 10% the target shrinks (dask then retires workers gracefully: their stored
 objects move first, and requests in flight on them are sent again).
 """
 
@@ -39,14 +39,14 @@ def serving_target(load: Load, workers: int, minimum: int, maximum: float,
     5
     >>> serving_target(Load(0.05, 1, 5.0, 5.0), workers=4, minimum=1, maximum=8)
     1
-    >>> serving_target(Load(1.0, 1, 30.0, 10.0), workers=2, minimum=1, maximum=8)
+    >>> serving_target(Load(1.2, 1, 30.0, 10.0), workers=2, minimum=1, maximum=8)
     3
     """
     capacity = max(1, workers) * max(1, load.threads_per_worker)
     utilization = load.inflight / capacity
     if utilization > high:
         target = max(workers + 1, math.ceil(load.inflight / (high * load.threads_per_worker)))
-    elif utilization > 0.3 and load.p99_history_ms > 0 and load.p99_recent_ms > latency_factor * load.p99_history_ms:
+    elif utilization > 0.5 and load.p99_history_ms > 0 and load.p99_recent_ms > latency_factor * load.p99_history_ms:
         target = workers + 1
     elif utilization < low:
         target = math.ceil(load.inflight / (high * load.threads_per_worker))

@@ -364,6 +364,7 @@ class WorkerDeployment:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             self.peers.router.submit("cancel", dumps(tid), worker=target)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the loser's answer is not needed
             raise
 
     def snapshot(self) -> dict:
