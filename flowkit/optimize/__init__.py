@@ -9,7 +9,7 @@ Rules (keyword arguments of ``fk.optimize``) and their defaults:
 rule            default  meaning
 ==============  =======  ==================================================================
 fusion          True     fuse single-input/single-output chains of the same resource class
-whole           False    fuse the entire flow into one stage (implies fusion)
+whole           False    fuse the entire flow into one stage (implies fusion; no locality split)
 compete         1        copies in total of each high-variance operator (1 = no race)
 locality        True     split stages before dynamic lookups, to run them where data lives
 batching        True     mark stages with batching maps for dynamic batching
@@ -65,7 +65,7 @@ def optimize_steps(plan: Plan, **rules) -> list[tuple[str, Plan]]:
         steps.append(("fusion", fuse_whole(steps[-1][1])))
     elif r["fusion"]:
         steps.append(("fusion", fuse(steps[-1][1])))
-    if r["locality"]:
+    if r["locality"] and not r["whole"]:  # whole=True asks for one stage: locality does not split it
         steps.append(("locality", split_lookups(steps[-1][1])))
     if r["batching"]:
         steps.append(("batching", mark_batching(steps[-1][1], r["max_batch"], r["max_wait_ms"])))

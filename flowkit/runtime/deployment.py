@@ -248,6 +248,13 @@ class Deployment:
         df.index.name = None
         return df
 
+    def dashboard(self, interval: float = 0.3):
+        """A live notebook view: the deployed plan with per-stage throughput and p50/p99, updated
+        every ``interval`` seconds, plus the dask dashboard link."""
+        from flowkit_widgets.live import DeploymentView
+
+        return DeploymentView(self, interval).start()
+
     @property
     def workers(self) -> list[str]:
         """Addresses of the workers this deployment is connected to."""

@@ -1,0 +1,143 @@
+"""The notebook layer, headless: renderers on DOT text, widgets on their traits."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import flowkit as fk
+from flowkit_widgets.charts import line_chart_svg
+from flowkit_widgets.inspector import Inspector, explain_html
+from flowkit_widgets.render import dot_to_svg, plan_to_dot, plan_mimebundle, plan_to_svg
+
+
+def preprocess(row) -> float:
+    return float(len(row["user"]))
+
+
+def embed(table) -> list[float]:
+    return [1.0] * len(table)
+
+
+def score(row) -> float:
+    return 1.0
+
+
+def translate(row) -> str:
+    return "t"
+
+
+def demo_flow() -> fk.Flow:
+    f = fk.Flow("demo", {"user": str, "img": bytes})
+    e = f.map(preprocess, names=["x"]).map(embed, names=["e"], batching=True)
+    g = f.lookup("user", dynamic=True).map(score, names=["s"], gpu=True).map(translate, names=["t"], high_variance=True)
+    f.output = e.join(g)
+    return f
+
+
+def test_nodes_show_function_columns_types_and_hints():
+    dot = plan_to_dot(demo_flow().plan)
+    assert '"preprocess" [' in dot and "x: float" in dot
+    assert re.search(r'"score" \[[^\n]*fillcolor="#c9f0e4"[^\n]*GPU', dot)          # GPU map colour and badge
+    assert "high variance" in dot and "batching" in dot and "dynamic key" in dot
+    assert '"input" -> "preprocess"' in dot and '"translate" -> "join"' in dot
+    assert "cluster_legend" in dot
+
+
+def test_fused_stages_are_clusters_around_their_operators():
+    dot = plan_to_dot(fk.optimize(demo_flow()).plan)
+    assert 'subgraph "cluster_preprocess+embed"' in dot
+    assert '"preprocess+embed/preprocess" -> "preprocess+embed/embed"' in dot
+    assert "batching ≤ 32 rows / 5 ms" in dot
+    assert "split for locality" in dot
+
+
+def test_competitive_replicas_and_their_race_are_drawn_as_such():
+    dot = plan_to_dot(fk.optimize(demo_flow(), compete=3).plan)
+    assert dot.count("replica ") == 3 and "replica 3 of 3" in dot
+    assert re.search(r'"translate" \[shape=diamond[^\n]*race translate', dot)
+    assert '"translate~2/translate" -> "translate" [style=dashed' in dot
+
+
+def test_svg_renders_without_a_dot_program(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    svg, how = dot_to_svg(plan_to_dot(demo_flow().plan))
+    assert how == "pygraphviz" and svg.lstrip().startswith("<?xml") and "<svg" in svg and "preprocess" in svg
+
+
+def test_without_any_renderer_the_dot_text_is_shown_with_the_reason(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pygraphviz(name, *args, **kwargs):
+        if name == "pygraphviz":
+            raise ImportError("no pygraphviz")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pygraphviz)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    out = plan_to_svg(demo_flow().plan)
+    assert "Could not draw the plan" in out and "no `dot` program on PATH" in out and "digraph flowkit" in out
+
+
+def test_a_flow_draws_itself_when_it_is_the_value_of_a_cell():
+    bundle = demo_flow()._repr_mimebundle_()
+    assert "<svg" in bundle["text/html"] and "preprocess" in bundle["text/plain"]
+    assert plan_mimebundle(demo_flow().plan)["text/plain"].startswith("demo:")
+
+
+def test_inspector_shows_before_and_after_and_rerenders_on_toggles():
+    insp = demo_flow().inspect()
+    assert isinstance(insp, Inspector)
+    assert insp.tabs.titles == ("after optimization", "before")
+    assert "<svg" in insp.before.value and "cluster_preprocess" not in insp.before.value
+    assert "preprocess+embed" in insp.after.value and "fusion" in insp.explain.value
+    assert "race translate" not in insp.after.value
+    insp.toggles["compete"].value = 2
+    assert "race translate" in insp.after.value and "replicas race" in insp.explain.value
+    insp.toggles["fusion"].value = False
+    assert "preprocess+embed" not in insp.after.value
+    insp.toggles["whole"].value = True
+    assert "demo[whole]" in insp.after.value
+    state = insp.tabs.get_state()
+    assert state["_model_name"] == "TabModel"
+    assert "application/vnd.jupyter.widget-view+json" in insp._repr_mimebundle_()
+
+
+def test_fk_inspect_takes_rules_and_rejects_unknown_ones():
+    insp = fk.inspect(demo_flow(), compete=3, fusion=False)
+    assert insp.toggles["compete"].value == 3 and insp.toggles["fusion"].value is False
+    with pytest.raises(fk.FlowError, match="unknown optimizer rule 'fuse'"):
+        fk.inspect(demo_flow(), fuse=True)
+
+
+def test_explain_html_lists_every_rewrite():
+    html = explain_html(fk.optimize(demo_flow(), compete=2).explain())
+    assert html.count("<li>") == len(fk.optimize(demo_flow(), compete=2).explain()) >= 5 and "<b>compete</b>" in html
+    assert "No rewrites" in explain_html([])
+
+
+def test_line_chart_svg_draws_each_series_with_its_last_value():
+    svg = line_chart_svg({"util": [(0, 10), (1, 55)], "mem": [(0, 20), (1, 30)]}, title="GPU", unit="%", ymax=100)
+    assert svg.count("<polyline") == 2 and "util 55%" in svg and "mem 30%" in svg
+
+
+def test_deployment_dashboard_shows_live_stage_figures():
+    from distributed import Client, LocalCluster
+
+    flow = fk.Flow("live", {"x": int})
+    flow.map(lambda r: r["x"] + 1, names=["y"]).filter(lambda r: r["y"] > 0)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client, fk.deploy(flow, cluster=client) as dep:
+        view = dep.dashboard(interval=0.05)
+        try:
+            for i in range(20):
+                dep.run({"x": [i]})
+            figures = view.refresh()
+        finally:
+            view.stop()
+        assert figures["(end to end)"]["requests"] == 20
+        assert "20 requests" in view.header.value and "p50" in view.graph.value
+        assert "dask dashboard" in view.link.value and "<polyline" in view.chart.value

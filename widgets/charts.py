@@ -1,0 +1,54 @@
+"""Line charts as SVG strings (pure), for live GPU and deployment figures."""
+
+from __future__ import annotations
+
+import html
+from typing import Iterable, Mapping
+
+__all__ = ["line_chart_svg", "PALETTE"]
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def line_chart_svg(series: Mapping[str, Iterable[tuple[float, float]]], title: str = "", unit: str = "",
+                   width: int = 460, height: int = 180, ymax: float | None = None) -> str:
+    """An SVG line chart of ``{label: [(x, y), ...]}`` with axes, a legend and the last values.
+
+    >>> svg = line_chart_svg({"util": [(0, 10), (1, 50)]}, title="GPU", unit="%")
+    >>> svg.startswith("<svg") and "util" in svg and "50" in svg
+    True
+    """
+    pad_l, pad_r, pad_t, pad_b = 44, 10, 22, 34
+    pts = {k: [(float(x), float(y)) for x, y in v] for k, v in series.items()}
+    xs = [x for v in pts.values() for x, _ in v]
+    ys = [y for v in pts.values() for _, y in v]
+    x0, x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    x1 = x1 if x1 > x0 else x0 + 1
+    top = ymax if ymax is not None else (max(ys) * 1.1 if ys and max(ys) > 0 else 1.0)
+    iw, ih = width - pad_l - pad_r, height - pad_t - pad_b
+
+    def sx(x):
+        return pad_l + (x - x0) / (x1 - x0) * iw
+
+    def sy(y):
+        return pad_t + ih - min(max(y, 0.0), top) / top * ih
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica" font-size="10">',
+           f'<text x="{pad_l}" y="14" font-size="12" font-weight="bold">{html.escape(title)}</text>',
+           f'<rect x="{pad_l}" y="{pad_t}" width="{iw}" height="{ih}" fill="#fafafa" stroke="#cccccc"/>']
+    for frac in (0, 0.5, 1):
+        y = sy(top * frac)
+        out.append(f'<text x="{pad_l - 4}" y="{y + 3:.1f}" text-anchor="end">{top * frac:.3g}{html.escape(unit)}</text>')
+        out.append(f'<line x1="{pad_l}" x2="{pad_l + iw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eeeeee"/>')
+    out.append(f'<text x="{pad_l}" y="{height - 20}">{x0:.3g}</text>')
+    out.append(f'<text x="{pad_l + iw}" y="{height - 20}" text-anchor="end">{x1:.3g} s</text>')
+    for i, (label, v) in enumerate(pts.items()):
+        color = PALETTE[i % len(PALETTE)]
+        if v:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{path}"/>')
+        last = f" {v[-1][1]:.3g}{unit}" if v else ""
+        out.append(f'<text x="{pad_l + 4 + i * (iw // max(1, len(pts)))}" y="{height - 6}" fill="{color}">'
+                   f'■ {html.escape(label)}{html.escape(last)}</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -1,0 +1,72 @@
+"""The DAG inspector: a flow's plan before and after optimization, with what each rewrite did.
+
+A thin ipywidgets shell over the pure renderers: toggles for each rule, a Tab of the two
+drawings, and the ``explain()`` list beside them. Changing a toggle re-renders only the
+optimized view (``after.value`` and ``explain.value`` are reassigned).
+"""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as w
+
+import flowkit as fk
+from flowkit.optimize import RULES
+
+from .render import plan_to_svg
+
+__all__ = ["Inspector", "explain_html"]
+
+
+def explain_html(lines: list[str]) -> str:
+    """The rewrites as an HTML list (pure)."""
+    if not lines:
+        return "<p><i>No rewrites: the optimized plan is the original plan.</i></p>"
+    items = "".join(f"<li><b>{html.escape(line.split(':', 1)[0])}</b>:{html.escape(line.split(':', 1)[1])}</li>"
+                    for line in lines)
+    return f"<ol style='padding-left:1.2em'>{items}</ol>"
+
+
+class Inspector(w.VBox):
+    """``flow.inspect(**rules)``: before/after tabs, rule toggles, and the explanation."""
+
+    def __init__(self, flow: fk.Flow, **rules):
+        self.flow = flow.original
+        start = {**RULES, **rules}
+        fk.optimize(self.flow, **rules)  # unknown rules fail here, naming the valid ones
+        self.toggles = {name: w.Checkbox(value=bool(start[name]), description=name, indent=False,
+                                         layout=w.Layout(width="auto"))
+                        for name in ("fusion", "whole", "locality", "batching")}
+        self.toggles["compete"] = w.BoundedIntText(value=int(start["compete"]), min=1, max=8, description="compete",
+                                                   layout=w.Layout(width="9em"))
+        self.extra = {k: v for k, v in start.items() if k not in self.toggles}
+        self.before = w.HTML(plan_to_svg(self.flow.plan, title=f"{self.flow.name}: as written"))
+        self.after = w.HTML()
+        self.explain = w.HTML()
+        self.tabs = w.Tab(children=[self.after, self.before])
+        self.tabs.titles = ("after optimization", "before")
+        for t in self.toggles.values():
+            t.observe(self._changed, names="value")
+        panel = w.VBox([w.HTML("<b>What the optimizer did</b>"), self.explain],
+                       layout=w.Layout(width="32%", overflow="auto"))
+        super().__init__([w.HBox(list(self.toggles.values())),
+                          w.HBox([w.Box([self.tabs], layout=w.Layout(width="68%", overflow="auto")), panel])])
+        self.render()
+
+    @property
+    def rules(self) -> dict:
+        return {**self.extra, **{k: t.value for k, t in self.toggles.items()}}
+
+    @property
+    def optimized(self) -> fk.Flow:
+        return fk.optimize(self.flow, **self.rules)
+
+    def render(self) -> None:
+        opt = self.optimized
+        on = ", ".join(f"{k}={v}" for k, v in self.rules.items() if k in self.toggles)
+        self.after.value = plan_to_svg(opt.plan, title=f"{self.flow.name}: optimized ({on})")
+        self.explain.value = explain_html(opt.explain())
+
+    def _changed(self, change) -> None:
+        self.render()

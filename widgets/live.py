@@ -1,0 +1,88 @@
+"""Live views: a deployment's plan with per-stage throughput and latency, refreshed a few times a
+second while requests flow (``dep.dashboard()``)."""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+
+import ipywidgets as w
+
+from .charts import line_chart_svg
+from .render import plan_to_svg
+
+__all__ = ["DeploymentView", "stage_rates"]
+
+
+def stage_rates(previous: dict, current: dict, seconds: float) -> dict:
+    """Per-stage figures for the drawing: requests/s since the previous snapshot, p50, p99 (pure).
+
+    >>> stage_rates({"a": {"requests": 10}}, {"a": {"requests": 30, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}}, 2.0)["a"]["rate"]
+    10.0
+    """
+    out = {}
+    for name, s in current.items():
+        before = previous.get(name, {}).get("requests", s["requests"])
+        out[name] = {**s, "rate": max(0.0, (s["requests"] - before) / seconds) if seconds > 0 else 0.0}
+    return out
+
+
+class DeploymentView(w.VBox):
+    """The deployed plan annotated with live per-stage figures, a throughput chart and the dask
+    dashboard link. ``refresh()`` updates once; ``start()``/``stop()`` run it every ``interval``."""
+
+    def __init__(self, dep, interval: float = 0.3):
+        self.dep = dep
+        self.interval = interval
+        link = dep.dashboard_link
+        self.header = w.HTML()
+        self.link = w.HTML(f'<a href="{html.escape(link)}" target="_blank">dask dashboard</a>' if link else "")
+        self.graph = w.HTML()
+        self.chart = w.HTML()
+        self._last: dict = {}
+        self._last_t = time.monotonic()
+        self._history: dict[str, list] = {}
+        self._t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        super().__init__([w.HBox([self.header, self.link]), self.graph, self.chart])
+        self.refresh()
+
+    def refresh(self) -> dict:
+        df = self.dep.stats()
+        current = {row["stage"]: {"requests": int(row["requests"]), "errors": int(row["errors"]),
+                                  "p50_ms": float(row["p50_ms"]), "p99_ms": float(row["p99_ms"])}
+                   for _, row in df.iterrows()}
+        now = time.monotonic()
+        figures = stage_rates(self._last, current, now - self._last_t)
+        self._last, self._last_t = current, now
+        e2e = figures.get("(end to end)", {})
+        self.header.value = (f"<b>{html.escape(self.dep.name)}</b> · {len(self.dep.workers)} workers · "
+                             f"{e2e.get('rate', 0):.1f} req/s · p50 {e2e.get('p50_ms', float('nan')):.2f} ms · "
+                             f"p99 {e2e.get('p99_ms', float('nan')):.2f} ms · {e2e.get('requests', 0)} requests &nbsp;")
+        self.graph.value = plan_to_svg(self.dep.plan, stats=figures)
+        hist = self._history.setdefault("req/s", [])
+        hist.append((now - self._t0, e2e.get("rate", 0.0)))
+        del hist[:-300]
+        self.chart.value = line_chart_svg(self._history, title="throughput (end to end)", unit="")
+        return figures
+
+    def start(self) -> "DeploymentView":
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True, name="flowkit-dashboard")
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if getattr(self.dep, "_closed", False):
+                break
+            try:
+                self.refresh()
+            except Exception:
+                break
