@@ -46,11 +46,23 @@ def setup() -> None:
     STAMP.write_text(digest)
 
 
+def browser() -> None:
+    """Debian's chromium, for the test that looks at the exported notebooks as a reader would."""
+    import shutil
+
+    if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if run("apt-get", "update", "-qq", env=env) == 0:
+        run("apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", env=env)
+
+
 def demo(args: list[str]) -> int:
     return run(str(PY), "-m", "flowkit", "demo", *args)
 
 
 def test(args: list[str]) -> int:
+    browser()
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     code = run(str(PY), "-m", "pytest", *args, env=env)
     return 0 if code == 5 and args else code  # 5 = no tests selected by the given filter

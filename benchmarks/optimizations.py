@@ -61,7 +61,7 @@ def identity(row) -> int:
 
 
 def compete(quick: bool) -> dict:
-    n = 40 if quick else 150
+    n = 40 if quick else 300
     rows = []
     cluster, client = two_workers()
     with cluster, client:

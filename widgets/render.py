@@ -11,7 +11,10 @@ back no SVG and says why (callers then show the DOT text).
 
 from __future__ import annotations
 
+import contextlib
 import html
+import os
+import re
 import shutil
 import subprocess
 from typing import Any, Mapping
@@ -159,7 +162,8 @@ def dot_to_svg(dot: str) -> tuple[str | None, str]:
     try:
         import pygraphviz
 
-        svg = pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot")
+        with _quiet_stderr():  # Graphviz's bundled fontconfig warns about an unknown config element
+            svg = pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot")
         return svg.decode() if isinstance(svg, bytes) else svg, "pygraphviz"
     except ImportError:
         reasons.append("pygraphviz is not installed")
@@ -177,6 +181,29 @@ def dot_to_svg(dot: str) -> tuple[str | None, str]:
     return None, "; ".join(reasons)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C-level stderr (file descriptor 2) for the duration."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _scalable(svg: str) -> str:
+    """Let the drawing shrink to its container's width (keeping its natural size as the maximum)."""
+    return re.sub(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"',
+                  lambda m: f'<svg width="100%" style="max-width:{m.group(1)}pt; height:auto"', svg, count=1)
+
+
 def plan_to_svg(plan: Plan, stats=None, title: str | None = None) -> str:
     """SVG markup for ``plan``, or the DOT text in a <pre> with the reason it could not be drawn."""
     dot = plan_to_dot(plan, stats, title)
@@ -185,7 +212,7 @@ def plan_to_svg(plan: Plan, stats=None, title: str | None = None) -> str:
         return (f'<div><p><b>Could not draw the plan</b> ({html.escape(how)}); install pygraphviz or Graphviz. '
                 f"Its DOT source:</p><pre>{html.escape(dot)}</pre></div>")
     start = svg.find("<svg")
-    return svg[start:] if start >= 0 else svg
+    return _scalable(svg[start:] if start >= 0 else svg)
 
 
 def plan_mimebundle(plan: Plan) -> dict:
