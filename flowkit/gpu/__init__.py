@@ -1,0 +1,18 @@
+"""GPU workers: the space-time scheduler, its device backends, and the dask plugin.
+
+    from flowkit.gpu import GPUPlugin
+    client.register_plugin(GPUPlugin(policy="spacetime", backend="auto"))
+
+Policies: ``time``, ``batch``, ``space``, ``spacetime`` (see ``scheduler.py``). Backends:
+``cuda``, ``cpu``, ``sim:v100``, ``sim:h200`` and ``auto`` (see ``backends.py``).
+"""
+
+from .backends import CPUBackend, CUDABackend, SimBackend, make_backend
+from .costmodel import Gemm, gflops, policy_seconds
+from .model import TorchModel
+from .plugin import GPU_TOPIC, GPUPlugin
+from .profiles import PROFILES, DeviceProfile
+from .scheduler import POLICIES, SpaceTimeScheduler, plan_launch
+
+__all__ = ["GPUPlugin", "GPU_TOPIC", "SpaceTimeScheduler", "plan_launch", "POLICIES", "TorchModel", "make_backend",
+           "CPUBackend", "CUDABackend", "SimBackend", "PROFILES", "DeviceProfile", "Gemm", "gflops", "policy_seconds"]

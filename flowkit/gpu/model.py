@@ -1,0 +1,69 @@
+"""``TorchModel``: a class operator whose forward pass goes through the worker's GPU scheduler.
+
+Subclass it, say how to build the module and how to turn rows into a tensor and back, and use it
+as a ``gpu=True`` (usually ``batching=True``) map. On a worker with ``GPUPlugin`` its requests are
+multiplexed with every other tenant's by the space-time scheduler; elsewhere (``flow.run``, a
+cluster without the plugin) a scheduler of this process with the ``batch`` policy on the CPU runs it.
+
+    class Classifier(fk.gpu.TorchModel):
+        slo_ms = 50
+        def build(self):                 return make_resnet(seed=3)
+        def inputs(self, table):         return torch.stack([torch.from_numpy(x) for x in table.column("x")])
+        def outputs(self, y, table):     return y.argmax(1).tolist()
+
+    flow.map(Classifier, names=["label"], gpu=True, batching=True)
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..table import Row, Table
+
+__all__ = ["TorchModel"]
+
+_local_lock = threading.Lock()
+_local = None
+
+
+def _scheduler():
+    from .scheduler import SpaceTimeScheduler, current
+
+    sched = current()
+    if sched is not None:
+        return sched
+    global _local
+    with _local_lock:
+        if _local is None:
+            from .backends import CPUBackend
+
+            _local = SpaceTimeScheduler(CPUBackend(), policy="batch", max_wait_ms=0.0)
+    return _local
+
+
+class TorchModel:
+    """Base class of GPU-multiplexed model operators (see the module docstring)."""
+
+    slo_ms: float = 100.0
+
+    def build(self):
+        raise NotImplementedError("TorchModel subclasses return their torch module from build()")
+
+    def inputs(self, table: Table):
+        raise NotImplementedError("TorchModel subclasses turn a table into a tensor in inputs()")
+
+    def outputs(self, y, table: Table) -> list:
+        return list(y)
+
+    @property
+    def tenant(self) -> str:
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def __call__(self, data):
+        table = Table._make(data.schema, [data.values], [data.qid]) if isinstance(data, Row) else data
+        sched = _scheduler()
+        if self.tenant not in sched.tenants:
+            sched.add_tenant(self.tenant, self.build(), self.slo_ms)
+        y = sched.submit(self.tenant, self.inputs(table)).result()
+        out = self.outputs(y.cpu() if hasattr(y, "cpu") else y, table)
+        return out[0] if isinstance(data, Row) else out

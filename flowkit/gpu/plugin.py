@@ -1,0 +1,58 @@
+"""``GPUPlugin``: gives each dask worker a space-time scheduler and publishes its samples.
+
+    client.register_plugin(GPUPlugin(policy="spacetime", backend="auto"))
+
+``backend="auto"`` uses CUDA when the worker has a GPU and the simulated H200 otherwise, so no
+GPU never means a crash. A monitor samples the device a few times a second (NVML on a GPU, the
+simulated backend's own figures otherwise) and publishes each sample as a worker event on the
+topic ``flowkit-gpu``, which the notebook's live chart subscribes to.
+"""
+
+from __future__ import annotations
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .backends import make_backend
+from .scheduler import SpaceTimeScheduler, install
+
+__all__ = ["GPUPlugin", "GPU_TOPIC"]
+
+GPU_TOPIC = "flowkit-gpu"
+
+
+class GPUPlugin(WorkerPlugin):
+    idempotent = True
+    name = "flowkit-gpu"
+
+    def __init__(self, policy: str = "spacetime", backend: str = "auto", max_batch: int = 32,
+                 max_wait_ms: float = 2.0, sample_hz: float = 4.0):
+        self.policy = policy
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.sample_hz = sample_hz
+
+    def setup(self, worker) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        sched = SpaceTimeScheduler(make_backend(self.backend), self.policy, self.max_batch, self.max_wait_ms)
+        install(sched)
+        worker._flowkit_gpu = sched
+
+        def publish():
+            try:
+                worker.log_event(GPU_TOPIC, {"worker": worker.address, **sched.sample()})
+            except Exception:
+                pass
+
+        self._callback = PeriodicCallback(publish, 1000.0 / self.sample_hz)
+        self._callback.start()
+
+    def teardown(self, worker) -> None:
+        cb = getattr(self, "_callback", None)
+        if cb is not None:
+            cb.stop()
+        sched = getattr(worker, "_flowkit_gpu", None)
+        if sched is not None:
+            sched.close()
+            install(None)

@@ -1,0 +1,345 @@
+"""The space-time scheduler: many tenants' small inference requests multiplexed on one device.
+
+Each tenant is a model with a latency SLO; its requests queue with deadlines. A dispatcher thread
+repeatedly asks ``plan_launch`` (a pure function of the queues) what to run next and runs it on
+the backend:
+
+- ``time``: one request at a time, earliest deadline first (exclusive access, no batching);
+- ``batch``: the tenant with the earliest deadline, its queued requests merged (same-model batching);
+- ``space``: every waiting tenant's batch at once, each on its own stream (concurrent launches);
+- ``spacetime``: the paper's dynamic scheduler. Tenants of the same architecture are stacked into
+  one batched program — a super-kernel over their weights — choosing the group with the earliest
+  deadline first; super-kernel programs are cached per architecture and tenant set; a tenant whose
+  backlog would make the whole group wait (a straggler: far more queued rows than its peers) is
+  evicted from the stack and runs beside it on its own stream, as do tenants with no peer.
+
+Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Any
+
+from .backends import Backend, SimBackend
+
+__all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "POLICIES", "current", "install"]
+
+POLICIES = ("time", "batch", "space", "spacetime")
+
+
+@dataclass(eq=False)
+class Request:
+    tenant: str
+    x: Any
+    rows: int
+    arrival: float
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class Tenant:
+    name: str
+    module: Any
+    arch: tuple
+    slo: float
+    queue: deque = field(default_factory=deque)
+    requests: int = 0
+    attained: int = 0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=2048))
+    served_rows: int = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.queue)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What to run next: tenants' requests, as one stacked program and/or separate launches."""
+
+    kind: str                                    # solo | batch | concurrent | stacked
+    stacked: tuple = ()                          # ((tenant, (requests...)), ...) run as one super-kernel
+    separate: tuple = ()                         # ((tenant, (requests...)), ...) run as their own launches
+    stragglers: tuple = ()
+
+    @property
+    def tenants(self) -> tuple:
+        return tuple(t for t, _ in self.stacked + self.separate)
+
+
+def _take(queue, max_rows: int) -> tuple:
+    """Queued requests from the head, up to ``max_rows`` rows (always at least one request)."""
+    out, rows = [], 0
+    for r in queue:
+        if out and rows + r.rows > max_rows:
+            break
+        out.append(r)
+        rows += r.rows
+    return tuple(out)
+
+
+def find_stragglers(backlog: dict[str, int], factor: float = 4.0, floor: int = 8) -> set:
+    """Tenants whose queued rows are ``factor`` times their group's median (and at least ``floor``).
+
+    >>> sorted(find_stragglers({"a": 1, "b": 2, "c": 40}))
+    ['c']
+    >>> find_stragglers({"a": 3, "b": 4})
+    set()
+    """
+    if len(backlog) < 3:
+        return set()
+    mid = median(backlog.values())
+    return {t for t, n in backlog.items() if n >= floor and n > factor * max(1, mid)}
+
+
+def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int) -> Launch | None:
+    """The next launch under ``policy`` (a pure function of the queues; see the module docstring)."""
+    waiting = [t for t in tenants.values() if t.queue]
+    if not waiting:
+        return None
+    waiting.sort(key=lambda t: t.queue[0].deadline)
+    if policy == "time":
+        first = waiting[0]
+        return Launch("solo", separate=((first.name, (first.queue[0],)),))
+    if policy == "batch":
+        first = waiting[0]
+        return Launch("batch", separate=((first.name, _take(first.queue, max_batch)),))
+    if policy == "space":
+        return Launch("concurrent", separate=tuple((t.name, _take(t.queue, max_batch)) for t in waiting))
+    if policy != "spacetime":
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    arch = waiting[0].arch                        # EDF across architecture groups
+    group = [t for t in waiting if t.arch == arch]
+    stragglers = find_stragglers({t.name: t.rows for t in group})
+    stack = [t for t in group if t.name not in stragglers]
+    if len(stack) < 2:
+        return Launch("batch", separate=((waiting[0].name, _take(waiting[0].queue, max_batch)),))
+    separate = [t for t in group if t.name in stragglers]
+    return Launch("stacked", stacked=tuple((t.name, _take(t.queue, max_batch)) for t in stack),
+                  separate=tuple((t.name, _take(t.queue, max_batch)) for t in separate),
+                  stragglers=tuple(sorted(stragglers)))
+
+
+def architecture(module) -> tuple:
+    """Tenants stack only when their modules have the same class and parameter shapes."""
+    return (type(module).__qualname__,) + tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+
+
+class SpaceTimeScheduler:
+    """Multiplexes tenants' inference requests on one backend under one policy."""
+
+    def __init__(self, backend: Backend, policy: str = "spacetime", max_batch: int = 32, max_wait_ms: float = 2.0,
+                 cache_size: int = 16):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.backend = backend
+        self.policy = policy
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.tenants: dict[str, Tenant] = {}
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_size = cache_size
+        self.counts = {"launches": 0, "stacked": 0, "cache hits": 0, "cache misses": 0, "straggler evictions": 0}
+        self.order: deque = deque(maxlen=4096)   # (tenant, deadline) in the order requests were served
+        self.cond = threading.Condition()
+        self.closed = False
+        self.started = time.monotonic()
+        self._last_sample = (time.monotonic(), 0.0, {})
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="flowkit-gpu-scheduler")
+        self.thread.start()
+
+    # -- tenants and requests -------------------------------------------------------------------
+    def add_tenant(self, name: str, module, slo_ms: float = 100.0) -> None:
+        with self.cond:
+            if name in self.tenants:
+                return
+            module = self.backend.place(module)
+            self.tenants[name] = Tenant(name, module, architecture(module), slo_ms / 1000)
+
+    def submit(self, tenant: str, x) -> Future:
+        """Queue ``x`` ([rows, ...]) for ``tenant``; a Future of its output rows."""
+        t = self.tenants.get(tenant)
+        if t is None:
+            raise KeyError(f"unknown tenant {tenant!r}; add it with add_tenant first")
+        now = time.monotonic()
+        req = Request(tenant, x, int(x.shape[0]), now, now + t.slo)
+        with self.cond:
+            t.queue.append(req)
+            self.cond.notify()
+        return req.future
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(5)
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not any(t.queue for t in self.tenants.values()):
+                    self.cond.wait()
+                if self.closed:
+                    return
+                self._wait_for_batch()
+                launch = plan_launch(self.policy, self.tenants, self.max_batch)
+                if launch is None:
+                    continue
+                for name, reqs in launch.stacked + launch.separate:
+                    q = self.tenants[name].queue
+                    for _ in reqs:
+                        q.popleft()
+            self._run(launch)
+
+    def _wait_for_batch(self) -> None:
+        """Let a batch fill for up to ``max_wait`` (less when a deadline is near); lock held."""
+        if self.policy == "time" or self.max_wait <= 0:
+            return
+        while not self.closed:
+            queued = [r for t in self.tenants.values() for r in t.queue]
+            now = time.monotonic()
+            oldest = min(r.arrival for r in queued)
+            slack = min(r.deadline for r in queued) - now
+            rows = sum(r.rows for r in queued)
+            wait = min(oldest + self.max_wait - now, slack / 4)
+            if wait <= 0 or rows >= self.max_batch * max(1, len(self.tenants)):
+                return
+            self.cond.wait(wait)
+
+    def _run(self, launch: Launch) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = {}
+            if launch.stacked:
+                results.update(self._run_stacked(launch.stacked))
+            if launch.separate:
+                pairs = [(self.tenants[n].module, self._batch(reqs)) for n, reqs in launch.separate]
+                if len(pairs) == 1:
+                    outs = [self.backend.forward(*pairs[0])]
+                else:
+                    outs = self.backend.forward_concurrent(pairs)
+                results.update({n: out for (n, _), out in zip(launch.separate, outs)})
+            self.backend.synchronize()
+        except BaseException as e:
+            for _, reqs in launch.stacked + launch.separate:
+                for r in reqs:
+                    r.future.set_exception(e)
+            return
+        wall = time.perf_counter() - t0
+        self.backend.account(self._device_seconds(launch, wall))
+        done = time.monotonic()
+        with self.cond:
+            self.counts["launches"] += 1
+            self.counts["stacked"] += bool(launch.stacked)
+            self.counts["straggler evictions"] += len(launch.stragglers)
+            for name, reqs in launch.stacked + launch.separate:
+                t = self.tenants[name]
+                out, start = results[name], 0
+                for r in reqs:
+                    part = out[start:start + r.rows]
+                    start += r.rows
+                    latency = done - r.arrival
+                    t.requests += 1
+                    t.served_rows += r.rows
+                    t.latencies.append(latency)
+                    t.attained += done <= r.deadline
+                    self.order.append((name, r.deadline))
+                    r.future.set_result(part)
+
+    def _batch(self, reqs):
+        torch = self.backend.torch
+        xs = [self.backend.input(r.x) for r in reqs]
+        return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+    def _run_stacked(self, items) -> dict:
+        torch = self.backend.torch
+        names = tuple(n for n, _ in items)
+        arch = self.tenants[names[0]].arch
+        key = (arch, names)
+        stacked = self.cache.get(key)
+        if stacked is None:
+            self.counts["cache misses"] += 1
+            stacked = self.backend.stack(names, [self.tenants[n].module for n in names])
+            self.cache[key] = stacked
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        else:
+            self.counts["cache hits"] += 1
+            self.cache.move_to_end(key)
+        batches = [self._batch(reqs) for _, reqs in items]
+        rows = max(b.shape[0] for b in batches)
+        padded = [b if b.shape[0] == rows else torch.cat([b, b.new_zeros((rows - b.shape[0],) + tuple(b.shape[1:]))])
+                  for b in batches]
+        out = self.backend.forward_stacked(stacked, torch.stack(padded))
+        return {n: out[i, :b.shape[0]] for i, (n, b) in enumerate(zip(names, batches))}
+
+    def _device_seconds(self, launch: Launch, wall: float) -> float:
+        if not isinstance(self.backend, SimBackend):
+            return wall
+        secs = 0.0
+        kind = {"solo": "time", "batch": "time", "concurrent": "space"}.get(launch.kind, "space")
+        if launch.stacked:
+            name, reqs = launch.stacked[0]
+            x = self._batch(reqs)
+            secs += self.backend.modeled("spacetime", self.tenants[name].module, x, tenants=len(launch.stacked))
+        for name, reqs in launch.separate:
+            x = self._batch(reqs)
+            secs += self.backend.modeled(kind, self.tenants[name].module, x, tenants=1)
+        return secs
+
+    # -- observability ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self.cond:
+            tenants = {n: {"requests": t.requests, "rows": t.served_rows, "queued": len(t.queue),
+                           "slo_ms": t.slo * 1000, "attainment": t.attained / t.requests if t.requests else None,
+                           "p50_ms": _pct(t.latencies, 50), "p99_ms": _pct(t.latencies, 99)}
+                       for n, t in self.tenants.items()}
+            return {"policy": self.policy, "backend": self.backend.name, **self.counts, "tenants": tenants}
+
+    def sample(self) -> dict:
+        """One monitor sample: utilization, memory, per-tenant throughput, queue depth."""
+        from .monitor import device_sample
+
+        now = time.monotonic()
+        last_t, last_busy, last_rows = self._last_sample
+        busy = self.backend.busy_seconds
+        with self.cond:
+            rows = {n: t.served_rows for n, t in self.tenants.items()}
+            queue = sum(len(t.queue) for t in self.tenants.values())
+        span = max(now - last_t, 1e-6)
+        self._last_sample = (now, busy, rows)
+        sample = {"time": now - self.started, "policy": self.policy, "backend": self.backend.name,
+                  "utilization": min(100.0, 100.0 * (busy - last_busy) / span), "queue": queue,
+                  "throughput": {n: (r - last_rows.get(n, 0)) / span for n, r in rows.items()}}
+        used, total = self.backend.memory()
+        sample.update({"memory_used": used, "memory_total": total})
+        sample.update(device_sample(self.backend) or {})
+        return sample
+
+
+def _pct(values, q):
+    v = sorted(values)
+    if not v:
+        return None
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))] * 1000
+
+
+# -- the scheduler of this process (set by the dask plugin) -----------------------------------------
+_current: SpaceTimeScheduler | None = None
+
+
+def install(scheduler: SpaceTimeScheduler | None) -> None:
+    global _current
+    _current = scheduler
+
+
+def current() -> SpaceTimeScheduler | None:
+    return _current

@@ -1,0 +1,228 @@
+"""The GPU scheduler on CPU: super-kernel correctness, policies, EDF, stragglers, SLOs, the
+simulated device against the paper, and the dask plugin serving gpu=True maps."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import flowkit as fk
+from flowkit.gpu import (CPUBackend, Gemm, GPUPlugin, SimBackend, SpaceTimeScheduler, TorchModel, gflops,
+                         make_backend, plan_launch)
+from flowkit.gpu.profiles import PROFILES
+from flowkit.gpu.scheduler import Request, Tenant, find_stragglers
+
+
+class Block(nn.Module):
+    """A ResNet-18-style basic block with a small head (BatchNorm buffers included)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(x + self.b2(self.c2(y)))
+        return self.head(y.mean((2, 3)))
+
+
+def tenant_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = Block().eval()
+    for bn in (m.b1, m.b2):  # non-trivial running statistics, so buffers matter
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.mark.parametrize("policy", ["time", "batch", "space", "spacetime"])
+def test_every_policy_gives_each_tenant_its_solo_result(policy):
+    sched = SpaceTimeScheduler(CPUBackend(), policy, max_wait_ms=5)
+    try:
+        models = {f"t{i}": tenant_model(i) for i in range(5)}
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        xs = [torch.randn(1 + i % 3, 8, 6, 6) for i in range(30)]
+        futs = [(f"t{i % 5}", x, sched.submit(f"t{i % 5}", x)) for i, x in enumerate(xs)]
+        for name, x, f in futs:
+            with torch.inference_mode():
+                assert torch.allclose(f.result(30), models[name](x), atol=1e-5)
+        stats = sched.stats()
+        assert sum(t["requests"] for t in stats["tenants"].values()) == 30
+        if policy == "spacetime":
+            assert stats["stacked"] >= 1 and stats["cache hits"] + stats["cache misses"] == stats["stacked"]
+    finally:
+        sched.close()
+
+
+def test_a_stacked_super_kernel_equals_each_tenants_solo_forward():
+    backend = CPUBackend()
+    models = [tenant_model(i) for i in range(7)]
+    stacked = backend.stack(tuple(range(7)), models)
+    xs = torch.randn(7, 4, 8, 6, 6)
+    out = backend.forward_stacked(stacked, xs)
+    with torch.inference_mode():
+        for i, m in enumerate(models):
+            assert torch.allclose(out[i], m(xs[i]), atol=1e-5)
+
+
+def _tenants(**slo_ms):
+    return {n: Tenant(n, None, ("arch",), s / 1000) for n, s in slo_ms.items()}
+
+
+def _queue(t: Tenant, rows: int, deadline: float):
+    t.queue.append(Request(t.name, None, rows, 0.0, deadline))
+
+
+def test_plan_launch_is_earliest_deadline_first():
+    ts = _tenants(a=100, b=10, c=50)
+    _queue(ts["a"], 1, 3.0)
+    _queue(ts["b"], 1, 1.0)
+    _queue(ts["c"], 1, 2.0)
+    assert plan_launch("time", ts, 32).separate[0][0] == "b"
+    assert plan_launch("batch", ts, 32).separate[0][0] == "b"
+    assert [n for n, _ in plan_launch("space", ts, 32).separate] == ["b", "c", "a"]
+    st = plan_launch("spacetime", ts, 32)
+    assert st.kind == "stacked" and [n for n, _ in st.stacked] == ["b", "c", "a"]
+
+
+def test_spacetime_groups_by_architecture_and_evicts_stragglers():
+    ts = _tenants(a=100, b=100, c=100, d=100)
+    ts["d"].arch = ("other",)
+    for n, rows in (("a", 1), ("b", 2), ("c", 40), ("d", 1)):
+        _queue(ts[n], rows, {"a": 1.0, "b": 1.5, "c": 2.0, "d": 5.0}[n])
+    launch = plan_launch("spacetime", ts, 64)
+    assert [n for n, _ in launch.stacked] == ["a", "b"]          # same architecture, earliest deadlines
+    assert [n for n, _ in launch.separate] == ["c"] and launch.stragglers == ("c",)   # its backlog would stall a, b
+    assert "d" not in launch.tenants
+    assert find_stragglers({"a": 1, "b": 2, "c": 40}) == {"c"}
+
+
+def test_the_dispatcher_serves_queued_requests_in_deadline_order():
+    sched = SpaceTimeScheduler(CPUBackend(), "time")
+    try:
+        for name, slo in (("slow", 1000), ("mid", 300), ("fast", 20)):
+            sched.add_tenant(name, tenant_model(len(name)), slo_ms=slo)
+        x = torch.randn(1, 8, 4, 4)
+        with sched.cond:       # hold the dispatcher while the queue fills
+            futs = [sched.submit(n, x) for n in ("slow", "mid", "fast", "slow", "fast", "mid")]
+        for f in futs:
+            f.result(30)
+        deadlines = [d for _, d in list(sched.order)[-6:]]
+        assert deadlines == sorted(deadlines)
+        assert [n for n, _ in list(sched.order)[-6:]][:2] == ["fast", "fast"]
+    finally:
+        sched.close()
+
+
+def test_slo_attainment_is_measured_per_tenant():
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        sched.add_tenant("lax", tenant_model(1), slo_ms=10_000)
+        sched.add_tenant("impossible", tenant_model(2), slo_ms=0.001)
+        x = torch.randn(1, 8, 4, 4)
+        for f in [sched.submit(n, x) for n in ("lax", "impossible") * 5]:
+            f.result(30)
+        tenants = sched.stats()["tenants"]
+        assert tenants["lax"]["attainment"] == 1.0 and tenants["impossible"]["attainment"] == 0.0
+        assert tenants["lax"]["p99_ms"] >= tenants["lax"]["p50_ms"] > 0
+    finally:
+        sched.close()
+
+
+def _geomean_ratio(a, b):
+    return math.exp(sum(math.log(x / y) for x, y in zip(a, b)) / len(a))
+
+
+def test_the_simulated_v100_reproduces_the_papers_ordering_and_ratios():
+    v100, rs = PROFILES["v100"], [1, 2, 5, 10, 20, 32, 40, 64, 80, 120]
+    conv = Gemm(256, 128, 1152)
+    per = {p: [gflops(p, conv, r, v100) for r in rs] for p in ("time", "space", "spacetime")}
+    assert all(st >= s >= t * 0.99 for st, s, t in zip(per["spacetime"][2:], per["space"][2:], per["time"][2:]))
+    assert _geomean_ratio(per["spacetime"], per["space"]) == pytest.approx(3.23, rel=0.25)
+    assert _geomean_ratio(per["spacetime"], per["time"]) == pytest.approx(7.73, rel=0.25)
+    square = Gemm(256, 256, 256)
+    assert _geomean_ratio([gflops("spacetime", square, r, v100) for r in rs],
+                          [gflops("space", square, r, v100) for r in rs]) == pytest.approx(4.93, rel=0.25)
+    # the sawtooth: one more problem than a full wave costs throughput
+    assert gflops("spacetime", conv, 21, v100) < gflops("spacetime", conv, 20, v100)
+
+
+def test_no_gpu_means_the_simulated_backend_not_a_crash():
+    backend = make_backend("auto")
+    assert isinstance(backend, SimBackend) and backend.name == "sim:h200"
+    assert make_backend("cpu").name == "cpu" and make_backend("sim:v100").profile.name == "V100"
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("tpu")
+
+
+class Classifier(TorchModel):
+    slo_ms = 500
+
+    def build(self):
+        return tenant_model(3)
+
+    def inputs(self, table):
+        return torch.stack([torch.from_numpy(x) for x in table.column("x")])
+
+    def outputs(self, y, table):
+        return [int(i) for i in y.argmax(1)]
+
+
+def test_torch_model_runs_locally_without_the_plugin():
+    flow = fk.Flow("local", {"x": np.ndarray})
+    flow.map(Classifier, names=["label"], gpu=True, batching=True)
+    xs = [np.random.default_rng(i).standard_normal((8, 4, 4)).astype(np.float32) for i in range(4)]
+    out = flow.run({"x": xs})
+    with torch.inference_mode():
+        expected = tenant_model(3)(torch.stack([torch.from_numpy(x) for x in xs])).argmax(1).tolist()
+    assert out.column("label") == expected
+
+
+def test_the_plugin_serves_gpu_maps_in_a_deployed_flow_and_publishes_samples():
+    from distributed import Client, LocalCluster
+
+    flow = fk.Flow("gpu", {"x": np.ndarray})
+    flow.map(Classifier, names=["label"], gpu=True, batching=True, max_wait_ms=2)
+    xs = [np.random.default_rng(i).standard_normal((8, 4, 4)).astype(np.float32) for i in range(6)]
+    expected = flow.run({"x": xs})
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(GPUPlugin(policy="spacetime", backend="sim:h200", sample_hz=10))
+        with fk.deploy(flow, cluster=client) as dep:
+            futs = [dep.submit({"x": [x]}) for x in xs]
+            assert [f.result(30).column("label")[0] for f in futs] == expected.column("label")
+            stats = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats())
+            (worker_stats,) = stats.values()
+            assert worker_stats["backend"] == "sim:h200" and worker_stats["policy"] == "spacetime"
+            assert sum(t["requests"] for t in worker_stats["tenants"].values()) >= 1
+            time.sleep(0.5)
+            events = client.get_events("flowkit-gpu")
+        assert events and {"utilization", "queue", "throughput", "memory_used"} <= set(events[-1][1])
+
+
+def test_gpu_chart_draws_samples_from_the_simulated_backend():
+    from flowkit_widgets.gpu import GPUChart
+
+    sched = SpaceTimeScheduler(SimBackend("h200"), "spacetime", max_wait_ms=1)
+    chart = GPUChart()
+    try:
+        for i in range(4):
+            sched.add_tenant(f"m{i}", tenant_model(i))
+        x = torch.randn(2, 8, 4, 4)
+        for _ in range(3):
+            for f in [sched.submit(f"m{i}", x) for i in range(4)]:
+                f.result(30)
+            chart.add(sched.sample())
+        assert "sim:h200" in chart.title.value and "spacetime" in chart.title.value
+        assert chart.util.value.count("<polyline") == 2 and "m3" in chart.tenants.value
+        assert "queued requests" in chart.queue.value
+    finally:
+        sched.close()
