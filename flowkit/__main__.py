@@ -11,11 +11,71 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build, run, optimize and deploy the demo image pipeline")
     demo.add_argument("--requests", type=int, default=200, help="requests per latency measurement")
+    serve = sub.add_parser("serve", help="deploy a flow and serve it over HTTP until interrupted")
+    serve.add_argument("target", help="MODULE:FLOW, a flow (or a function returning one) in an importable module or .py file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--cluster", default=None, help="a dask scheduler address (default: the embedded cluster)")
+    serve.add_argument("--token-env", default="FLOWKIT_TOKEN",
+                       help="environment variable holding the bearer token (never pass a token on the command line)")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve on a non-loopback address without a token (logged)")
+    serve.add_argument("--no-optimize", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(args.requests)
+    elif args.command == "serve":
+        return _serve(args)
+    return 0
+
+
+def load_flow(target: str):
+    """``module:attr`` or ``path/to/file.py:attr`` -> a Flow (calling attr if it is a function)."""
+    import importlib
+    import importlib.util
+    import os
+
+    from .flow import Flow
+
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise SystemExit(f"flowkit serve: give MODULE:FLOW, not {target!r}")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    flow = getattr(module, attr)
+    if not isinstance(flow, Flow) and callable(flow):
+        flow = flow()
+    if not isinstance(flow, Flow):
+        raise SystemExit(f"flowkit serve: {target} is a {type(flow).__name__}, not a flowkit Flow")
+    return flow
+
+
+def _serve(args) -> int:
+    import os
+    import signal
+    import threading
+
+    from .runtime.deployment import deploy
+
+    flow = load_flow(args.target)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with deploy(flow, cluster=args.cluster, optimize=not args.no_optimize) as dep:
+        server = dep.serve(args.host, args.port, token=os.environ.get(args.token_env) or None,
+                           allow_unauthenticated=args.allow_unauthenticated)
+        print(f"serving {flow.name!r} at {server.url}/v1/flows/{flow.name}/predict", flush=True)
+        stop.wait()
+        print("stopping: finishing requests in flight", flush=True)
+        server.stop()
     return 0
 
 

@@ -71,6 +71,7 @@ class Deployment:
         self._stored: dict[Any, Any] = {}
         self._closed = False
         self._owned: list = []
+        self._servers: list = []
         self.client, self.cluster = self._connect(cluster, n_workers)
         try:
             self._start(retries, timeout)
@@ -248,6 +249,17 @@ class Deployment:
         df.index.name = None
         return df
 
+    def serve(self, host: str = "127.0.0.1", port: int = 0, **options):
+        """Serve this deployment over HTTP; returns the running server (``server.url``).
+
+        See ``flowkit.runtime.http``: ``token=`` (bearer auth, required off loopback unless
+        ``allow_unauthenticated=True``), ``max_body_bytes=``, ``timeout=``."""
+        from .http import HTTPServer
+
+        server = HTTPServer({self.name: self}, host, port, **options)
+        self._servers.append(server)
+        return server
+
     def dashboard(self, interval: float = 0.3):
         """A live notebook view: the deployed plan with per-stage throughput and p50/p99, updated
         every ``interval`` seconds, plus the dask dashboard link."""
@@ -278,6 +290,8 @@ class Deployment:
         if self._closed:
             return
         self._closed = True
+        for server in getattr(self, "_servers", []):
+            server.stop(timeout=5)
         router = getattr(self, "_router", None)
         if router is not None:
             router.close()
