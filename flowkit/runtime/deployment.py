@@ -256,6 +256,7 @@ class Deployment:
         ``allow_unauthenticated=True``), ``max_body_bytes=``, ``timeout=``."""
         from .http import HTTPServer
 
+        options.setdefault("loop", self._router.loop)
         server = HTTPServer({self.name: self}, host, port, **options)
         self._servers.append(server)
         return server

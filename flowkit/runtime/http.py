@@ -145,7 +145,8 @@ class HTTPServer:
     """A running HTTP front door for one or more deployments (``dep.serve()`` makes one)."""
 
     def __init__(self, deployments: dict, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
-                 allow_unauthenticated: bool = False, max_body_bytes: int = 10 * 2 ** 20, timeout: float = 30.0):
+                 allow_unauthenticated: bool = False, max_body_bytes: int = 10 * 2 ** 20, timeout: float = 30.0,
+                 loop: asyncio.AbstractEventLoop | None = None):
         if not _is_loopback(host) and not token and not allow_unauthenticated:
             raise FlowError(f"refusing to serve on {host!r} without authentication: pass token=... "
                             f"or allow_unauthenticated=True")
@@ -168,8 +169,14 @@ class HTTPServer:
         self.port = self._sock.getsockname()[1]
         self._server = None
         self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="flowkit-http")
-        self._thread.start()
+        if loop is not None:
+            # Share the deployment router's event loop: a request then never changes threads
+            # between the HTTP connection and the worker session.
+            self._thread = None
+            self._done = asyncio.run_coroutine_threadsafe(self._serve(), loop)
+        else:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="flowkit-http")
+            self._thread.start()
         if not self._started.wait(30):
             raise FlowError("the HTTP server did not start within 30 s")
 
@@ -183,27 +190,27 @@ class HTTPServer:
         return f"<flowkit HTTP server {self.url} ({', '.join(self.deployments)}; {auth})>"
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def _run(self) -> None:
+    async def _serve(self) -> None:
         import uvicorn
 
         config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=self.request_timeout, timeout_keep_alive=30)
         self._server = uvicorn.Server(config)
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-
-        async def serve():
+        try:
             task = asyncio.ensure_future(self._server.serve(sockets=[self._sock]))
             while not self._server.started and not task.done():
                 await asyncio.sleep(0.005)
             self._started.set()
             await task
-
-        try:
-            loop.run_until_complete(serve())
         finally:
             self._started.set()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
             loop.close()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -213,7 +220,14 @@ class HTTPServer:
         if timeout is not None:
             self._server.config.timeout_graceful_shutdown = timeout
         self._server.should_exit = True
-        self._thread.join((timeout or self.request_timeout) + 10)
+        wait = (timeout or self.request_timeout) + 10
+        if self._thread is not None:
+            self._thread.join(wait)
+        else:
+            try:
+                self._done.result(wait)
+            except Exception as e:
+                logger.debug("HTTP server stopped: %s", e)
 
     close = stop
 
