@@ -7,28 +7,25 @@ the highest rate at which 99% of requests finish within 50 ms.
 Goal: flowkit p50 within 1.5x of the FastAPI floor (and ahead of LitServe and Ray Serve when those
 are installed; they are not dependencies of flowkit and are not installed by default).
 
-Run: .venv/bin/python benchmarks/http.py [--quick]
+Run: .venv/bin/python benchmarks/http_serving.py [--quick]
+(Named http_serving.py, not http.py: a benchmarks/http.py would shadow the standard library's
+http package for every script here that puts benchmarks/ on sys.path.)
 """
 
 
+import argparse
+import base64
+import http.client
 import os
 import sys
+import json
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-# This file is named like the standard library's http package; import that first, from elsewhere.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-import http.client  # noqa: E402
-
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import json  # noqa: E402
-import queue  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-
-sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _report import RESULTS, open_loop, plot, save, summarize, table  # noqa: E402
 

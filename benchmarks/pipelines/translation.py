@@ -1,0 +1,117 @@
+"""Translation: a language classifier -> per-language sequence-to-sequence transformers (random
+weights), marked high_variance and raced with competitive execution -> outer join."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+TARGET_MS = 300.0
+RULES = {"fusion": False, "compete": 2}
+WORDS = ("le la les un une est et de du des der die das ein eine ist und zu mit von maison haus chat katze "
+         "chien hund voiture auto bleu blau rouge rot grand gross petit klein").split()
+
+
+def tokens(text: str) -> list[int]:
+    return [zlib.crc32(w.encode()) % 4096 for w in text.split()]
+
+
+class LanguageClassifier:
+    def __init__(self):
+        from .models import language_classifier
+        self.model = language_classifier()
+
+    def __call__(self, row) -> tuple[str, list]:
+        import torch
+
+        ids = tokens(row["text"])
+        with torch.inference_mode():
+            score = self.model(torch.tensor([ids]))[0]
+        return ("fr" if float(score[0]) >= float(score[1]) else "de"), ids
+
+
+def is_fr(row) -> bool:
+    return row["lang"] == "fr"
+
+
+def is_de(row) -> bool:
+    return row["lang"] == "de"
+
+
+class _Translator:
+    lang = ""
+
+    def __init__(self):
+        from .models import translator
+        self.model = translator(self.lang)
+
+    def __call__(self, row) -> str:
+        import torch
+
+        ids = row["ids"]
+        with torch.inference_mode():
+            out = self.model(torch.tensor([ids]), steps=len(ids))   # output as long as the input
+        return " ".join(map(str, out[0].tolist()))
+
+
+class TranslateFr(_Translator):
+    lang = "fr"
+
+
+class TranslateDe(_Translator):
+    lang = "de"
+
+
+def flow():
+    import flowkit as fk
+
+    f = fk.Flow("translation", {"text": str})
+    lang = f.map(LanguageClassifier, names=["lang", "ids"])
+    fr = lang.filter(is_fr).map(TranslateFr, names=["fr"], high_variance=True)
+    de = lang.filter(is_de).map(TranslateDe, names=["de"], high_variance=True)
+    fr.join(de, how="outer")
+    return f
+
+
+def requests(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"text": " ".join(rng.choice(WORDS, size=int(rng.integers(4, 20))))} for _ in range(n)]
+
+
+def store() -> dict:
+    return {}
+
+
+_models: dict = {}
+
+
+def floor(row: dict, store: dict) -> dict:
+    lang, ids = _models.setdefault("lang", LanguageClassifier())(row)
+    out = {"fr": None, "de": None}
+    model = _models.setdefault(lang, TranslateFr() if lang == "fr" else TranslateDe())
+    out[lang] = model({"ids": ids})
+    return out
+
+
+def d_lang(row):
+    from flowkit.runtime.semantics import callable_for
+    return callable_for(LanguageClassifier)(row)
+
+
+def d_translate(lang, li):
+    from flowkit.runtime.semantics import callable_for
+    if li[0] != lang:
+        return None
+    return callable_for(TranslateFr if lang == "fr" else TranslateDe)({"ids": li[1]})
+
+
+def d_join(fr, de):
+    return {"fr": fr, "de": de}
+
+
+def dask_pipeline(client, row, stored):
+    li = client.submit(d_lang, row, pure=False)
+    fr = client.submit(d_translate, "fr", li, pure=False)
+    de = client.submit(d_translate, "de", li, pure=False)
+    return client.submit(d_join, fr, de, pure=False)

@@ -1,0 +1,158 @@
+"""Cloudflow's four real pipelines, served by flowkit and by the alternatives, in one run.
+
+Pipelines (benchmarks/pipelines/): image cascade (pretrained MobileNetV2 -> larger CNN when
+unsure), video streams (detector -> two classifier branches -> outer join), translation
+(language classifier -> raced seq2seq transformers), recommender (two dynamic lookups -> top-5).
+
+Systems measured here, interleaved per pipeline:
+  - in-process floor: every stage called directly in this process;
+  - flowkit optimized (each pipeline's rules) and unoptimized (optimize=False), embedded-style
+    LocalCluster of 2 single-threaded worker processes;
+  - a hand-written dask.distributed pipeline: one chained future per stage, same cluster.
+Ray Serve, LitServe and a FastAPI floor belong in this table too; they are not installed by the
+project and are not measured by this script yet (see docs/benchmarks.md).
+
+Closed loop: p50 / p99 / p99.9 and CPU time per request (this process plus the workers). Open
+loop: Poisson arrivals at rising rates, latency from the scheduled send time, client timeout 10 s;
+goodput and the highest rate at which 99% of requests meet the pipeline's latency target.
+--quick only checks that every system answers every pipeline correctly (CI runs it).
+
+Run: .venv/bin/python benchmarks/pipelines_vs_peers.py [--quick] [--only cascade,video,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import RESULTS, open_loop, percentile, plot, save, table  # noqa: E402
+
+import flowkit as fk  # noqa: E402
+from pipelines import PIPELINES  # noqa: E402
+
+RATES = {"cascade": [5, 10, 20, 30], "video": [20, 50, 100, 200], "translation": [10, 25, 50, 100],
+         "recommender": [50, 100, 200, 400]}
+
+
+def same(a: dict, b: dict) -> bool:
+    return all((abs(a[k] - b[k]) < 1e-5 if isinstance(b[k], float) and a.get(k) is not None else a.get(k) == b[k])
+               for k in b)
+
+
+def cpu_seconds(client) -> float:
+    import psutil
+
+    here = psutil.Process().cpu_times()
+    workers = client.run(lambda: sum(__import__("psutil").Process().cpu_times()[:2]))
+    return here.user + here.system + sum(workers.values())
+
+
+def run_pipeline(name: str, client, quick: bool) -> tuple[list, list]:
+    mod = importlib.import_module(f"pipelines.{name}")
+    flow, store, reqs = mod.flow(), mod.store(), mod.requests(4 if quick else 40, seed=1)
+    stored = {k: client.scatter(v, hash=False) for k, v in store.items()} if store else {}
+    opt = fk.deploy(flow, cluster=client, optimize=mod.RULES or True)
+    unopt = fk.deploy(flow, cluster=client, optimize=False)
+    try:
+        for dep in (opt, unopt):
+            for k, v in store.items():
+                dep.put(k, v)
+        systems = {
+            "in-process floor": lambda r: mod.floor(r, store),
+            "flowkit optimized": lambda r: opt.run([r]).records()[0],
+            "flowkit unoptimized": lambda r: unopt.run([r]).records()[0],
+            "dask chained futures": lambda r: mod.dask_pipeline(client, r, stored).result(),
+        }
+        expected = [mod.floor(r, store) for r in reqs]
+        for sys_name, call in systems.items():   # every system answers correctly (and warms up)
+            for r, want in zip(reqs, expected):
+                got = call(r)
+                assert same(got, want), f"{name} / {sys_name}: {got} != {want}"
+        if quick:
+            return [{"pipeline": name, "system": s, "correct": True} for s in systems], []
+        samples = {s: [] for s in systems}
+        cpu = {s: 0.0 for s in systems}
+        for _ in range(3):
+            for sys_name, call in systems.items():
+                c0 = cpu_seconds(client)
+                for r in reqs:
+                    t0 = time.perf_counter()
+                    call(r)
+                    samples[sys_name].append(time.perf_counter() - t0)
+                cpu[sys_name] += cpu_seconds(client) - c0
+        closed = []
+        for s, lat in samples.items():
+            ms = [x * 1000 for x in lat]
+            closed.append({"pipeline": name, "system": s, "n": len(ms), "p50_ms": percentile(ms, 50),
+                           "p99_ms": percentile(ms, 99), "p99.9_ms": percentile(ms, 99.9),
+                           "cpu_ms_per_request": cpu[s] * 1000 / len(ms)})
+        floor = closed[0]["p50_ms"]
+        for r in closed:
+            r["p50 vs floor"] = r["p50_ms"] / floor
+        senders = {
+            "flowkit optimized": lambda done, i=[0]: opt.submit([reqs[_next(i, len(reqs))]]).add_done_callback(lambda f: done()),
+            "flowkit unoptimized": lambda done, i=[0]: unopt.submit([reqs[_next(i, len(reqs))]]).add_done_callback(lambda f: done()),
+            "dask chained futures": lambda done, i=[0]: mod.dask_pipeline(client, reqs[_next(i, len(reqs))], stored)
+            .add_done_callback(lambda f: done()),
+        }
+        opened = []
+        for rate in RATES[name]:
+            for s, send in senders.items():
+                r = open_loop(send, rate, 4.0, seed=rate, timeout=10.0)
+                ok = r["within_50ms"] if mod.TARGET_MS == 50 else None
+                opened.append({"pipeline": name, "system": s, **r, "target_ms": mod.TARGET_MS, "within_target": ok})
+                print(opened[-1], flush=True)
+        return closed, opened
+    finally:
+        opt.close()
+        unopt.close()
+
+
+def _next(counter: list, n: int) -> int:
+    counter[0] += 1
+    return counter[0] % n
+
+
+def main(quick: bool = False, only: list[str] | None = None) -> dict:
+    from distributed import Client, LocalCluster
+
+    names = only or list(PIPELINES)
+    closed, opened = [], []
+    t0 = time.time()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: sys.path.insert(0, str(Path(__file__).resolve().parent)))
+        for name in names:
+            c, o = run_pipeline(name, client, quick)
+            closed += c
+            opened += o
+            print(table(c, list(c[0])), flush=True)
+    elapsed = time.time() - t0
+    if quick:
+        print(f"quick: every system answered every pipeline correctly ({elapsed:.0f} s)")
+        return {"closed": closed}
+    md = table(closed, ["pipeline", "system", "n", "p50_ms", "p99_ms", "p99.9_ms", "p50 vs floor", "cpu_ms_per_request"])
+    md += "\n\n## open loop\n\n" + table(opened, ["pipeline", "system", "rate", "completed", "p50_ms", "p99_ms", "target_ms"])
+    md += f"\n\nfull run: {elapsed / 60:.1f} min"
+    print(md)
+    save("pipelines", {"closed": closed, "open": opened, "seconds": elapsed}, md)
+    for name in names:
+        plot(RESULTS / f"pipelines_{name}.png",
+             {s: ([r["rate"] for r in opened if r["pipeline"] == name and r["system"] == s],
+                  [min(r["p99_ms"], 20_000) for r in opened if r["pipeline"] == name and r["system"] == s])
+              for s in ("flowkit optimized", "flowkit unoptimized", "dask chained futures")},
+             "offered load (req/s)", "p99 (ms)", f"{name}: p99 under open-loop load", logy=True)
+    return {"closed": closed, "open": opened}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=None)
+    args = ap.parse_args()
+    main(args.quick, args.only.split(",") if args.only else None)

