@@ -144,7 +144,8 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
     md += "\n\n" + table(best, ["pipeline", "system", "highest rate with 99% within target"])
     md += f"\n\nfull run: {elapsed / 60:.1f} min"
     print(md)
-    save("pipelines", {"closed": closed, "open": opened, "seconds": elapsed}, md)
+    save("pipelines" if not only else "pipelines_" + "_".join(names), {"closed": closed, "open": opened,
+                                                                      "seconds": elapsed}, md)
     for name in names:
         plot(RESULTS / f"pipelines_{name}.png",
              {s: ([r["rate"] for r in opened if r["pipeline"] == name and r["system"] == s],

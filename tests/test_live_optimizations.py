@@ -253,3 +253,20 @@ def test_autoscaling_grows_under_load_shrinks_when_idle_and_loses_no_stored_obje
 
 def _slow_square_pair(row) -> tuple[int, float]:
     return _slow_square(row), row["v"]
+
+
+def _sleepy(row) -> int:
+    time.sleep(0.05)
+    return row["x"] + 1
+
+
+def test_races_only_use_idle_capacity(client):
+    flow = fk.Flow("busy_race", SCHEMA)
+    flow.map(_sleepy, names=["y"], high_variance=True)
+    with fk.deploy(flow, cluster=client, optimize={"compete": 2}) as dep:
+        assert dep.run({"x": [1]}).column("y") == [2]          # idle: the replicas race
+        futs = [dep.submit({"x": [i]}) for i in range(30)]     # busy: extra replicas are skipped
+        assert [f.result(60).column("y")[0] for f in futs] == [i + 1 for i in range(30)]
+        race = dep.stats().loc["_sleepy"]
+    assert race["cancelled losers"] >= 1
+    assert race["races skipped (busy)"] >= 1

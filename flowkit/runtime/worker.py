@@ -247,14 +247,16 @@ class WorkerDeployment:
         self.stats = {op.name: StageStats() for op in self.ops}
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
-        threads = max(1, worker.state.nthreads)
+        threads = self.threads = max(1, worker.state.nthreads)
+        self.busy = 0     # stage executions running or queued in this deployment's threads
+        self.racing = 0   # races this worker is coordinating
         # Racing replicas, remote stages and batches must not queue behind each other.
         self.pool = ThreadPoolExecutor(threads if self.simple else threads * 8, thread_name_prefix=f"flowkit-{deployment}")
         self.store = WorkerStore(deployment, worker)
         self.peers = Peers(deployment, worker) if not self.simple else None
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.tokens: dict[str, Token] = {}
-        self._inline, self._inline_checks = False, 0
+        self._inline, self._inline_checks, self.running = False, 0, 0
         self.has_gpu = worker.state.total_resources.get("GPU", 0) > 0
         self.closed = False
 
@@ -298,17 +300,23 @@ class WorkerDeployment:
     async def run(self, table):
         loop = asyncio.get_running_loop()
         if self.simple:
-            if self._inline_ok():
+            if self.running == 0 and self._inline_ok():
                 return self._run_all(table)
-            return await loop.run_in_executor(self.pool, self._run_all, table)
+            self.running += 1
+            try:
+                return await loop.run_in_executor(self.pool, self._run_all, table)
+            finally:
+                self.running -= 1
         return await _Execution(self, table, loop).value(self.plan.output)
 
     def _inline_ok(self) -> bool:
-        """Run on the event loop itself when the whole plan reliably takes under ``INLINE_S``.
+        """Run on the event loop itself when the whole plan reliably takes under ``INLINE_S``
+        (and, checked by the caller, no other request of this deployment is running).
 
         Two thread switches cost ~0.1 ms here, a fifth of a small model's request; a plan that
         runs for longer goes to the deployment's threads, so the worker's loop (heartbeats,
-        other sessions) is never blocked for long. Decided on the last 64 requests' p99."""
+        other sessions) is never blocked for long; under load the threads also let network I/O
+        overlap the computation. Decided on the last 64 requests' p99."""
         self._inline_checks += 1
         if self._inline_checks % 64 == 1:
             recent = []
@@ -343,7 +351,11 @@ class WorkerDeployment:
 
     async def local(self, op, inputs, token: Token | None = None):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.apply, op, inputs, RequestStore(self.store), token)
+        self.busy += 1
+        try:
+            return await loop.run_in_executor(self.pool, self.apply, op, inputs, RequestStore(self.store), token)
+        finally:
+            self.busy -= 1
 
     async def execute(self, op, inputs, token: Token | None = None):
         """Run one stage where it belongs (see the class docstring)."""
@@ -427,7 +439,22 @@ class _Execution:
         replicas = [self.dep.by_name[r] for r in op.inputs]
         inputs = [await self.value(i) for i in replicas[0].inputs]
         t0 = time.perf_counter()
-        others = await self.dep.peers.others()
+        stats = self.dep.stats[op.name]
+        if self.dep.busy + self.dep.racing >= self.dep.threads:
+            # Load-aware racing: replicas only use idle capacity. When this worker's threads are
+            # already busy, extra replicas would take cores from other requests (measured: a
+            # compute-bound race on 2 cores lost three quarters of the translation pipeline's
+            # capacity), so the first replica runs alone.
+            stats.count("races skipped (busy)")
+            replicas = replicas[:1]
+        self.dep.racing += 1   # counted before any await, so a burst of requests sees it
+        try:
+            return await self._run_race(op, replicas, inputs, stats, t0)
+        finally:
+            self.dep.racing -= 1
+
+    async def _run_race(self, op, replicas, inputs, stats, t0):
+        others = await self.dep.peers.others() if len(replicas) > 1 else []
         places = [None] + others[: len(replicas) - 1]
         places += [None] * (len(replicas) - len(places))
         tokens = [Token() for _ in replicas]
@@ -435,7 +462,6 @@ class _Execution:
         for rep, where, token in zip(replicas, places, tokens):
             coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs, token)
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
-        stats = self.dep.stats[op.name]
         errors, pending = [], set(tasks)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
