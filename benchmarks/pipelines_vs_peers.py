@@ -7,10 +7,12 @@ unsure), video streams (detector -> two classifier branches -> outer join), tran
 Systems measured here, interleaved per pipeline:
   - in-process floor: every stage called directly in this process;
   - flowkit optimized (each pipeline's rules) and unoptimized (optimize=False), embedded-style
-    LocalCluster of 2 single-threaded worker processes;
-  - a hand-written dask.distributed pipeline: one chained future per stage, same cluster.
-Ray Serve, LitServe and a FastAPI floor belong in this table too; they are not installed by the
-project and are not measured by this script yet (see docs/benchmarks.md).
+    LocalCluster of 2 single-threaded worker processes, through the Python API and over HTTP;
+  - a hand-written dask.distributed pipeline: one chained future per stage, same cluster;
+  - over HTTP, from .venv-peers (benchmarks/peers/setup.sh makes it; none is a flowkit
+    dependency): a FastAPI server running all stages in one process (the HTTP floor), LitServe
+    (one fused server), Ray Serve (one fused deployment, and a graph of one deployment per stage
+    composed through DeploymentHandles).
 
 Closed loop: p50 / p99 / p99.9 and CPU time per request (this process plus the workers). Open
 loop: Poisson arrivals at rising rates, latency from the scheduled send time, client timeout 10 s;
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import RESULTS, open_loop, percentile, plot, save, table  # noqa: E402
 
 import flowkit as fk  # noqa: E402
+from peers import runner as peers  # noqa: E402
 from pipelines import PIPELINES  # noqa: E402
 
 RATES = {"cascade": [5, 10, 20, 30], "video": [20, 50, 100, 200], "translation": [10, 25, 50, 100],
@@ -40,8 +43,9 @@ RATES = {"cascade": [5, 10, 20, 30], "video": [20, 50, 100, 200], "translation":
 
 
 def same(a: dict, b: dict) -> bool:
-    return all((abs(a[k] - b[k]) < 1e-5 if isinstance(b[k], float) and a.get(k) is not None else a.get(k) == b[k])
-               for k in b)
+    """Equal outputs (floats within 1e-3 relative: peers run torch with other thread counts)."""
+    return all((abs(a[k] - b[k]) <= 1e-3 * max(1.0, abs(b[k])) if isinstance(b[k], float) and a.get(k) is not None
+                else a.get(k) == b[k]) for k in b)
 
 
 def cpu_seconds(client) -> float:
@@ -52,12 +56,13 @@ def cpu_seconds(client) -> float:
     return here.user + here.system + sum(workers.values())
 
 
-def run_pipeline(name: str, client, quick: bool) -> tuple[list, list]:
+def run_pipeline(name: str, client, quick: bool, ray_port: int | None, fastapi_port: int | None) -> tuple[list, list]:
     mod = importlib.import_module(f"pipelines.{name}")
     flow, store, reqs = mod.flow(), mod.store(), mod.requests(4 if quick else 40, seed=1)
     stored = {k: client.scatter(v, hash=False) for k, v in store.items()} if store else {}
     opt = fk.deploy(flow, cluster=client, optimize=mod.RULES or True)
     unopt = fk.deploy(flow, cluster=client, optimize=False)
+    http, procs = {}, []
     try:
         for dep in (opt, unopt):
             for k, v in store.items():
@@ -68,6 +73,17 @@ def run_pipeline(name: str, client, quick: bool) -> tuple[list, list]:
             "flowkit unoptimized": lambda r: unopt.run([r]).records()[0],
             "dask chained futures": lambda r: mod.dask_pipeline(client, r, stored).result(),
         }
+        http["flowkit optimized, HTTP"] = peers.HTTPSystem(opt.serve().port, f"/v1/flows/{name}/predict")
+        if fastapi_port:
+            http["FastAPI fused (HTTP floor)"] = peers.HTTPSystem(fastapi_port, f"/{name}")
+        if peers.available():
+            proc, port = peers.start("litserve", "--pipeline", name)
+            procs.append(proc)
+            http["LitServe fused, HTTP"] = peers.HTTPSystem(port, f"/{name}")
+        if ray_port:
+            http["Ray Serve fused, HTTP"] = peers.HTTPSystem(ray_port, f"/{name}/fused")
+            http["Ray Serve graph, HTTP"] = peers.HTTPSystem(ray_port, f"/{name}/graph")
+        systems.update({k: s.call for k, s in http.items()})
         expected = [mod.floor(r, store) for r in reqs]
         for sys_name, call in systems.items():   # every system answers correctly (and warms up)
             for r, want in zip(reqs, expected):
@@ -100,14 +116,21 @@ def run_pipeline(name: str, client, quick: bool) -> tuple[list, list]:
             "dask chained futures": lambda done, i=[0]: mod.dask_pipeline(client, reqs[_next(i, len(reqs))], stored)
             .add_done_callback(lambda f: done()),
         }
+        for k, s in http.items():
+            senders[k] = lambda done, i=[0], s=s: s.send(reqs[_next(i, len(reqs))], done)
         opened = []
         for rate in RATES[name]:
             for s, send in senders.items():
-                r = open_loop(send, rate, 4.0, seed=rate, timeout=10.0, target_ms=mod.TARGET_MS)
+                r = open_loop(send, rate, 3.0, seed=rate, timeout=10.0, target_ms=mod.TARGET_MS)
                 opened.append({"pipeline": name, "system": s, **r, "target_ms": mod.TARGET_MS})
                 print(opened[-1], flush=True)
         return closed, opened
     finally:
+        for s in http.values():
+            s.close()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
         opt.close()
         unopt.close()
 
@@ -123,14 +146,30 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
     names = only or list(PIPELINES)
     closed, opened = [], []
     t0 = time.time()
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        client.run(lambda: sys.path.insert(0, str(Path(__file__).resolve().parent)))
-        for name in names:
-            c, o = run_pipeline(name, client, quick)
-            closed += c
-            opened += o
-            print(table(c, list(c[0])), flush=True)
+    procs, ray_port, fastapi_port = [], None, None
+    if peers.available():
+        proc, fastapi_port = peers.start("fastapi")
+        procs.append(proc)
+        proc, ray_port = peers.start("ray", ready_path="/-/routes", ready=peers.ray_ready(names))
+        procs.append(proc)
+    else:
+        print("peers not installed (bash benchmarks/peers/setup.sh): measuring flowkit, dask and the floor only")
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            client.run(lambda: sys.path.insert(0, str(Path(__file__).resolve().parent)))
+            for name in names:
+                c, o = run_pipeline(name, client, quick, ray_port, fastapi_port)
+                closed += c
+                opened += o
+                print(table(c, list(c[0])), flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()
     elapsed = time.time() - t0
     if quick:
         print(f"quick: every system answered every pipeline correctly ({elapsed:.0f} s)")
@@ -138,9 +177,10 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
     md = table(closed, ["pipeline", "system", "n", "p50_ms", "p99_ms", "p99.9_ms", "p50 vs floor", "cpu_ms_per_request"])
     md += "\n\n## open loop\n\n" + table(opened, ["pipeline", "system", "rate", "completed", "p50_ms", "p99_ms",
                                                   "target_ms", "within_target", "goodput"])
+    systems = list(dict.fromkeys(r["system"] for r in opened))
     best = [{"pipeline": n, "system": s, "highest rate with 99% within target": max(
         [r["rate"] for r in opened if r["pipeline"] == n and r["system"] == s and r["within_target"] >= 0.99] or [0])}
-        for n in names for s in ("flowkit optimized", "flowkit unoptimized", "dask chained futures")]
+        for n in names for s in systems]
     md += "\n\n" + table(best, ["pipeline", "system", "highest rate with 99% within target"])
     md += f"\n\nfull run: {elapsed / 60:.1f} min"
     print(md)
@@ -150,7 +190,7 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
         plot(RESULTS / f"pipelines_{name}.png",
              {s: ([r["rate"] for r in opened if r["pipeline"] == name and r["system"] == s],
                   [min(r["p99_ms"], 20_000) for r in opened if r["pipeline"] == name and r["system"] == s])
-              for s in ("flowkit optimized", "flowkit unoptimized", "dask chained futures")},
+              for s in systems},
              "offered load (req/s)", "p99 (ms)", f"{name}: p99 under open-loop load", logy=True)
     return {"closed": closed, "open": opened}
 

@@ -1,0 +1,107 @@
+"""Starting the peers (in .venv-peers) and talking to every HTTP system the same way."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import queue
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
+SERVERS = Path(__file__).resolve().parent / "servers.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available() -> bool:
+    return PEERS_PY.exists()
+
+
+def _get(port: int, path: str, timeout: float = 2.0):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    c.request("GET", path)
+    r = c.getresponse()
+    return r.status, r.read()
+
+
+def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 240.0):
+    """Start a peer server; returns (process, port) once it answers ``ready_path``."""
+    port = free_port()
+    log = open(ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log", "w")
+    proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer {system} exited with {proc.returncode}; see {log.name}")
+        try:
+            status, body = _get(port, ready_path)
+            if status == 200 and (ready is None or ready(body)):
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"peer {system} did not become ready within {timeout:g} s; see {log.name}")
+
+
+def ray_ready(pipelines) -> callable:
+    def check(body: bytes) -> bool:
+        routes = json.loads(body)
+        return all(f"/{p}/{v}" in routes for p in pipelines for v in ("fused", "graph"))
+    return check
+
+
+def encode_row(row: dict) -> dict:
+    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in row.items()}
+
+
+class HTTPSystem:
+    """One HTTP endpoint: ``call(row)`` for closed loop, ``send(row, done)`` for open loop."""
+
+    def __init__(self, port: int, path: str, connections: int = 32):
+        self.port, self.path = port, path
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(connections):
+            self.pool.put(http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+        self.executor = ThreadPoolExecutor(connections)
+
+    def call(self, row: dict) -> dict:
+        body = json.dumps({"rows": [encode_row(row)]}).encode()
+        conn = self.pool.get()
+        try:
+            conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{self.path}: HTTP {r.status}: {data[:200]!r}")
+            out = json.loads(data)["rows"][0]
+            out.pop("qid", None)
+            return out
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            raise
+        finally:
+            self.pool.put(conn)
+
+    def send(self, row: dict, done) -> None:
+        def go():
+            try:
+                self.call(row)
+                done()
+            except Exception:
+                pass  # a failed or timed-out request never counts as done
+        self.executor.submit(go)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
