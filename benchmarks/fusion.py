@@ -35,7 +35,6 @@ def chain(length: int) -> fk.Flow:
 
 
 def main(quick: bool = False) -> dict:
-    from distributed import Client
 
     sizes = {"10 KB": 10_000, "500 KB": 500_000, "10 MB": 10_000_000}
     lengths = [1, 2, 5, 10] if not quick else [1, 10]

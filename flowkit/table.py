@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import SchemaError
-from .schema import Schema, fits, type_name
+from .schema import Schema
 
 __all__ = ["Table", "Row", "GroupedTable", "as_table", "infer_type"]
 

@@ -80,9 +80,16 @@ class HTTPSystem:
         body = json.dumps({"rows": [encode_row(row)]}).encode()
         conn = self.pool.get()
         try:
-            conn.request("POST", self.path, body, {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            data = r.read()
+            for attempt in (1, 2):   # a server may close an idle keep-alive connection: reconnect once
+                try:
+                    conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    data = r.read()
+                    break
+                except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                    conn.close()
+                    if attempt == 2:
+                        raise
             if r.status != 200:
                 raise RuntimeError(f"{self.path}: HTTP {r.status}: {data[:200]!r}")
             out = json.loads(data)["rows"][0]

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -25,21 +24,19 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from ..errors import FlowError
 from ..plan import AnyOf, Plan, Stage
 from ..table import Table
+from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
+from .peers import Peers
 from .semantics import apply
 from .stats import StageStats
+from .store import RequestStore, WorkerStore, store_key
 from .wire import dumps, dumps_error, loads
 
-__all__ = ["DeploymentPlugin", "WorkerDeployment", "store_key", "READY_TOPIC"]
+__all__ = ["DeploymentPlugin", "WorkerDeployment", "store_key", "READY_TOPIC"]  # store_key: re-exported
 
 logger = logging.getLogger("flowkit.worker")
 READY_TOPIC = "flowkit-ready"
 INLINE_S = 0.002   # plans whose p99 is under this run on the worker's event loop (see _inline_ok)
-
-
-def store_key(deployment: str, key: Any) -> str:
-    """The dask key under which ``dep.put(key, obj)`` holds ``obj``."""
-    return f"flowkit-store/{deployment}/{key!r}"
 
 
 class DeploymentPlugin(WorkerPlugin):
@@ -126,104 +123,6 @@ async def _session(worker, comm, deployment: str) -> Status:
         for t in tasks:
             t.cancel()
     return Status.dont_reply
-
-
-class WorkerStore:
-    """Objects put with ``dep.put``: read from this worker's dask memory when they are here,
-    otherwise fetched from the worker that holds them. ``stats`` counts local and remote reads."""
-
-    def __init__(self, deployment: str, worker):
-        self.deployment = deployment
-        self.worker = worker
-        self.stats = StageStats()
-
-    def lookup(self, key: Any) -> Any:
-        dkey = store_key(self.deployment, key)
-        data = self.worker.data
-        if dkey in data:
-            self.stats.count("local lookups")
-            return data[dkey]
-        value = self._fetch(dkey, key)
-        self.stats.count("remote lookups")
-        return value
-
-    def _fetch(self, dkey: str, key: Any) -> Any:
-        from distributed.utils import sync
-        from distributed.worker import get_data_from_worker
-
-        async def fetch():
-            who = await self.worker.scheduler.who_has(keys=[dkey])
-            for holder in [w for w in who.get(dkey, []) if w != self.worker.address]:
-                resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
-                if resp.get("status") == "OK" and dkey in resp["data"]:
-                    return True, resp["data"][dkey]
-            return False, None
-
-        found, value = sync(self.worker.loop, fetch)
-        if not found:
-            raise KeyError(f"no stored object under key {key!r}")
-        return value
-
-
-class RequestStore:
-    """One request's view of the store: each key is read once per request, however many rows use it."""
-
-    __slots__ = ("store", "memo")
-
-    def __init__(self, store: WorkerStore):
-        self.store = store
-        self.memo: dict = {}
-
-    def lookup(self, key: Any) -> Any:
-        try:
-            return self.memo[key]
-        except KeyError:
-            value = self.memo[key] = self.store.lookup(key)
-            return value
-        except TypeError:
-            return self.store.lookup(key)
-
-
-class Peers:
-    """The other workers, as seen from this one: their resources, who holds which stored
-    object, and sessions to them (a ``Router`` with this worker's security)."""
-
-    def __init__(self, deployment: str, worker, ttl: float = 1.0):
-        from .router import Router
-
-        self.worker = worker
-        self.ttl = ttl
-        self.router = Router(deployment, worker.security.get_connection_args("worker"), retries=0,
-                             wait_for_workers=5.0)
-        self._identity: dict = {}
-        self._identity_at = 0.0
-        self._holders: dict[str, tuple[float, list]] = {}
-
-    async def workers(self) -> dict:
-        if time.monotonic() - self._identity_at > self.ttl:
-            ident = await self.worker.scheduler.identity()
-            self._identity = {a: w for a, w in ident.get("workers", {}).items()
-                              if w.get("status", "running") in ("running", "Status.running")}
-            self._identity_at = time.monotonic()
-        return self._identity
-
-    async def others(self) -> list[str]:
-        return [a for a in await self.workers() if a != self.worker.address]
-
-    async def holders(self, dkeys: list[str]) -> dict[str, list]:
-        now = time.monotonic()
-        missing = [k for k in dkeys if now - self._holders.get(k, (-1e9, None))[0] > self.ttl]
-        if missing:
-            who = await self.worker.scheduler.who_has(keys=missing)
-            for k in missing:
-                self._holders[k] = (now, list(who.get(k, [])))
-        return {k: self._holders[k][1] for k in dkeys}
-
-    async def call(self, target: str, kind: str, payload: bytes):
-        return await asyncio.wrap_future(self.router.submit(kind, payload, worker=target))
-
-    def close(self) -> None:
-        self.router.close()
 
 
 class WorkerDeployment:
@@ -499,91 +398,6 @@ class _Execution:
                     return Table._make(op.schema, t.rows, t.qids)
                 errors.append(d.exception())
         raise errors[0]
-
-
-class Batcher:
-    """Dynamic batching for one stage on one worker.
-
-    Requests queue; a batch closes when it holds ``max_batch`` rows or its oldest request has
-    waited ``max_wait_ms``, whichever comes first. The stage runs once over the merged table
-    (qids become ``(request, qid)`` pairs) and each request gets its own rows back. A request
-    larger than ``max_batch`` is cut into batches of its own.
-    """
-
-    def __init__(self, dep: WorkerDeployment, stage: Stage):
-        self.dep = dep
-        self.stage = stage
-        self.max_batch = stage.batching.max_batch
-        self.max_wait = stage.batching.max_wait_ms / 1000
-        self.queue: list = []
-        self.wakeup: asyncio.Event | None = None
-        self.task: asyncio.Task | None = None
-        self.waits: list[float] = []  # how long each request waited for its batch to close (recent)
-
-    def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    async def submit(self, table):
-        if len(table) > self.max_batch:
-            parts = [Table._make(table.schema, table.rows[i:i + self.max_batch], table.qids[i:i + self.max_batch])
-                     for i in range(0, len(table), self.max_batch)]
-            outs = await asyncio.gather(*(self.submit(p) for p in parts))
-            return Table._make(outs[0].schema, [r for o in outs for r in o.rows], [q for o in outs for q in o.qids])
-        loop = asyncio.get_running_loop()
-        if self.task is None:
-            self.wakeup = asyncio.Event()
-            self.task = asyncio.ensure_future(self._loop())
-        fut = loop.create_future()
-        self.queue.append((table, fut, time.perf_counter()))
-        self.wakeup.set()
-        return await fut
-
-    async def _loop(self) -> None:
-        while True:
-            if not self.queue:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            deadline = self.queue[0][2] + self.max_wait
-            while sum(len(t) for t, _, _ in self.queue) < self.max_batch:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            batch, rows = [], 0
-            while self.queue and rows + len(self.queue[0][0]) <= self.max_batch:
-                item = self.queue.pop(0)
-                batch.append(item)
-                rows += len(item[0])
-            now = time.perf_counter()
-            self.waits = (self.waits + [now - at for _, _, at in batch])[-4096:]
-            asyncio.ensure_future(self._run(batch, rows))
-
-    async def _run(self, batch: list, rows: int) -> None:
-        stats = self.dep.stats[self.stage.name]
-        with stats.lock:
-            stats.batch_sizes[rows] += 1
-        merged = Table._make(batch[0][0].schema, [r for t, _, _ in batch for r in t.rows],
-                             [(i, q) for i, (t, _, _) in enumerate(batch) for q in t.qids])
-        try:
-            out = await self.dep.local(self.stage, [merged])
-        except BaseException as e:
-            for _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
-        parts: list[tuple[list, list]] = [([], []) for _ in batch]
-        for r, (i, q) in zip(out.rows, out.qids):
-            parts[i][0].append(r)
-            parts[i][1].append(q)
-        for (rws, qids), (_, fut, _) in zip(parts, batch):
-            if not fut.done():
-                fut.set_result(Table._make(out.schema, rws, qids))
 
 
 def _done(loop, value) -> asyncio.Future:

@@ -1,0 +1,75 @@
+"""Stored objects on workers: ``dep.put(key, obj)`` holds them as dask data; lookups read them.
+
+A worker reads an object from its own dask memory when it is there (a local lookup), else fetches
+it from the worker that holds it (a remote lookup); one request reads each key once, however many
+rows use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .stats import StageStats
+
+__all__ = ["WorkerStore", "RequestStore", "store_key"]
+
+
+def store_key(deployment: str, key: Any) -> str:
+    """The dask key under which ``dep.put(key, obj)`` holds ``obj``."""
+    return f"flowkit-store/{deployment}/{key!r}"
+
+
+class WorkerStore:
+    """Objects put with ``dep.put``: read from this worker's dask memory when they are here,
+    otherwise fetched from the worker that holds them. ``stats`` counts local and remote reads."""
+
+    def __init__(self, deployment: str, worker):
+        self.deployment = deployment
+        self.worker = worker
+        self.stats = StageStats()
+
+    def lookup(self, key: Any) -> Any:
+        dkey = store_key(self.deployment, key)
+        data = self.worker.data
+        if dkey in data:
+            self.stats.count("local lookups")
+            return data[dkey]
+        value = self._fetch(dkey, key)
+        self.stats.count("remote lookups")
+        return value
+
+    def _fetch(self, dkey: str, key: Any) -> Any:
+        from distributed.utils import sync
+        from distributed.worker import get_data_from_worker
+
+        async def fetch():
+            who = await self.worker.scheduler.who_has(keys=[dkey])
+            for holder in [w for w in who.get(dkey, []) if w != self.worker.address]:
+                resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
+                if resp.get("status") == "OK" and dkey in resp["data"]:
+                    return True, resp["data"][dkey]
+            return False, None
+
+        found, value = sync(self.worker.loop, fetch)
+        if not found:
+            raise KeyError(f"no stored object under key {key!r}")
+        return value
+
+
+class RequestStore:
+    """One request's view of the store: each key is read once per request, however many rows use it."""
+
+    __slots__ = ("store", "memo")
+
+    def __init__(self, store: WorkerStore):
+        self.store = store
+        self.memo: dict = {}
+
+    def lookup(self, key: Any) -> Any:
+        try:
+            return self.memo[key]
+        except KeyError:
+            value = self.memo[key] = self.store.lookup(key)
+            return value
+        except TypeError:
+            return self.store.lookup(key)
