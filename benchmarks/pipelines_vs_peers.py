@@ -48,21 +48,32 @@ def same(a: dict, b: dict) -> bool:
                 else a.get(k) == b[k]) for k in b)
 
 
-def cpu_seconds(client) -> float:
+def cpu_seconds(client, pids=()) -> float:
+    """CPU seconds so far of this process, the dask workers, and the given servers' process trees."""
     import psutil
 
     here = psutil.Process().cpu_times()
     workers = client.run(lambda: sum(__import__("psutil").Process().cpu_times()[:2]))
-    return here.user + here.system + sum(workers.values())
+    total = here.user + here.system + sum(workers.values())
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
-def run_pipeline(name: str, client, quick: bool, ray_port: int | None, fastapi_port: int | None) -> tuple[list, list]:
+def run_pipeline(name: str, client, quick: bool, ray_port, fastapi_port) -> tuple[list, list]:
+    """One pipeline on every system. ``ray_port``/``fastapi_port``: (server pid, port) or None."""
     mod = importlib.import_module(f"pipelines.{name}")
     flow, store, reqs = mod.flow(), mod.store(), mod.requests(4 if quick else 40, seed=1)
     stored = {k: client.scatter(v, hash=False) for k, v in store.items()} if store else {}
     opt = fk.deploy(flow, cluster=client, optimize=mod.RULES or True)
     unopt = fk.deploy(flow, cluster=client, optimize=False)
-    http, procs = {}, []
+    http, procs, pids = {}, [], {}
     try:
         for dep in (opt, unopt):
             for k, v in store.items():
@@ -75,14 +86,17 @@ def run_pipeline(name: str, client, quick: bool, ray_port: int | None, fastapi_p
         }
         http["flowkit optimized, HTTP"] = peers.HTTPSystem(opt.serve().port, f"/v1/flows/{name}/predict")
         if fastapi_port:
-            http["FastAPI fused (HTTP floor)"] = peers.HTTPSystem(fastapi_port, f"/{name}")
+            http["FastAPI fused (HTTP floor)"] = peers.HTTPSystem(fastapi_port[1], f"/{name}")
+            pids["FastAPI fused (HTTP floor)"] = [fastapi_port[0]]
         if peers.available():
             proc, port = peers.start("litserve", "--pipeline", name)
             procs.append(proc)
             http["LitServe fused, HTTP"] = peers.HTTPSystem(port, f"/{name}")
+            pids["LitServe fused, HTTP"] = [proc.pid]
         if ray_port:
-            http["Ray Serve fused, HTTP"] = peers.HTTPSystem(ray_port, f"/{name}/fused")
-            http["Ray Serve graph, HTTP"] = peers.HTTPSystem(ray_port, f"/{name}/graph")
+            http["Ray Serve fused, HTTP"] = peers.HTTPSystem(ray_port[1], f"/{name}/fused")
+            http["Ray Serve graph, HTTP"] = peers.HTTPSystem(ray_port[1], f"/{name}/graph")
+            pids["Ray Serve fused, HTTP"] = pids["Ray Serve graph, HTTP"] = [ray_port[0]]
         systems.update({k: s.call for k, s in http.items()})
         expected = [mod.floor(r, store) for r in reqs]
         for sys_name, call in systems.items():   # every system answers correctly (and warms up)
@@ -95,12 +109,12 @@ def run_pipeline(name: str, client, quick: bool, ray_port: int | None, fastapi_p
         cpu = {s: 0.0 for s in systems}
         for _ in range(3):
             for sys_name, call in systems.items():
-                c0 = cpu_seconds(client)
+                c0 = cpu_seconds(client, pids.get(sys_name, ()))
                 for r in reqs:
                     t0 = time.perf_counter()
                     call(r)
                     samples[sys_name].append(time.perf_counter() - t0)
-                cpu[sys_name] += cpu_seconds(client) - c0
+                cpu[sys_name] += cpu_seconds(client, pids.get(sys_name, ())) - c0
         closed = []
         for s, lat in samples.items():
             ms = [x * 1000 for x in lat]
@@ -148,10 +162,12 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
     t0 = time.time()
     procs, ray_port, fastapi_port = [], None, None
     if peers.available():
-        proc, fastapi_port = peers.start("fastapi")
+        proc, port = peers.start("fastapi")
         procs.append(proc)
-        proc, ray_port = peers.start("ray", ready_path="/-/routes", ready=peers.ray_ready(names))
+        fastapi_port = (proc.pid, port)
+        proc, port = peers.start("ray", ready_path="/-/routes", ready=peers.ray_ready(names))
         procs.append(proc)
+        ray_port = (proc.pid, port)
     else:
         print("peers not installed (bash benchmarks/peers/setup.sh): measuring flowkit, dask and the floor only")
     try:

@@ -186,7 +186,7 @@ def test_a_worker_killed_under_load_loses_no_request(client):
         results = []
         for f in futs:
             try:
-                results.append(f.result(timeout=60).column("y")[0])
+                results.append(f.result(timeout=120).column("y")[0])
             except fk.FlowError as e:  # a clear error is allowed; a hang is not
                 results.append(e)
         assert sum(isinstance(r, int) for r in results) >= 195

@@ -34,8 +34,19 @@ def _get(port: int, path: str, timeout: float = 2.0):
     return r.status, r.read()
 
 
-def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 240.0):
-    """Start a peer server; returns (process, port) once it answers ``ready_path``."""
+def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 240.0, tries: int = 2):
+    """Start a peer server; returns (process, port) once it answers ``ready_path`` (one retry:
+    Ray's start-up on 2 busy cores occasionally loses its proxy actor)."""
+    for attempt in range(1, tries + 1):
+        try:
+            return _start(system, args, ready_path, ready, timeout)
+        except RuntimeError:
+            if attempt == tries:
+                raise
+            time.sleep(5)
+
+
+def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
     port = free_port()
     log = open(ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log", "w")
     proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
