@@ -111,4 +111,4 @@ def main(requests: int = 200) -> None:
         results = dep.map([images[i % 8:i % 8 + 1] for i in range(64)], progress=False)
         print(f"scored {len(results)} requests with dep.map")
         print("\nper-stage statistics:")
-        print(dep.stats().to_string())
+        print(dep.stats().to_string(index=False))
