@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import flowkit as fk
-from flowkit.gpu import (CPUBackend, Gemm, GPUPlugin, SimBackend, SpaceTimeScheduler, TorchModel, gflops,
-                         make_backend, plan_launch)
+from flowkit.gpu import (CPUBackend, Gemm, SimBackend, SpaceTimeScheduler, TorchModel, gflops, make_backend,
+                         plan_launch)
 from flowkit.gpu.profiles import PROFILES
 from flowkit.gpu.scheduler import Request, Tenant, find_stragglers
 
@@ -155,6 +155,7 @@ def test_the_simulated_v100_reproduces_the_papers_ordering_and_ratios():
     assert gflops("spacetime", conv, 21, v100) < gflops("spacetime", conv, 20, v100)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_no_gpu_means_the_simulated_backend_not_a_crash():
     backend = make_backend("auto")
     assert isinstance(backend, SimBackend) and backend.name == "sim:h200"
@@ -187,7 +188,10 @@ def test_torch_model_runs_locally_without_the_plugin():
 
 
 def test_the_plugin_serves_gpu_maps_in_a_deployed_flow_and_publishes_samples():
+    pytest.importorskip("distributed")
     from distributed import Client, LocalCluster
+
+    from flowkit.gpu import GPUPlugin
 
     flow = fk.Flow("gpu", {"x": np.ndarray})
     flow.map(Classifier, names=["label"], gpu=True, batching=True, max_wait_ms=2)
@@ -209,6 +213,7 @@ def test_the_plugin_serves_gpu_maps_in_a_deployed_flow_and_publishes_samples():
 
 
 def test_gpu_chart_draws_samples_from_the_simulated_backend():
+    pytest.importorskip("ipywidgets")
     from flowkit_widgets.gpu import GPUChart
 
     sched = SpaceTimeScheduler(SimBackend("h200"), "spacetime", max_wait_ms=1)
@@ -226,3 +231,36 @@ def test_gpu_chart_draws_samples_from_the_simulated_backend():
         assert "queued requests" in chart.queue.value
     finally:
         sched.close()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run benchmarks/gpu_check.sh on one)")
+
+
+@cuda
+@pytest.mark.parametrize("policy", ["time", "batch", "space", "spacetime"])
+def test_on_cuda_every_policy_gives_each_tenant_its_solo_result(policy):
+    from flowkit.gpu import CUDABackend
+
+    sched = SpaceTimeScheduler(CUDABackend(), policy, max_wait_ms=2)
+    try:
+        models = {f"t{i}": tenant_model(i) for i in range(40)}   # more tenants than torch's 32 pool streams
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        xs = [torch.randn(1 + i % 3, 8, 6, 6) for i in range(120)]
+        futs = [(f"t{i % 40}", x, sched.submit(f"t{i % 40}", x)) for i, x in enumerate(xs)]
+        for name, x, f in futs:
+            with torch.inference_mode():
+                assert torch.allclose(f.result(60).cpu(), models[name](x), atol=1e-4)
+    finally:
+        sched.close()
+
+
+@cuda
+def test_on_cuda_the_gemm_benchmark_orders_the_policies():
+    from flowkit.gpu import CUDABackend
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    backend = CUDABackend()
+    g = Gemm(256, 128, 1152)
+    t, s, st = (backend.gemm_seconds(p, g, 40, iters=10) for p in ("time", "space", "spacetime"))
+    assert st < s and st < t

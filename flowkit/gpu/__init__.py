@@ -10,9 +10,18 @@ Policies: ``time``, ``batch``, ``space``, ``spacetime`` (see ``scheduler.py``). 
 from .backends import CPUBackend, CUDABackend, SimBackend, make_backend
 from .costmodel import Gemm, gflops, policy_seconds
 from .model import TorchModel
-from .plugin import GPU_TOPIC, GPUPlugin
 from .profiles import PROFILES, DeviceProfile
 from .scheduler import POLICIES, SpaceTimeScheduler, plan_launch
 
 __all__ = ["GPUPlugin", "GPU_TOPIC", "SpaceTimeScheduler", "plan_launch", "POLICIES", "TorchModel", "make_backend",
            "CPUBackend", "CUDABackend", "SimBackend", "PROFILES", "DeviceProfile", "Gemm", "gflops", "policy_seconds"]
+
+
+def __getattr__(name):
+    # The dask plugin loads on first use: the scheduler and backends also run where dask is not
+    # installed (a bare GPU machine).
+    if name in ("GPUPlugin", "GPU_TOPIC"):
+        from . import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'flowkit.gpu' has no attribute {name!r}")
