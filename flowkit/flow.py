@@ -217,9 +217,7 @@ class Node:
                 if not compatible(cols[i][1], t):
                     raise SchemaError(f"{what}: column {n!r} is {type_name(cols[i][1])} in {self.node!r} and "
                                       f"{type_name(t)} in {o.node!r}", column=n)
-                if cols[i][1] is not t:
-                    cols[i] = (n, object if object in (cols[i][1], t) else (float if {cols[i][1], t} == {int, float}
-                                                                           else cols[i][1]))
+                cols[i] = (n, _merged_type(cols[i][1], t))
         return self.flow._add(cls(name=self.flow._unique_name(what), inputs=tuple(n.node for n in nodes),
                                   schema=Schema(cols)))
 
@@ -350,6 +348,19 @@ class Flow(Node):
         while f"{base}#{i}" in self._ops:
             i += 1
         return f"{base}#{i}"
+
+
+def _merged_type(a: Any, b: Any) -> Any:
+    """The column type of a union of compatible columns: ``object`` if either is, int+float is float.
+
+    >>> _merged_type(int, float), _merged_type(str, object), _merged_type(str, str)
+    (<class 'float'>, <class 'object'>, <class 'str'>)
+    """
+    if a is b:
+        return a
+    if object in (a, b):
+        return object
+    return float if {a, b} == {int, float} else a
 
 
 def _declared_types(fn: Callable, batching: bool) -> tuple[Any, ...] | None:
