@@ -19,15 +19,14 @@ import http.client
 import os
 import sys
 import json
-import queue
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _report import RESULTS, open_loop, plot, save, summarize, table  # noqa: E402
+from peers.runner import HTTPSystem  # noqa: E402
 
 import flowkit as fk  # noqa: E402
 from flowkit.demo import TinyResNet, image_flow, postprocess, preprocess, sample_images  # noqa: E402
@@ -62,30 +61,6 @@ def fastapi_floor():
     while not server.started:
         time.sleep(0.01)
     return server, sock.getsockname()[1]
-
-
-class Clients:
-    """A pool of keep-alive HTTP connections for the open-loop driver."""
-
-    def __init__(self, port: int, path: str, body: bytes, n: int = 32):
-        self.pool: queue.Queue = queue.Queue()
-        for _ in range(n):
-            self.pool.put(http.client.HTTPConnection("127.0.0.1", port, timeout=30))
-        self.path, self.body = path, body
-        self.executor = ThreadPoolExecutor(n)
-
-    def call(self) -> int:
-        conn = self.pool.get()
-        try:
-            conn.request("POST", self.path, self.body, {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            r.read()
-            return r.status
-        finally:
-            self.pool.put(conn)
-
-    def send(self, done) -> None:
-        self.executor.submit(lambda: (self.call(), done()))
 
 
 def main(quick: bool = False) -> dict:
@@ -123,10 +98,11 @@ def main(quick: bool = False) -> dict:
         print(md, flush=True)
         rates = [100, 200, 400] if quick else [100, 200, 400, 600, 800, 1000]
         open_rows = []
-        clients = {name: Clients(port, path, body) for name, (port, path) in systems.items()}
+        clients = {name: HTTPSystem(port, path) for name, (port, path) in systems.items()}
+        request = {"img": img}
         for rate in rates:
             for name, c in clients.items():
-                r = open_loop(c.send, rate, 1.5 if quick else 4.0, seed=rate, timeout=30)
+                r = open_loop(lambda done, c=c: c.send(request, done), rate, 1.5 if quick else 4.0, seed=rate, timeout=30)
                 open_rows.append({"system": name, **r})
                 print(open_rows[-1], flush=True)
         best = {name: max([r["rate"] for r in open_rows if r["system"] == name and r["within_50ms"] >= 0.99] or [0])

@@ -336,7 +336,7 @@ class HTTPServer:
         """Prometheus text: HTTP responses by status, and per-stage counts and latency."""
         lines = ["# HELP flowkit_http_responses_total HTTP responses by flow and status.",
                  "# TYPE flowkit_http_responses_total counter"]
-        for (flow, status), n in sorted(self.counts.items()):
+        for (flow, status), n in sorted(list(self.counts.items())):  # list(): one atomic copy; the loop thread writes
             lines.append(f'flowkit_http_responses_total{{flow="{flow}",status="{status}"}} {n}')
         lines += ["# HELP flowkit_stage_requests_total Requests per stage.", "# TYPE flowkit_stage_requests_total counter",
                   "# HELP flowkit_stage_errors_total Errors per stage.", "# TYPE flowkit_stage_errors_total counter",

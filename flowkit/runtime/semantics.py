@@ -136,7 +136,8 @@ def _unpack(op: Map, v: Any, qid: Any) -> tuple:
 
 
 def _check_outputs(op: Map, rows: list, qids: list) -> None:
-    cols = [op.schema.index[op.col if op.col in op.schema.index else op.names[0]]] if op.col else range(len(op.names))
+    # a column map's one output column is names[0] (its new or kept name); a row map's are all of them
+    cols = [op.schema.index[op.names[0]]] if op.col else range(len(op.names))
     for c in cols:
         name, ty = op.schema.names[c], op.schema.types[c]
         if ty is object:
