@@ -194,6 +194,38 @@ def test_a_worker_killed_under_load_loses_no_request(client):
     client.wait_for_workers(2, timeout=60)
 
 
+def test_a_request_routed_to_a_connection_as_it_breaks_is_sent_elsewhere(client):
+    """The race behind a lost request: the router picks a worker's session, the connection
+    breaks, then the send runs. The request must go to the other worker, not vanish."""
+    import asyncio
+
+    from flowkit.runtime.router import Request
+    from flowkit.runtime.wire import dumps
+    from flowkit.table import as_table
+
+    flow, data, _, expected = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client) as dep:
+        router = dep._router
+        deadline = time.monotonic() + 30
+        while len(router.sessions) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(router.sessions) == 2
+
+        async def break_then_send():
+            session = next(iter(router.sessions.values()))
+            fut = concurrent.futures.Future()
+            fut.set_running_or_notify_cancel()
+            req = Request("run", dumps(as_table(data, flow.plan.source.schema)), fut, id=next(router.ids))
+            await router._lost(session)      # the connection breaks ...
+            await session.send(req)          # ... just as a request routed to it is sent
+            await router._lost(session)      # and the broken session is reported twice
+            return fut, session.address
+
+        fut, broken = asyncio.run_coroutine_threadsafe(break_then_send(), router.loop).result(10)
+        assert rows(fut.result(30)) == expected
+        assert broken not in router.sessions
+
+
 @pytest.mark.slow
 def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
     import subprocess

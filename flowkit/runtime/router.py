@@ -50,9 +50,13 @@ class Session:
         self.nthreads = nthreads
         self.inflight: dict[int, Request] = {}
         self.lock = asyncio.Lock()
-        self.closed = False
+        self.closed = False   # closed by the router on purpose
+        self.lost = False     # its connection broke; requests sent to it go elsewhere
 
     async def send(self, req: Request) -> None:
+        if self.lost:   # lost between the routing decision and this send: route again
+            self.router._dispatch(req)
+            return
         self.inflight[req.id] = req
         msg = {"kind": req.kind, "id": req.id}
         if req.payload is not None:
@@ -148,6 +152,7 @@ class Router:
 
     def close(self) -> None:
         async def shutdown():
+            closed = FlowError("the deployment was closed before this request finished")
             for s in list(self.sessions.values()):
                 s.closed = True
                 try:
@@ -155,9 +160,11 @@ class Router:
                     await s.comm.close()
                 except Exception:
                     s.comm.abort()
+                for req in s.inflight.values():
+                    self._fail(req, closed)
             self.sessions.clear()
             for req in self.waiting:
-                self._fail(req, FlowError("the deployment was closed before this request could run"))
+                self._fail(req, closed)
             self.waiting.clear()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
@@ -255,13 +262,17 @@ class Router:
                 self.on_done(req, False)
 
     async def _lost(self, session: Session) -> None:
-        if self.sessions.get(session.address) is not session:
-            return
-        del self.sessions[session.address]
+        """Drop a broken session and send its requests again elsewhere.
+
+        Safe to call more than once: a send that was waiting on the session when it broke
+        comes here too, and its request must not be forgotten."""
+        if self.sessions.get(session.address) is session:
+            del self.sessions[session.address]
+        session.lost = True
         session.comm.abort()
+        inflight, session.inflight = list(session.inflight.values()), {}
         if session.closed:
             return
-        inflight, session.inflight = list(session.inflight.values()), {}
         if inflight:
             logger.warning("lost worker %s with %d requests in flight; re-sending them", session.address, len(inflight))
         for req in inflight:
