@@ -5,17 +5,20 @@
   batching    a small torch CNN on CPU under open-loop load, batching on vs off: throughput, p99
               goal: >= 3x the highest rate within the same p99 bound
   locality    dynamic lookups of 8 KB / 4 MB / 8 MB arrays, 10 consecutive requests per key,
-              with and without locality; goal: >= 2x lower median at 4 MB
+              with and without locality; goal: >= 2x lower median at 4 MB.
+              --link 10gbit runs it over a loopback shaped to that rate (see _netns.py)
   autoscaling a 3x load step: workers, p99 and throughput per second (plot), and the time from
               the step until p99 is back under its target
 
 Run: .venv/bin/python benchmarks/optimizations.py [compete|batching|locality|autoscaling|all] [--quick]
+     .venv/bin/python benchmarks/optimizations.py locality --link 10gbit     (as root)
 Each writes a table, JSON and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import threading
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+from _netns import LINK_ENV, on_shaped_link  # noqa: E402
 from _report import RESULTS, open_loop, percentile, plot, save, summarize, table, time_calls  # noqa: E402
 
 import flowkit as fk  # noqa: E402
@@ -177,6 +181,8 @@ def total(row) -> float:
 
 
 def locality(quick: bool) -> dict:
+    link = os.environ.get(LINK_ENV)   # set when running on a shaped link (--link)
+    name = f"locality_{link}" if link else "locality"
     sizes = {"8 KB": 1_000, "4 MB": 512_000, "8 MB": 1_000_000}
     keys = 6 if quick else 20
     rows = []
@@ -210,11 +216,12 @@ def locality(quick: bool) -> dict:
     at4 = next(r for r in rows if r["size"] == "4 MB" and r["locality"])
     md = table(rows, ["size", "locality", "n", "p50_ms", "p99_ms", "median vs off", "local lookups", "remote lookups"])
     md += f"\n\nat 4 MB: median {1 / at4['median vs off']:.1f}x lower with locality (goal >= 2x)"
+    md += f"; network: {f'loopback shaped to {link}' if link else 'loopback (a memory copy)'}"
     print(md)
-    save("locality", {"rows": rows, "quick": quick}, md)
-    plot(RESULTS / "locality.png", {("on" if on else "off"): (list(sizes), [r["p50_ms"] for r in rows if r["locality"] == on])
+    save(name, {"rows": rows, "quick": quick, "link": link}, md)
+    plot(RESULTS / f"{name}.png", {("on" if on else "off"): (list(sizes), [r["p50_ms"] for r in rows if r["locality"] == on])
                                     for on in (True, False)}, "object size", "median latency (ms)",
-         "locality: dynamic lookups, 10 consecutive requests per key")
+         f"locality: dynamic lookups, 10 consecutive requests per key{f' ({link} link)' if link else ''}")
     return {"rows": rows}
 
 
@@ -332,7 +339,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="?", default="all", choices=[*BENCHMARKS, "all"])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--link", help="run over a loopback shaped to this rate, e.g. 10gbit (root; locality only)")
     args = ap.parse_args()
+    if args.link and os.environ.get(LINK_ENV) != args.link:
+        if args.which != "locality":
+            ap.error("--link applies to the locality benchmark")
+        sys.exit(on_shaped_link(args.link))
     for name, fn in BENCHMARKS.items():
         if args.which in (name, "all"):
             print(f"\n=== {name} ===", flush=True)

@@ -184,6 +184,19 @@ def test_locality_runs_lookups_where_the_object_lives(client):
     assert _count(results[False], "local lookups") + _count(results[False], "remote lookups") == 13
 
 
+def test_fast_remote_lookups_never_block_the_worker(client):
+    """Many fast requests without locality: the worker would start running the plan on its own
+    event loop, where a remote lookup (which waits on that loop) would hang it for good."""
+    flow = fk.Flow("fast_lookups", {"key": str})
+    flow.lookup("key", dynamic=True).map(_total, names=["total"])
+    with fk.deploy(flow, cluster=client, optimize={"locality": False}) as dep:
+        for i in range(4):
+            dep.put(f"k{i}", np.full(10, float(i)))
+        for n in range(300):
+            assert dep.run({"key": [f"k{n % 4}"]}, timeout=10).column("total") == [10.0 * (n % 4)]
+        assert _count(dep.stats().iloc[1], "remote lookups") > 0
+
+
 def _count(row, name) -> int:
     v = row.get(name, 0)
     return 0 if v is None or v != v else int(v)

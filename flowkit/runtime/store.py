@@ -13,6 +13,8 @@ from .stats import StageStats
 
 __all__ = ["WorkerStore", "RequestStore", "store_key"]
 
+FETCH_TIMEOUT_S = 60.0
+
 
 def store_key(deployment: str, key: Any) -> str:
     """The dask key under which ``dep.put(key, obj)`` holds ``obj``."""
@@ -39,18 +41,34 @@ class WorkerStore:
         return value
 
     def _fetch(self, dkey: str, key: Any) -> Any:
+        """Read ``dkey`` from a worker that holds it. A holder that answers "busy" (dask limits
+        concurrent transfers) is asked again after a pause; nothing waits longer than
+        ``FETCH_TIMEOUT_S``. Runs in one of the deployment's threads, never on the event loop."""
+        import asyncio
+
         from distributed.utils import sync
         from distributed.worker import get_data_from_worker
 
         async def fetch():
-            who = await self.worker.scheduler.who_has(keys=[dkey])
-            for holder in [w for w in who.get(dkey, []) if w != self.worker.address]:
-                resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
-                if resp.get("status") == "OK" and dkey in resp["data"]:
-                    return True, resp["data"][dkey]
+            for attempt in range(50):
+                who = await self.worker.scheduler.who_has(keys=[dkey])
+                holders = [w for w in who.get(dkey, []) if w != self.worker.address]
+                busy = False
+                for holder in holders:
+                    resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
+                    if resp.get("status") == "OK" and dkey in resp["data"]:
+                        return True, resp["data"][dkey]
+                    busy = busy or resp.get("status") == "busy"
+                if not busy:
+                    return False, None
+                await asyncio.sleep(min(0.005 * 2 ** attempt, 0.5))
             return False, None
 
-        found, value = sync(self.worker.loop, fetch)
+        try:
+            found, value = sync(self.worker.loop, fetch, callback_timeout=FETCH_TIMEOUT_S)
+        except TimeoutError as e:
+            raise TimeoutError(f"reading stored object {key!r} from another worker took over "
+                               f"{FETCH_TIMEOUT_S:g} s") from e
         if not found:
             raise KeyError(f"no stored object under key {key!r}")
         return value

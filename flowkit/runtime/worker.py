@@ -22,7 +22,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import FlowError
-from ..plan import AnyOf, Plan, Stage
+from ..plan import AnyOf, Lookup, Plan, Stage
 from ..table import Table
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
@@ -146,6 +146,10 @@ class WorkerDeployment:
         self.stats = {op.name: StageStats() for op in self.ops}
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
+        # A lookup may fetch from another worker, which waits on this worker's event loop: a plan
+        # with one never runs on that loop itself.
+        self.inlinable = self.simple and not any(isinstance(m, Lookup) for op in self.ops
+                                                 for m in (op.members if isinstance(op, Stage) else (op,)))
         threads = self.threads = max(1, worker.state.nthreads)
         self.busy = 0     # stage executions running or queued in this deployment's threads
         self.racing = 0   # races this worker is coordinating
@@ -199,7 +203,7 @@ class WorkerDeployment:
     async def run(self, table):
         loop = asyncio.get_running_loop()
         if self.simple:
-            if self.running == 0 and self._inline_ok():
+            if self.running == 0 and self.inlinable and self._inline_ok():
                 return self._run_all(table)
             self.running += 1
             try:
