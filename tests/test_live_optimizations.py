@@ -283,3 +283,29 @@ def test_races_only_use_idle_capacity(client):
         race = dep.stats().loc["_sleepy"]
     assert race["cancelled losers"] >= 1
     assert race["races skipped (busy)"] >= 1
+
+
+def _spin(row) -> int:
+    end = time.perf_counter() + 0.003
+    while time.perf_counter() < end:   # computing, not waiting
+        pass
+    return row["x"] + 1
+
+
+def test_cpu_bound_replicas_are_hedged_and_waiting_ones_race_at_once(client):
+    counts = {}
+    for fn in (_spin, _sleepy):
+        flow = fk.Flow(f"hedge_{fn.__name__}", SCHEMA)
+        flow.map(fn, names=["y"], high_variance=True)
+        with fk.deploy(flow, cluster=client, optimize={"compete": 2}) as dep:
+            for i in range(40):
+                assert dep.run({"x": [i]}, timeout=30).column("y") == [i + 1]
+            stats = dep.stats()
+            race = stats.loc[fn.__name__]
+            second = stats.loc[f"{fn.__name__}~2"] if f"{fn.__name__}~2" in stats.index else {}
+            started = _count(second, "requests") + _count(second, "cancelled")   # finished or stopped
+            counts[fn.__name__] = (_count(race, "hedges not needed"), _count(race, "hedged"), started)
+    not_needed, hedged, second = counts["_spin"]
+    assert not_needed >= 10 and not_needed + hedged == 40 - 20   # hedged once 20 races are measured
+    assert second <= 20 + hedged                                 # the second replica ran only when hedged
+    assert counts["_sleepy"] == (0, 0, 40)                       # waiting replicas race every time

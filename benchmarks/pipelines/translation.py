@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 
 TARGET_MS = 300.0
-RULES = {"fusion": False, "compete": 2}
+RULES = {"compete": 2}
 WORDS = ("le la les un une est et de du des der die das ein eine ist und zu mit von maison haus chat katze "
          "chien hund voiture auto bleu blau rouge rot grand gross petit klein").split()
 

@@ -37,6 +37,7 @@ __all__ = ["DeploymentPlugin", "WorkerDeployment", "store_key", "READY_TOPIC"]  
 logger = logging.getLogger("flowkit.worker")
 READY_TOPIC = "flowkit-ready"
 INLINE_S = 0.002   # plans whose p99 is under this run on the worker's event loop (see _inline_ok)
+HEDGE_CPU_SHARE = 0.5   # replicas of a stage computing at least this share of its time are hedged
 
 
 class DeploymentPlugin(WorkerPlugin):
@@ -239,7 +240,7 @@ class WorkerDeployment:
         return env[self.plan.output]
 
     def apply(self, op, inputs, ctx, token: Token | None = None):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             with running_under(token):
                 out = apply(op, inputs, ctx)
@@ -249,7 +250,7 @@ class WorkerDeployment:
         except BaseException:
             self.stats[op.name].record(time.perf_counter() - t0, ok=False)
             raise
-        self.stats[op.name].record(time.perf_counter() - t0)
+        self.stats[op.name].record(time.perf_counter() - t0, cpu=time.thread_time() - c0)
         return out
 
     async def local(self, op, inputs, token: Token | None = None):
@@ -338,34 +339,63 @@ class _Execution:
         return result
 
     async def _race(self, op: AnyOf):
-        """Competitive replicas: on distinct workers where possible; the first result wins."""
+        """Competitive replicas: on distinct workers where possible; the first result wins.
+
+        Replicas only use capacity that would otherwise idle. When this worker's threads are
+        busy, the first replica runs alone (measured: a compute-bound race on 2 cores lost three
+        quarters of the translation pipeline's capacity). A stage measured to be CPU-bound is
+        *hedged* instead of raced from the start: the other replicas start only if the first has
+        not finished by the race's recent p95 ("The Tail at Scale"), because racing a computation
+        from the start doubles its demand for cores and cannot shorten variance that comes from
+        the input itself. Stages that mostly wait (sleep, I/O, a device, a remote call) race at once.
+        """
         replicas = [self.dep.by_name[r] for r in op.inputs]
         inputs = [await self.value(i) for i in replicas[0].inputs]
         t0 = time.perf_counter()
         stats = self.dep.stats[op.name]
         if self.dep.busy + self.dep.racing >= self.dep.threads:
-            # Load-aware racing: replicas only use idle capacity. When this worker's threads are
-            # already busy, extra replicas would take cores from other requests (measured: a
-            # compute-bound race on 2 cores lost three quarters of the translation pipeline's
-            # capacity), so the first replica runs alone.
             stats.count("races skipped (busy)")
             replicas = replicas[:1]
         self.dep.racing += 1   # counted before any await, so a burst of requests sees it
         try:
-            return await self._run_race(op, replicas, inputs, stats, t0)
+            return await self._run_race(op, replicas, inputs, stats, t0, self._hedge_after(replicas[0], stats))
         finally:
             self.dep.racing -= 1
 
-    async def _run_race(self, op, replicas, inputs, stats, t0):
-        others = await self.dep.peers.others() if len(replicas) > 1 else []
-        places = [None] + others[: len(replicas) - 1]
-        places += [None] * (len(replicas) - len(places))
-        tokens = [Token() for _ in replicas]
-        tasks = {}
-        for rep, where, token in zip(replicas, places, tokens):
+    def _hedge_after(self, first, stats) -> float | None:
+        """Seconds to give the first replica alone (None: race at once): the race's recent p95
+        when the first replica is measured to be CPU-bound."""
+        share = self.dep.stats[first.name].cpu_share()
+        if share is None or share < HEDGE_CPU_SHARE or len(stats.latencies) < 20:
+            return None
+        recent = sorted(list(stats.latencies)[-200:])
+        return recent[int(len(recent) * 0.95) - 1]
+
+    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after):
+        tasks: dict = {}
+
+        def start(rep, where, token):
             coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs, token)
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
-        errors, pending = [], set(tasks)
+
+        start(replicas[0], None, Token())
+        pending = set(tasks)
+        if len(replicas) > 1 and hedge_after is not None:
+            done, pending = await asyncio.wait(pending, timeout=hedge_after)
+            if done:
+                stats.count("hedges not needed")
+                replicas = replicas[:1]
+                pending = done   # handled below, like any finished replica
+            else:
+                stats.count("hedged")
+        if len(replicas) > 1:
+            others = await self.dep.peers.others()
+            places = others[: len(replicas) - 1]
+            places += [None] * (len(replicas) - 1 - len(places))
+            for rep, where in zip(replicas[1:], places):
+                start(rep, where, Token())
+            pending = set(tasks)
+        errors = []
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for d in done:
