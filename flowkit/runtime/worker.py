@@ -27,7 +27,7 @@ from ..table import Table
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
 from .peers import Peers
-from .semantics import apply
+from .semantics import apply, callable_for
 from .stats import StageStats
 from .store import RequestStore, WorkerStore, store_key
 from .wire import dumps, dumps_error, loads
@@ -53,7 +53,11 @@ class DeploymentPlugin(WorkerPlugin):
     async def setup(self, worker) -> None:
         _tune_malloc()
         deployments = _install(worker)
-        deployments[self.deployment] = WorkerDeployment(self.deployment, loads(self.plan), worker, self.options)
+        dep = WorkerDeployment(self.deployment, loads(self.plan), worker, self.options)
+        # Models load before the worker takes requests: deploy() returns with every current
+        # worker warm, and a worker added by scaling gets traffic only once its models are in.
+        await asyncio.get_running_loop().run_in_executor(dep.pool, dep.load_models)
+        deployments[self.deployment] = dep
         worker.log_event(READY_TOPIC, {"deployment": self.deployment, "worker": worker.address})
 
     async def teardown(self, worker) -> None:
@@ -163,6 +167,20 @@ class WorkerDeployment:
         self._inline, self._inline_checks, self.running = False, 0, 0
         self.has_gpu = worker.state.total_resources.get("GPU", 0) > 0
         self.closed = False
+
+    def load_models(self) -> None:
+        """Create the one instance per process of every class operator this worker may run
+        (GPU ones only on a worker with a GPU). A constructor that fails is logged here and
+        raised again, as an ``OperatorError``, by the first request that needs it."""
+        for op in self.ops:
+            for m in (op.members if isinstance(op, Stage) else (op,)):
+                fn = getattr(m, "fn", None)
+                if isinstance(fn, type) and (self.has_gpu or not m.is_gpu):
+                    try:
+                        callable_for(fn)
+                    except Exception as e:
+                        logger.warning("deployment %s: creating %s for operator %r failed: %r",
+                                       self.id, fn.__name__, m.name, e)
 
     def close(self) -> None:
         self.closed = True
