@@ -264,3 +264,20 @@ def test_on_cuda_the_gemm_benchmark_orders_the_policies():
     g = Gemm(256, 128, 1152)
     t, s, st = (backend.gemm_seconds(p, g, 40, iters=10) for p in ("time", "space", "spacetime"))
     assert st < s and st < t
+
+
+@cuda
+def test_on_cuda_settled_super_kernels_replay_from_cuda_graphs():
+    from flowkit.gpu import CUDABackend
+
+    backend = CUDABackend()
+    models = [backend.place(tenant_model(i)) for i in range(5)]
+    stacked = backend.stack(tuple(range(5)), models)
+    for step in range(4):
+        xs = torch.randn(5, 2, 8, 6, 6, device=backend.device)
+        out = backend.forward_stacked(stacked, xs)
+        with torch.inference_mode():
+            for i, m in enumerate(models):
+                assert torch.allclose(out[i], m(xs[i]), atol=1e-4), (step, i)
+    assert backend.graph_failures == 0
+    assert [r is not None for r in stacked.graphs.values()] == [True]   # one shape, captured once

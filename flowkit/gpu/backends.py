@@ -2,7 +2,8 @@
 
 - ``CUDABackend``: real torch on a GPU. Concurrent work runs on separate streams taken from a
   capped pool (torch's own pool aliases beyond 32 streams per priority), ordered with
-  ``wait_stream`` and protected with ``record_stream``; device time comes from CUDA events.
+  ``wait_stream`` and protected with ``record_stream``; device time comes from CUDA events;
+  settled super-kernel programs replay from CUDA graphs.
 - ``CPUBackend``: real torch on the CPU, for correctness (concurrent work runs in threads).
 - ``SimBackend``: real torch on the CPU for the numbers, plus a cost model of a GPU
   (``costmodel``) for the device time, so schedules, utilization and charts behave like a
@@ -38,6 +39,7 @@ class Stacked:
     call: Any
     uses: int = 0
     layers: list = field(default_factory=list)
+    graphs: dict = field(default_factory=dict)   # CUDA only: (input shape, dtype) -> captured replay
 
 
 def gemm_layers(module, example) -> list[Gemm]:
@@ -211,7 +213,52 @@ class CUDABackend(Backend):
         torch = self.torch
         self.device = f"cuda:{device}"
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(streams)]
-        self.graphs: dict = {}
+        self.graph_failures = 0
+
+    def forward_stacked(self, stacked: Stacked, xs):
+        """A super-kernel's program, replayed from a CUDA graph once it has settled.
+
+        A program's first call runs eagerly; after that, each input shape is captured once into
+        a CUDA graph with static input and output buffers (after warm-up on a side stream, as
+        capture requires), kept with the program (so it goes when the scheduler evicts it).
+        Replays copy the input in, launch one graph instead of one launch per kernel, and return
+        a copy of the output. The scheduler pads batches to a few bucket sizes, so shapes recur.
+        A program that cannot be captured stays eager."""
+        key = (tuple(xs.shape), xs.dtype)
+        if stacked.uses < 1 or (key in stacked.graphs and stacked.graphs[key] is None):
+            return super().forward_stacked(stacked, xs)
+        replay = stacked.graphs.get(key)
+        if replay is None:
+            replay = stacked.graphs[key] = self._capture(stacked, xs)
+            if replay is None:
+                return super().forward_stacked(stacked, xs)
+        stacked.uses += 1
+        with replay.lock, self.torch.inference_mode():
+            replay.x.copy_(xs, non_blocking=True)
+            replay.graph.replay()
+            return replay.out.clone()
+
+    def _capture(self, stacked: Stacked, xs):
+        torch = self.torch
+        try:
+            with torch.inference_mode():
+                static_x = xs.clone()
+                side = torch.cuda.Stream(device=self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        stacked.call(stacked.params, stacked.buffers, static_x)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = stacked.call(stacked.params, stacked.buffers, static_x)
+            return _Replay(graph, static_x, out)
+        except Exception as e:   # an op that cannot be captured: this program stays eager
+            import logging
+
+            self.graph_failures += 1
+            logging.getLogger("flowkit.gpu").warning("CUDA graph capture failed, running eagerly: %r", e)
+            return None
 
     def forward_concurrent(self, pairs: list) -> list:
         torch = self.torch
@@ -269,6 +316,16 @@ class CUDABackend(Backend):
         end.record(main)
         end.synchronize()
         return start.elapsed_time(end) / 1000 / iters
+
+
+@dataclass
+class _Replay:
+    """A captured CUDA graph and the static buffers it reads and writes."""
+
+    graph: Any
+    x: Any
+    out: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def make_backend(spec: str = "auto") -> Backend:
