@@ -71,6 +71,11 @@ class Op:
     def is_gpu(self) -> bool:
         return False
 
+    @property
+    def operators(self) -> tuple["Op", ...]:
+        """The user's operators this node runs: itself (a fused stage: its members)."""
+        return (self,)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Source(Op):
@@ -209,6 +214,10 @@ class Stage(Op):
     @property
     def member_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.members)
+
+    @property
+    def operators(self) -> tuple[Op, ...]:
+        return self.members
 
     @property
     def is_gpu(self) -> bool:

@@ -22,13 +22,12 @@ __all__ = ["mark_batching"]
 
 
 def _batchers(op) -> list[Map]:
-    members = op.members if isinstance(op, Stage) else (op,)
-    return [m for m in members if isinstance(m, Map) and m.batching]
+    return [m for m in op.operators if isinstance(m, Map) and m.batching]
 
 
 def _mixes_requests(op) -> str | None:
     """The member that combines rows (so it would mix requests merged into one batch), if any."""
-    for m in (op.members if isinstance(op, Stage) else (op,)):
+    for m in op.operators:
         if isinstance(m, (GroupBy, Agg, Combine)) or (isinstance(m, Filter) and m.group) or \
                 (isinstance(m, Join) and m.on is not QID):
             return m.name

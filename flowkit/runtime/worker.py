@@ -153,8 +153,7 @@ class WorkerDeployment:
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
         # A lookup may fetch from another worker, which waits on this worker's event loop: a plan
         # with one never runs on that loop itself.
-        self.inlinable = self.simple and not any(isinstance(m, Lookup) for op in self.ops
-                                                 for m in (op.members if isinstance(op, Stage) else (op,)))
+        self.inlinable = self.simple and not any(isinstance(m, Lookup) for op in self.ops for m in op.operators)
         threads = self.threads = max(1, worker.state.nthreads)
         self.busy = 0     # stage executions running or queued in this deployment's threads
         self.racing = 0   # races this worker is coordinating
@@ -173,7 +172,7 @@ class WorkerDeployment:
         (GPU ones only on a worker with a GPU). A constructor that fails is logged here and
         raised again, as an ``OperatorError``, by the first request that needs it."""
         for op in self.ops:
-            for m in (op.members if isinstance(op, Stage) else (op,)):
+            for m in op.operators:
                 fn = getattr(m, "fn", None)
                 if isinstance(fn, type) and (self.has_gpu or not m.is_gpu):
                     try:
