@@ -227,6 +227,26 @@ def test_a_request_routed_to_a_connection_as_it_breaks_is_sent_elsewhere(client)
         assert broken not in router.sessions
 
 
+def test_requests_reaching_a_worker_that_is_leaving_run_elsewhere(client):
+    """A worker leaving the deployment (retired, scaled down, shutting down) answers that it is
+    leaving; the router stops routing to it and sends those requests to the other worker."""
+    flow, data, _, expected = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client) as dep:
+        deadline = time.monotonic() + 30
+        while len(dep.workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leaving = dep.workers[0]
+
+        def leave(dask_worker, deployment=dep.id):
+            dask_worker._flowkit[deployment].close()   # what the plugin's teardown does
+
+        client.run(leave, workers=[leaving])
+        futs = [dep.submit(data) for _ in range(40)]
+        assert all(rows(f.result(30)) == expected for f in futs)
+        assert leaving not in dep.workers
+        assert dep.stats().iloc[1]["workers"] != leaving
+
+
 @pytest.mark.slow
 def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
     import subprocess
@@ -256,6 +276,20 @@ def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
                 for key, obj in (store or {}).items():
                     dep.put(key, obj)
                 assert rows(dep.run(data, timeout=60)) == expected
+
+        # Without its scheduler a dask cluster's workers shut down: requests then fail with a
+        # clear error once no worker came back within the deployment's timeout; none hangs.
+        flow, data, _, expected = CASES["row_map"]()
+        with fk.deploy(flow, cluster=address, timeout=5) as dep:
+            assert rows(dep.run(data, timeout=30)) == expected
+            sched.kill()
+            sched.wait(30)
+            t0 = time.monotonic()
+            with pytest.raises(fk.FlowError):
+                for _ in range(100):
+                    dep.run(data, timeout=30)
+                    time.sleep(0.05)
+            assert time.monotonic() - t0 < 30
     finally:
         for p in (worker, sched):
             if p is not None:

@@ -24,9 +24,14 @@ from distributed.comm import connect
 from ..errors import FlowError
 from .wire import loads
 
-__all__ = ["Router", "Request"]
+__all__ = ["Router", "Request", "WorkerGone"]
 
 logger = logging.getLogger("flowkit.router")
+
+
+class WorkerGone(FlowError):
+    """A request for one particular worker could not run there: the worker is unreachable,
+    was lost, or is leaving. The sender may run the work elsewhere."""
 
 
 @dataclass(eq=False)
@@ -50,11 +55,11 @@ class Session:
         self.nthreads = nthreads
         self.inflight: dict[int, Request] = {}
         self.lock = asyncio.Lock()
-        self.closed = False   # closed by the router on purpose
-        self.lost = False     # its connection broke; requests sent to it go elsewhere
+        self.closed = False     # closed by the router on purpose
+        self.accepting = True   # False once its connection broke or its worker is leaving
 
     async def send(self, req: Request) -> None:
-        if self.lost:   # lost between the routing decision and this send: route again
+        if not self.accepting:   # it went away between the routing decision and this send
             self.router._dispatch(req)
             return
         self.inflight[req.id] = req
@@ -72,8 +77,12 @@ class Session:
             while True:
                 msg = await self.comm.read()
                 req = self.inflight.pop(msg.get("id"), None)
-                if req is not None:
-                    self.router._resolve(req, msg, self.address)
+                if req is None:
+                    continue
+                if msg.get("leaving"):   # its worker is retiring: no more requests go there
+                    self.router._drain(self, req)
+                else:
+                    self.router._resolve(req, msg)
         except Exception:
             await self.router._lost(self)
 
@@ -235,12 +244,12 @@ class Router:
     async def _send_to(self, req: Request) -> None:
         session = await self._session_for(req.target)
         if session is None:
-            self._fail(req, FlowError(f"worker {req.target} is not reachable"))
+            self._fail(req, WorkerGone(f"worker {req.target} is not reachable"))
         else:
             req.workers.append(session.address)
             await session.send(req)
 
-    def _resolve(self, req: Request, msg: dict, worker: str) -> None:
+    def _resolve(self, req: Request, msg: dict) -> None:
         if req.future.done():
             return
         try:
@@ -268,7 +277,7 @@ class Router:
         comes here too, and its request must not be forgotten."""
         if self.sessions.get(session.address) is session:
             del self.sessions[session.address]
-        session.lost = True
+        session.accepting = False
         session.comm.abort()
         inflight, session.inflight = list(session.inflight.values()), {}
         if session.closed:
@@ -276,14 +285,27 @@ class Router:
         if inflight:
             logger.warning("lost worker %s with %d requests in flight; re-sending them", session.address, len(inflight))
         for req in inflight:
-            req.attempts += 1
-            if req.target is not None:
-                self._fail(req, FlowError(f"worker {req.target} was lost while running request {req.id}"))
-            elif req.attempts > self.retries:
-                self._fail(req, FlowError(f"request {req.id} was lost {req.attempts} times with its worker "
-                                          f"({', '.join(req.workers)}); giving up"))
-            else:
-                self._dispatch(req)
+            self._retry(req, "lost with its worker")
+
+    def _drain(self, session: Session, req: Request) -> None:
+        """The worker answered that it is leaving the deployment (retired, scaled down, shut
+        down): route nothing more to it and send ``req`` again elsewhere. Its connection stays
+        open for the answers of requests it is still running."""
+        if self.sessions.get(session.address) is session:
+            del self.sessions[session.address]
+            logger.info("worker %s is leaving deployment %s", session.address, self.deployment)
+        session.accepting = False
+        self._retry(req, "turned away by its leaving worker")
+
+    def _retry(self, req: Request, what: str) -> None:
+        req.attempts += 1
+        if req.target is not None:
+            self._fail(req, WorkerGone(f"worker {req.target} went away while running request {req.id}"))
+        elif req.attempts > self.retries:
+            self._fail(req, FlowError(f"request {req.id} was {what} {req.attempts} times "
+                                      f"({', '.join(req.workers)}); giving up"))
+        else:
+            self._dispatch(req)
 
     async def _sample_load(self) -> None:
         while True:

@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..errors import FlowError
 from ..plan import AnyOf, Lookup, Plan, Stage
 from ..table import Table
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
 from .peers import Peers
+from .router import WorkerGone
 from .semantics import apply, callable_for
 from .stats import StageStats
 from .store import RequestStore, WorkerStore, store_key
@@ -192,6 +192,8 @@ class WorkerDeployment:
     # -- the session protocol ----------------------------------------------------------------
     async def handle(self, msg: dict) -> dict:
         kind, rid = msg.get("kind"), msg.get("id")
+        if self.closed:
+            return self._leaving(rid)
         try:
             if kind == "run":
                 out = await self.run(loads(msg["payload"]))
@@ -215,7 +217,14 @@ class WorkerDeployment:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # every failure goes back to the requester; the session lives on
+            if self.closed:         # it failed because this worker is leaving: not the request's fault
+                return self._leaving(rid)
             return {"id": rid, "ok": False, "error": dumps_error(e)}
+
+    def _leaving(self, rid) -> dict:
+        """The answer of a worker leaving the deployment: the router sends the request elsewhere."""
+        return {"id": rid, "ok": False, "leaving": True,
+                "error": f"worker {self.worker.address} is leaving deployment {self.id!r}"}
 
     # -- running a request -------------------------------------------------------------------
     async def run(self, table):
@@ -286,9 +295,8 @@ class WorkerDeployment:
         if target is not None:
             try:
                 return await self.remote(target, op, inputs, token or Token())
-            except FlowError as e:  # the chosen worker went away: run here instead
-                if "not reachable" not in str(e) and "was lost" not in str(e):
-                    raise
+            except WorkerGone:  # the chosen worker went away: run here instead
+                pass
         return await self.local(op, inputs, token)
 
     async def place(self, op, inputs) -> str | None:
@@ -426,8 +434,7 @@ class _Execution:
                     stats.record(time.perf_counter() - t0)
                     t = d.result()
                     return Table._make(op.schema, t.rows, t.qids)
-                if isinstance(d.exception(), FlowError) and tasks[d][1] is not None and \
-                        "not reachable" in str(d.exception()):  # its worker left: run that replica here
+                if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
                     rep, _, token = tasks.pop(d)
                     retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
                     tasks[retry] = (rep, None, token)
