@@ -247,6 +247,28 @@ def test_requests_reaching_a_worker_that_is_leaving_run_elsewhere(client):
         assert dep.stats().iloc[1]["workers"] != leaving
 
 
+def _slow_double(row) -> int:
+    time.sleep(0.2)
+    return row["x"] * 2
+
+
+def test_requests_queued_on_a_worker_when_it_leaves_run_elsewhere(client):
+    flow = fk.Flow("leave_queued", SCHEMA)
+    flow.map(_slow_double, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep:
+        deadline = time.monotonic() + 30
+        while len(dep.workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(10)]   # ~5 queued on each worker
+        time.sleep(0.1)
+
+        def leave(dask_worker, deployment=dep.id):
+            dask_worker._flowkit[deployment].close()
+
+        client.run(leave, workers=[dep.workers[0]])
+        assert [f.result(30).column("y")[0] for f in futs] == [2 * i for i in range(10)]
+
+
 @pytest.mark.slow
 def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
     import subprocess

@@ -215,6 +215,8 @@ class WorkerDeployment:
                 return {"id": rid, "ok": True, "stats": self.snapshot()}
             raise ValueError(f"unknown request kind {kind!r}")
         except asyncio.CancelledError:
+            if self.closed and not asyncio.current_task().cancelling():
+                return self._leaving(rid)   # its queued work was dropped as the worker left
             raise
         except BaseException as e:  # every failure goes back to the requester; the session lives on
             if self.closed:         # it failed because this worker is leaving: not the request's fault
