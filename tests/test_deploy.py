@@ -269,6 +269,27 @@ def test_requests_queued_on_a_worker_when_it_leaves_run_elsewhere(client):
         assert [f.result(30).column("y")[0] for f in futs] == [2 * i for i in range(10)]
 
 
+def _batch_double(table) -> list[int]:
+    return [r["x"] * 2 for r in table]
+
+
+def test_requests_waiting_in_a_batch_queue_when_the_worker_leaves_run_elsewhere(client):
+    flow = fk.Flow("leave_batched", SCHEMA)
+    flow.map(_batch_double, names=["y"], batching=True, max_batch=64, max_wait_ms=2000)
+    with fk.deploy(flow, cluster=client) as dep:
+        deadline = time.monotonic() + 30
+        while len(dep.workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(10)]   # waiting for their batches
+        time.sleep(0.3)
+
+        def leave(dask_worker, deployment=dep.id):
+            dask_worker._flowkit[deployment].close()
+
+        client.run(leave, workers=[dep.workers[0]])
+        assert [f.result(30).column("y")[0] for f in futs] == [2 * i for i in range(10)]
+
+
 @pytest.mark.slow
 def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
     import subprocess

@@ -31,8 +31,12 @@ class Batcher:
         self.waits: list[float] = []  # how long each request waited for its batch to close (recent)
 
     def close(self) -> None:
+        """Stop batching; requests still queued are cancelled (their worker answers "leaving")."""
         if self.task is not None:
             self.task.cancel()
+        for _, fut, _ in self.queue:
+            fut.cancel()
+        self.queue.clear()
 
     async def submit(self, table):
         if len(table) > self.max_batch:
