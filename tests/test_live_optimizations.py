@@ -256,9 +256,12 @@ def test_autoscaling_grows_under_load_shrinks_when_idle_and_loses_no_stored_obje
             for i in range(8):   # stored objects on both workers
                 dep.put(f"s{i}", np.array([float(i)]))
             deadline = time.time() + 30
+            trickle = []   # a light load while a worker retires: none of it may be lost
             while time.time() < deadline and len(client.scheduler_info()["workers"]) > 1:
-                time.sleep(0.2)
+                trickle.append((len(trickle), dep.submit({"x": [len(trickle)], "k": ["a"]})))
+                time.sleep(0.5)   # ~0.1 requests in flight: under the 10% that shrinks the cluster
             assert len(client.scheduler_info()["workers"]) == 1
+            assert [f.result(30).column("y")[0] for _, f in trickle] == [i * i for i, _ in trickle]
             for i in range(8):
                 out = dep.run({"x": [1], "k": [f"s{i}"]}, timeout=30)
                 assert out.column("v") == [float(i)]
