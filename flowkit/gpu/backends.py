@@ -241,7 +241,7 @@ class CUDABackend(Backend):
     def _capture(self, stacked: Stacked, xs):
         torch = self.torch
         try:
-            with torch.inference_mode():
+            with torch.cuda.device(self.device), torch.inference_mode():   # replays run in inference mode too
                 static_x = xs.clone()
                 side = torch.cuda.Stream(device=self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
