@@ -197,6 +197,19 @@ def test_fast_remote_lookups_never_block_the_worker(client):
         assert _count(dep.stats().iloc[1], "remote lookups") > 0
 
 
+def test_an_object_stored_again_is_read_anew_everywhere(client):
+    """Workers remember where stored objects live; ``dep.put`` of the same key makes them forget."""
+    flow = fk.Flow("restore", {"key": str})
+    flow.lookup("key", dynamic=True).map(_total, names=["total"])
+    for locality in (True, False):
+        with fk.deploy(flow, cluster=client, optimize={"locality": locality}) as dep:
+            for version in (1.0, 2.0, 3.0):
+                for i in range(4):
+                    dep.put(f"k{i}", np.full(10, version * (i + 1)))
+                for n in range(24):
+                    assert dep.run({"key": [f"k{n % 4}"]}, timeout=30).column("total") == [10.0 * version * (n % 4 + 1)]
+
+
 def _count(row, name) -> int:
     v = row.get(name, 0)
     return 0 if v is None or v != v else int(v)

@@ -208,9 +208,10 @@ class Deployment:
         dkey = store_key(self.id, key)
         old = self._stored.pop(key, None)
         if old is not None:
-            old.release()
+            old.release()   # the new object takes the same dask key once the old one is gone
             deadline = time.monotonic() + 10
-            while self.client.who_has([old]).get(dkey) and time.monotonic() < deadline:
+            while self.client.sync(self.client.scheduler.who_has, keys=[dkey]).get(dkey) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.02)
             self._router.broadcast("forget", dumps(key))
         self._stored[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]

@@ -44,6 +44,10 @@ class Peers:
                 self._holders[k] = (now, list(who.get(k, [])))
         return {k: self._holders[k][1] for k in dkeys}
 
+    def forget(self, dkey: str) -> None:
+        """``dkey`` was stored again: ask the scheduler where it lives next time."""
+        self._holders.pop(dkey, None)
+
     async def call(self, target: str, kind: str, payload: bytes):
         return await asyncio.wrap_future(self.router.submit(kind, payload, worker=target))
 

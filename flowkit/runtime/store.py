@@ -7,6 +7,7 @@ rows use it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .stats import StageStats
@@ -14,6 +15,7 @@ from .stats import StageStats
 __all__ = ["WorkerStore", "RequestStore", "store_key"]
 
 FETCH_TIMEOUT_S = 60.0
+HOLDERS_TTL_S = 1.0
 
 
 def store_key(deployment: str, key: Any) -> str:
@@ -29,6 +31,11 @@ class WorkerStore:
         self.deployment = deployment
         self.worker = worker
         self.stats = StageStats()
+        self.holders: dict[str, tuple[float, list]] = {}   # dask key -> (when asked, holders)
+
+    def forget(self, key: Any) -> None:
+        """``key`` was stored again: where it lived is no longer known."""
+        self.holders.pop(store_key(self.deployment, key), None)
 
     def lookup(self, key: Any) -> Any:
         dkey = store_key(self.deployment, key)
@@ -41,7 +48,9 @@ class WorkerStore:
         return value
 
     def _fetch(self, dkey: str, key: Any) -> Any:
-        """Read ``dkey`` from a worker that holds it. A holder that answers "busy" (dask limits
+        """Read ``dkey`` from a worker that holds it. Where it lives is asked of the scheduler at
+        most once per ``HOLDERS_TTL_S`` (so remote lookups do not load the scheduler), and again
+        when the remembered holder no longer has it. A holder that answers "busy" (dask limits
         concurrent transfers) is asked again after a pause; nothing waits longer than
         ``FETCH_TIMEOUT_S``. Runs in one of the deployment's threads, never on the event loop."""
         import asyncio
@@ -51,17 +60,22 @@ class WorkerStore:
 
         async def fetch():
             for attempt in range(50):
-                who = await self.worker.scheduler.who_has(keys=[dkey])
-                holders = [w for w in who.get(dkey, []) if w != self.worker.address]
+                asked, holders = self.holders.get(dkey, (0.0, []))
+                cached = attempt == 0 and time.monotonic() - asked < HOLDERS_TTL_S
+                if not cached:
+                    who = await self.worker.scheduler.who_has(keys=[dkey])
+                    holders = [w for w in who.get(dkey, []) if w != self.worker.address]
+                    self.holders[dkey] = (time.monotonic(), holders)
                 busy = False
                 for holder in holders:
                     resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
                     if resp.get("status") == "OK" and dkey in resp["data"]:
                         return True, resp["data"][dkey]
                     busy = busy or resp.get("status") == "busy"
-                if not busy:
+                if not busy and not cached:
                     return False, None
-                await asyncio.sleep(min(0.005 * 2 ** attempt, 0.5))
+                if busy:
+                    await asyncio.sleep(min(0.005 * 2 ** attempt, 0.5))
             return False, None
 
         try:

@@ -213,6 +213,12 @@ class WorkerDeployment:
                 return {"id": rid, "ok": True}
             if kind == "stats":
                 return {"id": rid, "ok": True, "stats": self.snapshot()}
+            if kind == "forget":   # dep.put stored this key again: drop where it was remembered
+                key = loads(msg["payload"])
+                self.store.forget(key)
+                if self.peers is not None:
+                    self.peers.forget(store_key(self.id, key))
+                return {"id": rid, "ok": True}
             raise ValueError(f"unknown request kind {kind!r}")
         except asyncio.CancelledError:
             if self.closed and not asyncio.current_task().cancelling():
