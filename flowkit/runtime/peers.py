@@ -22,7 +22,7 @@ class Peers:
                              wait_for_workers=5.0)
         self._identity: dict = {}
         self._identity_at = 0.0
-        self._holders: dict[str, tuple[float, list, int]] = {}
+        self._holders: dict[str, tuple[float, list]] = {}
 
     async def workers(self) -> dict:
         if time.monotonic() - self._identity_at > self.ttl:
@@ -35,20 +35,14 @@ class Peers:
     async def others(self) -> list[str]:
         return [a for a in await self.workers() if a != self.worker.address]
 
-    async def holders(self, dkeys: list[str]) -> dict[str, tuple[list, int]]:
-        """Who holds each stored object and its size in bytes (-1: unknown), asked of the
-        scheduler at most once per ``ttl``."""
+    async def holders(self, dkeys: list[str]) -> dict[str, list]:
         now = time.monotonic()
-        missing = [k for k in dkeys if now - self._holders.get(k, (-1e9,))[0] > self.ttl]
+        missing = [k for k in dkeys if now - self._holders.get(k, (-1e9, None))[0] > self.ttl]
         if missing:
             who = await self.worker.scheduler.who_has(keys=missing)
-            try:
-                sizes = await self.worker.scheduler.nbytes(keys=[k for k in missing if who.get(k)], summary=False)
-            except Exception:  # a key dropped in between: its size stays unknown
-                sizes = {}
             for k in missing:
-                self._holders[k] = (now, list(who.get(k, [])), sizes.get(k, -1))
-        return {k: self._holders[k][1:] for k in dkeys}
+                self._holders[k] = (now, list(who.get(k, [])))
+        return {k: self._holders[k][1] for k in dkeys}
 
     def forget(self, dkey: str) -> None:
         """``dkey`` was stored again: ask the scheduler where it lives next time."""

@@ -38,7 +38,6 @@ logger = logging.getLogger("flowkit.worker")
 READY_TOPIC = "flowkit-ready"
 INLINE_S = 0.002   # plans whose p99 is under this run on the worker's event loop (see _inline_ok)
 HEDGE_CPU_SHARE = 0.5   # replicas of a stage computing at least this share of its time are hedged
-LOCALITY_MIN_BYTES = 64 * 1024   # a lookup stage moves to its objects' worker only for this much remote data
 
 
 class DeploymentPlugin(WorkerPlugin):
@@ -316,16 +315,11 @@ class WorkerDeployment:
             if not keys:
                 return None
             counts: dict[str, int] = {}
-            remote_bytes = 0
-            for holders, nbytes in (await self.peers.holders([store_key(self.id, k) for k in keys])).values():
-                if self.worker.address not in holders:
-                    remote_bytes += nbytes if nbytes >= 0 else LOCALITY_MIN_BYTES
+            for holders in (await self.peers.holders([store_key(self.id, k) for k in keys])).values():
                 for w in holders:
                     counts[w] = counts.get(w, 0) + 1
             if not counts or counts.get(self.worker.address, 0) == max(counts.values()):
                 return None
-            if remote_bytes < LOCALITY_MIN_BYTES:
-                return None   # reading small objects here costs less than moving the request
             return max(counts, key=counts.get)
         if op.is_gpu and not self.has_gpu:
             gpus = [a for a, w in (await self.peers.workers()).items()
