@@ -195,6 +195,22 @@ def test_a_worker_killed_under_load_loses_no_request(client):
     client.wait_for_workers(2, timeout=60)
 
 
+def _connected_to_both_workers(dep) -> None:
+    """Wait until the deployment's client has a session to each of the 2 workers."""
+    deadline = time.monotonic() + 30
+    while len(dep.workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(dep.workers) == 2
+
+
+def _leave(client, dep, address: str) -> None:
+    """Make ``address`` leave the deployment, as the plugin's teardown does on retirement."""
+    def leave(dask_worker, deployment=dep.id):
+        dask_worker._flowkit[deployment].close()
+
+    client.run(leave, workers=[address])
+
+
 def test_a_request_routed_to_a_connection_as_it_breaks_is_sent_elsewhere(client):
     """The race behind a lost request: the router picks a worker's session, the connection
     breaks, then the send runs. The request must go to the other worker, not vanish."""
@@ -207,10 +223,7 @@ def test_a_request_routed_to_a_connection_as_it_breaks_is_sent_elsewhere(client)
     flow, data, _, expected = CASES["row_map"]()
     with fk.deploy(flow, cluster=client) as dep:
         router = dep._router
-        deadline = time.monotonic() + 30
-        while len(router.sessions) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(router.sessions) == 2
+        _connected_to_both_workers(dep)
 
         async def break_then_send():
             session = next(iter(router.sessions.values()))
@@ -232,15 +245,9 @@ def test_requests_reaching_a_worker_that_is_leaving_run_elsewhere(client):
     leaving; the router stops routing to it and sends those requests to the other worker."""
     flow, data, _, expected = CASES["row_map"]()
     with fk.deploy(flow, cluster=client) as dep:
-        deadline = time.monotonic() + 30
-        while len(dep.workers) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _connected_to_both_workers(dep)
         leaving = dep.workers[0]
-
-        def leave(dask_worker, deployment=dep.id):
-            dask_worker._flowkit[deployment].close()   # what the plugin's teardown does
-
-        client.run(leave, workers=[leaving])
+        _leave(client, dep, leaving)
         futs = [dep.submit(data) for _ in range(40)]
         assert all(rows(f.result(30)) == expected for f in futs)
         assert leaving not in dep.workers
@@ -256,16 +263,10 @@ def test_requests_queued_on_a_worker_when_it_leaves_run_elsewhere(client):
     flow = fk.Flow("leave_queued", SCHEMA)
     flow.map(_slow_double, names=["y"])
     with fk.deploy(flow, cluster=client) as dep:
-        deadline = time.monotonic() + 30
-        while len(dep.workers) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _connected_to_both_workers(dep)
         futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(10)]   # ~5 queued on each worker
         time.sleep(0.1)
-
-        def leave(dask_worker, deployment=dep.id):
-            dask_worker._flowkit[deployment].close()
-
-        client.run(leave, workers=[dep.workers[0]])
+        _leave(client, dep, dep.workers[0])
         assert [f.result(30).column("y")[0] for f in futs] == [2 * i for i in range(10)]
 
 
@@ -277,16 +278,10 @@ def test_requests_waiting_in_a_batch_queue_when_the_worker_leaves_run_elsewhere(
     flow = fk.Flow("leave_batched", SCHEMA)
     flow.map(_batch_double, names=["y"], batching=True, max_batch=64, max_wait_ms=2000)
     with fk.deploy(flow, cluster=client) as dep:
-        deadline = time.monotonic() + 30
-        while len(dep.workers) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _connected_to_both_workers(dep)
         futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(10)]   # waiting for their batches
         time.sleep(0.3)
-
-        def leave(dask_worker, deployment=dep.id):
-            dask_worker._flowkit[deployment].close()
-
-        client.run(leave, workers=[dep.workers[0]])
+        _leave(client, dep, dep.workers[0])
         assert [f.result(30).column("y")[0] for f in futs] == [2 * i for i in range(10)]
 
 

@@ -1,5 +1,6 @@
-"""The other workers, as seen from one: their resources, who holds which stored object, and
-sessions to them for running stages there (a ``Router`` with the worker's own security)."""
+"""The other workers, as seen from one: their resources, and sessions to them for running
+stages there (a ``Router`` with the worker's own security). Who holds which stored object is
+the store's to know (``WorkerStore.holders``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ __all__ = ["Peers"]
 
 
 class Peers:
-    """The other workers, as seen from this one: their resources, who holds which stored
-    object, and sessions to them (a ``Router`` with this worker's security)."""
+    """The other workers, as seen from this one: their resources and sessions to them (a
+    ``Router`` with this worker's security)."""
 
     def __init__(self, deployment: str, worker, ttl: float = 1.0):
         from .router import Router
@@ -22,7 +23,6 @@ class Peers:
                              wait_for_workers=5.0)
         self._identity: dict = {}
         self._identity_at = 0.0
-        self._holders: dict[str, tuple[float, list]] = {}
 
     async def workers(self) -> dict:
         if time.monotonic() - self._identity_at > self.ttl:
@@ -34,19 +34,6 @@ class Peers:
 
     async def others(self) -> list[str]:
         return [a for a in await self.workers() if a != self.worker.address]
-
-    async def holders(self, dkeys: list[str]) -> dict[str, list]:
-        now = time.monotonic()
-        missing = [k for k in dkeys if now - self._holders.get(k, (-1e9, None))[0] > self.ttl]
-        if missing:
-            who = await self.worker.scheduler.who_has(keys=missing)
-            for k in missing:
-                self._holders[k] = (now, list(who.get(k, [])))
-        return {k: self._holders[k][1] for k in dkeys}
-
-    def forget(self, dkey: str) -> None:
-        """``dkey`` was stored again: ask the scheduler where it lives next time."""
-        self._holders.pop(dkey, None)
 
     async def call(self, target: str, kind: str, payload: bytes):
         return await asyncio.wrap_future(self.router.submit(kind, payload, worker=target))

@@ -31,11 +31,22 @@ class WorkerStore:
         self.deployment = deployment
         self.worker = worker
         self.stats = StageStats()
-        self.holders: dict[str, tuple[float, list]] = {}   # dask key -> (when asked, holders)
+        self._holders: dict[str, tuple[float, list]] = {}   # dask key -> (when asked, holders)
+
+    async def holders(self, dkeys: list[str], fresh: bool = False) -> dict[str, list]:
+        """The workers holding each stored object, asked of the scheduler at most once per
+        ``HOLDERS_TTL_S`` (so lookups do not load the scheduler), or now when ``fresh``."""
+        now = time.monotonic()
+        missing = [k for k in dkeys if fresh or now - self._holders.get(k, (-1e9,))[0] > HOLDERS_TTL_S]
+        if missing:
+            who = await self.worker.scheduler.who_has(keys=missing)
+            for k in missing:
+                self._holders[k] = (now, list(who.get(k, [])))
+        return {k: self._holders[k][1] for k in dkeys}
 
     def forget(self, key: Any) -> None:
         """``key`` was stored again: where it lived is no longer known."""
-        self.holders.pop(store_key(self.deployment, key), None)
+        self._holders.pop(store_key(self.deployment, key), None)
 
     def lookup(self, key: Any) -> Any:
         dkey = store_key(self.deployment, key)
@@ -48,11 +59,10 @@ class WorkerStore:
         return value
 
     def _fetch(self, dkey: str, key: Any) -> Any:
-        """Read ``dkey`` from a worker that holds it. Where it lives is asked of the scheduler at
-        most once per ``HOLDERS_TTL_S`` (so remote lookups do not load the scheduler), and again
-        when the remembered holder no longer has it. A holder that answers "busy" (dask limits
-        concurrent transfers) is asked again after a pause; nothing waits longer than
-        ``FETCH_TIMEOUT_S``. Runs in one of the deployment's threads, never on the event loop."""
+        """Read ``dkey`` from a worker that holds it (remembered holders first, then asking the
+        scheduler again). A holder that answers "busy" (dask limits concurrent transfers) is
+        asked again after a pause; nothing waits longer than ``FETCH_TIMEOUT_S``. Runs in one of
+        the deployment's threads, never on the event loop."""
         import asyncio
 
         from distributed.utils import sync
@@ -60,22 +70,19 @@ class WorkerStore:
 
         async def fetch():
             for attempt in range(50):
-                asked, holders = self.holders.get(dkey, (0.0, []))
-                cached = attempt == 0 and time.monotonic() - asked < HOLDERS_TTL_S
-                if not cached:
-                    who = await self.worker.scheduler.who_has(keys=[dkey])
-                    holders = [w for w in who.get(dkey, []) if w != self.worker.address]
-                    self.holders[dkey] = (time.monotonic(), holders)
+                fresh = attempt > 0
                 busy = False
-                for holder in holders:
+                for holder in (await self.holders([dkey], fresh))[dkey]:
+                    if holder == self.worker.address:
+                        continue
                     resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
                     if resp.get("status") == "OK" and dkey in resp["data"]:
                         return True, resp["data"][dkey]
                     busy = busy or resp.get("status") == "busy"
-                if not busy and not cached:
-                    return False, None
                 if busy:
                     await asyncio.sleep(min(0.005 * 2 ** attempt, 0.5))
+                elif fresh:
+                    return False, None
             return False, None
 
         try:

@@ -216,8 +216,6 @@ class WorkerDeployment:
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
                 key = loads(msg["payload"])
                 self.store.forget(key)
-                if self.peers is not None:
-                    self.peers.forget(store_key(self.id, key))
                 return {"id": rid, "ok": True}
             raise ValueError(f"unknown request kind {kind!r}")
         except asyncio.CancelledError:
@@ -274,7 +272,8 @@ class WorkerDeployment:
         return env[self.plan.output]
 
     def apply(self, op, inputs, ctx, token: Token | None = None):
-        t0, c0 = time.perf_counter(), time.thread_time()
+        # CPU time is measured only for racing replicas: their share decides hedging (_race).
+        t0, c0 = time.perf_counter(), (time.thread_time() if getattr(op, "replica_of", None) else None)
         try:
             with running_under(token):
                 out = apply(op, inputs, ctx)
@@ -284,7 +283,7 @@ class WorkerDeployment:
         except BaseException:
             self.stats[op.name].record(time.perf_counter() - t0, ok=False)
             raise
-        self.stats[op.name].record(time.perf_counter() - t0, cpu=time.thread_time() - c0)
+        self.stats[op.name].record(time.perf_counter() - t0, cpu=None if c0 is None else time.thread_time() - c0)
         return out
 
     async def local(self, op, inputs, token: Token | None = None):
@@ -315,7 +314,7 @@ class WorkerDeployment:
             if not keys:
                 return None
             counts: dict[str, int] = {}
-            for holders in (await self.peers.holders([store_key(self.id, k) for k in keys])).values():
+            for holders in (await self.store.holders([store_key(self.id, k) for k in keys])).values():
                 for w in holders:
                     counts[w] = counts.get(w, 0) + 1
             if not counts or counts.get(self.worker.address, 0) == max(counts.values()):
