@@ -14,6 +14,7 @@ from torch import nn
 import flowkit as fk
 from flowkit.gpu import (CPUBackend, Gemm, SimBackend, SpaceTimeScheduler, TorchModel, gflops, make_backend,
                          plan_launch)
+from flowkit.gpu.backends import power_of_two
 from flowkit.gpu.profiles import PROFILES
 from flowkit.gpu.scheduler import Request, Tenant, find_stragglers
 
@@ -68,9 +69,48 @@ def test_a_stacked_super_kernel_equals_each_tenants_solo_forward():
     stacked = backend.stack(tuple(range(7)), models)
     xs = torch.randn(7, 4, 8, 6, 6)
     out = backend.forward_stacked(stacked, xs)
+    some = backend.forward_stacked(stacked, xs[:3], slots=(4, 0, 4))   # a subset: their weights gathered
     with torch.inference_mode():
         for i, m in enumerate(models):
             assert torch.allclose(out[i], m(xs[i]), atol=1e-5)
+        for row, slot in enumerate((4, 0, 4)):
+            assert torch.allclose(some[row], models[slot](xs[row]), atol=1e-5)
+
+
+class BucketingCPU(CPUBackend):
+    """The CPU backend padding stacked launches as the CUDA backend does (for its graphs)."""
+
+    bucket = staticmethod(power_of_two)
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward_stacked(self, stacked, xs, slots=None):
+        self.shapes.append((tuple(xs.shape[:2]), slots))
+        return super().forward_stacked(stacked, xs, slots)
+
+
+def test_one_super_kernel_per_group_serves_any_subset_of_its_tenants_in_few_shapes():
+    backend = BucketingCPU()
+    sched = SpaceTimeScheduler(backend, "spacetime", max_wait_ms=1)
+    try:
+        for i in range(5):
+            sched.add_tenant(f"t{i}", tenant_model(i))
+        waves = [(0, 1), (1, 2, 3), (0, 1, 2, 3, 4), (4, 2), (3, 0, 1)]
+        for wave, members in enumerate(waves):
+            with sched.cond:   # hold the dispatcher while the wave queues, so it is one launch
+                futs = [(i, x, sched.submit(f"t{i}", x)) for i in members
+                        for x in [torch.randn(1 + (i + wave) % 3, 8, 6, 6)]]
+            for i, x, f in futs:
+                with torch.inference_mode():
+                    assert torch.allclose(f.result(30), tenant_model(i)(x), atol=1e-5), (wave, i)
+        stats = sched.stats()
+        assert stats["stacked"] == len(waves) and stats["cache misses"] == 1   # one program for every subset
+        assert all(w in (1, 2, 4, 5) and r in (1, 2, 4) for (w, r), _ in backend.shapes)
+        assert (backend.shapes[2][1] is None) and all(s is not None for i, (_, s) in enumerate(backend.shapes) if i != 2)
+    finally:
+        sched.close()
 
 
 def _tenants(**slo_ms):
@@ -236,30 +276,41 @@ def test_gpu_chart_draws_samples_from_the_simulated_backend():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run benchmarks/gpu_check.sh on one)")
 
 
+@pytest.fixture
+def fp32():
+    """FP32 that is FP32 on CUDA (TF32 off), so outputs compare with the CPU's."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @cuda
 @pytest.mark.parametrize("policy", ["time", "batch", "space", "spacetime"])
-def test_on_cuda_every_policy_gives_each_tenant_its_solo_result(policy):
+def test_on_cuda_every_policy_gives_each_tenant_its_solo_result(policy, fp32):
     from flowkit.gpu import CUDABackend
 
     sched = SpaceTimeScheduler(CUDABackend(), policy, max_wait_ms=2)
     try:
-        models = {f"t{i}": tenant_model(i) for i in range(40)}   # more tenants than torch's 32 pool streams
-        for name, m in models.items():
-            sched.add_tenant(name, m)
+        for i in range(40):                  # more tenants than torch's 32 pool streams
+            sched.add_tenant(f"t{i}", tenant_model(i))   # (moves the module to the device)
+        reference = {f"t{i}": tenant_model(i) for i in range(40)}   # the same weights, on the CPU
         xs = [torch.randn(1 + i % 3, 8, 6, 6) for i in range(120)]
-        futs = [(f"t{i % 40}", x, sched.submit(f"t{i % 40}", x)) for i, x in enumerate(xs)]
-        for name, x, f in futs:
-            with torch.inference_mode():
-                assert torch.allclose(f.result(60).cpu(), models[name](x), atol=1e-4)
+        for _ in range(3):                   # again, so settled super-kernels replay from CUDA graphs
+            futs = [(f"t{i % 40}", x, sched.submit(f"t{i % 40}", x)) for i, x in enumerate(xs)]
+            for name, x, f in futs:
+                with torch.inference_mode():
+                    assert torch.allclose(f.result(60).cpu(), reference[name](x), rtol=1e-4, atol=1e-4)
+        if policy == "spacetime":
+            assert sched.backend.graph_failures == 0 and sched.stats()["stacked"] > 0
     finally:
         sched.close()
 
 
 @cuda
-def test_on_cuda_the_gemm_benchmark_orders_the_policies():
+def test_on_cuda_the_gemm_benchmark_orders_the_policies(fp32):
     from flowkit.gpu import CUDABackend
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     backend = CUDABackend()
     g = Gemm(256, 128, 1152)
     t, s, st = (backend.gemm_seconds(p, g, 40, iters=10) for p in ("time", "space", "spacetime"))
@@ -267,7 +318,7 @@ def test_on_cuda_the_gemm_benchmark_orders_the_policies():
 
 
 @cuda
-def test_on_cuda_settled_super_kernels_replay_from_cuda_graphs():
+def test_on_cuda_settled_super_kernels_replay_from_cuda_graphs(fp32):
     from flowkit.gpu import CUDABackend
 
     backend = CUDABackend()
@@ -276,8 +327,12 @@ def test_on_cuda_settled_super_kernels_replay_from_cuda_graphs():
     for step in range(4):
         xs = torch.randn(5, 2, 8, 6, 6, device=backend.device)
         out = backend.forward_stacked(stacked, xs)
+        slots = ((4, 1), (0, 2), (3, 3))[step % 3]
+        some = backend.forward_stacked(stacked, xs[:2], slots)   # a subset: gathered inside the graph
         with torch.inference_mode():
             for i, m in enumerate(models):
-                assert torch.allclose(out[i], m(xs[i]), atol=1e-4), (step, i)
+                assert torch.allclose(out[i], m(xs[i]), rtol=1e-4, atol=1e-4), (step, i)
+            for row, slot in enumerate(slots):
+                assert torch.allclose(some[row], models[slot](xs[row]), rtol=1e-4, atol=1e-4), (step, slots)
     assert backend.graph_failures == 0
-    assert [r is not None for r in stacked.graphs.values()] == [True]   # one shape, captured once
+    assert len(stacked.graphs) == 2 and all(stacked.graphs.values())   # two shapes, each captured once

@@ -11,7 +11,8 @@
 
 Every backend builds *stacked programs* for super-kernels: the weights of R same-architecture
 models stacked along a new leading dimension (``torch.func.stack_module_state``) and one
-``vmap``-ed ``functional_call`` that runs all R as one batched program.
+``vmap``-ed ``functional_call`` that runs all R as one batched program. A program serves any
+subset of its tenants: ``slots`` picks (gathers) the weights of the tenants whose rows are given.
 """
 
 from __future__ import annotations
@@ -26,20 +27,32 @@ from typing import Any
 from .costmodel import Gemm, kernel_seconds, policy_seconds
 from .profiles import PROFILES, DeviceProfile
 
-__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "Stacked", "gemm_layers"]
+__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "Stacked", "gemm_layers",
+           "power_of_two"]
+
+
+def power_of_two(n: int) -> int:
+    """The bucket ``n`` is padded to where shapes must recur (CUDA graphs): the next power of two.
+
+    >>> [power_of_two(n) for n in (1, 2, 3, 5, 32, 33)]
+    [1, 2, 4, 8, 32, 64]
+    """
+    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclass
 class Stacked:
-    """A cached super-kernel program for a set of tenants of one architecture."""
+    """A cached super-kernel program over the tenants of one architecture group (in slot order).
+
+    ``call(params, buffers, xs, idx)`` runs slot ``idx[i]``'s weights on ``xs[i]``; ``idx=None``
+    means every slot in order (no gather)."""
 
     tenants: tuple
     params: dict
     buffers: dict
     call: Any
     uses: int = 0
-    layers: list = field(default_factory=list)
-    graphs: dict = field(default_factory=dict)   # CUDA only: (input shape, dtype) -> captured replay
+    graphs: dict = field(default_factory=dict)   # CUDA only: (input shape, dtype, gathers) -> captured replay
 
 
 def gemm_layers(module, example) -> list[Gemm]:
@@ -93,6 +106,10 @@ class Backend:
         with self.torch.inference_mode():
             return module(x)
 
+    def bucket(self, n: int) -> int:
+        """How many rows (or tenant slots) a stacked launch of ``n`` is padded to: none here."""
+        return n
+
     def stack(self, tenants: tuple, modules: list) -> Stacked:
         from torch.func import functional_call, stack_module_state
 
@@ -102,13 +119,23 @@ class Backend:
         def one(p, b, x):
             return functional_call(base, (p, b), (x,))
 
-        return Stacked(tenants, params, buffers, self.torch.vmap(one, in_dims=(0, 0, 0)))
+        batched = self.torch.vmap(one, in_dims=(0, 0, 0))
 
-    def forward_stacked(self, stacked: Stacked, xs):
-        """``xs``: [R, B, ...] → [R, B, ...], one batched program over R tenants."""
+        def call(params, buffers, xs, idx=None):
+            if idx is not None:   # the weights of the slots whose rows these are
+                params = {k: v.index_select(0, idx) for k, v in params.items()}
+                buffers = {k: v.index_select(0, idx) for k, v in buffers.items()}
+            return batched(params, buffers, xs)
+
+        return Stacked(tenants, params, buffers, call)
+
+    def forward_stacked(self, stacked: Stacked, xs, slots: tuple | None = None):
+        """``xs``: [S, B, ...] → [S, B, ...], one batched program: row ``i`` of ``xs`` through the
+        weights of tenant slot ``slots[i]`` (every slot in order when ``slots`` is None)."""
         with self.torch.inference_mode():
             stacked.uses += 1
-            return stacked.call(stacked.params, stacked.buffers, xs)
+            idx = None if slots is None else self.torch.as_tensor(slots, device=xs.device)
+            return stacked.call(stacked.params, stacked.buffers, xs, idx)
 
     def forward_concurrent(self, pairs: list) -> list:
         return [self.forward(m, x) for m, x in pairs]
@@ -215,44 +242,50 @@ class CUDABackend(Backend):
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(streams)]
         self.graph_failures = 0
 
-    def forward_stacked(self, stacked: Stacked, xs):
+    bucket = staticmethod(power_of_two)   # stacked launches recur in few shapes, so their graphs do
+
+    def forward_stacked(self, stacked: Stacked, xs, slots: tuple | None = None):
         """A super-kernel's program, replayed from a CUDA graph once it has settled.
 
-        A program's first call runs eagerly; after that, each input shape is captured once into
-        a CUDA graph with static input and output buffers (after warm-up on a side stream, as
-        capture requires), kept with the program (so it goes when the scheduler evicts it).
-        Replays copy the input in, launch one graph instead of one launch per kernel, and return
-        a copy of the output. The scheduler pads batches to a few bucket sizes, so shapes recur.
-        A program that cannot be captured stays eager."""
-        key = (tuple(xs.shape), xs.dtype)
+        A program's first call runs eagerly; after that, each input shape (and whether it gathers
+        a subset of slots) is captured once into a CUDA graph with static input, slot-index and
+        output buffers (after warm-up on a side stream, as capture requires), kept with the
+        program (so it goes when the scheduler evicts it). Replays copy the inputs in, launch one
+        graph instead of one launch per kernel, and return a copy of the output. The scheduler
+        pads rows and slots to powers of two (``bucket``), so shapes recur. A program that
+        cannot be captured stays eager."""
+        key = (tuple(xs.shape), xs.dtype, slots is not None)
         if stacked.uses < 1 or (key in stacked.graphs and stacked.graphs[key] is None):
-            return super().forward_stacked(stacked, xs)
+            return super().forward_stacked(stacked, xs, slots)
         replay = stacked.graphs.get(key)
         if replay is None:
-            replay = stacked.graphs[key] = self._capture(stacked, xs)
+            replay = stacked.graphs[key] = self._capture(stacked, xs, slots)
             if replay is None:
-                return super().forward_stacked(stacked, xs)
+                return super().forward_stacked(stacked, xs, slots)
         stacked.uses += 1
         with replay.lock, self.torch.inference_mode():
             replay.x.copy_(xs, non_blocking=True)
+            if slots is not None:
+                replay.idx.copy_(self.torch.as_tensor(slots))
             replay.graph.replay()
             return replay.out.clone()
 
-    def _capture(self, stacked: Stacked, xs):
+    def _capture(self, stacked: Stacked, xs, slots):
         torch = self.torch
         try:
             with torch.cuda.device(self.device), torch.inference_mode():   # replays run in inference mode too
                 static_x = xs.clone()
+                idx = None if slots is None else torch.as_tensor(slots, device=self.device)
                 side = torch.cuda.Stream(device=self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(3):
-                        stacked.call(stacked.params, stacked.buffers, static_x)
+                        stacked.call(stacked.params, stacked.buffers, static_x, idx)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    out = stacked.call(stacked.params, stacked.buffers, static_x)
-            return _Replay(graph, static_x, out)
+                    out = stacked.call(stacked.params, stacked.buffers, static_x, idx)
+            return _Replay(graph, static_x, idx, out)
         except Exception as e:   # an op that cannot be captured: this program stays eager
             import logging
 
@@ -324,6 +357,7 @@ class _Replay:
 
     graph: Any
     x: Any
+    idx: Any
     out: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
 

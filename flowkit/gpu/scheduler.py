@@ -9,9 +9,11 @@ the backend:
 - ``space``: every waiting tenant's batch at once, each on its own stream (concurrent launches);
 - ``spacetime``: the paper's dynamic scheduler. Tenants of the same architecture are stacked into
   one batched program — a super-kernel over their weights — choosing the group with the earliest
-  deadline first; super-kernel programs are cached per architecture and tenant set; a tenant whose
-  backlog would make the whole group wait (a straggler: far more queued rows than its peers) is
-  evicted from the stack and runs beside it on its own stream, as do tenants with no peer.
+  deadline first; a super-kernel program is cached per architecture group and serves any subset
+  of it (the waiting tenants' weights are gathered), padded to the backend's row and tenant-count
+  buckets (powers of two on CUDA, so its captured graphs recur); a tenant whose backlog would
+  make the whole group wait (a straggler: far more queued rows than its peers) is evicted from
+  the stack and runs beside it on its own stream, as do tenants with no peer.
 
 Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near.
 """
@@ -260,14 +262,19 @@ class SpaceTimeScheduler:
         return xs[0] if len(xs) == 1 else torch.cat(xs)
 
     def _run_stacked(self, items) -> dict:
+        """One super-kernel launch for ``items``' tenants: their group's cached program, with the
+        weights of just these tenants gathered when others of the group have nothing queued;
+        rows and slots padded to the backend's buckets (so CUDA graphs recur)."""
         torch = self.backend.torch
         names = tuple(n for n, _ in items)
         arch = self.tenants[names[0]].arch
-        key = (arch, names)
+        with self.cond:
+            members = tuple(n for n, t in self.tenants.items() if t.arch == arch)
+        key = (arch, members)
         stacked = self.cache.get(key)
         if stacked is None:
             self.counts["cache misses"] += 1
-            stacked = self.backend.stack(names, [self.tenants[n].module for n in names])
+            stacked = self.backend.stack(members, [self.tenants[n].module for n in members])
             self.cache[key] = stacked
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
@@ -275,10 +282,15 @@ class SpaceTimeScheduler:
             self.counts["cache hits"] += 1
             self.cache.move_to_end(key)
         batches = [self._batch(reqs) for _, reqs in items]
-        rows = max(b.shape[0] for b in batches)
+        rows = self.backend.bucket(max(b.shape[0] for b in batches))
+        slots = [members.index(n) for n in names]
+        width = min(self.backend.bucket(len(slots)), len(members))
+        slots += [slots[0]] * (width - len(slots))
         padded = [b if b.shape[0] == rows else torch.cat([b, b.new_zeros((rows - b.shape[0],) + tuple(b.shape[1:]))])
                   for b in batches]
-        out = self.backend.forward_stacked(stacked, torch.stack(padded))
+        padded += [padded[0].new_zeros(padded[0].shape)] * (width - len(batches))
+        whole = slots == list(range(len(members)))
+        out = self.backend.forward_stacked(stacked, torch.stack(padded), None if whole else tuple(slots))
         return {n: out[i, :b.shape[0]] for i, (n, b) in enumerate(zip(names, batches))}
 
     def _device_seconds(self, launch: Launch, wall: float) -> float:
