@@ -195,6 +195,77 @@ def test_the_simulated_v100_reproduces_the_papers_ordering_and_ratios():
     assert gflops("spacetime", conv, 21, v100) < gflops("spacetime", conv, 20, v100)
 
 
+def _sm_share(policy: str) -> tuple[float, dict]:
+    """SM-seconds per busy second on the simulated V100 for one workload under ``policy``."""
+    sched = SpaceTimeScheduler(SimBackend("v100"), policy, max_wait_ms=5)
+    try:
+        for i in range(8):
+            sched.add_tenant(f"t{i}", tenant_model(i))
+        sched.sample()
+        with sched.cond:
+            futs = [sched.submit(f"t{i}", torch.randn(1, 8, 6, 6)) for i in range(8)]
+        for f in futs:
+            f.result(30)
+        return sched.backend.sm_busy_seconds / sched.backend.busy_seconds, sched.sample()
+    finally:
+        sched.close()
+
+
+def test_the_simulated_gpu_shows_stacking_keeps_more_sms_busy():
+    time_share, time_sample = _sm_share("time")
+    stacked_share, stacked_sample = _sm_share("spacetime")
+    assert stacked_share > 3 * time_share          # one small model at a time leaves most SMs idle
+    for sample in (time_sample, stacked_sample):
+        assert 0 < sample["sm_utilization"] <= sample["utilization"] <= 100
+
+
+class FakeGpm:
+    """NVML's GPM calls as a Hopper GPU answers them: counters that grow between samples."""
+
+    def __init__(self, supported=True):
+        import pynvml
+
+        self.real, self.supported, self.clock = pynvml, supported, 0
+
+    def __getattr__(self, name):          # constants (metric ids, NVML_SUCCESS) are NVML's own
+        return getattr(self.real, name)
+
+    def nvmlGpmQueryDeviceSupport(self, device):
+        return type("Support", (), {"isSupportedDevice": int(self.supported)})()
+
+    def nvmlGpmSampleAlloc(self):
+        return {"at": None}
+
+    def nvmlGpmSampleGet(self, device, sample):
+        self.clock += 10
+        sample["at"] = self.clock
+        return sample
+
+    def c_nvmlGpmMetricsGet_t(self):
+        metric = type("Metric", (), {"metricId": 0, "value": 0.0, "nvmlReturn": 0})
+        return type("Query", (), {"metrics": [metric() for _ in range(4)]})()
+
+    def nvmlGpmMetricsGet(self, query):
+        assert query.version == self.real.NVML_GPM_METRICS_GET_VERSION and query.numMetrics == 2
+        span = query.sample2["at"] - query.sample1["at"]
+        for m in query.metrics[:query.numMetrics]:
+            m.value = {self.real.NVML_GPM_METRIC_SM_UTIL: 5.0 * span,
+                       self.real.NVML_GPM_METRIC_SM_OCCUPANCY: 2.0 * span}[m.metricId]
+        return query
+
+
+def test_gpm_metrics_are_read_between_consecutive_samples():
+    pytest.importorskip("pynvml")
+    from flowkit.gpu.monitor import GpmSampler
+
+    gpm = GpmSampler(FakeGpm(), device="gpu0")
+    assert gpm.read() == {"sm_utilization": 50.0, "sm_occupancy": 20.0}   # the samples 10 ticks apart
+    assert gpm.read() == {"sm_utilization": 50.0, "sm_occupancy": 20.0}   # then the next pair, not the first again
+    assert gpm.previous["at"] == 30 and gpm.spare["at"] == 20
+    with pytest.raises(RuntimeError, match="no GPM"):
+        GpmSampler(FakeGpm(supported=False), device="gpu0")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_no_gpu_means_the_simulated_backend_not_a_crash():
     backend = make_backend("auto")
@@ -267,7 +338,8 @@ def test_gpu_chart_draws_samples_from_the_simulated_backend():
                 f.result(30)
             chart.add(sched.sample())
         assert "sim:h200" in chart.title.value and "spacetime" in chart.title.value
-        assert chart.util.value.count("<polyline") == 2 and "m3" in chart.tenants.value
+        assert chart.util.value.count("<polyline") == 3 and "SMs busy" in chart.util.value
+        assert "m3" in chart.tenants.value
         assert "queued requests" in chart.queue.value
     finally:
         sched.close()
@@ -315,6 +387,26 @@ def test_on_cuda_the_gemm_benchmark_orders_the_policies(fp32):
     g = Gemm(256, 128, 1152)
     t, s, st = (backend.gemm_seconds(p, g, 40, iters=10) for p in ("time", "space", "spacetime"))
     assert st < s and st < t
+
+
+@cuda
+def test_on_cuda_the_monitor_samples_the_device():
+    from flowkit.gpu import CUDABackend
+    from flowkit.gpu.monitor import device_sample, nvml_available
+
+    pytest.importorskip("pynvml")
+    backend = CUDABackend()
+    assert nvml_available()
+    x = torch.randn(4096, 4096, device=backend.device)
+    first = device_sample(backend)
+    for _ in range(20):
+        x = x @ x / 64
+    backend.synchronize()
+    sample = device_sample(backend)
+    assert first is not None and 0 < sample["memory_used"] <= sample["memory_total"]
+    print("device sample:", sample)   # GPM's sm_utilization / sm_occupancy appear where the GPU offers them
+    if "sm_utilization" in sample:
+        assert 0 <= sample["sm_utilization"] <= 100 and 0 <= sample.get("sm_occupancy", 0) <= 100
 
 
 @cuda

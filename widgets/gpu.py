@@ -1,5 +1,5 @@
-"""The live GPU chart: the GPU plugin's samples (utilization, memory, per-tenant throughput,
-queue depth) drawn as SVG line charts, fed from the ``flowkit-gpu`` worker events."""
+"""The live GPU chart: the GPU plugin's samples (utilization, SMs busy, memory, per-tenant
+throughput, queue depth) drawn as SVG line charts, fed from the ``flowkit-gpu`` worker events."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ class GPUChart(w.VBox):
         util = {"utilization": list(zip(t, [s.get("nvml_utilization", s.get("utilization", 0.0)) for s in samples]))}
         util["memory"] = list(zip(t, [100.0 * s.get("memory_used", 0) / s["memory_total"] if s.get("memory_total") else 0.0
                                       for s in samples]))
+        for key, label in (("sm_utilization", "SMs busy"), ("sm_occupancy", "SM occupancy")):
+            if any(key in s for s in samples):   # SM figures: GPM on a real GPU, the model on a simulated one
+                util[label] = list(zip(t, [s.get(key, 0.0) for s in samples]))
         self.util.value = line_chart_svg(util, title="utilization and memory", unit="%", ymax=100)
         self.queue.value = line_chart_svg({"queued requests": list(zip(t, [s.get("queue", 0) for s in samples]))},
                                           title="queue depth")

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .costmodel import Gemm, kernel_seconds, policy_seconds
+from .costmodel import Gemm, kernel_seconds, policy_seconds, sm_seconds
 from .profiles import PROFILES, DeviceProfile
 
 __all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "Stacked", "gemm_layers",
@@ -93,6 +93,7 @@ class Backend:
 
         self.torch = torch
         self.busy_seconds = 0.0           # device-busy time accumulated (for utilization samples)
+        self.sm_busy_seconds = None       # SM-seconds of work, where the backend knows it (simulated)
         self.lock = threading.Lock()
 
     # -- models -------------------------------------------------------------------------------
@@ -147,9 +148,11 @@ class Backend:
     def memory(self) -> tuple[float, float]:
         return 0.0, 0.0
 
-    def account(self, seconds: float) -> None:
+    def account(self, seconds: float, sm_seconds: float | None = None) -> None:
         with self.lock:
             self.busy_seconds += seconds
+            if sm_seconds is not None:
+                self.sm_busy_seconds = (self.sm_busy_seconds or 0.0) + sm_seconds
 
     # -- the GEMM micro-benchmark (paper's Table 1) -----------------------------------------------
     def gemm_seconds(self, policy: str, g: Gemm, tenants: int, iters: int = 20) -> float:
@@ -216,12 +219,14 @@ class SimBackend(CPUBackend):
         batch = x.shape[0]
         return [Gemm(g.m * batch, g.n, g.k) for g in self._layers[key]]
 
-    def modeled(self, policy: str, module, x, tenants: int = 1) -> float:
-        """Device seconds the simulated GPU would take for this work."""
-        layers = self.layers(module, x)
+    def modeled(self, policy: str, module, x, tenants: int = 1) -> tuple[float, float]:
+        """Device seconds the simulated GPU would take for this work, and its SM-seconds."""
+        layers, p = self.layers(module, x), self.profile
         if policy == "spacetime":
-            return sum(self.profile.launch_us * 1e-6 + kernel_seconds(g, tenants, self.profile) for g in layers)
-        return sum(policy_seconds(policy, g, tenants, self.profile) for g in layers)
+            secs = sum(p.launch_us * 1e-6 + kernel_seconds(g, tenants, p) for g in layers)
+        else:
+            secs = sum(policy_seconds(policy, g, tenants, p) for g in layers)
+        return secs, sum(sm_seconds(g, tenants, p) for g in layers)
 
     def memory(self) -> tuple[float, float]:
         return self._weights, self.profile.memory_gib * 2 ** 30

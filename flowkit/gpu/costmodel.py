@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .profiles import DeviceProfile
 
-__all__ = ["Gemm", "kernel_seconds", "policy_seconds", "gflops"]
+__all__ = ["Gemm", "kernel_seconds", "policy_seconds", "gflops", "sm_seconds"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,22 @@ def kernel_seconds(g: Gemm, problems: int, p: DeviceProfile) -> float:
     tail = waves - full
     cost = full + (0.5 + 0.5 * tail if tail > 1e-9 else 0.0)
     return p.fixed_us * 1e-6 + max(cost, 0.5) * _wave_seconds(g, p)
+
+
+def sm_seconds(g: Gemm, problems: int, p: DeviceProfile) -> float:
+    """The work in ``problems`` copies of ``g`` as SM-seconds: device seconds with every SM busy.
+
+    Divided by elapsed device time it is the fraction of SMs kept busy, which a GPU's own
+    "utilization" (a kernel is running) hides: one small kernel at a time leaves most SMs idle.
+
+    >>> from flowkit.gpu.profiles import PROFILES
+    >>> v100, conv = PROFILES["v100"], Gemm(256, 128, 1152)
+    >>> round(sm_seconds(conv, 1, v100) / kernel_seconds(conv, 1, v100), 2)   # one tenant: 8 of 160 CTA slots
+    0.06
+    >>> round(sm_seconds(conv, 20, v100) / kernel_seconds(conv, 20, v100), 2)  # 20 stacked: one full wave
+    0.76
+    """
+    return problems * g.ctas(p.tile) / (p.sms * p.blocks_per_sm) * _wave_seconds(g, p)
 
 
 def _space_seconds(g: Gemm, tenants: int, p: DeviceProfile) -> float:

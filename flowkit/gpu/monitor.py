@@ -1,12 +1,17 @@
 """Device samples for the live chart: NVML on a real GPU (nvidia-ml-py, imported as ``pynvml``),
-the backend's own accounting otherwise. No GPU never means a crash: NVML errors give no sample."""
+the backend's own accounting otherwise. No GPU never means a crash: NVML errors give no sample.
+
+On GPUs with GPM (Hopper and later) each sample also carries the share of SMs that were busy and
+the share of warp slots occupied since the previous sample — what NVML's "utilization" (a kernel
+was running) hides when small kernels leave most SMs idle."""
 
 from __future__ import annotations
 
-__all__ = ["device_sample", "nvml_available"]
+__all__ = ["device_sample", "nvml_available", "GpmSampler"]
 
 _nvml = None
 _nvml_failed = False
+_gpm = None
 
 
 def _handle():
@@ -27,8 +32,50 @@ def nvml_available() -> bool:
     return _handle() is not None
 
 
+class GpmSampler:
+    """SM utilization and occupancy between consecutive reads, from NVML's GPU performance metrics.
+
+    Keeps two GPM samples and alternates them: each ``read()`` takes a new one and asks NVML for
+    the metrics between it and the previous. Raises ``RuntimeError`` if the device has no GPM."""
+
+    METRICS = {"sm_utilization": "NVML_GPM_METRIC_SM_UTIL", "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY"}
+
+    def __init__(self, nvml, device):
+        if not nvml.nvmlGpmQueryDeviceSupport(device).isSupportedDevice:
+            raise RuntimeError("this GPU has no GPM metrics")
+        self.nvml, self.device = nvml, device
+        self.previous, self.spare = nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()
+        nvml.nvmlGpmSampleGet(device, self.previous)
+
+    def read(self) -> dict:
+        nvml = self.nvml
+        current = nvml.nvmlGpmSampleGet(self.device, self.spare)
+        query = nvml.c_nvmlGpmMetricsGet_t()
+        query.version = nvml.NVML_GPM_METRICS_GET_VERSION
+        query.numMetrics = len(self.METRICS)
+        query.sample1, query.sample2 = self.previous, current
+        for i, name in enumerate(self.METRICS.values()):
+            query.metrics[i].metricId = getattr(nvml, name)
+        nvml.nvmlGpmMetricsGet(query)
+        self.previous, self.spare = current, self.previous
+        return {key: float(query.metrics[i].value) for i, key in enumerate(self.METRICS)
+                if query.metrics[i].nvmlReturn == nvml.NVML_SUCCESS}
+
+
+def _gpm_sampler():
+    global _gpm
+    if _gpm is None:
+        pynvml, dev = _handle()
+        try:
+            _gpm = GpmSampler(pynvml, dev)
+        except Exception:   # no GPM here (older GPU, a sandbox, an old driver): NVML figures only
+            _gpm = False
+    return _gpm or None
+
+
 def device_sample(backend) -> dict | None:
-    """NVML utilization and memory of device 0 when the backend is a real GPU; else None."""
+    """NVML utilization and memory of device 0 (and GPM's SM figures where the GPU has them) when
+    the backend is a real GPU; else None."""
     if not backend.name.startswith("cuda"):
         return None
     h = _handle()
@@ -38,6 +85,13 @@ def device_sample(backend) -> dict | None:
     try:
         util = pynvml.nvmlDeviceGetUtilizationRates(dev)
         mem = pynvml.nvmlDeviceGetMemoryInfo(dev)
-        return {"nvml_utilization": float(util.gpu), "memory_used": float(mem.used), "memory_total": float(mem.total)}
+        sample = {"nvml_utilization": float(util.gpu), "memory_used": float(mem.used), "memory_total": float(mem.total)}
     except Exception:
         return None
+    gpm = _gpm_sampler()
+    if gpm is not None:
+        try:
+            sample.update(gpm.read())
+        except Exception:
+            pass
+    return sample

@@ -153,7 +153,7 @@ class SpaceTimeScheduler:
         self.cond = threading.Condition()
         self.closed = False
         self.started = time.monotonic()
-        self._last_sample = (time.monotonic(), 0.0, {})
+        self._last_sample = (time.monotonic(), 0.0, None, {})
         self.thread = threading.Thread(target=self._loop, daemon=True, name="flowkit-gpu-scheduler")
         self.thread.start()
 
@@ -236,7 +236,7 @@ class SpaceTimeScheduler:
                     r.future.set_exception(e)
             return
         wall = time.perf_counter() - t0
-        self.backend.account(self._device_seconds(launch, wall))
+        self.backend.account(*self._device_seconds(launch, wall))
         done = time.monotonic()
         with self.cond:
             self.counts["launches"] += 1
@@ -293,19 +293,19 @@ class SpaceTimeScheduler:
         out = self.backend.forward_stacked(stacked, torch.stack(padded), None if whole else tuple(slots))
         return {n: out[i, :b.shape[0]] for i, (n, b) in enumerate(zip(names, batches))}
 
-    def _device_seconds(self, launch: Launch, wall: float) -> float:
+    def _device_seconds(self, launch: Launch, wall: float) -> tuple[float, float | None]:
+        """Device-busy seconds of a launch and its SM-seconds: modeled on a simulated GPU, else the
+        wall time (SM figures then come from the device's own counters, if any)."""
         if not isinstance(self.backend, SimBackend):
-            return wall
-        secs = 0.0
+            return wall, None
+        secs = sms = 0.0
         kind = {"solo": "time", "batch": "time", "concurrent": "space"}.get(launch.kind, "space")
-        if launch.stacked:
-            name, reqs = launch.stacked[0]
-            x = self._batch(reqs)
-            secs += self.backend.modeled("spacetime", self.tenants[name].module, x, tenants=len(launch.stacked))
-        for name, reqs in launch.separate:
-            x = self._batch(reqs)
-            secs += self.backend.modeled(kind, self.tenants[name].module, x, tenants=1)
-        return secs
+        work = [("spacetime", n, reqs, len(launch.stacked)) for n, reqs in launch.stacked[:1]]
+        work += [(kind, n, reqs, 1) for n, reqs in launch.separate]
+        for policy, name, reqs, tenants in work:
+            d, s = self.backend.modeled(policy, self.tenants[name].module, self._batch(reqs), tenants=tenants)
+            secs, sms = secs + d, sms + s
+        return secs, sms
 
     # -- observability ---------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -317,20 +317,25 @@ class SpaceTimeScheduler:
             return {"policy": self.policy, "backend": self.backend.name, **self.counts, "tenants": tenants}
 
     def sample(self) -> dict:
-        """One monitor sample: utilization, memory, per-tenant throughput, queue depth."""
+        """One monitor sample: utilization (time a kernel ran; SMs busy where known), memory,
+        per-tenant throughput, queue depth."""
         from .monitor import device_sample
 
         now = time.monotonic()
-        last_t, last_busy, last_rows = self._last_sample
-        busy = self.backend.busy_seconds
+        last_t, last_busy, last_sm, last_rows = self._last_sample
+        busy, sm = self.backend.busy_seconds, self.backend.sm_busy_seconds
         with self.cond:
             rows = {n: t.served_rows for n, t in self.tenants.items()}
             queue = sum(len(t.queue) for t in self.tenants.values())
         span = max(now - last_t, 1e-6)
-        self._last_sample = (now, busy, rows)
+        self._last_sample = (now, busy, sm, rows)
+        utilization = min(100.0, 100.0 * (busy - last_busy) / span)
         sample = {"time": now - self.started, "policy": self.policy, "backend": self.backend.name,
-                  "utilization": min(100.0, 100.0 * (busy - last_busy) / span), "queue": queue,
+                  "utilization": utilization, "queue": queue,
                   "throughput": {n: (r - last_rows.get(n, 0)) / span for n, r in rows.items()}}
+        if sm is not None:   # the share of SMs busy while a kernel ran, times the share of time one ran
+            worked = busy - last_busy
+            sample["sm_utilization"] = utilization * (sm - (last_sm or 0.0)) / worked if worked > 0 else 0.0
         used, total = self.backend.memory()
         sample.update({"memory_used": used, "memory_total": total})
         sample.update(device_sample(self.backend) or {})
