@@ -43,15 +43,22 @@ def tenant_model(seed: int) -> nn.Module:
     return m
 
 
+def other_model(seed: int) -> nn.Module:
+    """A tenant of another architecture (it cannot stack with the blocks)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+
+
 @pytest.mark.parametrize("policy", ["time", "batch", "space", "spacetime"])
 def test_every_policy_gives_each_tenant_its_solo_result(policy):
     sched = SpaceTimeScheduler(CPUBackend(), policy, max_wait_ms=5)
     try:
         models = {f"t{i}": tenant_model(i) for i in range(5)}
+        models["t5"] = other_model(5)   # another architecture
         for name, m in models.items():
             sched.add_tenant(name, m)
         xs = [torch.randn(1 + i % 3, 8, 6, 6) for i in range(30)]
-        futs = [(f"t{i % 5}", x, sched.submit(f"t{i % 5}", x)) for i, x in enumerate(xs)]
+        futs = [(f"t{i % 6}", x, sched.submit(f"t{i % 6}", x)) for i, x in enumerate(xs)]
         for name, x, f in futs:
             with torch.inference_mode():
                 assert torch.allclose(f.result(30), models[name](x), atol=1e-5)
@@ -134,15 +141,21 @@ def test_plan_launch_is_earliest_deadline_first():
 
 
 def test_spacetime_groups_by_architecture_and_evicts_stragglers():
-    ts = _tenants(a=100, b=100, c=100, d=100)
-    ts["d"].arch = ("other",)
-    for n, rows in (("a", 1), ("b", 2), ("c", 40), ("d", 1)):
-        _queue(ts[n], rows, {"a": 1.0, "b": 1.5, "c": 2.0, "d": 5.0}[n])
+    ts = _tenants(a=100, b=100, c=100, d=100, e=100, f=100)
+    ts["d"].arch = ("alone",)
+    ts["e"].arch = ts["f"].arch = ("pair",)
+    for n, rows in (("a", 1), ("b", 2), ("c", 40), ("d", 1), ("e", 1), ("f", 1)):
+        _queue(ts[n], rows, {"a": 1.0, "b": 1.5, "c": 2.0, "d": 5.0, "e": 1.2, "f": 6.0}[n])
     launch = plan_launch("spacetime", ts, 64)
     assert [n for n, _ in launch.stacked] == ["a", "b"]          # same architecture, earliest deadlines
-    assert [n for n, _ in launch.separate] == ["c"] and launch.stragglers == ("c",)   # its backlog would stall a, b
-    assert "d" not in launch.tenants
+    assert launch.stragglers == ("c",)                            # its backlog would stall a, b
+    assert [n for n, _ in launch.separate] == ["c", "d"]          # beside the stack: the straggler, the peerless
+    assert "e" not in launch.tenants and "f" not in launch.tenants   # a group of two waits for its own stack
     assert find_stragglers({"a": 1, "b": 2, "c": 40}) == {"c"}
+    del ts["a"].queue[0], ts["b"].queue[0], ts["c"].queue[0]
+    assert [n for n, _ in plan_launch("spacetime", ts, 64).stacked] == ["e", "f"]   # then theirs
+    del ts["e"].queue[0], ts["f"].queue[0]
+    assert plan_launch("spacetime", ts, 64).kind == "batch"      # one tenant left: batched alone
 
 
 def test_the_dispatcher_serves_queued_requests_in_deadline_order():
@@ -364,12 +377,14 @@ def test_on_cuda_every_policy_gives_each_tenant_its_solo_result(policy, fp32):
 
     sched = SpaceTimeScheduler(CUDABackend(), policy, max_wait_ms=2)
     try:
-        for i in range(40):                  # more tenants than torch's 32 pool streams
-            sched.add_tenant(f"t{i}", tenant_model(i))   # (moves the module to the device)
-        reference = {f"t{i}": tenant_model(i) for i in range(40)}   # the same weights, on the CPU
-        xs = [torch.randn(1 + i % 3, 8, 6, 6) for i in range(120)]
+        make = {f"t{i}": (tenant_model, i) for i in range(40)}   # more tenants than torch's 32 pool streams
+        make["t40"] = (other_model, 40)      # and one of another architecture, beside the stacks
+        for name, (model, seed) in make.items():
+            sched.add_tenant(name, model(seed))   # (moves the module to the device)
+        reference = {name: model(seed) for name, (model, seed) in make.items()}   # the same weights, on the CPU
+        xs = [torch.randn(1 + i % 3, 8, 6, 6) for i in range(123)]
         for _ in range(3):                   # again, so settled super-kernels replay from CUDA graphs
-            futs = [(f"t{i % 40}", x, sched.submit(f"t{i % 40}", x)) for i, x in enumerate(xs)]
+            futs = [(f"t{i % 41}", x, sched.submit(f"t{i % 41}", x)) for i, x in enumerate(xs)]
             for name, x, f in futs:
                 with torch.inference_mode():
                     assert torch.allclose(f.result(60).cpu(), reference[name](x), rtol=1e-4, atol=1e-4)

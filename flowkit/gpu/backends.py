@@ -139,6 +139,7 @@ class Backend:
             return stacked.call(stacked.params, stacked.buffers, xs, idx)
 
     def forward_concurrent(self, pairs: list) -> list:
+        """Forwards of different models at once; their outputs are ready once ``synchronize()``d."""
         return [self.forward(m, x) for m, x in pairs]
 
     def synchronize(self) -> None:
@@ -299,6 +300,9 @@ class CUDABackend(Backend):
             return None
 
     def forward_concurrent(self, pairs: list) -> list:
+        """Each forward on its own stream of the pool; returns at once (launches are asynchronous),
+        so work queued next on the main stream (a super-kernel) runs beside them until
+        ``synchronize()``."""
         torch = self.torch
         main = torch.cuda.current_stream(self.device)
         outs = []
@@ -309,11 +313,9 @@ class CUDABackend(Backend):
                 with torch.cuda.stream(s):
                     out = m(x)
                 x.record_stream(s)             # the allocator must not reuse x while s reads it
-                outs.append((out, s))
-            for out, s in outs:
-                main.wait_stream(s)
-                out.record_stream(main)
-        return [o for o, _ in outs]
+                out.record_stream(main)        # nor out's memory while the main stream reads it later
+                outs.append(out)
+        return outs
 
     def synchronize(self) -> None:
         self.torch.cuda.synchronize(self.device)

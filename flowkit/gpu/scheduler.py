@@ -13,7 +13,8 @@ the backend:
   of it (the waiting tenants' weights are gathered), padded to the backend's row and tenant-count
   buckets (powers of two on CUDA, so its captured graphs recur); a tenant whose backlog would
   make the whole group wait (a straggler: far more queued rows than its peers) is evicted from
-  the stack and runs beside it on its own stream, as do tenants with no peer.
+  the stack and runs beside it on its own stream, as do waiting tenants with no waiting peer (other
+  architecture groups with two or more waiting tenants get their own super-kernel in turn).
 
 Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near.
 """
@@ -117,14 +118,18 @@ def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int) -> Laun
         return Launch("concurrent", separate=tuple((t.name, _take(t.queue, max_batch)) for t in waiting))
     if policy != "spacetime":
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    arch = waiting[0].arch                        # EDF across architecture groups
-    group = [t for t in waiting if t.arch == arch]
-    stragglers = find_stragglers({t.name: t.rows for t in group})
-    stack = [t for t in group if t.name not in stragglers]
-    if len(stack) < 2:
-        return Launch("batch", separate=((waiting[0].name, _take(waiting[0].queue, max_batch)),))
-    separate = [t for t in group if t.name in stragglers]
-    return Launch("stacked", stacked=tuple((t.name, _take(t.queue, max_batch)) for t in stack),
+    groups: dict = {}                             # architecture -> its waiting tenants, in EDF order
+    for t in waiting:
+        groups.setdefault(t.arch, []).append(t)
+    first = groups.pop(waiting[0].arch)           # EDF across architecture groups
+    stragglers = find_stragglers({t.name: t.rows for t in first})
+    stack = [t for t in first if t.name not in stragglers]
+    if len(stack) < 2:                            # no peer waiting: nothing to stack
+        stack = []
+    alone = [ts[0] for ts in groups.values() if len(ts) == 1]   # tenants with no peer run beside the stack
+    separate = [t for t in first if t not in stack] + alone
+    kind = "stacked" if stack else ("batch" if len(separate) == 1 else "concurrent")
+    return Launch(kind, stacked=tuple((t.name, _take(t.queue, max_batch)) for t in stack),
                   separate=tuple((t.name, _take(t.queue, max_batch)) for t in separate),
                   stragglers=tuple(sorted(stragglers)))
 
@@ -220,16 +225,16 @@ class SpaceTimeScheduler:
         t0 = time.perf_counter()
         try:
             results = {}
-            if launch.stacked:
-                results.update(self._run_stacked(launch.stacked))
-            if launch.separate:
+            if launch.separate:   # first, so that on a GPU they run on their streams beside the stack
                 pairs = [(self.tenants[n].module, self._batch(reqs)) for n, reqs in launch.separate]
-                if len(pairs) == 1:
+                if len(pairs) == 1 and not launch.stacked:
                     outs = [self.backend.forward(*pairs[0])]
                 else:
                     outs = self.backend.forward_concurrent(pairs)
                 results.update({n: out for (n, _), out in zip(launch.separate, outs)})
-            self.backend.synchronize()
+            if launch.stacked:
+                results.update(self._run_stacked(launch.stacked))
+            self.backend.synchronize()   # every stream's outputs are ready
         except BaseException as e:
             for _, reqs in launch.stacked + launch.separate:
                 for r in reqs:
