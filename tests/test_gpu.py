@@ -158,6 +158,50 @@ def test_spacetime_groups_by_architecture_and_evicts_stragglers():
     assert plan_launch("spacetime", ts, 64).kind == "batch"      # one tenant left: batched alone
 
 
+def test_a_tenant_whose_rows_would_make_its_peers_miss_their_deadlines_is_evicted_by_measured_latency():
+    measured = {1: 0.001, 2: 0.002, 8: 0.008}                   # seconds of a stacked launch, by rows per tenant
+
+    def plan(c_deadline, cost=lambda arch, rows: measured.get(rows)):
+        ts = _tenants(a=5, b=5, c=100)
+        for n, rows, deadline in (("a", 1, 0.005), ("b", 2, 0.005), ("c", 8, c_deadline)):
+            _queue(ts[n], rows, deadline)
+        return plan_launch("spacetime", ts, 32, now=0.0, cost=cost)
+
+    assert find_stragglers({"a": 1, "b": 2, "c": 8}) == set()    # not a backlog outlier ...
+    launch = plan(0.1)
+    assert [n for n, _ in launch.stacked] == ["a", "b"] and launch.stragglers == ("c",)   # ... but 8 ms > a's 5 ms
+    assert [n for n, _ in launch.separate] == ["c"]
+    assert plan(0.004).stragglers == ()                           # c is the most urgent itself: it stays
+    assert plan(0.1, cost=lambda arch, rows: None).stragglers == ()   # nothing measured yet: nothing judged
+    measured[8] = 0.004
+    assert plan(0.1).stragglers == ()                             # fast enough for everyone: stacked together
+
+
+def test_the_dispatcher_measures_stacked_launches_and_evicts_by_them():
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        for name, slo in (("a", 40), ("b", 40), ("c", 10_000)):
+            sched.add_tenant(name, tenant_model(len(name) + ord(name)), slo_ms=slo)
+        arch = sched.tenants["a"].arch
+        small, big = torch.randn(1, 8, 6, 6), torch.randn(4, 8, 6, 6)     # 4 rows: no backlog outlier
+        with sched.cond:
+            futs = [sched.submit(n, x) for n, x in (("a", small), ("b", small), ("c", big))]
+        [f.result(30) for f in futs]
+        assert sched.stats()["stacked"] == 1 and (arch, 4) in sched.latency   # measured, not yet judged
+        assert sched.stats()["stacked launch ms"]
+        assert sched.stats()["straggler evictions"] == 0
+        sched.latency[(arch, 4)] = 10.0                               # as if 4 rows per tenant took 10 s
+        sched.latency[(arch, 1)] = 0.0001
+        with sched.cond:
+            futs = [(n, x, sched.submit(n, x)) for n, x in (("a", small), ("b", small), ("c", big))]
+        for n, x, f in futs:
+            with torch.inference_mode():
+                assert torch.allclose(f.result(30), tenant_model(len(n) + ord(n))(x), atol=1e-5)
+        assert sched.stats()["straggler evictions"] == 1 and sched.stats()["stacked"] == 2
+    finally:
+        sched.close()
+
+
 def test_the_dispatcher_serves_queued_requests_in_deadline_order():
     sched = SpaceTimeScheduler(CPUBackend(), "time")
     try:

@@ -12,8 +12,9 @@ the backend:
   deadline first; a super-kernel program is cached per architecture group and serves any subset
   of it (the waiting tenants' weights are gathered), padded to the backend's row and tenant-count
   buckets (powers of two on CUDA, so its captured graphs recur); a tenant whose backlog would
-  make the whole group wait (a straggler: far more queued rows than its peers) is evicted from
-  the stack and runs beside it on its own stream, as do waiting tenants with no waiting peer (other
+  make the whole group wait (a straggler: far more queued rows than its peers, or rows that would
+  stretch the stack, by its measured latency, past a peer's deadline) is evicted from the stack
+  and runs beside it on its own stream, as do waiting tenants with no waiting peer (other
   architecture groups with two or more waiting tenants get their own super-kernel in turn).
 
 Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near.
@@ -29,9 +30,10 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
-from .backends import Backend, SimBackend
+from .backends import Backend, SimBackend, power_of_two
 
-__all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "POLICIES", "current", "install"]
+__all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "slow_stragglers", "POLICIES", "current",
+           "install"]
 
 POLICIES = ("time", "batch", "space", "spacetime")
 
@@ -102,8 +104,34 @@ def find_stragglers(backlog: dict[str, int], factor: float = 4.0, floor: int = 8
     return {t for t, n in backlog.items() if n >= floor and n > factor * max(1, mid)}
 
 
-def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int) -> Launch | None:
-    """The next launch under ``policy`` (a pure function of the queues; see the module docstring)."""
+def slow_stragglers(group: list, max_batch: int, cost, now: float) -> set:
+    """Tenants whose rows would stretch a stacked launch, by its measured latency, past a peer's
+    deadline that the launch would meet without them (largest first; at least two stay stacked).
+
+    ``cost(rows)``: the measured seconds of this group's stacked launch at ``rows`` rows per
+    tenant, or None where not measured yet (then nobody is judged by it). A tenant whose own
+    deadline is the earliest is never evicted: it is the one the launch is for."""
+    rows = {t.name: sum(r.rows for r in _take(t.queue, max_batch)) for t in group}
+    stack = sorted(group, key=lambda t: -rows[t.name])
+    evicted = set()
+    while len(stack) > 2:
+        big, rest = stack[0], stack[1:]
+        with_big, without = rows[big.name], max(rows[t.name] for t in rest)
+        deadline = min(t.queue[0].deadline for t in rest)
+        slow, fast = cost(with_big), cost(without)
+        if with_big <= without or slow is None or fast is None or big.queue[0].deadline <= deadline:
+            break
+        if not now + fast <= deadline < now + slow:
+            break
+        evicted.add(big.name)
+        stack = rest
+    return evicted
+
+
+def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int, now: float = 0.0,
+                cost=None) -> Launch | None:
+    """The next launch under ``policy`` (a pure function of the queues and, for ``spacetime``, of
+    ``cost(arch, rows)``, the measured latency of stacked launches; see the module docstring)."""
     waiting = [t for t in tenants.values() if t.queue]
     if not waiting:
         return None
@@ -123,6 +151,10 @@ def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int) -> Laun
         groups.setdefault(t.arch, []).append(t)
     first = groups.pop(waiting[0].arch)           # EDF across architecture groups
     stragglers = find_stragglers({t.name: t.rows for t in first})
+    if cost is not None:
+        arch = first[0].arch
+        stragglers |= slow_stragglers([t for t in first if t.name not in stragglers], max_batch,
+                                      lambda rows: cost(arch, rows), now)
     stack = [t for t in first if t.name not in stragglers]
     if len(stack) < 2:                            # no peer waiting: nothing to stack
         stack = []
@@ -154,6 +186,7 @@ class SpaceTimeScheduler:
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = cache_size
         self.counts = {"launches": 0, "stacked": 0, "cache hits": 0, "cache misses": 0, "straggler evictions": 0}
+        self.latency: dict = {}                  # (arch, row bucket) -> measured stacked-launch seconds (EWMA)
         self.order: deque = deque(maxlen=4096)   # (tenant, deadline) in the order requests were served
         self.cond = threading.Condition()
         self.closed = False
@@ -197,7 +230,7 @@ class SpaceTimeScheduler:
                 if self.closed:
                     return
                 self._wait_for_batch()
-                launch = plan_launch(self.policy, self.tenants, self.max_batch)
+                launch = plan_launch(self.policy, self.tenants, self.max_batch, time.monotonic(), self.launch_seconds)
                 if launch is None:
                     continue
                 for name, reqs in launch.stacked + launch.separate:
@@ -244,6 +277,10 @@ class SpaceTimeScheduler:
         self.backend.account(*self._device_seconds(launch, wall))
         done = time.monotonic()
         with self.cond:
+            if launch.stacked:
+                name = launch.stacked[0][0]
+                key = (self.tenants[name].arch, power_of_two(max(sum(r.rows for r in reqs) for _, reqs in launch.stacked)))
+                self.latency[key] = wall if key not in self.latency else 0.7 * self.latency[key] + 0.3 * wall
             self.counts["launches"] += 1
             self.counts["stacked"] += bool(launch.stacked)
             self.counts["straggler evictions"] += len(launch.stragglers)
@@ -260,6 +297,10 @@ class SpaceTimeScheduler:
                     t.attained += done <= r.deadline
                     self.order.append((name, r.deadline))
                     r.future.set_result(part)
+
+    def launch_seconds(self, arch: tuple, rows: int) -> float | None:
+        """The measured latency of this group's stacked launches at ``rows`` rows per tenant."""
+        return self.latency.get((arch, power_of_two(rows)))
 
     def _batch(self, reqs):
         torch = self.backend.torch
@@ -319,7 +360,9 @@ class SpaceTimeScheduler:
                            "slo_ms": t.slo * 1000, "attainment": t.attained / t.requests if t.requests else None,
                            "p50_ms": _pct(t.latencies, 50), "p99_ms": _pct(t.latencies, 99)}
                        for n, t in self.tenants.items()}
-            return {"policy": self.policy, "backend": self.backend.name, **self.counts, "tenants": tenants}
+            measured = {f"{arch[0]} x{rows}": seconds * 1000 for (arch, rows), seconds in sorted(self.latency.items())}
+            return {"policy": self.policy, "backend": self.backend.name, **self.counts, "tenants": tenants,
+                    "stacked launch ms": measured}
 
     def sample(self) -> dict:
         """One monitor sample: utilization (time a kernel ran; SMs busy where known), memory,
