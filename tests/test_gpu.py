@@ -330,6 +330,8 @@ def test_no_gpu_means_the_simulated_backend_not_a_crash():
     assert make_backend("cpu").name == "cpu" and make_backend("sim:v100").profile.name == "V100"
     with pytest.raises(ValueError, match="unknown backend"):
         make_backend("tpu")
+    with pytest.raises(RuntimeError, match="needs a CUDA device.*'sim:h200'"):
+        make_backend("cuda")
 
 
 class Classifier(TorchModel):

@@ -381,6 +381,11 @@ def make_backend(spec: str = "auto") -> Backend:
             pass
         return SimBackend("h200")
     if spec == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"backend 'cuda' needs a CUDA device and torch {torch.__version__} sees none; "
+                               "use 'auto' (simulated H200 without one), 'sim:h200' or 'cpu'")
         return CUDABackend()
     if spec == "cpu":
         return CPUBackend()
