@@ -248,6 +248,10 @@ def test_the_simulated_v100_reproduces_the_papers_ordering_and_ratios():
     square = Gemm(256, 256, 256)
     assert _geomean_ratio([gflops("spacetime", square, r, v100) for r in rs],
                           [gflops("space", square, r, v100) for r in rs]) == pytest.approx(4.93, rel=0.25)
+    rnn = Gemm(512, 1, 512)                                   # memory-bound: time-only is the next best
+    per = {p: [gflops(p, rnn, r, v100) for r in rs] for p in ("time", "space", "spacetime")}
+    assert _geomean_ratio(per["time"], per["space"]) > 1
+    assert _geomean_ratio(per["spacetime"], per["time"]) == pytest.approx(2.48, rel=0.25)
     # the sawtooth: one more problem than a full wave costs throughput
     assert gflops("spacetime", conv, 21, v100) < gflops("spacetime", conv, 20, v100)
 

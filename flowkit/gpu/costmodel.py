@@ -10,6 +10,12 @@ running R tenants' kernels:
   share the SMs (processor sharing), each slowed by ``stream_penalty``;
 - ``spacetime``: one batched launch whose grid is all R grids (the super-kernel).
 
+A mat-vec (a GEMM with a dimension of one, or a few) launched on its own runs as a memory-bound
+gemv kernel spread over the whole GPU: short, but concurrent ones only contend for the same
+bandwidth, so streams gain nothing over taking turns (the paper's RNN case, where time-only was
+the next best). A batched GEMM has no such kernel: it pads the thin dimension to a full tile,
+which is why stacking gains far less for mat-vecs than for square shapes.
+
 >>> from flowkit.gpu.profiles import PROFILES
 >>> v100 = PROFILES["v100"]
 >>> t, s, st = (policy_seconds(p, Gemm(256, 128, 1152), 20, v100) for p in ("time", "space", "spacetime"))
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 
 from .profiles import DeviceProfile
 
-__all__ = ["Gemm", "kernel_seconds", "policy_seconds", "gflops", "sm_seconds"]
+__all__ = ["Gemm", "kernel_seconds", "solo_seconds", "policy_seconds", "gflops", "sm_seconds"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,11 @@ class Gemm:
     def ctas(self, tile: int) -> int:
         return math.ceil(self.m / tile) * math.ceil(self.n / tile)
 
+    @property
+    def thin(self) -> bool:
+        """A mat-vec (or nearly): solo, a library runs it as a gemv kernel, not as GEMM tiles."""
+        return min(self.m, self.n) <= 8
+
 
 def _wave_seconds(g: Gemm, p: DeviceProfile) -> float:
     """Time of one full wave: every SM runs ``blocks_per_sm`` tiles (compute or memory bound)."""
@@ -70,6 +81,13 @@ def kernel_seconds(g: Gemm, problems: int, p: DeviceProfile) -> float:
     return p.fixed_us * 1e-6 + max(cost, 0.5) * _wave_seconds(g, p)
 
 
+def solo_seconds(g: Gemm, p: DeviceProfile) -> float:
+    """Device time of one tenant's kernel launched on its own (time and space multiplexing)."""
+    if g.thin:
+        return p.gemv_us * 1e-6 + g.bytes / (p.mem_gbs * 1e9 * p.gemv_bandwidth)
+    return kernel_seconds(g, 1, p)
+
+
 def sm_seconds(g: Gemm, problems: int, p: DeviceProfile) -> float:
     """The work in ``problems`` copies of ``g`` as SM-seconds: device seconds with every SM busy.
 
@@ -89,8 +107,8 @@ def sm_seconds(g: Gemm, problems: int, p: DeviceProfile) -> float:
 def _space_seconds(g: Gemm, tenants: int, p: DeviceProfile) -> float:
     """Discrete-event processor sharing: launches every ``launch_us``; in-flight kernels share SMs."""
     slots = p.sms * p.blocks_per_sm
-    demand = g.ctas(p.tile)
-    solo = kernel_seconds(g, 1, p)
+    demand = slots if g.thin else g.ctas(p.tile)   # a gemv kernel spreads over every SM
+    solo = solo_seconds(g, p)
     launches = [i * p.launch_us * 1e-6 for i in range(tenants)]
     running: list[list[float]] = []  # [remaining solo-seconds of work]
     now, done, i = 0.0, 0, 0
@@ -120,7 +138,7 @@ def _space_seconds(g: Gemm, tenants: int, p: DeviceProfile) -> float:
 def policy_seconds(policy: str, g: Gemm, tenants: int, p: DeviceProfile) -> float:
     """Time for ``tenants`` copies of ``g`` under ``policy`` (time | space | spacetime)."""
     if policy == "time":
-        return tenants * (p.switch_us * 1e-6 + p.launch_us * 1e-6 + kernel_seconds(g, 1, p))
+        return tenants * (p.switch_us * 1e-6 + p.launch_us * 1e-6 + solo_seconds(g, p))
     if policy == "space":
         return _space_seconds(g, tenants, p)
     if policy == "spacetime":
