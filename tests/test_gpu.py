@@ -202,6 +202,87 @@ def test_the_dispatcher_measures_stacked_launches_and_evicts_by_them():
         sched.close()
 
 
+class Pooled(nn.Module):
+    """Takes images of any size (adaptive pooling); its data-dependent branch defeats ``vmap``
+    when ``branchy``."""
+
+    def __init__(self, seed: int, branchy: bool = False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.head, self.branchy = nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 3), branchy
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.branchy and bool(y.mean() > 0):   # Python control flow on a tensor's value
+            y = -y
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def _solo(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_a_bad_request_fails_alone_and_its_error_names_the_tenant():
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        models = {f"t{i}": tenant_model(i) for i in range(3)}
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        good = torch.randn(2, 8, 6, 6)
+        with sched.cond:   # one launch: good rows of every tenant and a request with 5 channels, not 8
+            futs = [(n, sched.submit(n, good)) for n in models] + [("t1", sched.submit("t1", torch.randn(1, 5, 6, 6)))]
+            futs += [("t2", sched.submit("t2", good))]
+        *fine, (_, bad), (_, after) = futs
+        for name, f in fine + [("t2", after)]:
+            assert torch.allclose(f.result(30), _solo(models[name], good), atol=1e-5)
+        with pytest.raises(RuntimeError) as info:
+            bad.result(30)
+        assert "tenant 't1', a request of 1 row(s) of shape (5, 6, 6)" in "\n".join(info.value.__notes__)
+        assert sched.stats()["failed requests"] == 1 and sched.stats()["unstackable groups"] == 0
+    finally:
+        sched.close()
+
+
+def test_requests_of_other_shapes_batch_apart_and_models_vmap_cannot_stack_run_unstacked():
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        models = {"p0": Pooled(0), "p1": Pooled(1), "b0": Pooled(2, branchy=True), "b1": Pooled(3, branchy=True)}
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        assert sched.tenants["p0"].arch == sched.tenants["p1"].arch   # same structure and settings: one group
+        assert sched.tenants["p0"].arch != sched.tenants["b0"].arch   # a setting differs: never one program
+        xs = [torch.randn(1 + i % 2, 8, 5 + i % 3, 5 + i % 3) for i in range(12)]   # three image sizes
+        for round_ in range(2):
+            with sched.cond:
+                futs = [(n, x, sched.submit(n, x)) for x in xs for n in models]
+            for name, x, f in futs:
+                assert torch.allclose(f.result(30), _solo(models[name], x), atol=1e-5), (round_, name, x.shape)
+        stats = sched.stats()
+        assert stats["failed requests"] == 0 and stats["unstackable groups"] == 1
+        assert sched.tenants["b0"].arch != sched.tenants["b1"].arch      # never grouped again
+    finally:
+        sched.close()
+
+
+def test_bad_submissions_are_refused_and_closing_fails_what_is_queued():
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    sched.add_tenant("t", tenant_model(0))
+    with pytest.raises(ValueError, match="tenant 't': a request is a tensor of rows"):
+        sched.submit("t", [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one row"):
+        sched.submit("t", torch.randn(0, 8, 6, 6))
+    with sched.cond:                     # queued, and the dispatcher has not taken it yet
+        queued = sched.submit("t", torch.randn(1, 8, 6, 6))
+        sched.closed = True
+        sched.cond.notify_all()
+    sched.close()
+    with pytest.raises(fk.FlowError, match="closed before this request ran"):
+        queued.result(5)
+    with pytest.raises(fk.FlowError, match="the GPU scheduler is closed"):
+        sched.submit("t", torch.randn(1, 8, 6, 6))
+
+
 def test_the_dispatcher_serves_queued_requests_in_deadline_order():
     sched = SpaceTimeScheduler(CPUBackend(), "time")
     try:

@@ -22,6 +22,7 @@ Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -30,12 +31,15 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any
 
+from ..errors import FlowError
 from .backends import Backend, SimBackend, power_of_two
 
 __all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "slow_stragglers", "POLICIES", "current",
            "install"]
 
 POLICIES = ("time", "batch", "space", "spacetime")
+
+logger = logging.getLogger("flowkit.gpu")
 
 
 @dataclass(eq=False)
@@ -46,6 +50,7 @@ class Request:
     arrival: float
     deadline: float
     future: Future = field(default_factory=Future)
+    shape: tuple = ()                            # a row's shape: only requests of one shape batch together
 
 
 @dataclass(eq=False)
@@ -80,10 +85,11 @@ class Launch:
 
 
 def _take(queue, max_rows: int) -> tuple:
-    """Queued requests from the head, up to ``max_rows`` rows (always at least one request)."""
+    """Queued requests from the head with the head's row shape, up to ``max_rows`` rows (always at
+    least one request)."""
     out, rows = [], 0
     for r in queue:
-        if out and rows + r.rows > max_rows:
+        if out and (rows + r.rows > max_rows or r.shape != out[0].shape):
             break
         out.append(r)
         rows += r.rows
@@ -146,10 +152,10 @@ def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int, now: fl
         return Launch("concurrent", separate=tuple((t.name, _take(t.queue, max_batch)) for t in waiting))
     if policy != "spacetime":
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    groups: dict = {}                             # architecture -> its waiting tenants, in EDF order
+    groups: dict = {}                             # (architecture, row shape) -> its waiting tenants, in EDF order
     for t in waiting:
-        groups.setdefault(t.arch, []).append(t)
-    first = groups.pop(waiting[0].arch)           # EDF across architecture groups
+        groups.setdefault((t.arch, t.queue[0].shape), []).append(t)
+    first = groups.pop((waiting[0].arch, waiting[0].queue[0].shape))   # EDF across groups
     stragglers = find_stragglers({t.name: t.rows for t in first})
     if cost is not None:
         arch = first[0].arch
@@ -167,8 +173,29 @@ def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int, now: fl
 
 
 def architecture(module) -> tuple:
-    """Tenants stack only when their modules have the same class and parameter shapes."""
-    return (type(module).__qualname__,) + tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    """What must be equal for tenants to stack: a stacked program runs the first tenant's code
+    with every tenant's parameters and buffers, so the classes, the tensors' shapes and dtypes and
+    every plain setting of every submodule (a stride, a flag, train or eval) must match; any other
+    attribute must be the very same object.
+
+    >>> from torch import nn
+    >>> architecture(nn.Linear(4, 2)) == architecture(nn.Linear(4, 2))
+    True
+    >>> architecture(nn.Conv2d(3, 8, 3)) == architecture(nn.Conv2d(3, 8, 3, stride=2))
+    False
+    """
+    def setting(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (tuple, list)):
+            return tuple(setting(x) for x in v)
+        return (type(v).__qualname__, id(v))
+
+    parts = [(name, type(m).__qualname__,
+              tuple(sorted((k, setting(v)) for k, v in vars(m).items() if not k.startswith("_"))))
+             for name, m in module.named_modules()]
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in (*module.named_parameters(), *module.named_buffers())]
+    return (type(module).__qualname__, *parts, *tensors)
 
 
 class SpaceTimeScheduler:
@@ -185,7 +212,8 @@ class SpaceTimeScheduler:
         self.tenants: dict[str, Tenant] = {}
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = cache_size
-        self.counts = {"launches": 0, "stacked": 0, "cache hits": 0, "cache misses": 0, "straggler evictions": 0}
+        self.counts = {"launches": 0, "stacked": 0, "cache hits": 0, "cache misses": 0, "straggler evictions": 0,
+                       "failed requests": 0, "unstackable groups": 0}
         self.latency: dict = {}                  # (arch, row bucket) -> measured stacked-launch seconds (EWMA)
         self.order: deque = deque(maxlen=4096)   # (tenant, deadline) in the order requests were served
         self.cond = threading.Condition()
@@ -208,18 +236,30 @@ class SpaceTimeScheduler:
         t = self.tenants.get(tenant)
         if t is None:
             raise KeyError(f"unknown tenant {tenant!r}; add it with add_tenant first")
+        shape = tuple(getattr(x, "shape", ()))
+        if not shape or shape[0] < 1:
+            raise ValueError(f"tenant {tenant!r}: a request is a tensor of rows [rows, ...] with at least one "
+                             f"row; got {type(x).__name__} of shape {shape}")
         now = time.monotonic()
-        req = Request(tenant, x, int(x.shape[0]), now, now + t.slo)
+        req = Request(tenant, x, int(shape[0]), now, now + t.slo, shape=shape[1:])
         with self.cond:
+            if self.closed:
+                raise FlowError(f"tenant {tenant!r}: the GPU scheduler is closed")
             t.queue.append(req)
             self.cond.notify()
         return req.future
 
     def close(self) -> None:
+        """Stop the dispatcher; requests still queued fail (none is left waiting)."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
         self.thread.join(5)
+        with self.cond:
+            for t in self.tenants.values():
+                while t.queue:
+                    t.queue.popleft().future.set_exception(
+                        FlowError(f"tenant {t.name!r}: the GPU scheduler closed before this request ran"))
 
     # -- dispatch -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -257,27 +297,17 @@ class SpaceTimeScheduler:
     def _run(self, launch: Launch) -> None:
         t0 = time.perf_counter()
         try:
-            results = {}
-            if launch.separate:   # first, so that on a GPU they run on their streams beside the stack
-                pairs = [(self.tenants[n].module, self._batch(reqs)) for n, reqs in launch.separate]
-                if len(pairs) == 1 and not launch.stacked:
-                    outs = [self.backend.forward(*pairs[0])]
-                else:
-                    outs = self.backend.forward_concurrent(pairs)
-                results.update({n: out for (n, _), out in zip(launch.separate, outs)})
-            if launch.stacked:
-                results.update(self._run_stacked(launch.stacked))
-            self.backend.synchronize()   # every stream's outputs are ready
+            outputs = self._launch(launch)
+        except Exception as e:   # one bad request must not fail its batch or stack: run each alone
+            outputs = self._one_by_one(launch, e)
         except BaseException as e:
-            for _, reqs in launch.stacked + launch.separate:
-                for r in reqs:
-                    r.future.set_exception(e)
-            return
+            outputs = {r: e for _, reqs in launch.stacked + launch.separate for r in reqs}
         wall = time.perf_counter() - t0
+        failed = any(isinstance(out, BaseException) for out in outputs.values())
         self.backend.account(*self._device_seconds(launch, wall))
         done = time.monotonic()
         with self.cond:
-            if launch.stacked:
+            if launch.stacked and not failed:
                 name = launch.stacked[0][0]
                 key = (self.tenants[name].arch, power_of_two(max(sum(r.rows for r in reqs) for _, reqs in launch.stacked)))
                 self.latency[key] = wall if key not in self.latency else 0.7 * self.latency[key] + 0.3 * wall
@@ -286,17 +316,64 @@ class SpaceTimeScheduler:
             self.counts["straggler evictions"] += len(launch.stragglers)
             for name, reqs in launch.stacked + launch.separate:
                 t = self.tenants[name]
-                out, start = results[name], 0
                 for r in reqs:
-                    part = out[start:start + r.rows]
-                    start += r.rows
-                    latency = done - r.arrival
+                    out = outputs[r]
+                    if isinstance(out, BaseException):
+                        self.counts["failed requests"] += 1
+                        r.future.set_exception(out)
+                        continue
                     t.requests += 1
                     t.served_rows += r.rows
-                    t.latencies.append(latency)
+                    t.latencies.append(done - r.arrival)
                     t.attained += done <= r.deadline
                     self.order.append((name, r.deadline))
-                    r.future.set_result(part)
+                    r.future.set_result(out)
+
+    def _launch(self, launch: Launch) -> dict:
+        """Run a launch; each request's output rows."""
+        results = {}
+        if launch.separate:   # first, so that on a GPU they run on their streams beside the stack
+            pairs = [(self.tenants[n].module, self._batch(reqs)) for n, reqs in launch.separate]
+            if len(pairs) == 1 and not launch.stacked:
+                outs = [self.backend.forward(*pairs[0])]
+            else:
+                outs = self.backend.forward_concurrent(pairs)
+            results.update({n: out for (n, _), out in zip(launch.separate, outs)})
+        if launch.stacked:
+            results.update(self._run_stacked(launch.stacked))
+        self.backend.synchronize()   # every stream's outputs are ready
+        outputs = {}
+        for name, reqs in launch.stacked + launch.separate:
+            start = 0
+            for r in reqs:
+                outputs[r] = results[name][start:start + r.rows]
+                start += r.rows
+        return outputs
+
+    def _one_by_one(self, launch: Launch, error: Exception) -> dict:
+        """After a launch failed: each request on its own, so only those that fail alone fail (their
+        error names the tenant). If every request runs alone, it was the stacking that failed (a
+        model ``vmap`` cannot batch): that architecture is not stacked again."""
+        items = [(name, r) for name, reqs in launch.stacked + launch.separate for r in reqs]
+        outputs = {}
+        for name, r in items:
+            try:
+                if len(items) == 1:
+                    raise error
+                outputs[r] = self.backend.forward(self.tenants[name].module, self._batch((r,)))
+                self.backend.synchronize()
+            except Exception as e:
+                e.add_note(f"flowkit.gpu: tenant {name!r}, a request of {r.rows} row(s) of shape {r.shape}")
+                outputs[r] = e
+        if launch.stacked and not any(isinstance(o, Exception) for o in outputs.values()):
+            arch = self.tenants[launch.stacked[0][0]].arch
+            logger.warning("stacking %s failed (%r); its tenants run unstacked from now on", arch[0], error)
+            with self.cond:
+                self.counts["unstackable groups"] += 1
+                for t in self.tenants.values():
+                    if t.arch == arch:
+                        t.arch = ("unstackable", t.name)   # a group of one: never stacked again
+        return outputs
 
     def launch_seconds(self, arch: tuple, rows: int) -> float | None:
         """The measured latency of this group's stacked launches at ``rows`` rows per tenant."""
