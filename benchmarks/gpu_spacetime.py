@@ -84,6 +84,29 @@ def block_seconds(backend, policy: str, tenants: int, dtype: str, iters: int) ->
     return (time.perf_counter() - t0) / iters, flops
 
 
+def sm_busy(backend, g: Gemm, tenants: int, seconds: float = 0.5) -> dict:
+    """NVML GPM's SM utilization and occupancy (%) while each policy runs ``tenants`` copies of ``g``
+    for about ``seconds`` (a GPU with GPM only; {} elsewhere). Rough: the window includes the
+    operands' allocation between rounds."""
+    from flowkit.gpu.monitor import GpmSampler, nvml_handle
+
+    try:
+        gpm = GpmSampler(*nvml_handle())
+    except Exception as e:   # no NVML, no GPM (pre-Hopper, a sandbox): say so, measure nothing
+        print(f"GPM not available: {e!r}", flush=True)
+        return {}
+    out = {}
+    for policy in POLICIES:
+        gpm.read()
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            backend.gemm_seconds(policy, g, tenants, iters=20)
+        backend.synchronize()
+        out[policy] = gpm.read()
+        print(f"SMs busy under {policy}: {out[policy]}", flush=True)
+    return out
+
+
 def main(device: str, quick: bool = False) -> dict:
     import torch
 
@@ -94,7 +117,7 @@ def main(device: str, quick: bool = False) -> dict:
     rs = [1, 2, 5, 10, 20, 32, 40, 64, 80, 120] if not quick else [1, 2, 10, 20, 40]
     if device == "cpu" and not quick:
         rs = [1, 2, 5, 10, 20, 32, 40]
-    iters = {"cuda": 30, "cpu": 3}.get(device, 1)
+    iters = {"cuda": 50, "cpu": 3}.get(device, 1)
     dtypes = ["fp32", "bf16"]
     rows, summary = [], []
     t_start = time.time()
@@ -124,6 +147,7 @@ def main(device: str, quick: bool = False) -> dict:
                 plot(RESULTS / f"gpu_spacetime_{device.replace(':', '_')}_{name.split()[0]}.png",
                      {p: (rs, series[p]) for p in POLICIES}, "concurrent tenants R", "GFLOP/s",
                      f"{name} on {backend.name} (FP32)", logy=True)
+    sm = sm_busy(backend, Gemm(*SHAPES["conv2_2 GEMM 256x128x1152"]), 40) if device == "cuda" else {}
     elapsed = time.time() - t_start
     md = "## geometric means over R = " + ", ".join(map(str, rs)) + "\n\n"
     md += table(summary, ["dtype", "workload", "spacetime/space", "spacetime/time", "paper spacetime/space",
@@ -133,10 +157,13 @@ def main(device: str, quick: bool = False) -> dict:
                          and x["R"] == r["R"] and x["policy"] == p) for p in POLICIES}}
              for r in rows if r["policy"] == "time"]
     md += "\n\n## GFLOP/s per R\n\n" + table(per_r, ["dtype", "workload", "R", *POLICIES])
+    if sm:
+        md += "\n\n## SMs busy while each policy runs 40 tenants' conv GEMMs (NVML GPM, FP32)\n\n"
+        md += table([{"policy": p, **v} for p, v in sm.items()], ["policy", "sm_utilization", "sm_occupancy"])
     md += f"\n\ndevice: {backend.name}; ran in {elapsed:.1f} s"
     print(md)
     save(f"gpu_spacetime_{device.replace(':', '_')}", {"device": backend.name, "rows": rows, "summary": summary,
-                                                       "seconds": elapsed, "quick": quick}, md)
+                                                       "seconds": elapsed, "quick": quick, "sm_busy": sm}, md)
     return {"summary": summary}
 
 

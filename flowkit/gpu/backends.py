@@ -349,13 +349,14 @@ class CUDABackend(Backend):
 
         for _ in range(3):
             once()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(main)
-        for _ in range(iters):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        events[0].record(main)
+        for e in events[1:]:
             once()
-        end.record(main)
-        end.synchronize()
-        return start.elapsed_time(end) / 1000 / iters
+            e.record(main)
+        events[-1].synchronize()
+        rounds = sorted(a.elapsed_time(b) for a, b in zip(events, events[1:]))
+        return rounds[len(rounds) // 2] / 1000   # the median round, in seconds
 
 
 @dataclass

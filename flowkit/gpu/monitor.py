@@ -7,14 +7,15 @@ was running) hides when small kernels leave most SMs idle."""
 
 from __future__ import annotations
 
-__all__ = ["device_sample", "nvml_available", "GpmSampler"]
+__all__ = ["device_sample", "nvml_available", "nvml_handle", "GpmSampler"]
 
 _nvml = None
 _nvml_failed = False
 _gpm = None
 
 
-def _handle():
+def nvml_handle():
+    """``(pynvml, device 0's handle)``, or None where NVML cannot be used."""
     global _nvml, _nvml_failed
     if _nvml is not None or _nvml_failed:
         return _nvml
@@ -29,7 +30,7 @@ def _handle():
 
 
 def nvml_available() -> bool:
-    return _handle() is not None
+    return nvml_handle() is not None
 
 
 class GpmSampler:
@@ -65,7 +66,7 @@ class GpmSampler:
 def _gpm_sampler():
     global _gpm
     if _gpm is None:
-        pynvml, dev = _handle()
+        pynvml, dev = nvml_handle()
         try:
             _gpm = GpmSampler(pynvml, dev)
         except Exception:   # no GPM here (older GPU, a sandbox, an old driver): NVML figures only
@@ -78,7 +79,7 @@ def device_sample(backend) -> dict | None:
     the backend is a real GPU; else None."""
     if not backend.name.startswith("cuda"):
         return None
-    h = _handle()
+    h = nvml_handle()
     if h is None:
         return None
     pynvml, dev = h
