@@ -203,6 +203,52 @@ def _connected_to_both_workers(dep) -> None:
     assert len(dep.workers) == 2
 
 
+def test_the_framed_transport_carries_messages_and_payloads_and_reports_a_closed_peer():
+    import asyncio
+
+    from flowkit.runtime import framed
+
+    async def main():
+        async def echo(comm):
+            while True:
+                msg = await comm.read()
+                if msg.get("kind") == "close":
+                    return
+                await comm.write({**msg, "echo": True})
+
+        server, port = await framed.serve("127.0.0.1", echo)
+        comm = await framed.connect("127.0.0.1", port)
+        big = os.urandom(3 * 2 ** 20)
+        sent = [{"id": 1}, {"id": 2, "payload": b"small"}, {"id": 3, "payload": big}, {"id": 4, "payload": b""}]
+        got = []
+        for msg in sent:
+            await comm.write(msg)
+            got.append(await comm.read())
+        assert got == [{**m, "echo": True} for m in sent]
+        assert sent[2]["payload"] is big and "payload" in sent[2]   # the caller's message is left as it was
+        await comm.write({"kind": "close"})                         # the server ends the connection
+        with pytest.raises(ConnectionError):
+            await comm.read()
+        assert comm.closed()
+        with pytest.raises(ConnectionError):
+            await comm.write({"id": 5})
+        server.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("framed", [True, False])
+def test_sessions_use_the_framed_transport_on_plain_tcp_and_dask_comm_when_told_not_to(client, monkeypatch, framed):
+    monkeypatch.setenv("FLOWKIT_FRAMED", "1" if framed else "0")
+    flow, data, _, expected = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client) as dep:
+        _connected_to_both_workers(dep)
+        kinds = {type(s.comm).__name__ for s in dep._router.sessions.values()}
+        assert kinds == ({"FramedComm"} if framed else {"TCP"})
+        futs = [dep.submit(data) for _ in range(20)]
+        assert all(rows(f.result(30)) == expected for f in futs)
+
+
 def _leave(client, dep, address: str) -> None:
     """Make ``address`` leave the deployment, as the plugin's teardown does on retirement."""
     def leave(dask_worker, deployment=dep.id):

@@ -255,5 +255,7 @@ def test_a_deployment_on_a_tls_secured_cluster_works_end_to_end():
         with fk.deploy(flow, cluster=c) as dep:
             assert all(w.startswith("tls://") for w in dep.workers)
             assert dep.run({"x": [1, 2]}).column("y") == [2, 4]
+            # with TLS, request sessions stay on dask's (encrypted) comm, never the framed plain-TCP one
+            assert {type(s.comm).__name__ for s in dep._router.sessions.values()} == {"TLS"}
             with dep.serve() as server:
                 assert call(server, "POST", PREDICT, {"rows": [{"x": 4}]})[1]["rows"][0]["y"] == 8

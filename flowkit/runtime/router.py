@@ -10,8 +10,10 @@ then fails with a ``FlowError`` that says so: no request is left hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -22,6 +24,7 @@ from typing import Callable
 from distributed.comm import connect
 
 from ..errors import FlowError
+from . import framed
 from .wire import loads
 
 __all__ = ["Router", "Request", "WorkerGone"]
@@ -91,9 +94,12 @@ class Router:
     """Routes requests to worker sessions from a background event loop."""
 
     def __init__(self, deployment: str, connection_args: dict | None = None, retries: int = 2,
-                 wait_for_workers: float = 60.0, on_done: Callable[[Request, bool], None] | None = None):
+                 wait_for_workers: float = 60.0, on_done: Callable[[Request, bool], None] | None = None,
+                 framed: bool | None = None):
         self.deployment = deployment
         self.connection_args = connection_args or {}
+        # sessions over the workers' framed TCP listeners where the cluster is plain TCP (see framed.py)
+        self.framed = os.environ.get("FLOWKIT_FRAMED", "1") != "0" if framed is None else framed
         self.retries = retries
         self.wait_for_workers = wait_for_workers
         self.on_done = on_done
@@ -211,6 +217,7 @@ class Router:
                     logger.debug("connect to %s failed: %s", address, e)
                     hello, comm = {"ok": False, "error": str(e)}, None
                 if hello.get("ok"):
+                    comm = await self._framed(address, hello, comm)
                     session = Session(self, address, comm, hello.get("nthreads", 1))
                     self.sessions[address] = session
                     asyncio.ensure_future(session.read_forever())
@@ -226,6 +233,26 @@ class Router:
                 await asyncio.sleep(min(0.05 * 2 ** i, 1.0))
         finally:
             self.connecting.pop(address, None)
+
+    async def _framed(self, address: str, hello: dict, comm):
+        """The session's connection: the worker's framed TCP listener when it has one and this
+        connection is plain TCP (no TLS); else the dask comm it said hello on."""
+        where = hello.get("framed")
+        if not (where and self.framed and address.startswith("tcp://") and not self.connection_args.get("ssl_context")):
+            return comm
+        try:
+            fast = await framed.connect(*where)
+            await fast.write({"deployment": self.deployment})
+            if not (await fast.read()).get("ok"):
+                fast.abort()
+                return comm
+        except OSError as e:   # unreachable from here (a firewall, NAT): stay on dask's comm
+            logger.debug("framed session to %s at %s failed: %s", address, where, e)
+            return comm
+        with contextlib.suppress(Exception):
+            await comm.write({"kind": "close"})
+            await comm.close()
+        return fast
 
     def _dispatch(self, req: Request) -> None:
         if req.id == 0:

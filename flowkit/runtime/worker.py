@@ -18,11 +18,13 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from distributed.comm.addressing import get_address_host
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..plan import AnyOf, Lookup, Plan, Stage
 from ..table import Table
+from . import framed
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
 from .peers import Peers
@@ -53,6 +55,7 @@ class DeploymentPlugin(WorkerPlugin):
     async def setup(self, worker) -> None:
         _tune_malloc()
         deployments = _install(worker)
+        await _serve_framed(worker)
         dep = WorkerDeployment(self.deployment, loads(self.plan), worker, self.options)
         # Models load before the worker takes requests: deploy() returns with every current
         # worker warm, and a worker added by scaling gets traffic only once its models are in.
@@ -64,6 +67,10 @@ class DeploymentPlugin(WorkerPlugin):
         dep = getattr(worker, "_flowkit", {}).pop(self.deployment, None)
         if dep is not None:
             dep.close()
+        listener = getattr(worker, "_flowkit_framed", None)
+        if listener is not None and not getattr(worker, "_flowkit", None):   # its last deployment went
+            listener[2].close()
+            worker._flowkit_framed = None
 
 
 def _tune_malloc() -> None:
@@ -99,13 +106,37 @@ def _install(worker) -> dict:
     return worker._flowkit
 
 
+async def _serve_framed(worker) -> None:
+    """Start the worker's framed-TCP session listener (see ``framed``) on its own host, once.
+    Plain-TCP workers only: with TLS, sessions stay on dask's comm."""
+    if getattr(worker, "_flowkit_framed", None) is not None or not worker.address.startswith("tcp://"):
+        return
+    host = get_address_host(worker.address)
+
+    async def on_connection(comm) -> None:
+        try:
+            hello = await comm.read()
+            await _session(worker, comm, hello.get("deployment"))
+        except OSError:
+            pass   # the client went away
+
+    try:
+        server, port = await framed.serve(host, on_connection)
+    except OSError as e:   # cannot listen there: sessions use dask's comm
+        logger.info("no framed session listener on %s: %s", host, e)
+        return
+    worker._flowkit_framed = (host, port, server)
+
+
 async def _session(worker, comm, deployment: str) -> Status:
     """Serve one client connection: answer ``hello``, then requests, until it closes."""
     dep = worker._flowkit.get(deployment)
     if dep is None:
         await comm.write({"ok": False, "error": f"deployment {deployment!r} is not set up on {worker.address}"})
         return Status.dont_reply
-    await comm.write({"ok": True, "worker": worker.address, "nthreads": worker.state.nthreads})
+    listener = getattr(worker, "_flowkit_framed", None)
+    await comm.write({"ok": True, "worker": worker.address, "nthreads": worker.state.nthreads,
+                      "framed": listener[:2] if listener else None})
     lock = asyncio.Lock()
     tasks: set = set()
 
