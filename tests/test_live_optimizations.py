@@ -325,3 +325,23 @@ def test_cpu_bound_replicas_are_hedged_and_waiting_ones_race_at_once(client):
     assert not_needed >= 10 and not_needed + hedged == 40 - 20   # hedged once 20 races are measured
     assert second <= 20 + hedged                                 # the second replica ran only when hedged
     assert counts["_sleepy"] == (0, 0, 40)                       # waiting replicas race every time
+
+
+def test_hedges_that_keep_losing_are_held_back_but_still_probed(client):
+    flow = fk.Flow("hedge_losing", SCHEMA)
+    flow.map(_spin, names=["y"], high_variance=True)
+    with fk.deploy(flow, cluster=client, optimize={"compete": 2}) as dep:
+        for i in range(20):                  # the race is measured: CPU-bound, so it is hedged from now on
+            dep.run({"x": [i]}, timeout=30)
+
+        def lost_ten(dask_worker, deployment=dep.id):   # as if its last 10 hedges all lost
+            dask_worker._flowkit[deployment].hedge_wins["_spin"].extend([False] * 10)
+
+        client.run(lost_ten)
+        for i in range(40):
+            assert dep.run({"x": [i]}, timeout=30).column("y") == [i + 1]
+        race = dep.stats().loc["_spin"]
+    held = _count(race, "hedges held (they lost)")
+    assert 30 <= held <= 40 - 3               # held back, except one race in ten, which still may hedge
+    assert _count(race, "hedged") + _count(race, "hedges not needed") <= 40 - held
+

@@ -106,6 +106,7 @@ class Router:
         self.sessions: dict[str, Session] = {}
         self.connecting: dict[str, asyncio.Future] = {}
         self.waiting: list[Request] = []
+        self._tasks: set = set()
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
@@ -194,15 +195,25 @@ class Router:
         self.thread.join(5)
 
     # -- on the loop ------------------------------------------------------------------------
+    def _spawn(self, coro) -> asyncio.Task:
+        """A task the router holds until it ends. asyncio keeps tasks only weakly, and a session's
+        reader waiting on a plain asyncio stream is reachable from nothing else (the stream's
+        protocol holds its reader weakly): unheld, a drained session's reader was garbage-collected
+        with the answers it was still waiting for."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def _spawn_connect(self, address: str) -> None:
         if address not in self.sessions and address not in self.connecting:
-            self.connecting[address] = asyncio.ensure_future(self._connect(address))
+            self.connecting[address] = self._spawn(self._connect(address))
 
     async def _session_for(self, address: str, attempts: int = 3) -> "Session | None":
         if address in self.sessions:
             return self.sessions[address]
         if address not in self.connecting:
-            self.connecting[address] = asyncio.ensure_future(self._connect(address, attempts))
+            self.connecting[address] = self._spawn(self._connect(address, attempts))
         await asyncio.shield(self.connecting[address])
         return self.sessions.get(address)
 
@@ -220,7 +231,7 @@ class Router:
                     comm = await self._framed(address, hello, comm)
                     session = Session(self, address, comm, hello.get("nthreads", 1))
                     self.sessions[address] = session
-                    asyncio.ensure_future(session.read_forever())
+                    self._spawn(session.read_forever())
                     self.ready.set()
                     waiting, self.waiting = self.waiting, []
                     for req in waiting:
@@ -240,11 +251,20 @@ class Router:
         where = hello.get("framed")
         if not (where and self.framed and address.startswith("tcp://") and not self.connection_args.get("ssl_context")):
             return comm
-        try:
+        async def handshake():
             fast = await framed.connect(*where)
-            await fast.write({"deployment": self.deployment})
-            if not (await fast.read()).get("ok"):
-                fast.abort()
+            try:
+                await fast.write({"deployment": self.deployment})
+                if (await fast.read()).get("ok"):
+                    return fast
+            except OSError:
+                pass
+            fast.abort()
+            return None
+
+        try:
+            fast = await asyncio.wait_for(handshake(), 5)   # a filtered port must not stall the session
+            if fast is None:
                 return comm
         except OSError as e:   # unreachable from here (a firewall, NAT): stay on dask's comm
             logger.debug("framed session to %s at %s failed: %s", address, where, e)
@@ -258,7 +278,7 @@ class Router:
         if req.id == 0:
             req.id = next(self.ids)
         if req.target is not None:
-            asyncio.ensure_future(self._send_to(req))
+            self._spawn(self._send_to(req))
             return
         if not self.sessions:
             req.waited_since = req.waited_since or time.monotonic()
@@ -266,7 +286,7 @@ class Router:
             return
         session = min(self.sessions.values(), key=lambda s: (len(s.inflight) / s.nthreads, s.address in req.workers))
         req.workers.append(session.address)
-        asyncio.ensure_future(session.send(req))
+        self._spawn(session.send(req))
 
     async def _send_to(self, req: Request) -> None:
         session = await self._session_for(req.target)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from distributed.comm.addressing import get_address_host
@@ -40,6 +41,8 @@ logger = logging.getLogger("flowkit.worker")
 READY_TOPIC = "flowkit-ready"
 INLINE_S = 0.002   # plans whose p99 is under this run on the worker's event loop (see _inline_ok)
 HEDGE_CPU_SHARE = 0.5   # replicas of a stage computing at least this share of its time are hedged
+HEDGE_MIN_WINS = 0.1    # a stage's hedges stop while fewer than this share of its recent ones won
+HEDGE_PROBE = 10        # ... but one race in this many still hedges, to notice when they would win again
 
 
 class DeploymentPlugin(WorkerPlugin):
@@ -188,6 +191,8 @@ class WorkerDeployment:
         threads = self.threads = max(1, worker.state.nthreads)
         self.busy = 0     # stage executions running or queued in this deployment's threads
         self.racing = 0   # races this worker is coordinating
+        self.hedge_wins = {op.name: deque(maxlen=50) for op in self.ops if isinstance(op, AnyOf)}   # recent hedges: won?
+        self.hedges_held = {op.name: 0 for op in self.ops if isinstance(op, AnyOf)}
         # Racing replicas, remote stages and batches must not queue behind each other.
         self.pool = ThreadPoolExecutor(threads if self.simple else threads * 8, thread_name_prefix=f"flowkit-{deployment}")
         self.store = WorkerStore(deployment, worker)
@@ -411,6 +416,7 @@ class _Execution:
         not finished by the race's recent p95 ("The Tail at Scale"), because racing a computation
         from the start doubles its demand for cores and cannot shorten variance that comes from
         the input itself. Stages that mostly wait (sleep, I/O, a device, a remote call) race at once.
+        Hedges that keep losing (a slow input is slow on every replica) stop: see ``_hedge_futile``.
         """
         replicas = [self.dep.by_name[r] for r in op.inputs]
         inputs = [await self.value(i) for i in replicas[0].inputs]
@@ -419,11 +425,23 @@ class _Execution:
         if self.dep.busy + self.dep.racing >= self.dep.threads:
             stats.count("races skipped (busy)")
             replicas = replicas[:1]
+        hedge_after = self._hedge_after(replicas[0], stats)
+        if len(replicas) > 1 and hedge_after is not None and self._hedge_futile(op.name):
+            stats.count("hedges held (they lost)")
+            replicas = replicas[:1]
         self.dep.racing += 1   # counted before any await, so a burst of requests sees it
         try:
-            return await self._run_race(op, replicas, inputs, stats, t0, self._hedge_after(replicas[0], stats))
+            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after)
         finally:
             self.dep.racing -= 1
+
+    def _hedge_futile(self, name: str) -> bool:
+        """Whether this race should not hedge: its stage's hedges keep losing (``hedges_losing``);
+        one race in ``HEDGE_PROBE`` hedges anyway, to notice when they would win again."""
+        if not hedges_losing(self.dep.hedge_wins[name]):
+            return False
+        self.dep.hedges_held[name] += 1
+        return self.dep.hedges_held[name] % HEDGE_PROBE != 0
 
     def _hedge_after(self, first, stats) -> float | None:
         """Seconds to give the first replica alone (None: race at once): the race's recent p95
@@ -443,6 +461,7 @@ class _Execution:
 
         start(replicas[0], None, Token())
         pending = set(tasks)
+        hedged = False
         if len(replicas) > 1 and hedge_after is not None:
             done, pending = await asyncio.wait(pending, timeout=hedge_after)
             if done:
@@ -451,6 +470,7 @@ class _Execution:
                 pending = done   # handled below, like any finished replica
             else:
                 stats.count("hedged")
+                hedged = True
         if len(replicas) > 1:
             others = await self.dep.peers.others()
             places = others[: len(replicas) - 1]
@@ -468,6 +488,8 @@ class _Execution:
                         tasks[p][2].cancel("a competing replica won")
                         p.cancel()
                     stats.count(f"wins {rep.name}")
+                    if hedged:
+                        self.dep.hedge_wins[op.name].append(rep is not replicas[0])
                     stats.count("cancelled losers", len(pending))
                     stats.record(time.perf_counter() - t0)
                     t = d.result()
@@ -494,6 +516,17 @@ class _Execution:
                     return Table._make(op.schema, t.rows, t.qids)
                 errors.append(d.exception())
         raise errors[0]
+
+
+def hedges_losing(wins) -> bool:
+    """Whether fewer than ``HEDGE_MIN_WINS`` of a stage's recent hedges (at least 10) beat the
+    replica they backed up: its variance is then the input's own (a slow input is slow on every
+    replica), and a hedge only takes a core from other requests.
+
+    >>> hedges_losing([False] * 12), hedges_losing([False] * 9 + [True] * 3), hedges_losing([False] * 5)
+    (True, False, False)
+    """
+    return len(wins) >= 10 and sum(wins) < HEDGE_MIN_WINS * len(wins)
 
 
 def _done(loop, value) -> asyncio.Future:
