@@ -317,6 +317,8 @@ def test_requests_queued_on_a_worker_when_it_leaves_run_elsewhere(client):
         time.sleep(0.05)   # its queued requests were turned away: the router dropped the session ...
         gc.collect()       # ... whose reader still waits for the running request's answer
         assert [f.result(30).column("y")[0] for f in futs] == [2 * i for i in range(10)]
+        time.sleep(0.1)
+        assert not dep._router.draining   # its connection closed once the last answer came
 
 
 def _batch_double(table) -> list[int]:

@@ -86,6 +86,11 @@ class Session:
                     self.router._drain(self, req)
                 else:
                     self.router._resolve(req, msg)
+                if not self.inflight and self in self.router.draining:   # a leaving worker's last answer
+                    self.router.draining.discard(self)
+                    self.closed = True
+                    await self.comm.close()
+                    return
         except Exception:
             await self.router._lost(self)
 
@@ -106,6 +111,7 @@ class Router:
         self.sessions: dict[str, Session] = {}
         self.connecting: dict[str, asyncio.Future] = {}
         self.waiting: list[Request] = []
+        self.draining: set[Session] = set()   # sessions of leaving workers, open for answers still due
         self._tasks: set = set()
         self.ids = itertools.count(1)
         self.loop = asyncio.new_event_loop()
@@ -154,7 +160,8 @@ class Router:
         return list(self.sessions)
 
     def inflight(self) -> int:
-        return sum(len(s.inflight) for s in list(self.sessions.values())) + len(self.waiting)
+        sessions = list(self.sessions.values()) + list(self.draining)
+        return sum(len(s.inflight) for s in sessions) + len(self.waiting)
 
     def mean_inflight(self, seconds: float = 2.0) -> float:
         """Mean requests in flight over the last ``seconds`` (sampled every 20 ms)."""
@@ -169,7 +176,7 @@ class Router:
     def close(self) -> None:
         async def shutdown():
             closed = FlowError("the deployment was closed before this request finished")
-            for s in list(self.sessions.values()):
+            for s in list(self.sessions.values()) + list(self.draining):
                 s.closed = True
                 try:
                     await s.comm.write({"kind": "close"})
@@ -179,12 +186,15 @@ class Router:
                 for req in s.inflight.values():
                     self._fail(req, closed)
             self.sessions.clear()
+            self.draining.clear()
             for req in self.waiting:
                 self._fail(req, closed)
             self.waiting.clear()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            if others:   # let them end here, not be destroyed pending with the loop
+                await asyncio.wait(others, timeout=1)
 
         if self.loop.is_running():
             try:
@@ -324,6 +334,7 @@ class Router:
         comes here too, and its request must not be forgotten."""
         if self.sessions.get(session.address) is session:
             del self.sessions[session.address]
+        self.draining.discard(session)
         session.accepting = False
         session.comm.abort()
         inflight, session.inflight = list(session.inflight.values()), {}
@@ -342,6 +353,7 @@ class Router:
             del self.sessions[session.address]
             logger.info("worker %s is leaving deployment %s", session.address, self.deployment)
         session.accepting = False
+        self.draining.add(session)
         self._retry(req, "turned away by its leaving worker")
 
     def _retry(self, req: Request, what: str) -> None:
