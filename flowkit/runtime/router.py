@@ -1,7 +1,7 @@
 """The client side of the request path: one session per worker, straight to the worker.
 
-A background thread runs an asyncio loop holding one connection (a dask comm, so TLS applies)
-per worker. ``submit`` hands a request to that loop, which sends it on the least-loaded session;
+A background thread runs an asyncio loop holding one connection per worker: a dask comm (so
+TLS applies), or on a plain-TCP cluster the worker's ``framed`` listener, which is lighter. ``submit`` hands a request to that loop, which sends it on the least-loaded session;
 the answer resolves a ``concurrent.futures.Future``. When a connection is lost (a worker died or
 was retired), every request in flight on it is sent again elsewhere, up to ``retries`` times,
 then fails with a ``FlowError`` that says so: no request is left hanging.
@@ -261,6 +261,7 @@ class Router:
         where = hello.get("framed")
         if not (where and self.framed and address.startswith("tcp://") and not self.connection_args.get("ssl_context")):
             return comm
+
         async def handshake():
             fast = await framed.connect(*where)
             try:

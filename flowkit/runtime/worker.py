@@ -4,7 +4,8 @@
 current and future worker. Its ``setup`` unpickles the plan once per worker (class operators are
 instantiated once per worker, on first use), adds the ``flowkit_session`` handler to the
 worker's own server (same address, same TLS), and announces the worker with a
-``flowkit-ready`` event. A client opens one session per worker and streams requests over it;
+``flowkit-ready`` event. On a plain-TCP cluster the worker also listens for the same sessions
+over the lighter ``framed`` transport, on its own host; clients move there after saying hello. A client opens one session per worker and streams requests over it;
 each request runs in the deployment's threads, never on the worker's event loop, and its answer
 goes straight back: the scheduler is not on the request path.
 
