@@ -128,10 +128,13 @@ class Seq2Seq(nn.Module):
         self.core = nn.Transformer(d, heads, layers, layers, dim_feedforward=4 * d, batch_first=True, dropout=0.0)
         self.out = nn.Linear(d, vocab)
 
-    def forward(self, src, steps: int):
+    def forward(self, src, steps: int, stop=None):
+        """``stop()``, if given, is asked before each step: a cancelled (losing) replica ends early."""
         memory = self.core.encoder(self.embed(src))
         tgt = src[:, :1]
         for _ in range(steps):
+            if stop is not None and stop():
+                break
             h = self.core.decoder(self.embed(tgt), memory)
             tgt = torch.cat([tgt, self.out(h[:, -1]).argmax(-1, keepdim=True)], 1)
         return tgt[:, 1:]

@@ -7,6 +7,11 @@ import zlib
 
 import numpy as np
 
+try:   # flowkit's cooperative cancellation (peers' environments run these stages without flowkit)
+    from flowkit import cancelled as _cancelled
+except ImportError:
+    _cancelled = None
+
 TARGET_MS = 300.0
 RULES = {"compete": 2}
 WORDS = ("le la les un une est et de du des der die das ein eine ist und zu mit von maison haus chat katze "
@@ -50,8 +55,8 @@ class _Translator:
         import torch
 
         ids = row["ids"]
-        with torch.inference_mode():
-            out = self.model(torch.tensor([ids]), steps=len(ids))   # output as long as the input
+        with torch.inference_mode():   # output as long as the input; a replica that lost its race stops
+            out = self.model(torch.tensor([ids]), steps=len(ids), stop=_cancelled)
         return " ".join(map(str, out[0].tolist()))
 
 
