@@ -308,9 +308,10 @@ class SpaceTimeScheduler:
         done = time.monotonic()
         with self.cond:
             if launch.stacked and not failed:
-                name = launch.stacked[0][0]
-                key = (self.tenants[name].arch, power_of_two(max(sum(r.rows for r in reqs) for _, reqs in launch.stacked)))
-                self.latency[key] = wall if key not in self.latency else 0.7 * self.latency[key] + 0.3 * wall
+                arch = self.tenants[launch.stacked[0][0]].arch
+                rows = max(sum(r.rows for r in reqs) for _, reqs in launch.stacked)
+                key, last = _latency_key(arch, rows), self.launch_seconds(arch, rows)
+                self.latency[key] = wall if last is None else 0.7 * last + 0.3 * wall
             self.counts["launches"] += 1
             self.counts["stacked"] += bool(launch.stacked)
             self.counts["straggler evictions"] += len(launch.stragglers)
@@ -377,7 +378,7 @@ class SpaceTimeScheduler:
 
     def launch_seconds(self, arch: tuple, rows: int) -> float | None:
         """The measured latency of this group's stacked launches at ``rows`` rows per tenant."""
-        return self.latency.get((arch, power_of_two(rows)))
+        return self.latency.get(_latency_key(arch, rows))
 
     def _batch(self, reqs):
         torch = self.backend.torch
@@ -465,6 +466,11 @@ class SpaceTimeScheduler:
         sample.update({"memory_used": used, "memory_total": total})
         sample.update(device_sample(self.backend) or {})
         return sample
+
+
+def _latency_key(arch: tuple, rows: int) -> tuple:
+    """Stacked-launch latencies are kept per architecture and power-of-two bucket of rows."""
+    return arch, power_of_two(rows)
 
 
 def _pct(values, q):

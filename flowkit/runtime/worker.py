@@ -5,9 +5,10 @@ current and future worker. Its ``setup`` unpickles the plan once per worker (cla
 instantiated once per worker, on first use), adds the ``flowkit_session`` handler to the
 worker's own server (same address, same TLS), and announces the worker with a
 ``flowkit-ready`` event. On a plain-TCP cluster the worker also listens for the same sessions
-over the lighter ``framed`` transport, on its own host; clients move there after saying hello. A client opens one session per worker and streams requests over it;
-each request runs in the deployment's threads, never on the worker's event loop, and its answer
-goes straight back: the scheduler is not on the request path.
+over the lighter ``framed`` transport, on its own host; clients move there after saying hello.
+A client opens one session per worker and streams requests over it; each request runs in the
+deployment's threads, never on the worker's event loop, and its answer goes straight back: the
+scheduler is not on the request path.
 
 State per worker: ``worker._flowkit`` maps deployment ids to ``WorkerDeployment``s.
 """
@@ -19,6 +20,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from distributed.comm.addressing import get_address_host
 from distributed.core import Status
@@ -73,7 +75,7 @@ class DeploymentPlugin(WorkerPlugin):
             dep.close()
         listener = getattr(worker, "_flowkit_framed", None)
         if listener is not None and not getattr(worker, "_flowkit", None):   # its last deployment went
-            listener[2].close()
+            listener.server.close()
             worker._flowkit_framed = None
 
 
@@ -129,7 +131,15 @@ async def _serve_framed(worker) -> None:
     except OSError as e:   # cannot listen there: sessions use dask's comm
         logger.info("no framed session listener on %s: %s", host, e)
         return
-    worker._flowkit_framed = (host, port, server)
+    worker._flowkit_framed = _Listener(host, port, server)
+
+
+class _Listener(NamedTuple):
+    """A worker's framed session listener: where clients reach it, and the server to close."""
+
+    host: str
+    port: int
+    server: asyncio.Server
 
 
 async def _session(worker, comm, deployment: str) -> Status:
@@ -140,7 +150,7 @@ async def _session(worker, comm, deployment: str) -> Status:
         return Status.dont_reply
     listener = getattr(worker, "_flowkit_framed", None)
     await comm.write({"ok": True, "worker": worker.address, "nthreads": worker.state.nthreads,
-                      "framed": listener[:2] if listener else None})
+                      "framed": (listener.host, listener.port) if listener else None})
     lock = asyncio.Lock()
     tasks: set = set()
 
