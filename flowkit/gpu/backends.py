@@ -289,7 +289,10 @@ class CUDABackend(Backend):
                         stacked.call(stacked.params, stacked.buffers, static_x, idx)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread_local: other threads (callers reading their outputs, the monitor) keep
+                # using the device during a capture; in torch's default mode their calls would
+                # fail and invalidate the capture.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     out = stacked.call(stacked.params, stacked.buffers, static_x, idx)
             return _Replay(graph, static_x, idx, out)
         except Exception as e:   # an op that cannot be captured: this program stays eager
