@@ -146,14 +146,11 @@ class Table:
     @classmethod
     def from_pandas(cls, df, schema: Mapping[str, Any] | Schema | None = None) -> "Table":
         """Rows from a DataFrame; an index named ``qid`` becomes the qids. NaN/NA become null."""
-        columns = {}
-        for name in df.columns:
-            values = df[name].tolist()
-            columns[str(name)] = [None if _is_na(v) else v for v in values]
+        if schema is not None:
+            schema = schema if isinstance(schema, Schema) else Schema(schema)
+        columns = {str(name): _column_values(df[name], schema and _type_of(schema, str(name))) for name in df.columns}
         if schema is None:
             schema = Schema({k: _pandas_type(df[k].dtype, v) for k, v in zip(columns, columns.values())})
-        else:
-            schema = schema if isinstance(schema, Schema) else Schema(schema)
         t = cls.from_columns(columns, schema)
         if df.index.name == "qid":
             t.qids = list(df.index)
@@ -267,7 +264,7 @@ def as_table(x: Any, schema: Schema, where: str = "input") -> Table:
     elif type(x).__name__ == "DataFrame":
         _check_names([str(c) for c in x.columns], schema, where, all_required=False)
         n = len(x)
-        cols = {str(c): [None if _is_na(v) else v for v in x[c].tolist()] for c in x.columns}
+        cols = {str(c): _column_values(x[c], _type_of(schema, str(c))) for c in x.columns}
         qids = list(x.index) if x.index.name == "qid" else list(range(n))
         t = Table._make(schema, list(zip(*[cols.get(c, [None] * n) for c in schema.names])), qids)
     else:
@@ -336,6 +333,19 @@ def _pandas_type(dtype, values) -> Any:
 
 def _pandas_dtype(t: Any):
     return {int: "Int64", float: "float64", bool: "boolean", str: "object"}.get(t, "object")
+
+
+def _column_values(series, typ: Any = None) -> list:
+    """A DataFrame column's values, NaN/NA as None. pandas stores an int column with nulls as
+    floats: where ``typ`` is int, whole floats of such a column become ints again."""
+    values = [None if _is_na(v) else v for v in series.tolist()]
+    if typ is int and series.dtype.kind == "f":
+        values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+    return values
+
+
+def _type_of(schema: Schema, name: str) -> Any:
+    return schema[name] if name in schema else None
 
 
 def _is_na(v: Any) -> bool:

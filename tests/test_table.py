@@ -83,6 +83,19 @@ def test_inputs_may_be_table_dataframe_records_columns_or_one_row():
     assert t.records() == [expected[0]] and t.qids == [7]
 
 
+
+def test_an_int_column_with_nulls_from_pandas_is_ints_again():
+    """pandas stores ints with nulls as floats; an int column takes them back (whole ones only)."""
+    schema = fk.Schema({"x": int})
+    df = pd.DataFrame({"x": [1, None, 3]})
+    assert df["x"].dtype.kind == "f"
+    for t in (as_table(df, schema), fk.Table.from_pandas(df, schema=schema)):
+        assert t.records() == [{"x": 1}, {"x": None}, {"x": 3}]
+        assert all(type(v) is int for v in t.column("x") if v is not None)
+    with pytest.raises(fk.SchemaError, match="column 'x' expects int, found float"):
+        as_table(pd.DataFrame({"x": [1.5, None]}), schema)
+    assert fk.Table.from_pandas(df).schema == {"x": float}   # no schema given: floats stay floats
+
 def test_bad_inputs_raise_schema_errors_naming_the_column():
     schema = fk.Schema({"x": int})
     with pytest.raises(fk.SchemaError, match="unexpected column 'y'"):
