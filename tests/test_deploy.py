@@ -143,6 +143,27 @@ def test_map_scores_many_inputs_in_order(client, capsys):
     assert "40/40" in capsys.readouterr().err
 
 
+def fails_on_three(row) -> int:
+    if row["x"] == 3:
+        raise ValueError("three is not allowed")
+    return row["x"]
+
+
+def test_map_says_which_input_failed_or_returns_the_errors_in_place(client, capsys):
+    flow = fk.Flow("map-errors", SCHEMA)
+    flow.map(fails_on_three, names=["y"])
+    inputs = [{"x": [i], "s": ["a"]} for i in range(6)] + [{"x": ["seven"], "s": ["a"]}]
+    with fk.deploy(flow, cluster=client, max_inflight=4) as dep:
+        with pytest.raises(fk.OperatorError, match="three is not allowed") as info:
+            dep.map(inputs)
+        assert "dep.map: input 3 of 7 failed" in info.value.__notes__
+        assert "3/7" in capsys.readouterr().err   # the bar stops where it failed, not at 7/7
+        out = dep.map(inputs, return_exceptions=True, progress=False)
+    assert [t.column("y") for t in out[:3]] + [t.column("y") for t in out[4:6]] == [[0], [1], [2], [4], [5]]
+    assert isinstance(out[3], fk.OperatorError) and isinstance(out[6], fk.SchemaError)
+    assert "'x'" in str(out[6])   # refused before it ran, naming the column
+
+
 def test_class_operators_are_instantiated_once_per_worker_before_any_request(client, tmp_path):
     log = tmp_path / "inits.log"
     module = tmp_path / "flowkit_test_models.py"
@@ -384,3 +405,20 @@ def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
             if p is not None:
                 p.terminate()
                 p.wait(30)
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_cluster_did_not_start(tmp_path):
+    """The embedded cluster's worker processes import the script again (spawn): without
+    ``if __name__ == "__main__":`` they fail to start, and the error says what to change."""
+    import subprocess
+
+    script = tmp_path / "serve_it.py"
+    script.write_text(textwrap.dedent("""
+        import flowkit as fk
+        f = fk.Flow("unguarded", {"x": int})
+        f.map(lambda r: r["x"], names=["y"])
+        fk.deploy(f)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert 'a script must call fk.deploy under `if __name__ == "__main__":`' in done.stderr

@@ -88,8 +88,14 @@ class Deployment:
         if cluster is None:
             from distributed import LocalCluster
 
-            cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0", silence_logs=logging.ERROR)
+            try:
+                cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", silence_logs=logging.ERROR)
+            except Exception as e:
+                if getattr(sys.modules.get("__main__"), "__file__", None):   # run as a script
+                    e.add_note("flowkit: the embedded cluster's worker processes import the running script "
+                               "again; a script must call fk.deploy under `if __name__ == \"__main__\":`")
+                raise
             self._owned.append(cluster)
             client = Client(cluster)
             self._owned.insert(0, client)
@@ -159,27 +165,47 @@ class Deployment:
         """Send one request and wait for its result."""
         return self.submit(data).result(timeout)
 
-    def map(self, inputs: Iterable[Any], *, progress: bool = True, timeout: float | None = None) -> list[Table]:
-        """Score many inputs, keeping at most half of ``max_inflight`` in flight; results in order."""
+    def map(self, inputs: Iterable[Any], *, progress: bool = True, timeout: float | None = None,
+            return_exceptions: bool = False) -> list:
+        """Score many inputs, keeping at most half of ``max_inflight`` in flight; results in order.
+
+        An input that fails raises its error, with a note saying which input it was; with
+        ``return_exceptions=True`` the error takes that input's place in the results instead."""
         inputs = list(inputs)
         window = max(1, self.max_inflight // 2)
         futures: list[Future] = []
+        results: list = []
         bar = _Progress(len(inputs), f"{self.name}") if progress else None
-        done = 0
-        for i, x in enumerate(inputs):
-            while i - done >= window:
-                futures[done].result(timeout)
-                done += 1
-                if bar:
-                    bar.update(done)
-            futures.append(self.submit(x))
-        results = []
-        for i, f in enumerate(futures):
-            results.append(f.result(timeout))
-            if bar and i + 1 > done:
-                bar.update(i + 1)
-        if bar:
-            bar.close()
+
+        def failed(i: int, e: Exception) -> Exception:
+            if not return_exceptions:
+                e.add_note(f"dep.map: input {i} of {len(inputs)} failed")
+                raise e
+            return e
+
+        def collect() -> None:   # the oldest outstanding input's result
+            i = len(results)
+            try:
+                results.append(futures[i].result(timeout))
+            except Exception as e:
+                results.append(failed(i, e))
+            if bar:
+                bar.update(len(results))
+
+        try:
+            for x in inputs:
+                while len(futures) - len(results) >= window:
+                    collect()
+                try:
+                    futures.append(self.submit(x))
+                except Exception as e:   # refused before it ran (bad input, overloaded)
+                    futures.append(Future())
+                    futures[-1].set_exception(failed(len(futures) - 1, e))
+            while len(results) < len(futures):
+                collect()
+        finally:
+            if bar:
+                bar.close()
         return results
 
     # -- scaling ----------------------------------------------------------------------------
@@ -349,7 +375,7 @@ class _Progress:
     """A progress bar for ``dep.map``: an ipywidgets bar in a notebook, else a text line on stderr."""
 
     def __init__(self, total: int, label: str):
-        self.total, self.label, self.widget, self.last = total, label, None, 0.0
+        self.total, self.label, self.widget, self.last, self.n = total, label, None, 0.0, 0
         try:
             from IPython import get_ipython
 
@@ -362,12 +388,13 @@ class _Progress:
         except Exception:
             self.widget = None
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, force: bool = False) -> None:
+        self.n = n
         if self.widget is not None:
             self.widget.value = n
             return
         now = time.monotonic()
-        if now - self.last > 0.2 or n == self.total:
+        if force or now - self.last > 0.2 or n == self.total:
             self.last = now
             width = 30
             filled = int(width * n / max(1, self.total))
@@ -375,6 +402,6 @@ class _Progress:
             sys.stderr.flush()
 
     def close(self) -> None:
-        if self.widget is None:
-            self.update(self.total)
+        if self.widget is None:   # the line as it ended (short of the total if an input failed)
+            self.update(self.n, force=True)
             sys.stderr.write("\n")
