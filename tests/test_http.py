@@ -103,6 +103,22 @@ def test_operator_errors_are_500_naming_the_operator_without_a_traceback(served)
     assert "unlucky" in body["error"] and "Traceback" not in json.dumps(body)
 
 
+def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_a_server_error(served):
+    import socket
+
+    _, server = served
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"rows\": [")
+    time.sleep(0.2)
+    sock.close()   # 90 bytes short
+    deadline = time.monotonic() + 10
+    while server.counts.get(("double", 499), 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.counts.get(("double", 499)) == 1
+    assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200
+
+
 def test_overload_is_503_with_retry_after(client):
     with fk.deploy(build(), cluster=client, max_inflight=2) as dep, dep.serve() as server:
         results = []

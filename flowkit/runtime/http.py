@@ -240,6 +240,7 @@ class HTTPServer:
     # -- the application --------------------------------------------------------------------------
     def _app(self):
         from starlette.applications import Starlette
+        from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, PlainTextResponse
         from starlette.routing import Route
 
@@ -270,11 +271,15 @@ class HTTPServer:
                     status = 413
                     return error(413, f"body of {length} bytes is over the limit of {self.max_body}")
                 body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > self.max_body:
-                        status = 413
-                        return error(413, f"body is over the limit of {self.max_body} bytes")
+                try:
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > self.max_body:
+                            status = 413
+                            return error(413, f"body is over the limit of {self.max_body} bytes")
+                except ClientDisconnect:   # the client went away mid-body: nothing to answer, nothing to log
+                    status = 499
+                    return error(499, "the client closed the connection before sending its whole body")
                 try:
                     payload = json.loads(body)
                 except (ValueError, UnicodeDecodeError) as e:
