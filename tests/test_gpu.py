@@ -464,7 +464,26 @@ def test_the_plugin_serves_gpu_maps_in_a_deployed_flow_and_publishes_samples():
             assert sum(t["requests"] for t in worker_stats["tenants"].values()) >= 1
             time.sleep(0.5)
             events = client.get_events("flowkit-gpu")
+            # registering again replaces each worker's scheduler (another policy, a fixed typo)
+            client.register_plugin(GPUPlugin(policy="time", backend="sim:v100"))
+            assert [f.result(30).column("label")[0] for f in [dep.submit({"x": [x]}) for x in xs]] == \
+                expected.column("label")
+            (worker_stats,) = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats()).values()
+            assert (worker_stats["policy"], worker_stats["backend"]) == ("time", "sim:v100")
+            assert sum(t["rows"] for t in worker_stats["tenants"].values()) == len(xs)   # the new one served them all
         assert events and {"utilization", "queue", "throughput", "memory_used"} <= set(events[-1][1])
+
+
+@pytest.mark.parametrize("options, words", [({"policy": "fastest"}, "unknown policy 'fastest'"),
+                                            ({"backend": "tpu"}, "unknown backend 'tpu'"),
+                                            ({"backend": "sim:a100"}, "unknown backend 'sim:a100'"),
+                                            ({"max_batch": 0}, "max_batch >= 1")])
+def test_the_plugin_refuses_bad_settings_where_they_are_written(options, words):
+    """In the notebook, at once, not later in each worker's log."""
+    from flowkit.gpu import GPUPlugin
+
+    with pytest.raises(ValueError, match=words):
+        GPUPlugin(**options)
 
 
 def test_gpu_chart_draws_samples_from_the_simulated_backend():

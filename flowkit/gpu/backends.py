@@ -27,7 +27,7 @@ from typing import Any
 from .costmodel import Gemm, kernel_seconds, policy_seconds, sm_seconds
 from .profiles import PROFILES, DeviceProfile
 
-__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "Stacked", "gemm_layers",
+__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "check_backend", "BACKENDS", "Stacked", "gemm_layers",
            "power_of_two"]
 
 
@@ -373,8 +373,18 @@ class _Replay:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+BACKENDS = ("auto", "cuda", "cpu") + tuple(f"sim:{name}" for name in PROFILES)
+
+
+def check_backend(spec: str) -> None:
+    """A ValueError unless ``spec`` names a backend (``sim`` alone is the simulated H200)."""
+    if spec not in BACKENDS + ("sim",):
+        raise ValueError(f"unknown backend {spec!r}; choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+
+
 def make_backend(spec: str = "auto") -> Backend:
     """``auto`` (CUDA when available, else the simulated H200), ``cuda``, ``cpu``, ``sim:v100``, ``sim:h200``."""
+    check_backend(spec)
     if spec == "auto":
         try:
             import torch
@@ -393,6 +403,4 @@ def make_backend(spec: str = "auto") -> Backend:
         return CUDABackend()
     if spec == "cpu":
         return CPUBackend()
-    if spec.startswith("sim"):
-        return SimBackend(spec.split(":", 1)[1] if ":" in spec else "h200")
-    raise ValueError(f"unknown backend {spec!r}; choose auto, cuda, cpu, sim:v100 or sim:h200")
+    return SimBackend(spec.split(":", 1)[1] if ":" in spec else "h200")

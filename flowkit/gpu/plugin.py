@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .backends import make_backend
-from .scheduler import SpaceTimeScheduler, install
+from .backends import check_backend, make_backend
+from .scheduler import POLICIES, SpaceTimeScheduler, install
 
 __all__ = ["GPUPlugin", "GPU_TOPIC"]
 
@@ -21,11 +21,20 @@ GPU_TOPIC = "flowkit-gpu"
 
 
 class GPUPlugin(WorkerPlugin):
-    idempotent = True
+    """Registering it again (another policy, a fixed typo) replaces each worker's scheduler: dask
+    tears the old one down (its queued requests fail) and sets the new one up."""
+
+    idempotent = False
     name = "flowkit-gpu"
 
     def __init__(self, policy: str = "spacetime", backend: str = "auto", max_batch: int = 32,
                  max_wait_ms: float = 2.0, sample_hz: float = 4.0):
+        if policy not in POLICIES:   # checked here, in the notebook, not later on each worker
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        check_backend(backend)
+        if max_batch < 1 or max_wait_ms < 0 or sample_hz <= 0:
+            raise ValueError(f"GPUPlugin needs max_batch >= 1, max_wait_ms >= 0 and sample_hz > 0; "
+                             f"got {max_batch}, {max_wait_ms}, {sample_hz}")
         self.policy = policy
         self.backend = backend
         self.max_batch = max_batch
