@@ -82,6 +82,16 @@ def test_stats_report_every_stage_with_latency_and_worker(client):
     assert df.loc["lambda#1", "workers"].startswith("tcp://")
 
 
+def test_a_users_anyof_counts_its_requests_and_which_branch_won(client):
+    flow, x, _, expected = CASES["anyof"]()
+    with fk.deploy(flow, cluster=client, optimize=False) as dep:
+        for _ in range(3):
+            assert [(r.qid, r.as_dict()) for r in dep.run(x, timeout=30)] == expected
+        df = dep.stats()
+    assert df.loc["anyof", "requests"] == 3 and df.loc["anyof", "errors"] == 0
+    assert df.loc["anyof", "wins fast_label"] == 3
+
+
 def test_a_user_exception_fails_only_its_request(client):
     def explode(row) -> int:
         if row["x"] == 3:

@@ -516,16 +516,21 @@ class _Execution:
         raise errors[0]
 
     async def _first(self, op: AnyOf):
-        """A user's anyof: whichever input finishes first."""
-        pending = {asyncio.ensure_future(self.value(i)) for i in op.inputs}
-        errors = []
+        """A user's anyof: whichever input finishes first (its stage statistics count the wait
+        for it and, as ``wins <branch>``, which branch it was)."""
+        t0, stats = time.perf_counter(), self.dep.stats[op.name]
+        branches = {asyncio.ensure_future(self.value(i)): i for i in op.inputs}
+        pending, errors = set(branches), []
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for d in done:
                 if d.exception() is None:
+                    stats.count(f"wins {branches[d]}")
+                    stats.record(time.perf_counter() - t0)
                     t = d.result()
                     return Table._make(op.schema, t.rows, t.qids)
                 errors.append(d.exception())
+        stats.record(time.perf_counter() - t0, ok=False)
         raise errors[0]
 
 
