@@ -134,6 +134,49 @@ def test_result_times_out_cleanly_and_the_request_still_completes(client):
         assert fut.result(timeout=30).column("y") == [1]
 
 
+def patient(row) -> int:
+    """Works until it is cancelled (at most 20 s), then writes how it ended to the file ``s``."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if fk.cancelled():
+            with open(row["s"], "w") as f:
+                f.write("cancelled")
+            return -1
+        time.sleep(0.01)
+    with open(row["s"], "w") as f:
+        f.write("ran to the end")
+    return row["x"]
+
+
+def ended(path, seconds: float = 10.0) -> str:
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("raced", [False, True])
+def test_cancelling_a_request_stops_its_work_on_the_worker(client, tmp_path, raced):
+    """``future.cancel()`` and ``dep.run``'s timeout abandon a request: its worker stops it (also
+    every racing replica) and it stops counting against ``max_inflight``."""
+    flow = fk.Flow("cancel", SCHEMA)
+    flow.map(patient, names=["y"], high_variance=raced)
+    with fk.deploy(flow, cluster=client, max_inflight=1, optimize={"compete": 2 if raced else 1}) as dep:
+        first = tmp_path / "first"
+        fut = dep.submit({"x": [1], "s": [str(first)]})
+        time.sleep(0.3)   # running by now
+        assert fut.cancel() and fut.cancelled()
+        assert ended(first) == "cancelled"
+        second = tmp_path / "second"
+        with pytest.raises(TimeoutError):   # admitted: the cancelled one is no longer in flight
+            dep.run({"x": [2], "s": [str(second)]}, timeout=0.3)
+        assert ended(second) == "cancelled"
+        stats = dep.stats()
+    assert stats.loc["(end to end)", "cancelled"] == 2
+    assert stats.filter(like="patient", axis=0)["cancelled"].sum() >= 2
+
+
 def test_admission_control_sheds_load_beyond_max_inflight(client):
     flow = fk.Flow("overload", SCHEMA)
     flow.map(slow, names=["y"])

@@ -137,6 +137,19 @@ def test_overload_is_503_with_retry_after(client):
     assert results == [200, 200]
 
 
+def test_a_request_that_times_out_is_cancelled_on_its_worker(client, tmp_path):
+    from .test_deploy import ended, patient
+
+    flow = fk.Flow("patient", {"x": int, "s": str})
+    flow.map(patient, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep, dep.serve(timeout=0.3) as server:
+        marker = tmp_path / "marker"
+        status, body, _ = call(server, "POST", "/v1/flows/patient/predict", {"rows": [{"x": 1, "s": str(marker)}]})
+        assert status == 504 and "no answer within 0.3 s" in body["error"]
+        assert ended(marker) == "cancelled"   # the worker stopped it, rather than working on for nobody
+        assert dep.stats().loc["(end to end)", "cancelled"] == 1
+
+
 def test_health_flows_and_metrics(served):
     _, server = served
     status, body, _ = call(server, "GET", "/healthz")

@@ -136,6 +136,8 @@ class Deployment:
 
         The input is checked first (``SchemaError`` before any work is scheduled); beyond
         ``max_inflight`` requests in flight, ``fk.Overloaded`` is raised instead of queueing.
+        ``future.cancel()`` abandons the request: its worker stops it between rows and operators
+        (and user code that asks ``fk.cancelled()``), and it no longer counts as in flight.
         """
         if self._closed:
             raise FlowError(f"deployment {self.id!r} is closed")
@@ -157,13 +159,22 @@ class Deployment:
             return
         with self._lock:
             self._inflight -= 1
+        if req.future.cancelled():
+            self._e2e.count("cancelled")
+            return
         now = time.perf_counter()
         self._e2e.record(now - req.started, ok)
         self._recent.append((now, now - req.started))
 
     def run(self, data: Any, timeout: float | None = None) -> Table:
-        """Send one request and wait for its result."""
-        return self.submit(data).result(timeout)
+        """Send one request and wait for its result. After ``timeout`` seconds it raises
+        ``TimeoutError`` and the request is cancelled (nobody could wait for it again)."""
+        fut = self.submit(data)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
 
     def map(self, inputs: Iterable[Any], *, progress: bool = True, timeout: float | None = None,
             return_exceptions: bool = False) -> list:

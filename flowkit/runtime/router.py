@@ -62,6 +62,8 @@ class Session:
         self.accepting = True   # False once its connection broke or its worker is leaving
 
     async def send(self, req: Request) -> None:
+        if req.future.cancelled():   # abandoned before it left
+            return
         if not self.accepting:   # it went away between the routing decision and this send
             self.router._dispatch(req)
             return
@@ -74,6 +76,14 @@ class Session:
                 await self.comm.write(msg)
         except Exception:
             await self.router._lost(self)
+
+    async def tell(self, msg: dict) -> None:
+        """Send a message that gets no answer."""
+        try:
+            async with self.lock:
+                await self.comm.write(msg)
+        except Exception:
+            pass   # a broken connection is noticed by its reader
 
     async def read_forever(self) -> None:
         try:
@@ -127,10 +137,16 @@ class Router:
         self.loop.call_soon_threadsafe(self._spawn_connect, address)
 
     def submit(self, kind: str, payload: bytes | None = None, worker: str | None = None) -> Future:
-        """Send a request to the least-loaded worker (or to ``worker``); a Future of the answer."""
+        """Send a request to the least-loaded worker (or to ``worker``); a Future of the answer.
+
+        A ``run``'s Future can be cancelled until it is done: the request is then abandoned (its
+        worker is told to stop it, and nothing is sent if it was not yet)."""
         fut: Future = Future()
-        fut.set_running_or_notify_cancel()
         req = Request(kind, payload, fut, target=worker)
+        if kind == "run":
+            fut.add_done_callback(lambda f: f.cancelled() and self.loop.call_soon_threadsafe(self._abandon, req))
+        else:
+            fut.set_running_or_notify_cancel()
         self.loop.call_soon_threadsafe(self._dispatch, req)
         return fut
 
@@ -286,6 +302,8 @@ class Router:
         return fast
 
     def _dispatch(self, req: Request) -> None:
+        if req.future.cancelled():
+            return
         if req.id == 0:
             req.id = next(self.ids)
         if req.target is not None:
@@ -321,6 +339,22 @@ class Router:
             req.future.set_exception(e)
         if self.on_done is not None:
             self.on_done(req, msg.get("ok", False))
+
+    def _abandon(self, req: Request) -> None:
+        """``req``'s Future was cancelled: its worker, if it has it, stops it."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for session in list(self.sessions.values()) + list(self.draining):
+            if session.inflight.get(req.id) is req:
+                del session.inflight[req.id]
+                self._spawn(session.tell({"kind": "abandon", "request": req.id}))
+                if not session.inflight and session in self.draining:   # a leaving worker owes nothing more
+                    self.draining.discard(session)
+                    session.closed = True
+                    self._spawn(session.comm.close())
+                break
+        if self.on_done is not None:
+            self.on_done(req, False)
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if not req.future.done():

@@ -153,18 +153,32 @@ async def _session(worker, comm, deployment: str) -> Status:
                       "framed": (listener.host, listener.port) if listener else None})
     lock = asyncio.Lock()
     tasks: set = set()
+    running: dict = {}   # request id -> (token, task) of a "run" the client may abandon
 
-    async def answer(msg: dict) -> None:
-        reply = await dep.handle(msg)
+    async def answer(msg: dict, token: Token | None) -> None:
+        try:
+            reply = await dep.handle(msg, token)
+        finally:
+            running.pop(msg.get("id"), None)
         async with lock:
             await comm.write(reply)
 
     try:
         while not comm.closed():
             msg = await comm.read()
-            if msg.get("kind") == "close":
+            kind = msg.get("kind")
+            if kind == "close":
                 break
-            t = asyncio.ensure_future(answer(msg))
+            if kind == "abandon":   # the client cancelled a request: stop its work, answer nothing
+                token, task = running.pop(msg.get("request"), (None, None))
+                if token is not None:
+                    token.cancel("the client cancelled this request")
+                    task.cancel()
+                continue
+            token = Token() if kind == "run" else None
+            t = asyncio.ensure_future(answer(msg, token))
+            if token is not None:
+                running[msg.get("id")] = (token, t)
             tasks.add(t)
             t.add_done_callback(tasks.discard)
     except (OSError, asyncio.CancelledError):
@@ -237,13 +251,15 @@ class WorkerDeployment:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the session protocol ----------------------------------------------------------------
-    async def handle(self, msg: dict) -> dict:
+    async def handle(self, msg: dict, token: Token | None = None) -> dict:
+        """Answer one message of the session protocol; a ``run`` runs under ``token``, which the
+        session sets when the client abandons the request."""
         kind, rid = msg.get("kind"), msg.get("id")
         if self.closed:
             return self._leaving(rid)
         try:
             if kind == "run":
-                out = await self.run(loads(msg["payload"]))
+                out = await self.run(loads(msg["payload"]), token)
                 return {"id": rid, "ok": True, "payload": dumps(out)}
             if kind == "stage":
                 name, inputs, tid = loads(msg["payload"])
@@ -280,17 +296,17 @@ class WorkerDeployment:
                 "error": f"worker {self.worker.address} is leaving deployment {self.id!r}"}
 
     # -- running a request -------------------------------------------------------------------
-    async def run(self, table):
+    async def run(self, table, token: Token | None = None):
         loop = asyncio.get_running_loop()
         if self.simple:
             if self.running == 0 and self.inlinable and self._inline_ok():
-                return self._run_all(table)
+                return self._run_all(table, token)
             self.running += 1
             try:
-                return await loop.run_in_executor(self.pool, self._run_all, table)
+                return await loop.run_in_executor(self.pool, self._run_all, table, token)
             finally:
                 self.running -= 1
-        return await _Execution(self, table, loop).value(self.plan.output)
+        return await _Execution(self, table, loop, token).value(self.plan.output)
 
     def _inline_ok(self) -> bool:
         """Run on the event loop itself when the whole plan reliably takes under ``INLINE_S``
@@ -311,11 +327,11 @@ class WorkerDeployment:
                 self._inline = sum(r[int(len(r) * 0.99) - 1] for r in recent) < INLINE_S
         return self._inline
 
-    def _run_all(self, table):
+    def _run_all(self, table, token: Token | None = None):
         env = {self.source: table}
         ctx = RequestStore(self.store)
         for op in self.ops:
-            env[op.name] = self.apply(op, [env[i] for i in op.inputs], ctx)
+            env[op.name] = self.apply(op, [env[i] for i in op.inputs], ctx, token)
         return env[self.plan.output]
 
     def apply(self, op, inputs, ctx, token: Token | None = None):
@@ -330,6 +346,9 @@ class WorkerDeployment:
         except BaseException:
             self.stats[op.name].record(time.perf_counter() - t0, ok=False)
             raise
+        if token is not None and token.is_cancelled:   # it returned early when asked to stop: not a latency
+            self.stats[op.name].count("cancelled")
+            raise Cancelled(token.reason)
         self.stats[op.name].record(time.perf_counter() - t0, cpu=None if c0 is None else time.thread_time() - c0)
         return out
 
@@ -392,9 +411,10 @@ class WorkerDeployment:
 class _Execution:
     """One request on the coordinating worker: stages computed on demand, races run concurrently."""
 
-    def __init__(self, dep: WorkerDeployment, table, loop):
+    def __init__(self, dep: WorkerDeployment, table, loop, token: Token | None = None):
         self.dep = dep
         self.loop = loop
+        self.token = token   # the request's: set when its client abandons it
         self.memo: dict[str, asyncio.Future] = {dep.source: _done(loop, table)}
 
     async def value(self, name: str):
@@ -408,7 +428,7 @@ class _Execution:
                 result = await (self._race(op) if op.race else self._first(op))
             else:
                 inputs = [await self.value(i) for i in op.inputs]
-                result = await self.dep.execute(op, inputs)
+                result = await self.dep.execute(op, inputs, self.token)
             fut.set_result(result)
         except BaseException as e:
             if not fut.done():
@@ -471,49 +491,55 @@ class _Execution:
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
 
         start(replicas[0], None, Token())
-        pending = set(tasks)
-        hedged = False
-        if len(replicas) > 1 and hedge_after is not None:
-            done, pending = await asyncio.wait(pending, timeout=hedge_after)
-            if done:
-                stats.count("hedges not needed")
-                replicas = replicas[:1]
-                pending = done   # handled below, like any finished replica
-            else:
-                stats.count("hedged")
-                hedged = True
-        if len(replicas) > 1:
-            others = await self.dep.peers.others()
-            places = others[: len(replicas) - 1]
-            places += [None] * (len(replicas) - 1 - len(places))
-            for rep, where in zip(replicas[1:], places):
-                start(rep, where, Token())
+        try:
             pending = set(tasks)
-        errors = []
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for d in done:
-                if d.exception() is None:
-                    rep = tasks[d][0]
-                    for p in pending:
-                        tasks[p][2].cancel("a competing replica won")
-                        p.cancel()
-                    stats.count(f"wins {rep.name}")
-                    if hedged:
-                        self.dep.hedge_wins[op.name].append(rep is not replicas[0])
-                    stats.count("cancelled losers", len(pending))
-                    stats.record(time.perf_counter() - t0)
-                    t = d.result()
-                    return Table._make(op.schema, t.rows, t.qids)
-                if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
-                    rep, _, token = tasks.pop(d)
-                    retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
-                    tasks[retry] = (rep, None, token)
-                    pending.add(retry)
-                    continue
-                errors.append(d.exception())
-        stats.record(time.perf_counter() - t0, ok=False)
-        raise errors[0]
+            hedged = False
+            if len(replicas) > 1 and hedge_after is not None:
+                done, pending = await asyncio.wait(pending, timeout=hedge_after)
+                if done:
+                    stats.count("hedges not needed")
+                    replicas = replicas[:1]
+                    pending = done   # handled below, like any finished replica
+                else:
+                    stats.count("hedged")
+                    hedged = True
+            if len(replicas) > 1:
+                others = await self.dep.peers.others()
+                places = others[: len(replicas) - 1]
+                places += [None] * (len(replicas) - 1 - len(places))
+                for rep, where in zip(replicas[1:], places):
+                    start(rep, where, Token())
+                pending = set(tasks)
+            errors = []
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for d in done:
+                    if d.exception() is None:
+                        rep = tasks[d][0]
+                        for p in pending:
+                            tasks[p][2].cancel("a competing replica won")
+                            p.cancel()
+                        stats.count(f"wins {rep.name}")
+                        if hedged:
+                            self.dep.hedge_wins[op.name].append(rep is not replicas[0])
+                        stats.count("cancelled losers", len(pending))
+                        stats.record(time.perf_counter() - t0)
+                        t = d.result()
+                        return Table._make(op.schema, t.rows, t.qids)
+                    if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
+                        rep, _, token = tasks.pop(d)
+                        retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
+                        tasks[retry] = (rep, None, token)
+                        pending.add(retry)
+                        continue
+                    errors.append(d.exception())
+            stats.record(time.perf_counter() - t0, ok=False)
+            raise errors[0]
+        except asyncio.CancelledError:   # the request was abandoned: so are its replicas
+            for task, (_, _, token) in tasks.items():
+                token.cancel("the request was cancelled")
+                task.cancel()
+            raise
 
     async def _first(self, op: AnyOf):
         """A user's anyof: whichever input finishes first (its stage statistics count the wait
