@@ -177,6 +177,20 @@ def test_cancelling_a_request_stops_its_work_on_the_worker(client, tmp_path, rac
     assert stats.filter(like="patient", axis=0)["cancelled"].sum() >= 2
 
 
+def test_a_map_that_fails_abandons_the_inputs_still_in_flight(client, tmp_path):
+    flow = fk.Flow("map-abandon", SCHEMA)
+    flow.map(patient, names=["y"])
+    paths = [tmp_path / f"input{i}" for i in range(3)]
+    with fk.deploy(flow, cluster=client) as dep:
+        with pytest.raises(TimeoutError):
+            dep.map([{"x": [i], "s": [str(p)]} for i, p in enumerate(paths)], timeout=0.3, progress=False)
+        time.sleep(1.0)
+        assert dep.stats().loc["(end to end)", "cancelled"] == 3
+    # those that had started stopped; one still queued behind them never started
+    started = [ended(p, 0) for p in paths if os.path.exists(p)]
+    assert started and set(started) == {"cancelled"}
+
+
 def test_admission_control_sheds_load_beyond_max_inflight(client):
     flow = fk.Flow("overload", SCHEMA)
     flow.map(slow, names=["y"])

@@ -180,8 +180,9 @@ class Deployment:
             return_exceptions: bool = False) -> list:
         """Score many inputs, keeping at most half of ``max_inflight`` in flight; results in order.
 
-        An input that fails raises its error, with a note saying which input it was; with
-        ``return_exceptions=True`` the error takes that input's place in the results instead."""
+        An input that fails raises its error, with a note saying which input it was (the inputs
+        still in flight are then cancelled); with ``return_exceptions=True`` the error takes that
+        input's place in the results instead."""
         inputs = list(inputs)
         window = max(1, self.max_inflight // 2)
         futures: list[Future] = []
@@ -214,6 +215,10 @@ class Deployment:
                     futures[-1].set_exception(failed(len(futures) - 1, e))
             while len(results) < len(futures):
                 collect()
+        except BaseException:   # the caller gets no results: the inputs still in flight are abandoned
+            for f in futures[len(results):]:
+                f.cancel()
+            raise
         finally:
             if bar:
                 bar.close()
