@@ -137,7 +137,7 @@ def test_overload_is_503_with_retry_after(client):
     assert results == [200, 200]
 
 
-def test_a_request_that_times_out_is_cancelled_on_its_worker(client, tmp_path):
+def test_a_request_that_times_out_or_whose_client_hangs_up_is_cancelled_on_its_worker(client, tmp_path):
     from .test_deploy import ended, patient
 
     flow = fk.Flow("patient", {"x": int, "s": str})
@@ -148,6 +148,18 @@ def test_a_request_that_times_out_is_cancelled_on_its_worker(client, tmp_path):
         assert status == 504 and "no answer within 0.3 s" in body["error"]
         assert ended(marker) == "cancelled"   # the worker stopped it, rather than working on for nobody
         assert dep.stats().loc["(end to end)", "cancelled"] == 1
+
+        import socket   # a client that hangs up while its request runs: the same
+
+        marker = tmp_path / "hung-up"
+        body = json.dumps({"rows": [{"x": 2, "s": str(marker)}]}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/flows/patient/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.1)
+        sock.close()
+        assert ended(marker) == "cancelled"
+        assert dep.stats().loc["(end to end)", "cancelled"] == 2 and server.counts[("patient", 499)] == 1
 
 
 def test_health_flows_and_metrics(served):

@@ -255,6 +255,26 @@ class HTTPServer:
             given = header[7:].encode() if header.lower().startswith("bearer ") else b""
             return hmac.compare_digest(given, self._token)
 
+        async def answer_or_hang_up(request, fut):
+            """The request's answer; ``TimeoutError`` after the timeout, ``ClientDisconnect`` when
+            the client hangs up first. Either way the request is cancelled on its worker (the
+            cancellation of ``answer`` reaches ``fut``): nobody is waiting for it any more."""
+            answer = asyncio.wrap_future(fut)
+            gone = asyncio.ensure_future(hang_up(request.receive))
+            try:
+                done, _ = await asyncio.wait((answer, gone), timeout=self.request_timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if answer in done:
+                return answer.result()
+            answer.cancel()
+            raise ClientDisconnect() if gone in done else asyncio.TimeoutError()
+
+        async def hang_up(receive):   # once the body is read, the server's next message is the hang-up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
         async def predict(request):
             name = request.path_params["name"]
             status = 200
@@ -296,7 +316,10 @@ class HTTPServer:
                     return error(503, str(e), headers={"Retry-After": "1"})
                 self.inflight += 1
                 try:
-                    table = await asyncio.wait_for(asyncio.wrap_future(fut), self.request_timeout)
+                    table = await answer_or_hang_up(request, fut)
+                except ClientDisconnect:
+                    status = 499
+                    return error(499, "the client hung up before the answer")
                 except OperatorError as e:
                     status = 500
                     return error(500, str(e), operator=e.operator, qid=_encode_value(e.qid))
