@@ -283,6 +283,71 @@ def test_bad_submissions_are_refused_and_closing_fails_what_is_queued():
         sched.submit("t", torch.randn(1, 8, 6, 6))
 
 
+def test_a_cancelled_request_is_withdrawn_and_the_dispatcher_serves_on():
+    """Cancelling a queued request's future used to kill the dispatcher thread (it set the
+    result of a cancelled future), and every later request hung."""
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        sched.add_tenant("t", tenant_model(0))
+        x = torch.randn(1, 8, 4, 4)
+        with sched.cond:                 # queued, not yet taken
+            withdrawn, kept = sched.submit("t", x), sched.submit("t", x)
+            assert withdrawn.cancel()
+        assert kept.result(30).shape[0] == 1 and withdrawn.cancelled()
+        assert sched.submit("t", x).result(30).shape[0] == 1 and sched.thread.is_alive()
+        assert sched.stats()["cancelled requests"] == 1 and sched.stats()["tenants"]["t"]["requests"] == 2
+    finally:
+        sched.close()
+
+
+class Sleepy(nn.Module):
+    def forward(self, x):
+        time.sleep(0.4)
+        return x
+
+
+class Waiting(TorchModel):
+    def build(self):
+        return tenant_model(1)
+
+    def inputs(self, table):
+        return torch.randn(len(table), 8, 4, 4)
+
+
+def test_a_torch_model_whose_work_is_cancelled_withdraws_its_queued_request():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flowkit.gpu.scheduler import install
+    from flowkit.runtime.cancel import Token, running_under
+
+    sched = SpaceTimeScheduler(CPUBackend(), "time")
+    install(sched)
+    try:
+        sched.add_tenant("sleepy", Sleepy())
+        busy = sched.submit("sleepy", torch.randn(1, 2))    # holds the device for 0.4 s
+        token = Token()
+
+        def call():
+            with running_under(token):
+                return Waiting()(fk.Table({"x": int}, [(1,)]))
+
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(call)
+            time.sleep(0.1)
+            token.cancel("the request was abandoned")
+            with pytest.raises(fk.Cancelled, match="queued for the GPU"):
+                fut.result(5)
+        busy.result(5)
+        deadline = time.monotonic() + 5
+        while sched.stats()["cancelled requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.stats()["cancelled requests"] == 1
+        assert sched.stats()["tenants"][Waiting().tenant]["requests"] == 0
+    finally:
+        install(None)
+        sched.close()
+
+
 def test_the_dispatcher_serves_queued_requests_in_deadline_order():
     sched = SpaceTimeScheduler(CPUBackend(), "time")
     try:

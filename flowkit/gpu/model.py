@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 
+from ..runtime.cancel import Cancelled, cancelled
 from ..table import Row, Table
 
 __all__ = ["TorchModel"]
@@ -39,6 +40,18 @@ def _scheduler():
 
             _local = SpaceTimeScheduler(CPUBackend(), policy="batch", max_wait_ms=0.0)
     return _local
+
+
+def _wait(fut):
+    """The scheduler's answer; if this work is cancelled first (its request abandoned, a race
+    lost), the request is withdrawn from the GPU queue if it has not started."""
+    while True:
+        try:
+            return fut.result(timeout=0.05)
+        except TimeoutError:
+            if cancelled():
+                fut.cancel()
+                raise Cancelled("cancelled while queued for the GPU") from None
 
 
 class TorchModel:
@@ -64,6 +77,6 @@ class TorchModel:
         sched = _scheduler()
         if self.tenant not in sched.tenants:
             sched.add_tenant(self.tenant, self.build(), self.slo_ms)
-        y = sched.submit(self.tenant, self.inputs(table)).result()
+        y = _wait(sched.submit(self.tenant, self.inputs(table)))
         out = self.outputs(y.cpu() if hasattr(y, "cpu") else y, table)
         return out[0] if isinstance(data, Row) else out

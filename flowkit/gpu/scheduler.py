@@ -213,7 +213,7 @@ class SpaceTimeScheduler:
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = cache_size
         self.counts = {"launches": 0, "stacked": 0, "cache hits": 0, "cache misses": 0, "straggler evictions": 0,
-                       "failed requests": 0, "unstackable groups": 0}
+                       "failed requests": 0, "unstackable groups": 0, "cancelled requests": 0}
         self.latency: dict = {}                  # (arch, row bucket) -> measured stacked-launch seconds (EWMA)
         self.order: deque = deque(maxlen=4096)   # (tenant, deadline) in the order requests were served
         self.cond = threading.Condition()
@@ -232,7 +232,8 @@ class SpaceTimeScheduler:
             self.tenants[name] = Tenant(name, module, architecture(module), slo_ms / 1000)
 
     def submit(self, tenant: str, x) -> Future:
-        """Queue ``x`` ([rows, ...]) for ``tenant``; a Future of its output rows."""
+        """Queue ``x`` ([rows, ...]) for ``tenant``; a Future of its output rows. Cancelling the
+        Future before its launch takes it withdraws the request (``stats()["cancelled requests"]``)."""
         t = self.tenants.get(tenant)
         if t is None:
             raise KeyError(f"unknown tenant {tenant!r}; add it with add_tenant first")
@@ -258,8 +259,9 @@ class SpaceTimeScheduler:
         with self.cond:
             for t in self.tenants.values():
                 while t.queue:
-                    t.queue.popleft().future.set_exception(
-                        FlowError(f"tenant {t.name!r}: the GPU scheduler closed before this request ran"))
+                    fut = t.queue.popleft().future
+                    if fut.set_running_or_notify_cancel():
+                        fut.set_exception(FlowError(f"tenant {t.name!r}: the GPU scheduler closed before this request ran"))
 
     # -- dispatch -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -270,14 +272,24 @@ class SpaceTimeScheduler:
                 if self.closed:
                     return
                 self._wait_for_batch()
+                self._drop_cancelled()
                 launch = plan_launch(self.policy, self.tenants, self.max_batch, time.monotonic(), self.launch_seconds)
                 if launch is None:
                     continue
                 for name, reqs in launch.stacked + launch.separate:
                     q = self.tenants[name].queue
-                    for _ in reqs:
+                    for r in reqs:
                         q.popleft()
+                        r.future.set_running_or_notify_cancel()   # from here on it cannot be cancelled
             self._run(launch)
+
+    def _drop_cancelled(self) -> None:
+        """Requests whose futures were cancelled while queued are not run; lock held."""
+        for t in self.tenants.values():
+            if any(r.future.cancelled() for r in t.queue):
+                kept = deque(r for r in t.queue if not r.future.cancelled())
+                self.counts["cancelled requests"] += len(t.queue) - len(kept)
+                t.queue = kept
 
     def _wait_for_batch(self) -> None:
         """Let a batch fill for up to ``max_wait`` (less when a deadline is near); lock held."""
@@ -319,6 +331,8 @@ class SpaceTimeScheduler:
                 t = self.tenants[name]
                 for r in reqs:
                     out = outputs[r]
+                    if r.future.done():   # cancelled just before it was taken
+                        continue
                     if isinstance(out, BaseException):
                         self.counts["failed requests"] += 1
                         r.future.set_exception(out)
