@@ -131,6 +131,22 @@ def test_dynamic_batching_merges_requests_and_respects_its_bounds(client):
     assert sum(n * c for n, c in sizes.items()) == 41
 
 
+def test_a_request_abandoned_while_it_waits_for_its_batch_is_left_out(client):
+    def embed(table) -> list[int]:
+        return [r["x"] + len(table) * 1000 for r in table]
+
+    flow = fk.Flow("batch-abandon", SCHEMA)
+    flow.map(embed, names=["y"], batching=True, max_batch=4, max_wait_ms=300)
+    with fk.deploy(flow, cluster=client) as dep:
+        abandoned = dep.submit({"x": [1]})
+        time.sleep(0.05)
+        assert abandoned.cancel()
+        assert dep.run({"x": [2]}, timeout=30).column("y") == [1002]   # a batch of one
+        time.sleep(0.4)
+        sizes = dep.stats().loc["embed", "batch_sizes"]
+    assert sum(n * c for n, c in sizes.items()) == 1   # the abandoned row was never computed
+
+
 def test_batches_never_exceed_max_batch_even_for_large_requests(client):
     def count(table) -> list[int]:
         return [len(table)] * len(table)

@@ -72,8 +72,12 @@ class Batcher:
             batch, rows = [], 0
             while self.queue and rows + len(self.queue[0][0]) <= self.max_batch:
                 item = self.queue.pop(0)
+                if item[1].cancelled():   # its request was abandoned while it waited
+                    continue
                 batch.append(item)
                 rows += len(item[0])
+            if not batch:
+                continue
             now = time.perf_counter()
             self.waits = (self.waits + [now - at for _, _, at in batch])[-4096:]
             asyncio.ensure_future(self._run(batch, rows))
