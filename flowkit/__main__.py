@@ -35,6 +35,7 @@ def load_flow(target: str):
     """``module:attr`` or ``path/to/file.py:attr`` -> a Flow (calling attr if it is a function)."""
     import importlib
     import importlib.util
+    import inspect
     import os
 
     from .flow import Flow
@@ -43,18 +44,36 @@ def load_flow(target: str):
     if not attr:
         raise SystemExit(f"flowkit serve: give MODULE:FLOW, not {target!r}")
     if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise SystemExit(f"flowkit serve: no file {module_name!r} (from {os.getcwd()})")
         spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name.partition(".")[0] and e.name != module_name:
+                raise   # the module is there; something it imports is not
+            raise SystemExit(f"flowkit serve: no module {module_name!r} importable from {os.getcwd()}; "
+                             "run from the folder that holds it, or give a path to its .py file") from None
+    flows = sorted(k for k, v in vars(module).items() if isinstance(v, Flow))
+    if not hasattr(module, attr):
+        raise SystemExit(f"flowkit serve: {module_name} has no {attr!r}; "
+                         + (f"its flows: {', '.join(flows)}" if flows else "it defines no Flow at its top level"))
     flow = getattr(module, attr)
     if not isinstance(flow, Flow) and callable(flow):
+        required = [p.name for p in inspect.signature(flow).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if required:
+            raise SystemExit(f"flowkit serve: {target} takes arguments ({', '.join(required)}); give a Flow, "
+                             "or a function of no arguments that returns one")
         flow = flow()
     if not isinstance(flow, Flow):
-        raise SystemExit(f"flowkit serve: {target} is a {type(flow).__name__}, not a flowkit Flow")
+        raise SystemExit(f"flowkit serve: {target} is of type {type(flow).__name__}, not a flowkit Flow"
+                         + (f"; its flows: {', '.join(flows)}" if flows else ""))
     return flow
 
 

@@ -285,6 +285,25 @@ def test_flowkit_serve_command_serves_a_flow_and_stops_gracefully(tmp_path):
             proc.kill()
 
 
+@pytest.mark.parametrize("target, words", [
+    ("nowhere_module:flow", "no module 'nowhere_module' importable from"),
+    ("missing.py:flow", "no file 'missing.py'"),
+    ("app.py", "give MODULE:FLOW"),
+    ("app.py:flw", "app.py has no 'flw'; its flows: flow"),
+    ("app.py:inc", "app.py:inc takes arguments (row); give a Flow, or a function of no arguments"),
+    ("app.py:answer", "app.py:answer is of type int, not a flowkit Flow; its flows: flow"),
+])
+def test_flowkit_serve_says_what_is_wrong_with_its_target(tmp_path, monkeypatch, target, words):
+    from flowkit.__main__ import load_flow
+
+    (tmp_path / "app.py").write_text("import flowkit as fk\n\ndef inc(row) -> int:\n    return row['x'] + 1\n\n"
+                                     "answer = 42\nflow = fk.Flow('inc', {'x': int})\nflow.map(inc, names=['y'])\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_flow(target)
+    assert load_flow("app.py:flow").name == "inc"
+
+
 def test_a_deployment_on_a_tls_secured_cluster_works_end_to_end():
     from distributed.security import Security
 
