@@ -299,6 +299,12 @@ class Flow(Node):
             raise FlowError(f"the output {output!r} is grouped: end the flow with .agg(...) or .combine()")
         return cull(Plan(self.name, toposort(tuple(self._ops.values())), output, self._rewrites))
 
+    def sketch(self) -> Plan:
+        """Every operator written so far, even while the flow has no single output yet (two
+        sinks, a grouped end): what a notebook draws while the flow is being built. Its output
+        is the empty name: it is for looking at, not for running."""
+        return Plan(self.name, toposort(tuple(self._ops.values())), "", self._rewrites)
+
     @property
     def original(self) -> "Flow":
         """For an optimized flow, the flow it was optimized from (else itself)."""
@@ -327,7 +333,10 @@ class Flow(Node):
             from flowkit_widgets.render import plan_mimebundle
         except ImportError:
             return {"text/plain": repr(self)}
-        return plan_mimebundle(self.plan)
+        try:
+            return plan_mimebundle(self.plan)
+        except FlowError as e:   # not finished yet: draw what there is, and say what is missing
+            return plan_mimebundle(self.sketch(), problem=str(e))
 
     # -- building ---------------------------------------------------------------------------
     def _add(self, op: Op) -> Node:

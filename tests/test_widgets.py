@@ -106,6 +106,24 @@ def test_inspector_shows_before_and_after_and_rerenders_on_toggles():
     assert "application/vnd.jupyter.widget-view+json" in insp._repr_mimebundle_()
 
 
+def test_an_unfinished_flow_is_drawn_with_what_is_missing():
+    """Two sinks (or a grouped end) cannot run, but the notebook still shows what is written."""
+    flow = fk.Flow("unfinished", {"x": int, "s": str})
+    flow.map(lambda r: r["x"], names=["y"])
+    flow.filter(lambda r: r["x"] > 1)
+    bundle = flow._repr_mimebundle_()
+    assert "<svg" in bundle["text/html"] and "Not runnable yet" in bundle["text/html"]
+    assert "2 sinks" in bundle["text/plain"] and "lambda#2" in bundle["text/plain"]
+    insp = flow.inspect(compete=2)
+    assert "lambda#1" in insp.before.value and "lambda#2" in insp.before.value and "2 sinks" in insp.before.value
+    assert "2 sinks" in insp.after.value and insp.tabs.selected_index == 1
+    insp.toggles["fusion"].value = False   # toggles still work (and still say why)
+    assert "2 sinks" in insp.after.value
+    grouped = fk.Flow("grouped", {"k": str})
+    grouped.groupby("k")
+    assert "end the flow with .agg" in grouped._repr_mimebundle_()["text/html"]
+
+
 def test_fk_inspect_takes_rules_and_rejects_unknown_ones():
     insp = fk.inspect(demo_flow(), compete=3, fusion=False)
     assert insp.toggles["compete"].value == 3 and insp.toggles["fusion"].value is False

@@ -12,9 +12,9 @@ import html
 import ipywidgets as w
 
 import flowkit as fk
-from flowkit.optimize import RULES
+from flowkit.optimize import RULES, resolve_rules
 
-from .render import plan_to_svg
+from .render import plan_to_svg, problem_html
 
 __all__ = ["Inspector", "explain_html"]
 
@@ -34,14 +34,19 @@ class Inspector(w.VBox):
     def __init__(self, flow: fk.Flow, **rules):
         self.flow = flow.original
         start = {**RULES, **rules}
-        fk.optimize(self.flow, **rules)  # unknown rules fail here, naming the valid ones
+        resolve_rules(rules)  # unknown rules fail here, naming the valid ones
         self.toggles = {name: w.Checkbox(value=bool(start[name]), description=name, indent=False,
                                          layout=w.Layout(width="auto"))
                         for name in ("fusion", "whole", "locality", "batching")}
         self.toggles["compete"] = w.BoundedIntText(value=int(start["compete"]), min=1, max=8, description="compete",
                                                    layout=w.Layout(width="9em"))
         self.extra = {k: v for k, v in start.items() if k not in self.toggles}
-        self.before = w.HTML(plan_to_svg(self.flow.plan, title=f"{self.flow.name}: as written"))
+        try:
+            self.problem, plan = None, self.flow.plan
+        except fk.FlowError as e:   # unfinished (two sinks, a grouped end): draw what there is
+            self.problem, plan = str(e), self.flow.sketch()
+        note = problem_html(self.problem) if self.problem else ""
+        self.before = w.HTML(note + plan_to_svg(plan, title=f"{self.flow.name}: as written"))
         self.after = w.HTML()
         self.explain = w.HTML()
         self.tabs = w.Tab(children=[self.after, self.before])
@@ -63,6 +68,11 @@ class Inspector(w.VBox):
         return fk.optimize(self.flow, **self.rules)
 
     def render(self) -> None:
+        if self.problem:
+            self.after.value = problem_html(self.problem)
+            self.explain.value = "<p><i>The optimizer runs once the flow has one output.</i></p>"
+            self.tabs.selected_index = 1   # the drawing of what there is
+            return
         opt = self.optimized
         on = ", ".join(f"{k}={v}" for k, v in self.rules.items() if k in self.toggles)
         self.after.value = plan_to_svg(opt.plan, title=f"{self.flow.name}: optimized ({on})")

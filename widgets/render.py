@@ -215,9 +215,18 @@ def plan_to_svg(plan: Plan, stats=None, title: str | None = None) -> str:
     return _scalable(svg[start:] if start >= 0 else svg)
 
 
-def plan_mimebundle(plan: Plan) -> dict:
-    """What a notebook shows for a Flow: the drawn plan (HTML+SVG) and a text description."""
+def problem_html(problem: str) -> str:
+    """A flow that cannot run yet, said above its drawing (pure)."""
+    return (f'<p style="color:#8a4b00"><b>Not runnable yet:</b> {html.escape(problem)}. '
+            "Every operator written so far is drawn below.</p>")
+
+
+def plan_mimebundle(plan: Plan, problem: str | None = None) -> dict:
+    """What a notebook shows for a Flow: the drawn plan (HTML+SVG) and a text description;
+    ``problem`` says why an unfinished flow (drawn from ``flow.sketch()``) cannot run yet."""
     svg = plan_to_svg(plan)
-    return {"text/html": f'<div class="flowkit-plan">{svg}</div>', "text/plain": f"{plan.name}:\n{plan.describe()}"}
+    note = problem_html(problem) if problem else ""
+    text = f"{plan.name}:\n{plan.describe()}" + (f"\nnot runnable yet: {problem}" if problem else "")
+    return {"text/html": f'<div class="flowkit-plan">{note}{svg}</div>', "text/plain": text}
 
 
