@@ -461,8 +461,14 @@ class _Execution:
             stats.count("hedges held (they lost)")
             replicas = replicas[:1]
         self.dep.racing += 1   # counted before any await, so a burst of requests sees it
+        tasks: dict = {}   # each replica's task -> (replica, where, token)
         try:
-            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after)
+            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after, tasks)
+        except asyncio.CancelledError:   # the request was abandoned: so are its replicas
+            for task, (_, _, token) in tasks.items():
+                token.cancel("the request was cancelled")
+                task.cancel()
+            raise
         finally:
             self.dep.racing -= 1
 
@@ -483,63 +489,55 @@ class _Execution:
         recent = sorted(list(stats.latencies)[-200:])
         return recent[int(len(recent) * 0.95) - 1]
 
-    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after):
-        tasks: dict = {}
-
+    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after, tasks: dict):
         def start(rep, where, token):
             coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs, token)
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
 
         start(replicas[0], None, Token())
-        try:
+        pending = set(tasks)
+        hedged = False
+        if len(replicas) > 1 and hedge_after is not None:
+            done, pending = await asyncio.wait(pending, timeout=hedge_after)
+            if done:
+                stats.count("hedges not needed")
+                replicas = replicas[:1]
+                pending = done   # handled below, like any finished replica
+            else:
+                stats.count("hedged")
+                hedged = True
+        if len(replicas) > 1:
+            others = await self.dep.peers.others()
+            places = others[: len(replicas) - 1]
+            places += [None] * (len(replicas) - 1 - len(places))
+            for rep, where in zip(replicas[1:], places):
+                start(rep, where, Token())
             pending = set(tasks)
-            hedged = False
-            if len(replicas) > 1 and hedge_after is not None:
-                done, pending = await asyncio.wait(pending, timeout=hedge_after)
-                if done:
-                    stats.count("hedges not needed")
-                    replicas = replicas[:1]
-                    pending = done   # handled below, like any finished replica
-                else:
-                    stats.count("hedged")
-                    hedged = True
-            if len(replicas) > 1:
-                others = await self.dep.peers.others()
-                places = others[: len(replicas) - 1]
-                places += [None] * (len(replicas) - 1 - len(places))
-                for rep, where in zip(replicas[1:], places):
-                    start(rep, where, Token())
-                pending = set(tasks)
-            errors = []
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for d in done:
-                    if d.exception() is None:
-                        rep = tasks[d][0]
-                        for p in pending:
-                            tasks[p][2].cancel("a competing replica won")
-                            p.cancel()
-                        stats.count(f"wins {rep.name}")
-                        if hedged:
-                            self.dep.hedge_wins[op.name].append(rep is not replicas[0])
-                        stats.count("cancelled losers", len(pending))
-                        stats.record(time.perf_counter() - t0)
-                        t = d.result()
-                        return Table._make(op.schema, t.rows, t.qids)
-                    if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
-                        rep, _, token = tasks.pop(d)
-                        retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
-                        tasks[retry] = (rep, None, token)
-                        pending.add(retry)
-                        continue
-                    errors.append(d.exception())
-            stats.record(time.perf_counter() - t0, ok=False)
-            raise errors[0]
-        except asyncio.CancelledError:   # the request was abandoned: so are its replicas
-            for task, (_, _, token) in tasks.items():
-                token.cancel("the request was cancelled")
-                task.cancel()
-            raise
+        errors = []
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for d in done:
+                if d.exception() is None:
+                    rep = tasks[d][0]
+                    for p in pending:
+                        tasks[p][2].cancel("a competing replica won")
+                        p.cancel()
+                    stats.count(f"wins {rep.name}")
+                    if hedged:
+                        self.dep.hedge_wins[op.name].append(rep is not replicas[0])
+                    stats.count("cancelled losers", len(pending))
+                    stats.record(time.perf_counter() - t0)
+                    t = d.result()
+                    return Table._make(op.schema, t.rows, t.qids)
+                if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
+                    rep, _, token = tasks.pop(d)
+                    retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
+                    tasks[retry] = (rep, None, token)
+                    pending.add(retry)
+                    continue
+                errors.append(d.exception())
+        stats.record(time.perf_counter() - t0, ok=False)
+        raise errors[0]
 
     async def _first(self, op: AnyOf):
         """A user's anyof: whichever input finishes first (its stage statistics count the wait
