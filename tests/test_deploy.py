@@ -231,6 +231,23 @@ def test_map_says_which_input_failed_or_returns_the_errors_in_place(client, caps
     assert "'x'" in str(out[6])   # refused before it ran, naming the column
 
 
+def test_what_cannot_travel_between_processes_is_named(client):
+    import threading
+
+    lock = threading.Lock()
+    closure = fk.Flow("closure", SCHEMA)
+    closure.map(lambda r: (lock, r["x"])[1], names=["y"])
+    with pytest.raises(fk.FlowError, match="operator 'lambda#1' cannot be sent to the workers: TypeError: cannot "
+                                           "pickle '_thread.lock'.*inside it, or in a class operator's __init__"):
+        fk.deploy(closure, cluster=client)
+    result = fk.Flow("result", SCHEMA)
+    result.map(lambda r: threading.Lock() if r["x"] == 2 else None, names=["y"])
+    with fk.deploy(result, cluster=client) as dep:
+        with pytest.raises(fk.FlowError, match="column 'y' of the result holds a lock, which cannot be sent back"):
+            dep.run(XS, timeout=30)
+        assert dep.run({"x": [1], "s": ["a"]}, timeout=30).column("y") == [None]   # serving on
+
+
 def test_class_operators_are_instantiated_once_per_worker_before_any_request(client, tmp_path):
     log = tmp_path / "inits.log"
     module = tmp_path / "flowkit_test_models.py"

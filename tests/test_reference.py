@@ -74,6 +74,21 @@ def test_operator_error_names_operator_and_qid_and_chains_the_cause():
     assert isinstance(e.value.__cause__, ValueError)
 
 
+def test_a_class_operator_whose_constructor_raises_is_an_operator_error():
+    class Model:
+        def __init__(self):
+            raise FileNotFoundError("weights.bin")
+
+        def __call__(self, row) -> int:
+            return 1
+
+    flow = fk.Flow("broken-model", SCHEMA)
+    flow.filter(Model)
+    with pytest.raises(fk.OperatorError, match=r"operator 'Model': creating Model\(\) raised FileNotFoundError") as e:
+        flow.run(XS)
+    assert e.value.operator == "Model" and isinstance(e.value.original, FileNotFoundError)
+
+
 def test_batching_map_must_return_one_value_per_row():
     flow = fk.Flow("short", SCHEMA)
     flow.map(lambda t: [1], names=["y"], batching=True)

@@ -118,8 +118,9 @@ class Deployment:
         args = security.get_connection_args("client") if security is not None else {}
         self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
         self.client.subscribe_topic(READY_TOPIC, self._on_ready)
-        self._plugin_name = f"flowkit-{self.id}"
-        self.client.register_plugin(DeploymentPlugin(self.id, dumps_plan(self.plan)), name=self._plugin_name)
+        plugin = DeploymentPlugin(self.id, dumps_plan(self.plan))   # a function that cannot travel fails here
+        self.client.register_plugin(plugin, name=f"flowkit-{self.id}")
+        self._plugin_name = f"flowkit-{self.id}"   # (registered: close unregisters it)
         for address in self.client.scheduler_info().get("workers", {}):
             self._router.add_worker(address)
         if not self._router.ready.wait(timeout):

@@ -58,6 +58,15 @@ def callable_for(fn: Callable) -> Callable:
     return inst
 
 
+def _callable(op) -> Callable:
+    """``callable_for(op.fn)``; a class whose constructor raises is the operator's error."""
+    try:
+        return callable_for(op.fn)
+    except Exception as e:
+        raise OperatorError(op.name, None, e, message=f"operator {op.name!r}: creating {op.fn.__name__}() raised "
+                                                     f"{type(e).__name__}: {e}") from e
+
+
 # -- the operators ---------------------------------------------------------------------------
 def apply(op: Op, inputs: list, ctx: Context):
     """Compute ``op`` over its inputs (Tables, or a GroupedTable where the op takes one)."""
@@ -76,7 +85,7 @@ def run_members(stage: Stage, inputs: list, ctx: Context):
 
 def _map(op: Map, inputs: list, ctx: Context) -> Table:
     t: Table = inputs[0]
-    fn = callable_for(op.fn)
+    fn = _callable(op)
     if op.batching:
         rows = _map_batch(op, fn, t)
     elif op.col is None:
@@ -151,7 +160,7 @@ def _check_outputs(op: Map, rows: list, qids: list) -> None:
 
 def _filter(op: Filter, inputs: list, ctx: Context):
     src = inputs[0]
-    fn = callable_for(op.fn)
+    fn = _callable(op)
     if op.group:
         kept = {}
         for key, t in src.groups.items():

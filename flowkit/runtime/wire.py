@@ -16,7 +16,7 @@ import cloudpickle
 from ..errors import FlowError, OperatorError
 from ..plan import Op, Plan, Stage
 
-__all__ = ["dumps", "loads", "dumps_plan", "dumps_error", "user_modules"]
+__all__ = ["dumps", "loads", "dumps_plan", "dumps_table", "dumps_error", "user_modules"]
 
 _INSTALLED = tuple({str(Path(p).resolve()) for k in ("stdlib", "platstdlib", "purelib", "platlib")
                     if (p := sysconfig.get_paths().get(k))})
@@ -59,10 +59,42 @@ def dumps_plan(plan: Plan) -> bytes:
     for m in mods:
         cloudpickle.register_pickle_by_value(m)
     try:
-        return dumps(plan)
+        try:
+            return dumps(plan)
+        except Exception as e:
+            raise _unpicklable(plan, e) from e
     finally:
         for m in mods:
             cloudpickle.unregister_pickle_by_value(m)
+
+
+def _unpicklable(plan: Plan, error: Exception) -> FlowError:
+    """Which operator's function cannot travel to the workers, and what to do about it."""
+    for op in plan.nodes:
+        for fn in _functions(op):
+            try:
+                dumps(fn)
+            except Exception as e:
+                return FlowError(f"operator {op.name!r} cannot be sent to the workers: {type(e).__name__}: {e}. "
+                                 "A function takes everything it refers to along; create such objects inside it, "
+                                 "or in a class operator's __init__ (which runs once on each worker)")
+    return FlowError(f"the plan of flow {plan.name!r} cannot be sent to the workers: {type(error).__name__}: {error}")
+
+
+def dumps_table(table) -> bytes:
+    """A result table for the wire; a value that cannot be pickled is a FlowError naming its column."""
+    try:
+        return dumps(table)
+    except Exception as e:
+        for name in table.schema.names:
+            for value in table.column(name):
+                try:
+                    dumps(value)
+                except Exception as bad:
+                    raise FlowError(f"column {name!r} of the result holds a {type(value).__name__}, which cannot be "
+                                    f"sent back ({type(bad).__name__}: {bad}); return plain data: numbers, "
+                                    "strings, arrays, tensors") from e
+        raise
 
 
 def dumps_error(exc: BaseException) -> bytes:

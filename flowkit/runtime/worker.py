@@ -36,7 +36,7 @@ from .router import WorkerGone
 from .semantics import apply, callable_for
 from .stats import StageStats
 from .store import RequestStore, WorkerStore, store_key
-from .wire import dumps, dumps_error, loads
+from .wire import dumps, dumps_error, dumps_table, loads
 
 __all__ = ["DeploymentPlugin", "WorkerDeployment", "store_key", "READY_TOPIC"]  # store_key: re-exported
 
@@ -260,7 +260,7 @@ class WorkerDeployment:
         try:
             if kind == "run":
                 out = await self.run(loads(msg["payload"]), token)
-                return {"id": rid, "ok": True, "payload": dumps(out)}
+                return {"id": rid, "ok": True, "payload": dumps_table(out)}
             if kind == "stage":
                 name, inputs, tid = loads(msg["payload"])
                 token = self.tokens[tid] = Token()
