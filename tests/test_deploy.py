@@ -231,6 +231,21 @@ def test_map_says_which_input_failed_or_returns_the_errors_in_place(client, caps
     assert "'x'" in str(out[6])   # refused before it ran, naming the column
 
 
+@pytest.mark.parametrize("options, words", [
+    ({"max_inflight": 0}, "max_inflight must be a whole number >= 1"),
+    ({"retries": -1}, "retries must be a whole number >= 0"),
+    ({"timeout": 0}, "timeout must be a number of seconds > 0"),
+    ({"cluster": "not-an-address"}, "'not-an-address' is not a scheduler address"),
+    ({"cluster": "tcp://127.0.0.1:9", "timeout": 1}, "no dask scheduler answered at 'tcp://127.0.0.1:9' within 1 s"),
+])
+def test_bad_deployment_settings_fail_at_once_saying_what_is_wrong(options, words):
+    flow, _, _, _ = CASES["row_map"]()
+    t0 = time.monotonic()
+    with pytest.raises(fk.FlowError, match=words):
+        fk.deploy(flow, **options)
+    assert time.monotonic() - t0 < 10   # no embedded cluster started, no 30 s default wait
+
+
 def test_what_cannot_travel_between_processes_is_named(client):
     import threading
 

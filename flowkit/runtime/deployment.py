@@ -59,8 +59,15 @@ class Deployment:
             flow = _optimize(flow, **optimize)
         elif optimize is not False:
             raise FlowError(f"optimize must be True, False or a dict of rules, not {optimize!r}")
+        if not (isinstance(max_inflight, int) and max_inflight >= 1):
+            raise FlowError(f"max_inflight must be a whole number >= 1, not {max_inflight!r}")
+        if not (isinstance(retries, int) and retries >= 0):
+            raise FlowError(f"retries must be a whole number >= 0, not {retries!r}")
+        if not timeout > 0:
+            raise FlowError(f"timeout must be a number of seconds > 0, not {timeout!r}")
         self.flow = flow
         self.plan = flow.plan
+        self._plan_bytes = dumps_plan(self.plan)   # before any cluster starts: a function that cannot travel fails here
         self.name = self.plan.name
         self.id = f"{self.name}-{uuid.uuid4().hex[:8]}"
         self.max_inflight = max_inflight
@@ -72,7 +79,7 @@ class Deployment:
         self._closed = False
         self._owned: list = []
         self._servers: list = []
-        self.client, self.cluster = self._connect(cluster, n_workers)
+        self.client, self.cluster = self._connect(cluster, n_workers, timeout)
         try:
             self._start(retries, timeout)
             if self._owned and self.cluster in self._owned:
@@ -82,7 +89,7 @@ class Deployment:
             raise
 
     # -- set-up -----------------------------------------------------------------------------
-    def _connect(self, cluster: Any, n_workers: int | None):
+    def _connect(self, cluster: Any, n_workers: int | None, timeout: float):
         from distributed import Client
 
         if cluster is None:
@@ -103,7 +110,12 @@ class Deployment:
         if isinstance(cluster, Client):
             return cluster, getattr(cluster, "cluster", None)
         if isinstance(cluster, str):
-            client = Client(cluster)
+            try:
+                client = Client(cluster, timeout=timeout)
+            except ValueError as e:
+                raise FlowError(f"{cluster!r} is not a scheduler address (like tcp://host:8786): {e}") from e
+            except (OSError, TimeoutError) as e:
+                raise FlowError(f"no dask scheduler answered at {cluster!r} within {timeout:g} s: {e}") from e
             self._owned.append(client)
             return client, None
         if hasattr(cluster, "scheduler_address"):
@@ -118,8 +130,7 @@ class Deployment:
         args = security.get_connection_args("client") if security is not None else {}
         self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
         self.client.subscribe_topic(READY_TOPIC, self._on_ready)
-        plugin = DeploymentPlugin(self.id, dumps_plan(self.plan))   # a function that cannot travel fails here
-        self.client.register_plugin(plugin, name=f"flowkit-{self.id}")
+        self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes), name=f"flowkit-{self.id}")
         self._plugin_name = f"flowkit-{self.id}"   # (registered: close unregisters it)
         for address in self.client.scheduler_info().get("workers", {}):
             self._router.add_worker(address)
