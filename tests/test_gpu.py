@@ -569,6 +569,33 @@ def test_gpu_chart_draws_samples_from_the_simulated_backend():
         assert chart.util.value.count("<polyline") == 3 and "SMs busy" in chart.util.value
         assert "m3" in chart.tenants.value
         assert "queued requests" in chart.queue.value
+        # another run (a new scheduler, another policy) starts the chart afresh, not drawn over the last
+        chart.add({**sched.sample(), "time": 0.0, "policy": "time"})
+        assert "policy time" in chart.title.value and "1 samples" in chart.title.value
+    finally:
+        sched.close()
+
+
+def test_a_simulated_gpu_is_measured_on_its_own_clock():
+    """Its monitor counts each launch's modeled device time, not the CPU time its numbers took:
+    flooded, the modeled GPU is busy, although the CPU emulating it spends far longer per launch."""
+    sched = SpaceTimeScheduler(SimBackend("h200"), "time", max_wait_ms=0)
+    try:
+        for i in range(4):
+            sched.add_tenant(f"m{i}", tenant_model(i))
+        x = torch.randn(32, 8, 32, 32)   # the CPU takes far longer over these than the modeled H200
+        first = sched.sample()
+        wall0, busy0 = time.monotonic(), sched.backend.busy_seconds
+        with sched.cond:   # all queued before the first launch: the device never waits for work
+            futures = [sched.submit(f"m{i % 4}", x) for i in range(100)]
+        for f in futures:
+            f.result(30)
+        last = sched.sample()
+        wall = time.monotonic() - wall0
+        on_the_wall = 100 * (sched.backend.busy_seconds - busy0) / wall
+        assert last["time"] - first["time"] < wall / 2
+        assert last["utilization"] > 2 * on_the_wall and last["utilization"] > 25
+        assert sum(last["throughput"].values()) > 2 * 100 * 32 / wall   # rows per second on the GPU
     finally:
         sched.close()
 

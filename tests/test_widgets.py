@@ -7,7 +7,7 @@ import re
 import pytest
 
 import flowkit as fk
-from flowkit_widgets.charts import line_chart_svg
+from flowkit_widgets.charts import bar_chart_svg, line_chart_svg
 from flowkit_widgets.inspector import Inspector, explain_html
 from flowkit_widgets.render import dot_to_svg, plan_to_dot, plan_mimebundle, plan_to_svg
 
@@ -133,8 +133,15 @@ def test_fk_inspect_takes_rules_and_rejects_unknown_ones():
 
 def test_explain_html_lists_every_rewrite():
     html = explain_html(fk.optimize(demo_flow(), compete=2).explain())
-    assert html.count("<li>") == len(fk.optimize(demo_flow(), compete=2).explain()) >= 5 and "<b>compete</b>" in html
+    assert html.count("<li ") == len(fk.optimize(demo_flow(), compete=2).explain()) >= 5 and "<b>compete</b>" in html
     assert "No rewrites" in explain_html([])
+
+
+def test_bar_chart_svg_draws_one_bar_per_value_scaled_to_the_largest():
+    svg = bar_chart_svg({"time": 5000.0, "spacetime": 70000.0, "none": 0.0}, title="requests/s", unit="")
+    assert svg.count("<rect") == 3 and "70,000" in svg and "5,000" in svg and "requests/s" in svg
+    widths = [float(w) for w in re.findall(r'<rect [^>]*width="([\d.]+)"', svg)]
+    assert widths[1] > widths[0] > widths[2] == 0 and abs(widths[0] / widths[1] - 5000 / 70000) < 0.01
 
 
 def test_line_chart_svg_draws_each_series_with_its_last_value():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Iterable, Mapping
 
-__all__ = ["line_chart_svg", "PALETTE"]
+__all__ = ["line_chart_svg", "bar_chart_svg", "PALETTE"]
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -50,5 +50,30 @@ def line_chart_svg(series: Mapping[str, Iterable[tuple[float, float]]], title: s
         last = f" {v[-1][1]:.3g}{unit}" if v else ""
         out.append(f'<text x="{pad_l + 4 + i * (iw // max(1, len(pts)))}" y="{height - 6}" fill="{color}">'
                    f'■ {html.escape(label)}{html.escape(last)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def bar_chart_svg(values: Mapping[str, float], title: str = "", unit: str = "", width: int = 460,
+                  bar_height: int = 22) -> str:
+    """An SVG chart of horizontal bars, one per ``{label: value}``, each with its value written.
+
+    >>> svg = bar_chart_svg({"time": 300.0, "spacetime": 4400.0}, title="GFLOP/s")
+    >>> svg.count("<rect") == 2 and "4,400" in svg and "300" in svg and "spacetime" in svg
+    True
+    """
+    pad_l, pad_r, pad_t = 90, 70, 24
+    top = max([v for v in values.values() if v > 0], default=1.0)
+    iw = width - pad_l - pad_r
+    height = pad_t + len(values) * (bar_height + 6) + 6
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="Helvetica" font-size="11">',
+           f'<text x="4" y="15" font-size="12" font-weight="bold">{html.escape(title)}</text>']
+    for i, (label, v) in enumerate(values.items()):
+        y = pad_t + i * (bar_height + 6)
+        w = max(0.0, v) / top * iw
+        out.append(f'<text x="{pad_l - 6}" y="{y + bar_height * 0.7:.1f}" text-anchor="end">{html.escape(label)}</text>')
+        out.append(f'<rect x="{pad_l}" y="{y}" width="{w:.1f}" height="{bar_height}" fill="{PALETTE[i % len(PALETTE)]}"/>')
+        shown = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+        out.append(f'<text x="{pad_l + w + 4:.1f}" y="{y + bar_height * 0.7:.1f}">{shown}{html.escape(unit)}</text>')
     out.append("</svg>")
     return "".join(out)

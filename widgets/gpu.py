@@ -17,7 +17,8 @@ class GPUChart(w.VBox):
     """``GPUChart(client)`` subscribes to the plugin's events; ``GPUChart()`` is fed by ``add(sample)``."""
 
     def __init__(self, client=None, window: int = 240, topic: str = "flowkit-gpu"):
-        self.samples: deque = deque(maxlen=window)
+        self.window = window
+        self.runs: dict = {}   # worker (None for a local scheduler) -> its current run's samples
         self.lock = threading.Lock()
         self.util = w.HTML()
         self.tenants = w.HTML()
@@ -35,9 +36,18 @@ class GPUChart(w.VBox):
             self.add(msg)
 
     def add(self, sample: dict) -> None:
+        """Draw one more sample: the chart shows the run of the worker that reported last. A sample
+        from another run of a worker's scheduler (its clock went back, another policy or backend)
+        starts that worker's chart afresh instead of drawing over the last run."""
         with self.lock:
-            self.samples.append(sample)
-            samples = list(self.samples)
+            run = self.runs.setdefault(sample.get("worker"), deque(maxlen=self.window))
+            last = run[-1] if run else None
+            if last is not None and (sample.get("time", 0) < last.get("time", 0) or
+                                     (sample.get("policy"), sample.get("backend")) !=
+                                     (last.get("policy"), last.get("backend"))):
+                run.clear()
+            run.append(sample)
+            samples = list(run)
         self.render(samples)
 
     def render(self, samples: list[dict]) -> None:
@@ -57,7 +67,8 @@ class GPUChart(w.VBox):
         names = sorted({n for s in samples for n in s.get("throughput", {})})
         self.tenants.value = line_chart_svg({n.split(".")[-1]: list(zip(t, [s.get("throughput", {}).get(n, 0.0) for s in samples]))
                                              for n in names}, title="per-tenant throughput (rows/s)", width=920)
-        self.title.value = (f"<b>GPU</b> · backend {last.get('backend', '?')} · policy {last.get('policy', '?')} · "
+        where = f" · worker {last['worker']} (of {len(self.runs)} reporting)" if last.get("worker") else ""
+        self.title.value = (f"<b>GPU</b>{where} · backend {last.get('backend', '?')} · policy {last.get('policy', '?')} · "
                             f"{len(samples)} samples")
 
     def close(self) -> None:

@@ -21,11 +21,12 @@ __all__ = ["Inspector", "explain_html"]
 
 def explain_html(lines: list[str]) -> str:
     """The rewrites as an HTML list (pure)."""
+    style = "font-family:Helvetica,Arial,sans-serif; font-size:13px; line-height:1.4"
     if not lines:
-        return "<p><i>No rewrites: the optimized plan is the original plan.</i></p>"
-    items = "".join(f"<li><b>{html.escape(line.split(':', 1)[0])}</b>:{html.escape(line.split(':', 1)[1])}</li>"
-                    for line in lines)
-    return f"<ol style='padding-left:1.2em'>{items}</ol>"
+        return f"<p style='{style}'><i>No rewrites: the optimized plan is the original plan.</i></p>"
+    items = "".join(f"<li style='margin-bottom:0.4em'><b>{html.escape(line.split(':', 1)[0])}</b>:"
+                    f"{html.escape(line.split(':', 1)[1])}</li>" for line in lines)
+    return f"<ol style='padding-left:1.2em; {style}'>{items}</ol>"
 
 
 class Inspector(w.VBox):
@@ -39,24 +40,27 @@ class Inspector(w.VBox):
                                          layout=w.Layout(width="auto"))
                         for name in ("fusion", "whole", "locality", "batching")}
         self.toggles["compete"] = w.BoundedIntText(value=int(start["compete"]), min=1, max=8, description="compete",
-                                                   layout=w.Layout(width="9em"))
+                                                   layout=w.Layout(width="12em"))
         self.extra = {k: v for k, v in start.items() if k not in self.toggles}
         try:
             self.problem, plan = None, self.flow.plan
         except fk.FlowError as e:   # unfinished (two sinks, a grouped end): draw what there is
             self.problem, plan = str(e), self.flow.sketch()
         note = problem_html(self.problem) if self.problem else ""
-        self.before = w.HTML(note + plan_to_svg(plan, title=f"{self.flow.name}: as written"))
-        self.after = w.HTML()
+        # the drawings take the whole pane, less their margins (they scale down, never up)
+        self.before = w.HTML(note + plan_to_svg(plan, title=f"{self.flow.name}: as written"),
+                             layout=w.Layout(width="auto"))
+        self.after = w.HTML(layout=w.Layout(width="auto"))
         self.explain = w.HTML()
-        self.tabs = w.Tab(children=[self.after, self.before])
+        self.tabs = w.Tab(children=[self.after, self.before], layout=w.Layout(width="100%"))
         self.tabs.titles = ("after optimization", "before")
         for t in self.toggles.values():
             t.observe(self._changed, names="value")
-        panel = w.VBox([w.HTML("<b>What the optimizer did</b>"), self.explain],
+        heading = w.HTML("<b style='font-family:Helvetica,Arial,sans-serif'>What the optimizer did</b>")
+        panel = w.VBox([heading, self.explain],
                        layout=w.Layout(width="32%", overflow="auto"))
         super().__init__([w.HBox(list(self.toggles.values())),
-                          w.HBox([w.Box([self.tabs], layout=w.Layout(width="68%", overflow="auto")), panel])])
+                          w.HBox([w.Box([self.tabs], layout=w.Layout(width="68%", overflow="hidden")), panel])])
         self.render()
 
     @property

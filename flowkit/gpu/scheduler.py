@@ -219,7 +219,10 @@ class SpaceTimeScheduler:
         self.cond = threading.Condition()
         self.closed = False
         self.started = time.monotonic()
-        self._last_sample = (time.monotonic(), 0.0, None, {})
+        # A simulated GPU's samples run on a simulated clock: the CPU time spent computing a
+        # launch's numbers is replaced by the cost model's device time for it (see ``clock``).
+        self._simulated_minus_wall = 0.0
+        self._last_sample = (self.clock(), 0.0, None, {})
         self.thread = threading.Thread(target=self._loop, daemon=True, name="flowkit-gpu-scheduler")
         self.thread.start()
 
@@ -316,7 +319,10 @@ class SpaceTimeScheduler:
             outputs = {r: e for _, reqs in launch.stacked + launch.separate for r in reqs}
         wall = time.perf_counter() - t0
         failed = any(isinstance(out, BaseException) for out in outputs.values())
-        self.backend.account(*self._device_seconds(launch, wall))
+        device, sms = self._device_seconds(launch, wall)
+        self.backend.account(device, sms)
+        if isinstance(self.backend, SimBackend):
+            self._simulated_minus_wall += device - wall
         done = time.monotonic()
         with self.cond:
             if launch.stacked and not failed:
@@ -446,6 +452,12 @@ class SpaceTimeScheduler:
         return secs, sms
 
     # -- observability ---------------------------------------------------------------------------
+    def clock(self) -> float:
+        """Seconds for the monitor: real time, except on a simulated GPU, where each launch counts
+        for its modeled device time instead of the wall time the CPU took to compute its numbers
+        (else a modeled GPU would look idle while the CPU emulates it)."""
+        return time.monotonic() + self._simulated_minus_wall
+
     def stats(self) -> dict:
         with self.cond:
             tenants = {n: {"requests": t.requests, "rows": t.served_rows, "queued": len(t.queue),
@@ -458,10 +470,10 @@ class SpaceTimeScheduler:
 
     def sample(self) -> dict:
         """One monitor sample: utilization (time a kernel ran; SMs busy where known), memory,
-        per-tenant throughput, queue depth."""
+        per-tenant throughput, queue depth; rates and ``time`` are on ``clock()``."""
         from .monitor import device_sample
 
-        now = time.monotonic()
+        now = self.clock()
         last_t, last_busy, last_sm, last_rows = self._last_sample
         busy, sm = self.backend.busy_seconds, self.backend.sm_busy_seconds
         with self.cond:
