@@ -58,9 +58,11 @@ class DeploymentView(w.VBox):
         figures = stage_rates(self._last, current, now - self._last_t)
         self._last, self._last_t = current, now
         e2e = figures.get("(end to end)", {})
-        self.header.value = (f"<b>{html.escape(self.dep.name)}</b> · {len(self.dep.workers)} workers · "
+        n = len(self.dep.workers)
+        self.header.value = (f"<span style='font-family:Helvetica,Arial,sans-serif'><b>{html.escape(self.dep.name)}</b>"
+                             f" · {n} worker{'' if n == 1 else 's'} · "
                              f"{e2e.get('rate', 0):.1f} req/s · p50 {e2e.get('p50_ms', float('nan')):.2f} ms · "
-                             f"p99 {e2e.get('p99_ms', float('nan')):.2f} ms · {e2e.get('requests', 0)} requests &nbsp;")
+                             f"p99 {e2e.get('p99_ms', float('nan')):.2f} ms · {e2e.get('requests', 0)} requests</span> &nbsp;")
         self.graph.value = plan_to_svg(self.dep.plan, stats=figures)
         hist = self._history.setdefault("req/s", [])
         hist.append((now - self._t0, e2e.get("rate", 0.0)))

@@ -336,7 +336,8 @@ class Deployment:
             return None
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self.workers)} workers, {self._inflight} in flight"
+        n = len(self.workers)
+        state = "closed" if self._closed else f"{n} worker{'' if n == 1 else 's'}, {self._inflight} in flight"
         return f"<Deployment {self.name!r} ({state}) dashboard: {self.dashboard_link}>"
 
     # -- shutdown ---------------------------------------------------------------------------
