@@ -224,6 +224,7 @@ class WorkerDeployment:
         self.peers = Peers(deployment, worker) if not self.simple else None
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.tokens: dict[str, Token] = {}
+        self.orphans: set = set()   # remote stages whose requester stopped waiting (a lost race, an abandoned request)
         self._inline, self._inline_checks, self.running = False, 0, 0
         self.has_gpu = worker.state.total_resources.get("GPU", 0) > 0
         self.closed = False
@@ -244,6 +245,8 @@ class WorkerDeployment:
 
     def close(self) -> None:
         self.closed = True
+        for task in list(self.orphans):
+            task.cancel()
         for b in self.batchers.values():
             b.close()
         if self.peers is not None:
@@ -399,7 +402,8 @@ class WorkerDeployment:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             self.peers.router.submit("cancel", dumps(tid), worker=target)
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the loser's answer is not needed
+            self.orphans.add(task)   # its answer is not needed; held until it comes, or until close()
+            task.add_done_callback(lambda t: self.orphans.discard(t) or t.cancelled() or t.exception())
             raise
 
     def snapshot(self) -> dict:
