@@ -88,6 +88,13 @@ def test_bad_input_gets_a_clear_status(served, raw, status, words):
     assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200   # nothing disturbed
 
 
+def test_a_port_in_use_is_said_plainly(served):
+    dep, server = served
+    with pytest.raises(fk.FlowError, match=f"cannot serve on 127.0.0.1:{server.port}: .*pass port=0 for a free port"):
+        dep.serve(port=server.port)
+    assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200
+
+
 def test_422_names_the_column_and_404_names_the_flows(served):
     _, server = served
     status, body, _ = call(server, "POST", PREDICT, {"rows": [{"x": 1.5}]})

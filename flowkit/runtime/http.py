@@ -165,7 +165,12 @@ class HTTPServer:
         # response's header and body segments wait on the client's delayed ACK: 44 ms per request
         # on a keep-alive connection here, instead of 0.3 ms.
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise FlowError(f"cannot serve on {host}:{port}: {e.strerror or e}"
+                            + ("; pass port=0 for a free port" if port else "")) from e
         self.port = self._sock.getsockname()[1]
         self._server = None
         self._started = threading.Event()
