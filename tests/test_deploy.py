@@ -60,8 +60,12 @@ def test_close_releases_only_what_the_deployment_started(client):
     flow, data, _, expected = CASES["row_map"]()
     with fk.deploy(flow, cluster=client) as dep:
         dep.put("k", 1)
+        with pytest.raises(fk.FlowError, match="a key must be hashable .*not list"):
+            dep.put(["k"], 1)
         assert any("flowkit-" in name for name in client.run_on_scheduler(
             lambda dask_scheduler: list(dask_scheduler.worker_plugins)))
+    with pytest.raises(fk.FlowError, match="is closed"):
+        dep.put("k", 2)
     assert client.status == "running"
     plugins = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
     assert not any(name.startswith("flowkit-" + dep.id) for name in plugins)

@@ -259,6 +259,13 @@ class Deployment:
     # -- store ------------------------------------------------------------------------------
     def put(self, key: Any, obj: Any) -> None:
         """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data."""
+        if self._closed:
+            raise FlowError(f"deployment {self.id!r} is closed")
+        try:
+            hash(key)
+        except TypeError:
+            raise FlowError(f"dep.put: a key must be hashable (a str, a number, a tuple ...), not "
+                            f"{type(key).__name__}") from None
         dkey = store_key(self.id, key)
         old = self._stored.pop(key, None)
         if old is not None:
