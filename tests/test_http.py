@@ -169,6 +169,24 @@ def test_a_request_that_times_out_or_whose_client_hangs_up_is_cancelled_on_its_w
         assert dep.stats().loc["(end to end)", "cancelled"] == 2 and server.counts[("patient", 499)] == 1
 
 
+class Opaque:
+    pass
+
+
+def containers_and_opaque(row):
+    return {"tags": {"b"}, "pair": (1, 2)} if row["x"] else Opaque()
+
+
+def test_results_are_written_as_json_or_the_column_that_cannot_be_is_named(client):
+    flow = fk.Flow("shapes", {"x": int})
+    flow.map(containers_and_opaque, names=["v"])
+    with fk.deploy(flow, cluster=client) as dep, dep.serve() as server:
+        status, body, _ = call(server, "POST", "/v1/flows/shapes/predict", {"rows": [{"x": 1}]})
+        assert status == 200 and body["rows"][0]["v"] == {"tags": ["b"], "pair": [1, 2]}
+        status, body, _ = call(server, "POST", "/v1/flows/shapes/predict", {"rows": [{"x": 0}]})
+        assert status == 500 and body["error"] == "column 'v' of the result holds a Opaque that JSON cannot carry"
+
+
 def test_health_flows_and_metrics(served):
     _, server = served
     status, body, _ = call(server, "GET", "/healthz")

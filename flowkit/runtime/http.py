@@ -118,7 +118,22 @@ def _encode_value(v: Any) -> Any:
         return None
     if hasattr(v, "tolist") and type(v).__name__ == "Tensor":
         return v.tolist()
+    if isinstance(v, dict):
+        return {str(k): _encode_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_encode_value(x) for x in v]
     return v
+
+
+def _unencodable(table: Table) -> str:
+    """Which column of ``table`` holds a value JSON cannot carry, and of what type (slow: for the error)."""
+    for name in table.schema.names:
+        for value in table.column(name):
+            try:
+                json.dumps(_encode_value(value))
+            except (TypeError, ValueError):
+                return f"column {name!r} of the result holds a {type(value).__name__} that JSON cannot carry"
+    return "the result cannot be written as JSON"
 
 
 def encode_table(table: Table) -> dict:
@@ -339,7 +354,11 @@ class HTTPServer:
                     return error(503, str(e), headers={"Retry-After": "1"})
                 finally:
                     self.inflight -= 1
-                return JSONResponse(encode_table(table))
+                try:
+                    return JSONResponse(encode_table(table))
+                except (TypeError, ValueError):
+                    status = 500
+                    return error(500, _unencodable(table))
             finally:
                 key = (name, status)
                 self.counts[key] = self.counts.get(key, 0) + 1
