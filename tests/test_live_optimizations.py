@@ -111,10 +111,12 @@ def test_a_loser_stops_between_rows_without_asking(client, tmp_path):
         assert len((tmp_path / "slow.rows").read_text()) == done < 60
 
 
-def test_dynamic_batching_merges_requests_and_respects_its_bounds(client):
-    def embed(table) -> list[int]:
-        return [r["x"] + len(table) * 1000 for r in table]
+def embed(table) -> list[int]:
+    """A batching model whose answer tells the size of the batch it ran in (thousands)."""
+    return [r["x"] + len(table) * 1000 for r in table]
 
+
+def test_dynamic_batching_merges_requests_and_respects_its_bounds(client):
     flow = fk.Flow("batch", SCHEMA)
     flow.map(embed, names=["y"], batching=True, max_batch=4, max_wait_ms=150)
     with fk.deploy(flow, cluster=client) as dep:
@@ -132,9 +134,6 @@ def test_dynamic_batching_merges_requests_and_respects_its_bounds(client):
 
 
 def test_a_request_abandoned_while_it_waits_for_its_batch_is_left_out(client):
-    def embed(table) -> list[int]:
-        return [r["x"] + len(table) * 1000 for r in table]
-
     flow = fk.Flow("batch-abandon", SCHEMA)
     flow.map(embed, names=["y"], batching=True, max_batch=4, max_wait_ms=300)
     with fk.deploy(flow, cluster=client) as dep:
