@@ -199,6 +199,34 @@ def test_locality_runs_lookups_where_the_object_lives(client):
     assert _count(results[False], "local lookups") + _count(results[False], "remote lookups") == 13
 
 
+def _same_key(row) -> str:
+    return row["key"]
+
+
+def test_a_request_keyed_by_an_input_column_starts_where_its_object_lives(client):
+    """The client sends it to the key's worker, so its lookup stage runs there: one hop. A key
+    computed by an operator is only known on a worker, which then sends the stage on: two."""
+    store = {f"k{i}": np.full(1000, float(i)) for i in range(6)}
+    keys = [f"k{i % 6}" for i in range(24)]
+    in_request = fk.Flow("keyed", {"key": str})
+    in_request.lookup("key", dynamic=True).map(_total, names=["total"])
+    computed = fk.Flow("computed", {"key": str})
+    computed.map(_same_key, names=["key"]).lookup("key", dynamic=True).map(_total, names=["total"])
+    sent = {}
+    for flow in (in_request, computed):
+        with fk.deploy(flow, cluster=client) as dep:
+            for k, v in store.items():
+                dep.put(k, v)
+            assert len({w for ws in client.who_has().values() for w in ws}) == 2   # objects on both workers
+            for key in keys:
+                assert dep.run({"key": [key]}, timeout=30).column("total") == [1000.0 * int(key[1:])]
+            stats = dep.stats()
+            sent[flow.name] = _count(stats.loc[stats["stage"].str.startswith("lookup_key")].iloc[0],
+                                     "sent to another worker")
+            assert _count(stats.iloc[-1], "local lookups") == len(keys)
+    assert sent == {"keyed": 0, "computed": sent["computed"]} and sent["computed"] > 0
+
+
 def test_fast_remote_lookups_never_block_the_worker(client):
     """Many fast requests without locality: the worker would start running the plan on its own
     event loop, where a remote lookup (which waits on that loop) would hang it for good."""

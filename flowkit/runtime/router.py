@@ -48,6 +48,7 @@ class Request:
     workers: list = field(default_factory=list)
     waited_since: float | None = None
     target: str | None = None     # a request for one particular worker (not re-routed if it is lost)
+    prefer: str | None = None     # a worker to send it to unless that one is busier than the others
 
 
 class Session:
@@ -136,13 +137,16 @@ class Router:
     def add_worker(self, address: str) -> None:
         self.loop.call_soon_threadsafe(self._spawn_connect, address)
 
-    def submit(self, kind: str, payload: bytes | None = None, worker: str | None = None) -> Future:
-        """Send a request to the least-loaded worker (or to ``worker``); a Future of the answer.
+    def submit(self, kind: str, payload: bytes | None = None, worker: str | None = None,
+               prefer: str | None = None) -> Future:
+        """Send a request to the least-loaded worker (or to ``worker``; or to ``prefer`` unless it
+        has more than one request per thread more in flight than the least-loaded); a Future of
+        the answer.
 
         A ``run``'s Future can be cancelled until it is done: the request is then abandoned (its
         worker is told to stop it, and nothing is sent if it was not yet)."""
         fut: Future = Future()
-        req = Request(kind, payload, fut, target=worker)
+        req = Request(kind, payload, fut, target=worker, prefer=prefer)
         if kind == "run":
             fut.add_done_callback(lambda f: f.cancelled() and self.loop.call_soon_threadsafe(self._abandon, req))
         else:
@@ -313,7 +317,13 @@ class Router:
             req.waited_since = req.waited_since or time.monotonic()
             self.waiting.append(req)
             return
-        session = min(self.sessions.values(), key=lambda s: (len(s.inflight) / s.nthreads, s.address in req.workers))
+        def load(s):
+            return len(s.inflight) / s.nthreads
+
+        session = min(self.sessions.values(), key=lambda s: (load(s), s.address in req.workers))
+        preferred = self.sessions.get(req.prefer) if req.prefer and not req.workers else None
+        if preferred is not None and load(preferred) <= load(session) + 1:
+            session = preferred
         req.workers.append(session.address)
         self._spawn(session.send(req))
 

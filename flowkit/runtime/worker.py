@@ -369,6 +369,7 @@ class WorkerDeployment:
             return await self.batchers[op.name].submit(inputs[0])
         target = await self.place(op, inputs)
         if target is not None:
+            self.stats[op.name].count("sent to another worker")
             try:
                 return await self.remote(target, op, inputs, token or Token())
             except WorkerGone:  # the chosen worker went away: run here instead
