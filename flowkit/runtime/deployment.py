@@ -314,7 +314,8 @@ class Deployment:
         self._stored[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
         if self._route_by is not None:
             holders = self.client.who_has([self._stored[key]]).get(dkey) or ()
-            self._where = {**self._where, key: holders[0]} if holders else self._where
+            if holders:
+                self._where[key] = holders[0]
 
     # -- observability ----------------------------------------------------------------------
     def stats(self):
