@@ -322,8 +322,9 @@ class Deployment:
         """A pandas DataFrame, one row per stage after a first ``(end to end)`` row measured at the
         client: requests, errors, p50_ms, p99_ms, workers (where the stage ran), and what the
         stage did: ``batch_sizes`` (rows per batch -> count), ``wins <replica>`` and
-        ``cancelled losers`` for races, ``cancelled`` for a replica's stopped work, and
-        ``local lookups`` / ``remote lookups`` for stages with dynamic lookups."""
+        ``cancelled losers`` for races, ``cancelled`` for a replica's stopped work, ``local
+        lookups`` / ``remote lookups`` for stages with dynamic lookups, and ``sent to another
+        worker`` where a worker placed the stage elsewhere (with its object, on a GPU worker)."""
         import pandas as pd
 
         merged: dict[str, dict] = {}
@@ -337,7 +338,8 @@ class Deployment:
                     m["counters"][k] = m["counters"].get(k, 0) + v
                 for k, v in s["batch_sizes"].items():
                     m["batch_sizes"][int(k)] = m["batch_sizes"].get(int(k), 0) + v
-                if s["requests"] or s["counters"] or s["batch_sizes"]:
+                ran_here = set(s["counters"]) - {"sent to another worker"}   # (that one counts a hand-on)
+                if s["requests"] or ran_here or s["batch_sizes"]:
                     m["workers"].append(snap["worker"])
         e2e = self._e2e.snapshot()
         rows = [_row("(end to end)", {**_empty(), **e2e, "workers": ["client"]})]
