@@ -227,9 +227,9 @@ def locality(quick: bool) -> dict:
     md += f"; network: {f'loopback shaped to {link}' if link else 'loopback (a memory copy)'}"
     print(md)
     save(name, {"rows": rows, "quick": quick, "link": link}, md)
-    plot(RESULTS / f"{name}.png",
-         {f"{k}, {'on' if on else 'off'}": (list(sizes), [r["p50_ms"] for r in rows if r["key"] == k and r["locality"] == on])
-          for k in flows for on in (True, False)},
+    medians = {f"{k}, {'on' if on else 'off'}": [r["p50_ms"] for r in rows if r["key"] == k and r["locality"] == on]
+               for k in flows for on in (True, False)}
+    plot(RESULTS / f"{name}.png", {label: (list(sizes), ys) for label, ys in medians.items()},
          "object size", "median latency (ms)",
          f"locality: dynamic lookups, 10 consecutive requests per key{f' ({link} link)' if link else ''}")
     return {"rows": rows}

@@ -27,8 +27,8 @@ from typing import Any
 from .costmodel import Gemm, kernel_seconds, policy_seconds, sm_seconds
 from .profiles import PROFILES, DeviceProfile
 
-__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "check_backend", "BACKENDS", "Stacked", "gemm_layers",
-           "power_of_two"]
+__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "check_backend", "BACKENDS",
+           "Stacked", "gemm_layers", "power_of_two"]
 
 
 def power_of_two(n: int) -> int:

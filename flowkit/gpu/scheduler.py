@@ -264,7 +264,8 @@ class SpaceTimeScheduler:
                 while t.queue:
                     fut = t.queue.popleft().future
                     if fut.set_running_or_notify_cancel():
-                        fut.set_exception(FlowError(f"tenant {t.name!r}: the GPU scheduler closed before this request ran"))
+                        fut.set_exception(FlowError(f"tenant {t.name!r}: the GPU scheduler closed before this "
+                                                    "request ran"))
 
     # -- dispatch -------------------------------------------------------------------------------
     def _loop(self) -> None:
