@@ -374,6 +374,44 @@ def test_cancellations_from_many_threads_and_a_killed_worker_lose_and_leak_nothi
     client.wait_for_workers(2, timeout=60)
 
 
+def _stored_total(row) -> float:
+    return float(row["key_value"].sum())
+
+
+def test_an_object_lost_with_its_worker_is_stored_again(client, caplog):
+    """dask cannot recompute scattered data: when the worker holding a stored object dies, the
+    deployment stores the object again (it keeps a reference, unless put with restore=False)."""
+    import numpy as np
+
+    client.wait_for_workers(2, timeout=60)
+    flow = fk.Flow("restore", {"key": str})
+    flow.lookup("key", dynamic=True).map(_stored_total, names=["total"])
+    with fk.deploy(flow, cluster=client) as dep:
+        _connected_to_both_workers(dep)
+        for i in range(4):
+            dep.put(f"k{i}", np.full(100, float(i)), restore=i != 3)
+        holders = {k: ws[0] for k, ws in client.who_has().items() if "flowkit-store" in str(k)}
+        victim = holders[next(k for k in holders if "'k3'" in str(k))]
+        lost = sorted(k for k, w in holders.items() if w == victim)
+        assert len(lost) >= 2   # k3 and at least one kept object
+        os.kill(client.run(os.getpid)[victim], signal.SIGKILL)
+        deadline, restored = time.monotonic() + 20, set()
+        while time.monotonic() < deadline and len(restored) < len(lost) - 1:
+            for i in range(3):   # k0..k2 are kept; whichever of them were lost come back
+                try:
+                    assert dep.run({"key": [f"k{i}"]}, timeout=30).column("total") == [100.0 * i]
+                    restored |= {k for k in lost if f"'k{i}'" in str(k)}
+                except fk.OperatorError as e:
+                    assert "lost with the worker that held it" in str(e)
+            time.sleep(0.05)
+        assert len(restored) == len(lost) - 1   # all lost ones but k3
+        with pytest.raises(fk.OperatorError, match="no stored object under key 'k3'"):
+            dep.run({"key": ["k3"]}, timeout=30)   # put with restore=False: gone until put again
+        dep.put("k3", np.full(100, 3.0))
+        assert dep.run({"key": ["k3"]}, timeout=30).column("total") == [300.0]
+    client.wait_for_workers(2, timeout=60)
+
+
 def _connected_to_both_workers(dep) -> None:
     """Wait until the deployment's client has a session to each of the 2 workers."""
     deadline = time.monotonic() + 30

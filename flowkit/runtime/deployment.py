@@ -80,8 +80,9 @@ class Deployment:
         # (``routing_column``): then its lookup stage runs there, one hop instead of two.
         self._route_by = routing_column(self.plan)
         self._where: dict[Any, str] = {}   # stored key -> a worker holding it (asked anew every 2 s)
-        self._where_at = 0.0
-        self._where_asking = threading.Lock()
+        self._kept: dict[Any, Any] = {}    # stored key -> the object, to store again if its worker dies
+        self._checked_at = self._where_at = 0.0
+        self._checking = threading.Lock()
         self._closed = False
         self._owned: list = []
         self._servers: list = []
@@ -166,6 +167,8 @@ class Deployment:
                                  f"(max_inflight={self.max_inflight}); retry later")
             self._inflight += 1
         try:
+            if self._stored and time.monotonic() - self._checked_at > 0.25 and self._checking.acquire(blocking=False):
+                threading.Thread(target=self._check_stored, daemon=True, name="flowkit-stored").start()
             prefer = self._holder_of(table) if self._route_by is not None else None
             return self._router.submit("run", dumps(table), prefer=prefer)
         except BaseException:
@@ -177,8 +180,6 @@ class Deployment:
         """The worker holding the objects of most of ``table``'s lookup keys, if known."""
         if not self._where:
             return None
-        if time.monotonic() - self._where_at > 2.0 and self._where_asking.acquire(blocking=False):
-            threading.Thread(target=self._ask_where, daemon=True, name="flowkit-holders").start()
         counts: dict[str, int] = {}
         for key in table.column(self._route_by):
             try:
@@ -189,18 +190,39 @@ class Deployment:
                 counts[worker] = counts.get(worker, 0) + 1
         return max(counts, key=counts.get) if counts else None
 
-    def _ask_where(self) -> None:
-        """Ask the scheduler where the stored objects live now (they move when workers leave)."""
+    def _check_stored(self) -> None:
+        """While requests flow (every 0.25 s): store again what was lost with a dead worker (dask
+        cannot recompute scattered data; its future says so at once, no scheduler call); and,
+        every 2 s, ask where the rest lives now (objects move when workers leave) for routing."""
         try:
             stored = dict(self._stored)
-            who = self.client.who_has(list(stored.values())) if stored else {}
-            by_dkey = {fut.key: key for key, fut in stored.items()}
-            self._where = {by_dkey[k]: holders[0] for k, holders in who.items() if holders and k in by_dkey}
-        except Exception as e:   # closing, or the scheduler is busy: route as before, ask again later
-            logger.debug("asking where stored objects live: %s", e)
+            lost = [k for k, fut in stored.items() if fut.status != "finished"]
+            if self._route_by is not None and time.monotonic() - self._where_at > 2.0:
+                alive = {k: f for k, f in stored.items() if k not in lost}
+                who = self.client.who_has(list(alive.values())) if alive else {}
+                by_dkey = {fut.key: key for key, fut in alive.items()}
+                self._where = {by_dkey[k]: holders[0] for k, holders in who.items() if holders and k in by_dkey}
+                self._where_at = time.monotonic()
+            for key in lost:
+                if self._kept.get(key) is not None and not self._closed:
+                    logger.warning("deployment %s: the object stored under %r was lost with its worker; storing "
+                                   "it again", self.name, key)
+                    self._restore(key)
+        except Exception as e:   # closing, or the scheduler is busy: route as before, look again later
+            logger.debug("checking stored objects: %s", e)
         finally:
-            self._where_at = time.monotonic()
-            self._where_asking.release()
+            self._checked_at = time.monotonic()
+            self._checking.release()
+
+    def _restore(self, key: Any) -> None:
+        """Store a lost object again under its dask key. The lost future is released only after
+        the new one exists, so the client never tells the scheduler it no longer wants the key (a
+        release racing the new data to the scheduler would drop it)."""
+        dkey = store_key(self.id, key)
+        new = self.client.scatter({dkey: self._kept[key]}, hash=False)[dkey]
+        lost, self._stored[key] = self._stored[key], new
+        lost.release()
+        self._router.broadcast("forget", dumps(key))
 
     def _done(self, req: Request, ok: bool) -> None:
         if req.kind != "run":
@@ -293,8 +315,12 @@ class Deployment:
                     p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
 
     # -- store ------------------------------------------------------------------------------
-    def put(self, key: Any, obj: Any) -> None:
-        """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data."""
+    def put(self, key: Any, obj: Any, *, restore: bool = True) -> None:
+        """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data.
+
+        It lives in one worker's memory. With ``restore`` (the default) the deployment keeps a
+        reference to ``obj`` and stores it again if that worker dies (dask cannot recompute
+        scattered data); ``restore=False`` keeps no reference here."""
         if self._closed:
             raise FlowError(f"deployment {self.id!r} is closed")
         try:
@@ -305,13 +331,16 @@ class Deployment:
         dkey = store_key(self.id, key)
         old = self._stored.pop(key, None)
         if old is not None:
-            old.release()   # the new object takes the same dask key once the old one is gone
+            # The new object takes the same dask key once the scheduler has forgotten the old one
+            # (not merely lost its data: a release still on its way would drop the new object).
+            old.release()
             deadline = time.monotonic() + 10
-            while self.client.sync(self.client.scheduler.who_has, keys=[dkey]).get(dkey) \
+            while self.client.sync(self.client.scheduler.get_task_status, keys=[dkey]).get(dkey) is not None \
                     and time.monotonic() < deadline:
-                time.sleep(0.02)
+                time.sleep(0.01)
             self._router.broadcast("forget", dumps(key))
         self._stored[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
+        self._kept[key] = obj if restore else None
         if self._route_by is not None:
             holders = self.client.who_has([self._stored[key]]).get(dkey) or ()
             if holders:
@@ -416,6 +445,7 @@ class Deployment:
             except Exception:
                 pass
         self._stored.clear()
+        self._kept.clear()
         for thing in self._owned:
             try:
                 thing.close()

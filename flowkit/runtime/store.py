@@ -91,7 +91,8 @@ class WorkerStore:
             raise TimeoutError(f"reading stored object {key!r} from another worker took over "
                                f"{FETCH_TIMEOUT_S:g} s") from e
         if not found:
-            raise KeyError(f"no stored object under key {key!r}")
+            raise KeyError(f"no stored object under key {key!r} (never stored, or lost with the worker that "
+                           "held it, until the deployment stores it again)")
         return value
 
 
