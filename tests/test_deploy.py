@@ -49,8 +49,8 @@ def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment
         assert "dashboard: http://" in repr(dep)
         assert rows(dep.run(data)) == expected
         cluster = dep.cluster
-        assert cluster is not None and cluster._adaptive is not None
-        assert cluster._adaptive.minimum == 1 and cluster._adaptive.maximum == (os.cpu_count() or 1)
+        assert cluster is not None and cluster._adaptive is dep.adaptive is not None
+        assert dep.adaptive.minimum == 1 and dep.adaptive.maximum == (os.cpu_count() or 1)
     finally:
         dep.close()
     assert dep.client.status == "closed" and cluster.status.name == "closed"

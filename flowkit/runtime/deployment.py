@@ -86,6 +86,7 @@ class Deployment:
         self._closed = False
         self._owned: list = []
         self._servers: list = []
+        self.adaptive = None   # the ServingAdaptive scaling the cluster, once adapt() (or the embedded default) set it
         self.client, self.cluster = self._connect(cluster, n_workers, timeout)
         try:
             self._start(retries, timeout)
@@ -303,8 +304,9 @@ class Deployment:
         if self.cluster is None or not hasattr(self.cluster, "adapt"):
             raise FlowError("this deployment was given no cluster object to scale (pass cluster=a dask Cluster)")
         maximum = maximum if maximum is not None else (os.cpu_count() or 1)
-        return self.cluster.adapt(Adaptive=ServingAdaptive, load=self._load, minimum=minimum, maximum=maximum,
-                                  interval=interval, wait_count=wait_count)
+        self.adaptive = self.cluster.adapt(Adaptive=ServingAdaptive, load=self._load, minimum=minimum,
+                                           maximum=maximum, interval=interval, wait_count=wait_count)
+        return self.adaptive
 
     def _load(self) -> Load:
         now = time.perf_counter()
