@@ -24,8 +24,9 @@ from ..table import Table, as_table
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile
+from .stored import StoredObjects, routing_column
 from .wire import dumps, dumps_plan
-from .worker import READY_TOPIC, DeploymentPlugin, store_key
+from .worker import READY_TOPIC, DeploymentPlugin
 
 __all__ = ["deploy", "Deployment"]
 
@@ -75,14 +76,7 @@ class Deployment:
         self._lock = threading.Lock()
         self._e2e = StageStats()
         self._recent: deque = deque(maxlen=8192)   # (finish time, seconds) of recent requests
-        self._stored: dict[Any, Any] = {}
-        # A request whose dynamic-lookup key is an input column starts on the key's worker
-        # (``routing_column``): then its lookup stage runs there, one hop instead of two.
-        self._route_by = routing_column(self.plan)
-        self._where: dict[Any, str] = {}   # stored key -> a worker holding it (asked anew every 2 s)
-        self._kept: dict[Any, Any] = {}    # stored key -> the object, to store again if its worker dies
-        self._checked_at = self._where_at = 0.0
-        self._checking = threading.Lock()
+        self._stored: StoredObjects | None = None   # (set up once the router exists)
         self._closed = False
         self._owned: list = []
         self._servers: list = []
@@ -137,6 +131,8 @@ class Deployment:
         security = getattr(self.client, "security", None)
         args = security.get_connection_args("client") if security is not None else {}
         self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
+        # a request whose dynamic-lookup key is an input column starts on the key's worker
+        self._stored = StoredObjects(self.id, self.client, self._router, routing_column(self.plan))
         self.client.subscribe_topic(READY_TOPIC, self._on_ready)
         self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes), name=f"flowkit-{self.id}")
         self._plugin_name = f"flowkit-{self.id}"   # (registered: close unregisters it)
@@ -168,62 +164,14 @@ class Deployment:
                                  f"(max_inflight={self.max_inflight}); retry later")
             self._inflight += 1
         try:
-            if self._stored and time.monotonic() - self._checked_at > 0.25 and self._checking.acquire(blocking=False):
-                threading.Thread(target=self._check_stored, daemon=True, name="flowkit-stored").start()
-            prefer = self._holder_of(table) if self._route_by is not None else None
+            stored = self._stored
+            stored.check_soon()
+            prefer = stored.holder_of(table.column(stored.route_by)) if stored.route_by and stored.where else None
             return self._router.submit("run", dumps(table), prefer=prefer)
         except BaseException:
             with self._lock:
                 self._inflight -= 1
             raise
-
-    def _holder_of(self, table: Table) -> str | None:
-        """The worker holding the objects of most of ``table``'s lookup keys, if known."""
-        if not self._where:
-            return None
-        counts: dict[str, int] = {}
-        for key in table.column(self._route_by):
-            try:
-                worker = self._where.get(key)
-            except TypeError:   # an unhashable value is no stored key
-                continue
-            if worker is not None:
-                counts[worker] = counts.get(worker, 0) + 1
-        return max(counts, key=counts.get) if counts else None
-
-    def _check_stored(self) -> None:
-        """While requests flow (every 0.25 s): store again what was lost with a dead worker (dask
-        cannot recompute scattered data; its future says so at once, no scheduler call); and,
-        every 2 s, ask where the rest lives now (objects move when workers leave) for routing."""
-        try:
-            stored = dict(self._stored)
-            lost = [k for k, fut in stored.items() if fut.status != "finished"]
-            if self._route_by is not None and time.monotonic() - self._where_at > 2.0:
-                alive = {k: f for k, f in stored.items() if k not in lost}
-                who = self.client.who_has(list(alive.values())) if alive else {}
-                by_dkey = {fut.key: key for key, fut in alive.items()}
-                self._where = {by_dkey[k]: holders[0] for k, holders in who.items() if holders and k in by_dkey}
-                self._where_at = time.monotonic()
-            for key in lost:
-                if self._kept.get(key) is not None and not self._closed:
-                    logger.warning("deployment %s: the object stored under %r was lost with its worker; storing "
-                                   "it again", self.name, key)
-                    self._restore(key)
-        except Exception as e:   # closing, or the scheduler is busy: route as before, look again later
-            logger.debug("checking stored objects: %s", e)
-        finally:
-            self._checked_at = time.monotonic()
-            self._checking.release()
-
-    def _restore(self, key: Any) -> None:
-        """Store a lost object again under its dask key. The lost future is released only after
-        the new one exists, so the client never tells the scheduler it no longer wants the key (a
-        release racing the new data to the scheduler would drop it)."""
-        dkey = store_key(self.id, key)
-        new = self.client.scatter({dkey: self._kept[key]}, hash=False)[dkey]
-        lost, self._stored[key] = self._stored[key], new
-        lost.release()
-        self._router.broadcast("forget", dumps(key))
 
     def _done(self, req: Request, ok: bool) -> None:
         if req.kind != "run":
@@ -322,7 +270,7 @@ class Deployment:
 
         It lives in one worker's memory. With ``restore`` (the default) the deployment keeps a
         reference to ``obj`` and stores it again if that worker dies (dask cannot recompute
-        scattered data); ``restore=False`` keeps no reference here."""
+        scattered data); ``restore=False`` keeps no reference here. See ``stored``."""
         if self._closed:
             raise FlowError(f"deployment {self.id!r} is closed")
         try:
@@ -330,23 +278,7 @@ class Deployment:
         except TypeError:
             raise FlowError(f"dep.put: a key must be hashable (a str, a number, a tuple ...), not "
                             f"{type(key).__name__}") from None
-        dkey = store_key(self.id, key)
-        old = self._stored.pop(key, None)
-        if old is not None:
-            # The new object takes the same dask key once the scheduler has forgotten the old one
-            # (not merely lost its data: a release still on its way would drop the new object).
-            old.release()
-            deadline = time.monotonic() + 10
-            while self.client.sync(self.client.scheduler.get_task_status, keys=[dkey]).get(dkey) is not None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.01)
-            self._router.broadcast("forget", dumps(key))
-        self._stored[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
-        self._kept[key] = obj if restore else None
-        if self._route_by is not None:
-            holders = self.client.who_has([self._stored[key]]).get(dkey) or ()
-            if holders:
-                self._where[key] = holders[0]
+        self._stored.put(key, obj, restore)
 
     # -- observability ----------------------------------------------------------------------
     def stats(self):
@@ -441,13 +373,8 @@ class Deployment:
                 self.client.unregister_worker_plugin(self._plugin_name)
             except Exception as e:
                 logger.debug("unregistering the plugin: %s", e)
-        for fut in self._stored.values():
-            try:
-                fut.release()
-            except Exception:
-                pass
-        self._stored.clear()
-        self._kept.clear()
+        if self._stored is not None:
+            self._stored.release()
         for thing in self._owned:
             try:
                 thing.close()
@@ -479,24 +406,6 @@ def _row(stage: str, m: dict) -> dict:
     if m["batch_sizes"]:
         row["batch_sizes"] = dict(sorted(m["batch_sizes"].items()))
     return {**row, **m["counters"]}
-
-
-def routing_column(plan) -> str | None:
-    """The input column a request can be routed by: the key column of a dynamic lookup whose
-    stage (split off by the locality pass) reads the flow's input directly.
-
-    >>> import flowkit as fk
-    >>> f = fk.Flow("f", {"user": str})
-    >>> _ = f.lookup("user", dynamic=True)
-    >>> routing_column(fk.optimize(f).plan), routing_column(fk.optimize(f, locality=False).plan)
-    ('user', None)
-    """
-    from ..plan import Stage
-
-    for op in plan.stages():
-        if isinstance(op, Stage) and op.lookup_split and op.inputs == (plan.source.name,):
-            return op.members[0].key
-    return None
 
 
 class _Progress:

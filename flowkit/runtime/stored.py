@@ -1,0 +1,148 @@
+"""The client side of ``dep.put``: objects stored on workers as dask data.
+
+Each object lives in one worker's memory (scattered, so dask cannot recompute it). The client
+keeps what it needs to look after them:
+
+- a reference to each object (unless put with ``restore=False``), to store it again when its
+  worker dies — noticed from its future, which turns "cancelled" at once;
+- where each one lives, for a flow whose dynamic-lookup key is a column of the request itself
+  (``routing_column``): the client then sends each request straight to the worker holding its
+  keys, so the lookup stage runs where the request lands (one hop instead of two).
+
+Both are looked after by a background check, every quarter second while requests flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Iterable
+
+from .wire import dumps
+from .worker import store_key
+
+__all__ = ["StoredObjects", "routing_column"]
+
+logger = logging.getLogger("flowkit.deploy")
+
+CHECK_EVERY_S = 0.25   # how often, while requests flow, lost objects are looked for (no scheduler call)
+WHERE_EVERY_S = 2.0    # how often the scheduler is asked where objects live (for routing)
+
+
+def routing_column(plan) -> str | None:
+    """The input column a request can be routed by: the key column of a dynamic lookup whose
+    stage (split off by the locality pass) reads the flow's input directly.
+
+    >>> import flowkit as fk
+    >>> f = fk.Flow("f", {"user": str})
+    >>> _ = f.lookup("user", dynamic=True)
+    >>> routing_column(fk.optimize(f).plan), routing_column(fk.optimize(f, locality=False).plan)
+    ('user', None)
+    """
+    from ..plan import Stage
+
+    for op in plan.stages():
+        if isinstance(op, Stage) and op.lookup_split and op.inputs == (plan.source.name,):
+            return op.members[0].key
+    return None
+
+
+class StoredObjects:
+    """One deployment's stored objects, seen from the client (``dep.put``, ``dep.close``)."""
+
+    def __init__(self, deployment: str, client, router, route_by: str | None):
+        self.deployment = deployment
+        self.client = client
+        self.router = router          # to tell workers to forget where a re-stored key lived
+        self.route_by = route_by      # the input column requests are routed by, if any
+        self.futures: dict[Any, Any] = {}   # key -> the dask future holding it
+        self.kept: dict[Any, Any] = {}      # key -> the object, to store again if its worker dies
+        self.where: dict[Any, str] = {}     # key -> a worker holding it (for routing)
+        self._checked_at = self._where_at = 0.0
+        self._checking = threading.Lock()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def put(self, key: Any, obj: Any, restore: bool = True) -> None:
+        dkey = store_key(self.deployment, key)
+        old = self.futures.pop(key, None)
+        if old is not None:
+            # The new object takes the same dask key once the scheduler has forgotten the old one
+            # (not merely lost its data: a release still on its way would drop the new object).
+            old.release()
+            deadline = time.monotonic() + 10
+            while self.client.sync(self.client.scheduler.get_task_status, keys=[dkey]).get(dkey) is not None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.router.broadcast("forget", dumps(key))
+        self.futures[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
+        self.kept[key] = obj if restore else None
+        if self.route_by is not None:
+            holders = self.client.who_has([self.futures[key]]).get(dkey) or ()
+            if holders:
+                self.where[key] = holders[0]
+
+    def holder_of(self, keys: Iterable) -> str | None:
+        """The worker holding the objects of most of ``keys``, if known."""
+        counts: dict[str, int] = {}
+        for key in keys:
+            try:
+                worker = self.where.get(key)
+            except TypeError:   # an unhashable value is no stored key
+                continue
+            if worker is not None:
+                counts[worker] = counts.get(worker, 0) + 1
+        return max(counts, key=counts.get) if counts else None
+
+    def check_soon(self) -> None:
+        """Called for every request: starts the background check when one is due."""
+        if self.futures and time.monotonic() - self._checked_at > CHECK_EVERY_S \
+                and self._checking.acquire(blocking=False):
+            threading.Thread(target=self._check, daemon=True, name="flowkit-stored").start()
+
+    def _check(self) -> None:
+        """Store again what was lost with a dead worker; every ``WHERE_EVERY_S``, ask where the
+        rest lives now (objects move when workers leave)."""
+        try:
+            futures = dict(self.futures)
+            lost = [k for k, fut in futures.items() if fut.status != "finished"]
+            if self.route_by is not None and time.monotonic() - self._where_at > WHERE_EVERY_S:
+                alive = {k: f for k, f in futures.items() if k not in lost}
+                who = self.client.who_has(list(alive.values())) if alive else {}
+                by_dkey = {fut.key: key for key, fut in alive.items()}
+                self.where = {by_dkey[k]: holders[0] for k, holders in who.items() if holders and k in by_dkey}
+                self._where_at = time.monotonic()
+            for key in lost:
+                if self.kept.get(key) is not None and not self.closed:
+                    logger.warning("deployment %s: the object stored under %r was lost with its worker; storing "
+                                   "it again", self.deployment, key)
+                    self._restore(key)
+        except Exception as e:   # closing, or the scheduler is busy: route as before, look again later
+            logger.debug("checking stored objects: %s", e)
+        finally:
+            self._checked_at = time.monotonic()
+            self._checking.release()
+
+    def _restore(self, key: Any) -> None:
+        """Store a lost object again under its dask key. The lost future is released only after
+        the new one exists, so the client never tells the scheduler it no longer wants the key (a
+        release racing the new data to the scheduler would drop it)."""
+        dkey = store_key(self.deployment, key)
+        new = self.client.scatter({dkey: self.kept[key]}, hash=False)[dkey]
+        lost, self.futures[key] = self.futures[key], new
+        lost.release()
+        self.router.broadcast("forget", dumps(key))
+
+    def release(self) -> None:
+        """Let dask drop every stored object (the deployment is closing)."""
+        self.closed = True
+        for fut in self.futures.values():
+            try:
+                fut.release()
+            except Exception:
+                pass
+        self.futures.clear()
+        self.kept.clear()
