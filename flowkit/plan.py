@@ -288,8 +288,10 @@ class Plan:
         return self[self.output].schema
 
     def with_nodes(self, nodes, output: str | None = None, rewrites=()) -> "Plan":
-        """A new plan with these nodes (sorted topologically), keeping earlier rewrites."""
-        return Plan(self.name, toposort(tuple(nodes)), output or self.output, self.rewrites + tuple(rewrites))
+        """A new plan with these nodes (sorted topologically), keeping earlier rewrites (a rewrite
+        already recorded, by a pass run again on its own output, is not recorded twice)."""
+        new = tuple(r for r in dict.fromkeys(rewrites) if r not in self.rewrites)
+        return Plan(self.name, toposort(tuple(nodes)), output or self.output, self.rewrites + new)
 
     def describe(self) -> str:
         """The plan as text, one operator per line: name, kind, inputs and marks."""

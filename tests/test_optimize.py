@@ -223,3 +223,18 @@ def test_every_combination_of_rules_gives_the_same_rows(program):
     expected = multiset(flow.run(DATA, store=STORE))
     for rules in RULE_SETS:
         assert multiset(fk.optimize(flow, **rules).run(DATA, store=STORE)) == expected, rules
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops)
+def test_optimizing_an_optimized_flow_again_changes_nothing(program):
+    """``fk.deploy(fk.optimize(flow, compete=2), optimize={"compete": 2})`` used to race the
+    replicas again (four, nested), and re-optimizing undid locality splits by fusing them."""
+    flow = build(program)
+    for rules in RULE_SETS:
+        once = fk.optimize(flow, **rules)
+        twice = fk.optimize(once, **rules)
+        assert twice.plan.stages() == once.plan.stages() and twice.explain() == once.explain(), rules
+        again = fk.optimize(once)   # what fk.deploy does with its default rules
+        assert sum(isinstance(op, AnyOf) and bool(op.race) for op in again.plan.nodes) == \
+            sum(isinstance(op, AnyOf) and bool(op.race) for op in once.plan.nodes), rules

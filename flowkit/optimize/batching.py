@@ -49,6 +49,9 @@ def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> 
             continue
         spec = Batching(max_batch=min(m.max_batch or max_batch for m in maps),
                         max_wait_ms=min(m.max_wait_ms if m.max_wait_ms is not None else max_wait_ms for m in maps))
+        if isinstance(op, Stage) and op.batching == spec:   # marked by an earlier run of this pass
+            nodes.append(op)
+            continue
         if isinstance(op, Stage):
             op = replace(op, batching=spec)
         else:

@@ -9,6 +9,8 @@ wins; the runtime cancels the others.
 >>> _ = f.map(abs, names=["y"], high_variance=True)
 >>> [(op.name, op.kind, op.inputs) for op in race(f.plan, 3).stages()]
 [('abs~1', 'stage', ('input',)), ('abs~2', 'stage', ('input',)), ('abs~3', 'stage', ('input',)), ('abs', 'anyof', ('abs~1', 'abs~2', 'abs~3'))]
+>>> race(race(f.plan, 3), 3).stages() == race(f.plan, 3).stages()
+True
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ __all__ = ["race"]
 
 
 def _high_variance(op) -> bool:
-    return (isinstance(op, Map) and op.high_variance) or (isinstance(op, Stage) and op.high_variance)
+    """A high-variance operator or stage that is not already a replica (racing is idempotent:
+    optimizing an optimized flow again adds no replicas)."""
+    return (isinstance(op, Map) and op.high_variance) or \
+        (isinstance(op, Stage) and op.high_variance and op.replica_of is None)
 
 
 def race(plan: Plan, k: int) -> Plan:

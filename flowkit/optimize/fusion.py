@@ -28,7 +28,10 @@ _FAN_IN = (Join, Union, AnyOf)
 
 
 def _chainable(op: Op) -> bool:
-    return not isinstance(op, (Source, *_FAN_IN)) and len(op.inputs) == 1
+    """A single-input operator that is not already a stage: a stage is the unit an earlier pass
+    made (a fused chain, a locality split, a replica), so optimizing an optimized plan again
+    neither nests stages nor undoes a split."""
+    return not isinstance(op, (Source, Stage, *_FAN_IN)) and len(op.inputs) == 1
 
 
 def find_chains(plan: Plan) -> list[tuple[str, ...]]:
@@ -106,9 +109,10 @@ def _resource_breaks(plan: Plan) -> list[Rewrite]:
 
 
 def fuse_whole(plan: Plan) -> Plan:
-    """Fuse every operator except the source into one stage (``whole=True``)."""
+    """Fuse every operator except the source into one stage (``whole=True``); a plan that already
+    has stages (an optimized one) is left as it is, like ``fuse`` leaves stages alone."""
     names = tuple(op.name for op in plan.nodes if not isinstance(op, Source))
-    if len(names) < 2:
+    if len(names) < 2 or any(isinstance(op, Stage) for op in plan.nodes):
         return plan
     stage = stage_of(plan, names, name=f"{plan.name}[whole]")
     note = Rewrite("fusion", f"fused the whole flow ({len(names)} operators) into stage {stage.name!r}", names,
