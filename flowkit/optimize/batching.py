@@ -38,7 +38,7 @@ def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> 
     nodes, rewrites = [], []
     for op in plan.nodes:
         maps = _batchers(op)
-        if not maps:
+        if not maps or getattr(op, "replica_of", None):   # a replica was settled before it was copied
             nodes.append(op)
             continue
         mixer = _mixes_requests(op)
