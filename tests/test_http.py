@@ -95,6 +95,20 @@ def test_a_port_in_use_is_said_plainly(served):
     assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200
 
 
+def test_array_columns_take_nested_lists_of_numbers_and_nothing_else():
+    import numpy as np
+
+    from flowkit.runtime.http import decode_rows
+    from flowkit.schema import Schema
+
+    schema = Schema({"a": np.ndarray})
+    (row,) = decode_rows({"rows": [{"a": [[1.5, 2.0], [3.0, 4.0]]}]}, schema)
+    assert row["a"].shape == (2, 2) and row["a"].dtype == np.float32
+    for bad in ("a string", [[1, 2], [3]], [{"x": 1}]):
+        with pytest.raises(fk.SchemaError, match="column 'a' expects an array as nested lists of numbers"):
+            decode_rows({"rows": [{"a": bad}]}, schema)
+
+
 def test_422_names_the_column_and_404_names_the_flows(served):
     _, server = served
     status, body, _ = call(server, "POST", PREDICT, {"rows": [{"x": 1.5}]})

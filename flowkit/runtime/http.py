@@ -54,9 +54,13 @@ def _decode_value(v: Any, t: Any, column: str) -> Any:
                               column) from None
     if t is np.ndarray:
         try:
-            return np.asarray(v, dtype=np.float32 if _is_float_list(v) else None)
+            a = np.asarray(v, dtype=np.float32 if _is_float_list(v) else None)
         except Exception:
-            raise SchemaError(f"column {column!r} expects an array as nested lists", column) from None
+            a = None
+        if a is None or a.dtype.kind not in "biuf":
+            raise SchemaError(f"column {column!r} expects an array as nested lists of numbers, found "
+                              f"{type(v).__name__}", column)
+        return a
     if t is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     return v
