@@ -21,13 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve on a non-loopback address without a token (logged)")
     serve.add_argument("--no-optimize", action="store_true")
+    serve.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds to wait for the cluster and its workers (default 60)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(args.requests)
     elif args.command == "serve":
-        return _serve(args)
+        from .errors import FlowError
+
+        try:
+            return _serve(args)
+        except FlowError as e:   # a wrong address, a flow that cannot travel: said in one line
+            raise SystemExit(f"flowkit serve: {e}") from None
     return 0
 
 
@@ -88,7 +95,7 @@ def _serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with deploy(flow, cluster=args.cluster, optimize=not args.no_optimize) as dep:
+    with deploy(flow, cluster=args.cluster, optimize=not args.no_optimize, timeout=args.timeout) as dep:
         server = dep.serve(args.host, args.port, token=os.environ.get(args.token_env) or None,
                            allow_unauthenticated=args.allow_unauthenticated)
         print(f"serving {flow.name!r} at {server.url}/v1/flows/{flow.name}/predict", flush=True)

@@ -343,6 +343,15 @@ def test_flowkit_serve_says_what_is_wrong_with_its_target(tmp_path, monkeypatch,
     assert load_flow("app.py:flow").name == "inc"
 
 
+def test_flowkit_serve_says_in_one_line_when_its_cluster_is_not_there(tmp_path):
+    (tmp_path / "app.py").write_text("import flowkit as fk\nflow = fk.Flow('inc', {'x': int})\n"
+                                     "flow.map(abs, col='x')\n")
+    done = subprocess.run([sys.executable, "-m", "flowkit", "serve", "app.py:flow", "--cluster", "tcp://127.0.0.1:9",
+                           "--timeout", "1"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("flowkit serve: no dask scheduler answered at 'tcp://127.0.0.1:9' within 1 s")
+
+
 def test_a_deployment_on_a_tls_secured_cluster_works_end_to_end():
     from distributed.security import Security
 
