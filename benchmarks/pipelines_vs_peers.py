@@ -143,8 +143,7 @@ def run_pipeline(name: str, client, quick: bool, ray_port, fastapi_port) -> tupl
         for s in http.values():
             s.close()
         for proc in procs:
-            proc.terminate()
-            proc.wait(30)
+            peers.stop(proc)
         opt.close()
         unopt.close()
 
@@ -181,11 +180,7 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
                 print(table(c, list(c[0])), flush=True)
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except Exception:
-                proc.kill()
+            peers.stop(proc)
     elapsed = time.time() - t0
     if quick:
         print(f"quick: every system answered every pipeline correctly ({elapsed:.0f} s)")

@@ -96,6 +96,35 @@ def test_a_users_anyof_counts_its_requests_and_which_branch_won(client):
     assert df.loc["anyof", "wins fast_label"] == 3
 
 
+def test_serving_leaves_no_garbage_cycles_behind(client):
+    """Each request used to leave a reference cycle (its future held it in a callback): 16,789
+    objects for 600 requests, freed only by the garbage collector, whose pauses stalled serving
+    (p99 60-90 ms instead of 5-10 at 200 req/s)."""
+    import gc
+    import http.client
+    import json
+
+    flow, _, _, _ = CASES["row_map"]()
+    with fk.deploy(flow, cluster=client) as dep, dep.serve() as server:
+        for i in range(20):
+            dep.run({"x": [i], "s": ["a"]})
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(200):
+                dep.run({"x": [i], "s": ["a"]})
+                dep.submit({"x": [i], "s": ["a"]}).result(30)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            for i in range(200):
+                conn.request("POST", f"/v1/flows/{flow.name}/predict", json.dumps({"x": i, "s": "a"}))
+                assert conn.getresponse().read()
+            conn.close()
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+    assert garbage < 100, garbage
+
+
 def test_a_user_exception_fails_only_its_request(client):
     def explode(row) -> int:
         if row["x"] == 3:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import queue
+import signal
 import socket
 import subprocess
 import time
@@ -49,8 +51,10 @@ def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, tim
 def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
     port = free_port()
     log = open(ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log", "w")
+    # its own process group, so that stop() also ends the processes it starts (LitServe's workers,
+    # Ray's): terminating the server alone left them running after the benchmark
     proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -62,8 +66,26 @@ def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
         except OSError:
             pass
         time.sleep(0.5)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"peer {system} did not become ready within {timeout:g} s; see {log.name}")
+
+
+def stop(proc, timeout: float = 30.0) -> None:
+    """End a peer server and every process it started (its process group)."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:   # the server is gone; its children may linger a moment
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
 
 
 def ray_ready(pipelines) -> callable:

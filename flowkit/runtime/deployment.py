@@ -165,7 +165,6 @@ class Deployment:
             self._inflight += 1
         try:
             stored = self._stored
-            stored.check_soon()
             prefer = stored.holder_of(table.column(stored.route_by)) if stored.route_by and stored.where else None
             return self._router.submit("run", dumps(table), prefer=prefer)
         except BaseException:

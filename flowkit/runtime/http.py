@@ -41,6 +41,9 @@ logger = logging.getLogger("flowkit.http")
 
 
 # -- JSON <-> tables (pure) -------------------------------------------------------------------------
+WATCH_AFTER_S = 0.02   # a request still running after this long is watched for its client hanging up
+
+
 def _decode_value(v: Any, t: Any, column: str) -> Any:
     if v is None:
         return None
@@ -282,12 +285,18 @@ class HTTPServer:
         async def answer_or_hang_up(request, fut):
             """The request's answer; ``TimeoutError`` after the timeout, ``ClientDisconnect`` when
             the client hangs up first. Either way the request is cancelled on its worker (the
-            cancellation of ``answer`` reaches ``fut``): nobody is waiting for it any more."""
+            cancellation of ``answer`` reaches ``fut``): nobody is waiting for it any more. The
+            hang-up is watched only once a request has taken ``WATCH_AFTER_S``: most answer
+            sooner, and a watcher task per request costs the loop (it serves every request)."""
             answer = asyncio.wrap_future(fut)
+            t0 = time.monotonic()
+            await asyncio.wait((answer,), timeout=min(WATCH_AFTER_S, self.request_timeout))
+            if answer.done():
+                return answer.result()
             gone = asyncio.ensure_future(hang_up(request.receive))
             try:
-                done, _ = await asyncio.wait((answer, gone), timeout=self.request_timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                left = max(0.0, self.request_timeout - (time.monotonic() - t0))
+                done, _ = await asyncio.wait((answer, gone), timeout=left, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 gone.cancel()
             if answer in done:

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -147,8 +148,11 @@ class Router:
         worker is told to stop it, and nothing is sent if it was not yet)."""
         fut: Future = Future()
         req = Request(kind, payload, fut, target=worker, prefer=prefer)
-        if kind == "run":
-            fut.add_done_callback(lambda f: f.cancelled() and self.loop.call_soon_threadsafe(self._abandon, req))
+        if kind == "run":   # (a weak reference: a future holding its request in a callback made a
+            # reference cycle per request, and the garbage collector's pauses stalled serving)
+            ref = weakref.ref(req)
+            fut.add_done_callback(lambda f: f.cancelled() and (r := ref()) is not None
+                                  and self.loop.call_soon_threadsafe(self._abandon, r))
         else:
             fut.set_running_or_notify_cancel()
         self.loop.call_soon_threadsafe(self._dispatch, req)
