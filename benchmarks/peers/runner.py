@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import queue
-import signal
 import socket
 import subprocess
 import time
@@ -51,10 +49,11 @@ def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, tim
 def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
     port = free_port()
     log = open(ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log", "w")
-    # its own process group, so that stop() also ends the processes it starts (LitServe's workers,
-    # Ray's): terminating the server alone left them running after the benchmark
+    # In this session, not a new one: with the kernel's autogroup scheduling a session is a
+    # scheduling group, so a peer in its own session got half the CPU against the whole benchmark
+    # (flowkit's client and workers) whenever it was busy. stop() ends its children by walking them.
     proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -71,21 +70,26 @@ def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
 
 
 def stop(proc, timeout: float = 30.0) -> None:
-    """End a peer server and every process it started (its process group)."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    """End a peer server and every process it started (LitServe's workers, Ray's): terminating
+    the server alone left them running after the benchmark."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        family = []
+    for p in family:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        try:   # the server is gone; its children may linger a moment
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            p.terminate()
+        except psutil.Error:
             pass
-        return
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait(5)
 
 
 def ray_ready(pipelines) -> callable:
