@@ -30,8 +30,8 @@ __all__ = ["StoredObjects", "routing_column"]
 
 logger = logging.getLogger("flowkit.deploy")
 
-CHECK_EVERY_S = 0.25   # how often, while requests flow, lost objects are looked for (no scheduler call)
-WHERE_EVERY_S = 2.0    # how often the scheduler is asked where objects live (for routing)
+CHECK_EVERY_S = 0.25   # how often lost objects are looked for (no scheduler call: a future says so)
+WHERE_EVERY_S = 2.0    # how often, while requests are routed, the scheduler is asked where objects live
 
 
 def routing_column(plan) -> str | None:
