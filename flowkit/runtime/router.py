@@ -1,7 +1,8 @@
 """The client side of the request path: one session per worker, straight to the worker.
 
 A background thread runs an asyncio loop holding one connection per worker: a dask comm (so
-TLS applies), or on a plain-TCP cluster the worker's ``framed`` listener, which is lighter. ``submit`` hands a request to that loop, which sends it on the least-loaded session;
+TLS applies), or on a plain-TCP cluster the worker's ``framed`` listener, which is lighter.
+``submit`` hands a request to that loop, which sends it on the least-loaded session;
 the answer resolves a ``concurrent.futures.Future``. When a connection is lost (a worker died or
 was retired), every request in flight on it is sent again elsewhere, up to ``retries`` times,
 then fails with a ``FlowError`` that says so: no request is left hanging.
@@ -28,7 +29,9 @@ from ..errors import FlowError
 from . import framed
 from .wire import loads
 
-__all__ = ["Router", "Request", "WorkerGone"]
+__all__ = ["Router", "Request", "WorkerGone", "CANCELLABLE"]
+
+CANCELLABLE = ("run", "stage")   # request kinds whose sender may abandon them (the others are quick)
 
 logger = logging.getLogger("flowkit.router")
 
@@ -62,6 +65,11 @@ class Session:
         self.lock = asyncio.Lock()
         self.closed = False     # closed by the router on purpose
         self.accepting = True   # False once its connection broke or its worker is leaving
+
+    @property
+    def load(self) -> float:
+        """Requests in flight per worker thread."""
+        return len(self.inflight) / self.nthreads
 
     async def send(self, req: Request) -> None:
         if req.future.cancelled():   # abandoned before it left
@@ -98,10 +106,7 @@ class Session:
                     self.router._drain(self, req)
                 else:
                     self.router._resolve(req, msg)
-                if not self.inflight and self in self.router.draining:   # a leaving worker's last answer
-                    self.router.draining.discard(self)
-                    self.closed = True
-                    await self.comm.close()
+                if self.router._close_if_drained(self):   # a leaving worker's last answer
                     return
         except Exception:
             await self.router._lost(self)
@@ -144,11 +149,11 @@ class Router:
         has more than one request per thread more in flight than the least-loaded); a Future of
         the answer.
 
-        A ``run``'s Future can be cancelled until it is done: the request is then abandoned (its
-        worker is told to stop it, and nothing is sent if it was not yet)."""
+        A ``run``'s or ``stage``'s Future can be cancelled until it is done: the request is then
+        abandoned (its worker is told to stop it, and nothing is sent if it was not yet)."""
         fut: Future = Future()
         req = Request(kind, payload, fut, target=worker, prefer=prefer)
-        if kind == "run":   # (a weak reference: a future holding its request in a callback made a
+        if kind in CANCELLABLE:   # (a weak reference: a future holding its request in a callback made a
             # reference cycle per request, and the garbage collector's pauses stalled serving)
             ref = weakref.ref(req)
             fut.add_done_callback(lambda f: f.cancelled() and (r := ref()) is not None
@@ -321,12 +326,9 @@ class Router:
             req.waited_since = req.waited_since or time.monotonic()
             self.waiting.append(req)
             return
-        def load(s):
-            return len(s.inflight) / s.nthreads
-
-        session = min(self.sessions.values(), key=lambda s: (load(s), s.address in req.workers))
+        session = min(self.sessions.values(), key=lambda s: (s.load, s.address in req.workers))
         preferred = self.sessions.get(req.prefer) if req.prefer and not req.workers else None
-        if preferred is not None and load(preferred) <= load(session) + 1:
+        if preferred is not None and preferred.load <= session.load + 1:
             session = preferred
         req.workers.append(session.address)
         self._spawn(session.send(req))
@@ -362,13 +364,19 @@ class Router:
             if session.inflight.get(req.id) is req:
                 del session.inflight[req.id]
                 self._spawn(session.tell({"kind": "abandon", "request": req.id}))
-                if not session.inflight and session in self.draining:   # a leaving worker owes nothing more
-                    self.draining.discard(session)
-                    session.closed = True
-                    self._spawn(session.comm.close())
+                self._close_if_drained(session)
                 break
         if self.on_done is not None:
             self.on_done(req, False)
+
+    def _close_if_drained(self, session: Session) -> bool:
+        """Close a leaving worker's session once it owes no more answers; whether it did."""
+        if session.inflight or session not in self.draining:
+            return False
+        self.draining.discard(session)
+        session.closed = True
+        self._spawn(session.comm.close())
+        return True
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if not req.future.done():

@@ -32,7 +32,7 @@ from . import framed
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
 from .peers import Peers
-from .router import WorkerGone
+from .router import CANCELLABLE, WorkerGone
 from .semantics import apply, callable_for
 from .stats import StageStats
 from .store import RequestStore, WorkerStore, store_key
@@ -153,7 +153,7 @@ async def _session(worker, comm, deployment: str) -> Status:
                       "framed": (listener.host, listener.port) if listener else None})
     lock = asyncio.Lock()
     tasks: set = set()
-    running: dict = {}   # request id -> (token, task) of a "run" the client may abandon
+    running: dict = {}   # request id -> (token, task) of work its sender may abandon
 
     async def answer(msg: dict, token: Token | None) -> None:
         try:
@@ -175,7 +175,7 @@ async def _session(worker, comm, deployment: str) -> Status:
                     token.cancel("the client cancelled this request")
                     task.cancel()
                 continue
-            token = Token() if kind == "run" else None
+            token = Token() if kind in CANCELLABLE else None
             t = asyncio.ensure_future(answer(msg, token))
             if token is not None:
                 running[msg.get("id")] = (token, t)
@@ -197,7 +197,7 @@ class WorkerDeployment:
     worker's batch queue; a ``lookup_split`` stage goes to the worker holding most of its keys;
     a GPU stage goes to a worker with a ``GPU`` resource when this one has none; replicas of a
     high-variance stage run on distinct workers, the first result wins and the others are
-    cancelled (their tokens are set; remote ones get a ``cancel`` message).
+    cancelled (their tokens are set; remote ones are abandoned, as a client abandons a request).
     """
 
     def __init__(self, deployment: str, plan: Plan, worker, options: dict):
@@ -223,8 +223,6 @@ class WorkerDeployment:
         self.store = WorkerStore(deployment, worker)
         self.peers = Peers(deployment, worker) if not self.simple else None
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
-        self.tokens: dict[str, Token] = {}
-        self.orphans: set = set()   # remote stages whose requester stopped waiting (a lost race, an abandoned request)
         self._inline, self._inline_checks, self.running = False, 0, 0
         self.has_gpu = worker.state.total_resources.get("GPU", 0) > 0
         self.closed = False
@@ -245,8 +243,6 @@ class WorkerDeployment:
 
     def close(self) -> None:
         self.closed = True
-        for task in list(self.orphans):
-            task.cancel()
         for b in self.batchers.values():
             b.close()
         if self.peers is not None:
@@ -255,8 +251,8 @@ class WorkerDeployment:
 
     # -- the session protocol ----------------------------------------------------------------
     async def handle(self, msg: dict, token: Token | None = None) -> dict:
-        """Answer one message of the session protocol; a ``run`` runs under ``token``, which the
-        session sets when the client abandons the request."""
+        """Answer one message of the session protocol; a ``run`` or ``stage`` runs under ``token``,
+        which the session sets when its sender abandons it."""
         kind, rid = msg.get("kind"), msg.get("id")
         if self.closed:
             return self._leaving(rid)
@@ -265,18 +261,9 @@ class WorkerDeployment:
                 out = await self.run(loads(msg["payload"]), token)
                 return {"id": rid, "ok": True, "payload": dumps_table(out)}
             if kind == "stage":
-                name, inputs, tid = loads(msg["payload"])
-                token = self.tokens[tid] = Token()
-                try:
-                    out = await self.local(self.by_name[name], inputs, token)
-                finally:
-                    self.tokens.pop(tid, None)
+                name, inputs = loads(msg["payload"])
+                out = await self.local(self.by_name[name], inputs, token)
                 return {"id": rid, "ok": True, "payload": dumps(out)}
-            if kind == "cancel":
-                token = self.tokens.get(loads(msg["payload"]))
-                if token is not None:
-                    token.cancel("a competing replica won")
-                return {"id": rid, "ok": True}
             if kind == "stats":
                 return {"id": rid, "ok": True, "stats": self.snapshot()}
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
@@ -371,7 +358,7 @@ class WorkerDeployment:
         if target is not None:
             self.stats[op.name].count("sent to another worker")
             try:
-                return await self.remote(target, op, inputs, token or Token())
+                return await self.remote(target, op, inputs)
             except WorkerGone:  # the chosen worker went away: run here instead
                 pass
         return await self.local(op, inputs, token)
@@ -396,16 +383,10 @@ class WorkerDeployment:
             return gpus[0] if gpus else None
         return None
 
-    async def remote(self, target: str, op, inputs, token: Token):
-        tid = f"{self.worker.address}/{id(token)}/{time.monotonic_ns()}"
-        task = asyncio.ensure_future(self.peers.call(target, "stage", dumps((op.name, inputs, tid))))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self.peers.router.submit("cancel", dumps(tid), worker=target)
-            self.orphans.add(task)   # its answer is not needed; held until it comes, or until close()
-            task.add_done_callback(lambda t: self.orphans.discard(t) or t.cancelled() or t.exception())
-            raise
+    async def remote(self, target: str, op, inputs):
+        """Run ``op`` on worker ``target``. Cancelling this (a lost race, an abandoned request)
+        abandons the stage there, as a client abandons a request."""
+        return await self.peers.call(target, "stage", dumps((op.name, inputs)))
 
     def snapshot(self) -> dict:
         snap = {name: s.snapshot() for name, s in self.stats.items()}
@@ -496,7 +477,7 @@ class _Execution:
 
     async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after, tasks: dict):
         def start(rep, where, token):
-            coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs, token)
+            coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs)
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
 
         start(replicas[0], None, Token())
