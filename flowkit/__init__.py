@@ -4,7 +4,7 @@ Build a pipeline with :class:`Flow`, run it in-process with ``flow.run``, rewrit
 :func:`optimize`, and serve it from a dask cluster with :func:`deploy`.
 """
 
-from .errors import FlowError, OperatorError, Overloaded, SchemaError
+from .errors import DeploymentClosed, FlowError, NoWorkers, OperatorError, Overloaded, SchemaError, WorkerLost
 from .flow import Flow, Node
 from .optimize import optimize
 from .plan import QID, Plan
@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Table", "Row", "Schema", "GroupedTable", "Flow", "Node", "Plan", "QID",
-    "FlowError", "SchemaError", "OperatorError", "Overloaded", "Cancelled", "cancelled",
+    "FlowError", "SchemaError", "OperatorError", "Overloaded", "WorkerLost", "DeploymentClosed", "NoWorkers",
+    "Cancelled", "cancelled",
     "optimize", "deploy", "inspect", "Deployment",
 ]
 
