@@ -2,7 +2,8 @@
 
 Column types are Python classes: ``int``, ``float``, ``str``, ``bool``, ``bytes``,
 ``numpy.ndarray``, ``torch.Tensor`` (or any other class, checked with ``isinstance``) and
-``object`` for anything. ``None`` is null and fits every type. ``float`` columns accept ints;
+``object`` for anything. Null fits every type: ``None``, and a float NaN, pandas' ``NA`` or
+``NaT``, which are null wherever they enter (``is_null``). ``float`` columns accept ints;
 ``int`` and ``float`` columns do not accept bools.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 import numbers
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from .errors import SchemaError
 
-__all__ = ["Schema", "type_name", "fits", "check_type"]
+__all__ = ["Schema", "type_name", "fits", "check_type", "is_null"]
 
 
 def type_name(t: Any) -> str:
@@ -27,13 +30,26 @@ def type_name(t: Any) -> str:
     return f"{module.split('.')[0]}.{name}"
 
 
-def fits(value: Any, t: Any) -> bool:
-    """Does ``value`` fit a column of type ``t``?
+def is_null(v: Any) -> bool:
+    """Is ``v`` null: ``None``, a float NaN (Python's or numpy's), pandas' ``NA`` or ``NaT``?
 
-    >>> fits(1, float), fits(True, int), fits(None, str), fits("a", object)
-    (True, False, True, True)
+    >>> is_null(None), is_null(float("nan")), is_null(np.float32("nan")), is_null(0.0), is_null("")
+    (True, True, True, False, False)
     """
-    if value is None or t is object:
+    if v is None:
+        return True
+    if isinstance(v, (float, np.floating)):
+        return bool(v != v)
+    return type(v).__name__ in ("NAType", "NaTType")
+
+
+def fits(value: Any, t: Any) -> bool:
+    """Does ``value`` fit a column of type ``t``? A null fits every type.
+
+    >>> fits(1, float), fits(True, int), fits(None, str), fits(float("nan"), int), fits("a", object)
+    (True, False, True, True, True)
+    """
+    if t is object or is_null(value):
         return True
     if t is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"

@@ -4,6 +4,10 @@ A ``Table`` is a schema, a list of row tuples and a list of qids (one per row). 
 the common serving case of one row. A ``Row`` is a light view used to call user functions:
 ``row["col"]`` and ``row.qid``. A ``GroupedTable`` is what ``groupby`` produces: sub-tables by
 group value, consumed by ``agg``, ``filter(group=True)`` and ``combine``.
+
+Null is ``None``. A float NaN (Python's or numpy's), pandas' ``NA`` and ``NaT`` are null too
+(``schema.is_null`` says what counts): every constructor and every input form stores them as
+``None``, and groupby, agg and join treat a NaN that an operator computed as null.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import SchemaError
-from .schema import Schema
+from .schema import Schema, is_null
 
 __all__ = ["Table", "Row", "GroupedTable", "as_table", "infer_type"]
 
@@ -68,14 +72,14 @@ class Table:
     (2, 1, 1, ['a', 'b'])
 
     ``qids`` defaults to ``0..n-1``. Values are checked against the schema (``SchemaError``
-    names the column, the expected and the found type).
+    names the column, the expected and the found type); NaN is stored as null.
     """
 
     __slots__ = ("schema", "rows", "qids")
 
     def __init__(self, schema: Schema | Mapping[str, Any], rows: Iterable[Sequence] = (), qids: Iterable | None = None):
         schema = schema if isinstance(schema, Schema) else Schema(schema)
-        rows = [tuple(r) for r in rows]
+        rows = [_nulls_as_none(tuple(r)) for r in rows]
         qids = list(range(len(rows))) if qids is None else list(qids)
         if len(qids) != len(rows):
             raise SchemaError(f"{len(rows)} rows but {len(qids)} qids")
@@ -230,7 +234,7 @@ class GroupedTable:
 
 # -- input conversion --------------------------------------------------------------------
 def as_table(x: Any, schema: Schema, where: str = "input") -> Table:
-    """Turn a run/submit input into a Table checked against ``schema``.
+    """Turn a run/submit input into a Table checked against ``schema``, nulls as ``None``.
 
     Accepts a Table, a pandas DataFrame, a list of dicts (one per row), a dict of columns, or a
     single dict (one row). Raises ``SchemaError`` naming the first offending column.
@@ -270,6 +274,7 @@ def as_table(x: Any, schema: Schema, where: str = "input") -> Table:
     else:
         raise SchemaError(f"{where}: expected a Table, a DataFrame, a list of dicts or a dict of columns, "
                           f"not {type(x).__name__}")
+    t.rows = [_nulls_as_none(r) for r in t.rows]
     for r, q in zip(t.rows, t.qids):
         schema.check_row(r, q, where)
     return t
@@ -299,7 +304,7 @@ def infer_type(values: Iterable[Any]) -> Any:
     """
     found: set = set()
     for v in values:
-        if v is None:
+        if is_null(v):
             continue
         if isinstance(v, bool) or type(v).__name__ == "bool_":
             found.add(bool)
@@ -336,9 +341,10 @@ def _pandas_dtype(t: Any):
 
 
 def _column_values(series, typ: Any = None) -> list:
-    """A DataFrame column's values, NaN/NA as None. pandas stores an int column with nulls as
-    floats: where ``typ`` is int, whole floats of such a column become ints again."""
-    values = [None if _is_na(v) else v for v in series.tolist()]
+    """A DataFrame column's values (NaN/NA stay as they are, for ``_nulls_as_none``). pandas
+    stores an int column with nulls as floats: where ``typ`` is int, whole floats of such a
+    column become ints again."""
+    values = series.tolist()
     if typ is int and series.dtype.kind == "f":
         values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     return values
@@ -348,12 +354,13 @@ def _type_of(schema: Schema, name: str) -> Any:
     return schema[name] if name in schema else None
 
 
-def _is_na(v: Any) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float) and v != v:
-        return True
-    return type(v).__name__ in ("NAType", "NaTType")
+def _nulls_as_none(row: tuple) -> tuple:
+    """``row`` with every null stored as ``None`` (the row itself when it has no other null):
+    the one place where input nulls are normalized."""
+    for v in row:
+        if v is not None and is_null(v):
+            return tuple(None if is_null(x) else x for x in row)
+    return row
 
 
 def _rows_equal(a: list, b: list) -> bool:

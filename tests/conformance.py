@@ -7,6 +7,7 @@ semantics fix the order.
 
 from __future__ import annotations
 
+import math
 import time
 
 import flowkit as fk
@@ -69,6 +70,21 @@ def fast_label(row) -> str:
 
 def plus_vec(row) -> float:
     return float(row["v_value"].sum()) + row["x"]
+
+
+def nan_when_odd(row) -> tuple[float, float]:
+    """A key that is NaN for odd x, and a value that is NaN for x == 4 (``math.nan`` is one
+    object in a process: only the NaN rule, not identity, may decide groups and matches)."""
+    x = row["x"]
+    return (math.nan if x % 2 else float(x % 4)), (math.nan if x == 4 else float(x * x))
+
+
+def nan_key(row) -> float:
+    return math.nan if row["x"] % 2 else float(row["x"])
+
+
+def tenfold_key(row) -> tuple[float, float]:
+    return row["k"], row["k"] * 10
 
 
 XS = {"x": [1, 2, 3, 4], "s": ["a", "bb", "a", "ccc"]}
@@ -210,6 +226,57 @@ def case_pipeline():
     f.output = pre.join(scored, how="inner")
     expected = [(i, {"x": 3 * x, "s": s, "y": 6 * x}) for i, (x, s) in enumerate(zip(XS["x"], XS["s"])) if 3 * x > 3]
     return f, XS, None, expected
+
+
+# -- nulls and NaN: a float NaN is null wherever it enters, in every input form ----------------
+NAN_SCHEMA = {"k": float, "v": float}
+NAN_ROWS = [(1.0, math.nan), (math.nan, 1.0), (1.0, 3.0), (math.nan, math.nan), (None, 2.0)]
+NAN_GROUP_MEANS = [(0, {"k": 1.0, "mean_v": 3.0}), (1, {"k": None, "mean_v": 1.5})]
+
+
+def _nan_group_means(form: str, data):
+    f = fk.Flow(f"nan_{form}", NAN_SCHEMA)
+    f.groupby("k").agg("mean", "v")
+    return f, data, None, NAN_GROUP_MEANS
+
+
+def case_nan_in_records():
+    return _nan_group_means("records", [dict(zip(NAN_SCHEMA, r)) for r in NAN_ROWS])
+
+
+def case_nan_in_columns():
+    return _nan_group_means("columns", {n: [r[i] for r in NAN_ROWS] for i, n in enumerate(NAN_SCHEMA)})
+
+
+def case_nan_in_dataframe():
+    import pandas as pd
+
+    return _nan_group_means("dataframe", pd.DataFrame(NAN_ROWS, columns=list(NAN_SCHEMA)))
+
+
+def case_nan_in_a_table():
+    return _nan_group_means("table", fk.Table(NAN_SCHEMA, NAN_ROWS))
+
+
+def case_nan_ungrouped_mean():
+    f = fk.Flow("nan_mean", {"v": float})
+    f.agg("mean", "v")
+    return f, [{"v": math.nan}, {"v": 1.0}], None, [(0, {"mean_v": 1.0})]
+
+
+def case_nan_from_an_operator_groups_as_null():
+    f = fk.Flow("nan_op_groups", SCHEMA)
+    f.map(nan_when_odd, names=["k", "v"]).groupby("k").agg("mean", "v")
+    # keys nan, 2.0, nan, 0.0; values 1.0, 4.0, 9.0, nan
+    return f, XS, None, [(0, {"k": None, "mean_v": 5.0}), (1, {"k": 2.0, "mean_v": 4.0}),
+                         (2, {"k": 0.0, "mean_v": None})]
+
+
+def case_nan_keys_from_an_operator_never_match():
+    f = fk.Flow("nan_op_join", SCHEMA)
+    keyed = f.map(nan_key, names=["k"])
+    f.output = keyed.join(keyed.map(tenfold_key, names=["k", "w"]), on="k")
+    return f, XS, None, [(1, {"k": 2.0, "w": 20.0}), (3, {"k": 4.0, "w": 40.0})]
 
 
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}

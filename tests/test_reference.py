@@ -1,5 +1,6 @@
 """The conformance suite on the reference executor, plus operator details and errors."""
 
+import math
 import threading
 import time
 
@@ -57,6 +58,18 @@ def test_declared_output_type_is_checked_at_run_time():
     with pytest.raises(fk.SchemaError, match="'lies' declares column 'y' as int but returned str") as e:
         flow.run(XS)
     assert e.value.column == "y"
+
+
+def test_a_declared_column_takes_nan_as_null():
+    """NaN is null, and null fits every declared type: an int column may hold a computed NaN,
+    which aggregates then skip."""
+    flow = fk.Flow("nan_int", SCHEMA)
+
+    def score(row) -> int:
+        return math.nan if row["x"] == 1 else row["x"]
+
+    flow.map(score, names=["y"]).agg("count", "y")
+    assert rows(flow.run(XS)) == [(0, {"count_y": 3})]
 
 
 def test_operator_error_names_operator_and_qid_and_chains_the_cause():

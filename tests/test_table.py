@@ -112,3 +112,40 @@ def test_one_row_dict_with_an_array_value_is_one_row():
     schema = fk.Schema({"img": np.ndarray})
     t = as_table({"img": np.zeros((2, 2))}, schema)
     assert len(t) == 1 and t[0]["img"].shape == (2, 2)
+
+
+NULLS = [float("nan"), np.nan, np.float32("nan"), np.float64("nan"), pd.NA, None]
+
+
+def test_nan_is_null_in_every_input_form():
+    """A float NaN (and pandas' NA) is stored as None whatever form brings it in."""
+    schema = fk.Schema({"k": str, "v": float})
+    expected = [{"k": None, "v": None}] * len(NULLS) + [{"k": "a", "v": 1.0}]
+    records = [{"k": n, "v": n} for n in NULLS] + [{"k": "a", "v": 1.0}]
+    tuples = [(r["k"], r["v"]) for r in records]
+    columns = {"k": [r[0] for r in tuples], "v": [r[1] for r in tuples]}
+    frame = pd.DataFrame(columns)
+    tables = [fk.Table(schema, tuples), fk.Table.from_records(records, schema=schema),
+              fk.Table.from_columns(columns, schema=schema), fk.Table.from_pandas(frame, schema=schema)]
+    tables += [as_table(x, schema) for x in (records, columns, frame, _computed(tuples))]
+    for t in tables:
+        assert t.records() == expected
+    for n in NULLS:
+        assert as_table({"k": n, "v": n}, schema).records() == [{"k": None, "v": None}]
+
+
+def _computed(rows):
+    """A flow's output Table holding the NaN its operator returned (to be passed in as input)."""
+    flow = fk.Flow("computed", {"i": int})
+    flow.map(lambda r: rows[r["i"]], names=["k", "v"])
+    return flow.run({"i": list(range(len(rows)))})
+
+
+def test_nan_is_null_for_types_and_checks():
+    """NaN does not widen an inferred type, and is a null (not a float) in int and str columns."""
+    nan = float("nan")
+    assert fk.Table.from_records([{"s": "a"}, {"s": nan}]).schema == {"s": str}
+    assert fk.Table.from_columns({"s": ["a", nan], "x": [1, nan]}).schema == {"s": str, "x": int}
+    assert fk.Table.from_pandas(pd.DataFrame({"s": ["a", nan]})).schema == {"s": str}
+    assert fk.Table({"x": int}, [(nan,)]).records() == [{"x": None}]
+    assert as_table([{"x": nan}], fk.Schema({"x": int})).records() == [{"x": None}]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 from ..errors import FlowError, OperatorError, SchemaError
 from ..plan import QID, Agg, AnyOf, Combine, Filter, GroupBy, Join, Lookup, Map, Op, Source, Stage, Union
-from ..schema import fits, type_name
+from ..schema import fits, is_null, type_name
 from ..table import GroupedTable, Row, Table
 from .cancel import checkpoint
 
@@ -204,6 +204,10 @@ def _groupby(op: GroupBy, inputs: list, ctx: Context) -> GroupedTable:
 
 
 def _group_key(v: Any) -> Any:
+    """A row's group: its value, with every null (NaN included, however many NaN objects there
+    are) in the one null group, keyed ``None``."""
+    if is_null(v):
+        return None
     try:
         hash(v)
         return v
@@ -223,7 +227,7 @@ def _agg(op: Agg, inputs: list, ctx: Context) -> Table:
 def _aggregate(op: Agg, t: Table) -> Any:
     if op.column is None:
         return len(t)
-    values = [v for v in t.column(op.column) if v is not None]
+    values = [v for v in t.column(op.column) if not is_null(v)]
     if op.fn == "count":
         return len(values)
     try:
@@ -270,14 +274,14 @@ def _join(op: Join, inputs: list, ctx: Context) -> Table:
     else:
         li, ri = ls.index[op.on], rs.index[op.on]
         lkeys, rkeys = [r[li] for r in left.rows], [r[ri] for r in right.rows]
-    index: dict[Any, list[int]] = {}
+    index: dict[Any, list[int]] = {}   # null keys (NaN included) never match: they are not indexed
     for j, k in enumerate(rkeys):
-        if k is not None:
+        if not is_null(k):
             index.setdefault(k, []).append(j)
     rows, qids, matched = [], [], set()
     pad = (None,) * len(extra)
     for r, q, k in zip(left.rows, left.qids, lkeys):
-        hits = index.get(k) if k is not None else None
+        hits = None if is_null(k) else index.get(k)
         if hits:
             for j in hits:
                 rr = right.rows[j]
