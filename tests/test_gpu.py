@@ -4,7 +4,7 @@ simulated device against the paper, and the dask plugin serving gpu=True maps.""
 from __future__ import annotations
 
 import math
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +17,8 @@ from flowkit.gpu import (CPUBackend, Gemm, SimBackend, SpaceTimeScheduler, Torch
 from flowkit.gpu.backends import power_of_two
 from flowkit.gpu.profiles import PROFILES
 from flowkit.gpu.scheduler import Request, Tenant, find_stragglers
+
+from .waiting import wait_until
 
 
 class Block(nn.Module):
@@ -300,9 +302,16 @@ def test_a_cancelled_request_is_withdrawn_and_the_dispatcher_serves_on():
         sched.close()
 
 
-class Sleepy(nn.Module):
+class Held(nn.Module):
+    """Holds the device until the test lets it go."""
+
+    def __init__(self):
+        super().__init__()
+        self.running, self.release = threading.Event(), threading.Event()
+
     def forward(self, x):
-        time.sleep(0.4)
+        self.running.set()
+        assert self.release.wait(60), "the test never let the device go"
         return x
 
 
@@ -323,24 +332,28 @@ def test_a_torch_model_whose_work_is_cancelled_withdraws_its_queued_request():
     sched = SpaceTimeScheduler(CPUBackend(), "time")
     install(sched)
     try:
-        sched.add_tenant("sleepy", Sleepy())
-        busy = sched.submit("sleepy", torch.randn(1, 2))    # holds the device for 0.4 s
+        held = Held()
+        sched.add_tenant("held", held)
+        busy = sched.submit("held", torch.randn(1, 2))      # holds the device until released
+        wait_until(held.running.is_set, "the first request to hold the device")
         token = Token()
 
         def call():
             with running_under(token):
                 return Waiting()(fk.Table({"x": int}, [(1,)]))
 
-        with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(call)
-            time.sleep(0.1)
-            token.cancel("the request was abandoned")
-            with pytest.raises(fk.Cancelled, match="queued for the GPU"):
-                fut.result(5)
-        busy.result(5)
-        deadline = time.monotonic() + 5
-        while sched.stats()["cancelled requests"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                fut = pool.submit(call)
+                wait_until(lambda: sched.stats()["tenants"].get(Waiting().tenant, {}).get("queued"),
+                           "the model's request to queue behind the held device")
+                token.cancel("the request was abandoned")
+                with pytest.raises(fk.Cancelled, match="queued for the GPU"):
+                    fut.result(30)
+        finally:
+            held.release.set()
+        busy.result(30)
+        wait_until(lambda: sched.stats()["cancelled requests"], "the dispatcher to drop the withdrawn request")
         assert sched.stats()["cancelled requests"] == 1
         assert sched.stats()["tenants"][Waiting().tenant]["requests"] == 0
     finally:
@@ -507,36 +520,31 @@ def test_torch_model_runs_locally_without_the_plugin():
     assert out.column("label") == expected
 
 
-def test_the_plugin_serves_gpu_maps_in_a_deployed_flow_and_publishes_samples():
-    pytest.importorskip("distributed")
-    from distributed import Client, LocalCluster
-
+def test_the_plugin_serves_gpu_maps_in_a_deployed_flow_and_publishes_samples(make_cluster):
     from flowkit.gpu import GPUPlugin
 
     flow = fk.Flow("gpu", {"x": np.ndarray})
     flow.map(Classifier, names=["label"], gpu=True, batching=True, max_wait_ms=2)
     xs = [np.random.default_rng(i).standard_normal((8, 4, 4)).astype(np.float32) for i in range(6)]
     expected = flow.run({"x": xs})
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        client.register_plugin(GPUPlugin(policy="spacetime", backend="sim:h200", sample_hz=10))
-        with fk.deploy(flow, cluster=client) as dep:
-            futs = [dep.submit({"x": [x]}) for x in xs]
-            assert [f.result(30).column("label")[0] for f in futs] == expected.column("label")
-            stats = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats())
-            (worker_stats,) = stats.values()
-            assert worker_stats["backend"] == "sim:h200" and worker_stats["policy"] == "spacetime"
-            assert sum(t["requests"] for t in worker_stats["tenants"].values()) >= 1
-            time.sleep(0.5)
-            events = client.get_events("flowkit-gpu")
-            # registering again replaces each worker's scheduler (another policy, a fixed typo)
-            client.register_plugin(GPUPlugin(policy="time", backend="sim:v100"))
-            assert [f.result(30).column("label")[0] for f in [dep.submit({"x": [x]}) for x in xs]] == \
-                expected.column("label")
-            (worker_stats,) = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats()).values()
-            assert (worker_stats["policy"], worker_stats["backend"]) == ("time", "sim:v100")
-            assert sum(t["rows"] for t in worker_stats["tenants"].values()) == len(xs)   # the new one served them all
-        assert events and {"utilization", "queue", "throughput", "memory_used"} <= set(events[-1][1])
+    client = make_cluster(n_workers=1)   # its own: the plugin stays registered on it
+    client.register_plugin(GPUPlugin(policy="spacetime", backend="sim:h200", sample_hz=10))
+    with fk.deploy(flow, cluster=client) as dep:
+        futs = [dep.submit({"x": [x]}) for x in xs]
+        assert [f.result(30).column("label")[0] for f in futs] == expected.column("label")
+        stats = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats())
+        (worker_stats,) = stats.values()
+        assert worker_stats["backend"] == "sim:h200" and worker_stats["policy"] == "spacetime"
+        assert sum(t["requests"] for t in worker_stats["tenants"].values()) >= 1
+        events = wait_until(lambda: client.get_events("flowkit-gpu"), "the plugin's first published sample")
+        # registering again replaces each worker's scheduler (another policy, a fixed typo)
+        client.register_plugin(GPUPlugin(policy="time", backend="sim:v100"))
+        assert [f.result(30).column("label")[0] for f in [dep.submit({"x": [x]}) for x in xs]] == \
+            expected.column("label")
+        (worker_stats,) = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats()).values()
+        assert (worker_stats["policy"], worker_stats["backend"]) == ("time", "sim:v100")
+        assert sum(t["rows"] for t in worker_stats["tenants"].values()) == len(xs)   # the new one served them all
+    assert events and {"utilization", "queue", "throughput", "memory_used"} <= set(events[-1][1])
 
 
 @pytest.mark.parametrize("options, words", [({"policy": "fastest"}, "unknown policy 'fastest'"),
@@ -576,26 +584,78 @@ def test_gpu_chart_draws_samples_from_the_simulated_backend():
         sched.close()
 
 
+class HostClock:
+    """The host's clock, injected into a simulated device: it moves only when the test says."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def test_a_simulated_gpu_is_measured_on_its_own_clock():
-    """Its monitor counts each launch's modeled device time, not the CPU time its numbers took:
-    flooded, the modeled GPU is busy, although the CPU emulating it spends far longer per launch."""
-    sched = SpaceTimeScheduler(SimBackend("h200"), "time", max_wait_ms=0)
+    """Its monitor counts each launch's modeled device time, not the CPU time its numbers took,
+    and idle time only while it has nothing to do: flooded, the modeled GPU is busy all along,
+    however long the CPU emulating it takes (the host's clock is injected, so a loaded machine
+    changes nothing here)."""
+    host = HostClock()
+    backend = SimBackend("h200", wall=host)
+    sched = SpaceTimeScheduler(backend, "time", max_wait_ms=0)
     try:
         for i in range(4):
             sched.add_tenant(f"m{i}", tenant_model(i))
         x = torch.randn(32, 8, 32, 32)   # the CPU takes far longer over these than the modeled H200
+        wait_until(lambda: backend.clock.idle, "the dispatcher to wait for work")
+        host.advance(2.0)                # two seconds with nothing to do
         first = sched.sample()
-        wall0, busy0 = time.monotonic(), sched.backend.busy_seconds
+        assert first["time"] == pytest.approx(2.0) and first["utilization"] == 0
+        busy0 = backend.busy_seconds
         with sched.cond:   # all queued before the first launch: the device never waits for work
             futures = [sched.submit(f"m{i % 4}", x) for i in range(100)]
+            host.advance(5.0)            # the host is slow to hand the work over: not the device's time
         for f in futures:
             f.result(30)
-        last = sched.sample()
-        wall = time.monotonic() - wall0
-        on_the_wall = 100 * (sched.backend.busy_seconds - busy0) / wall
-        assert last["time"] - first["time"] < wall / 2
-        assert last["utilization"] > 2 * on_the_wall and last["utilization"] > 25
-        assert sum(last["throughput"].values()) > 2 * 100 * 32 / wall   # rows per second on the GPU
+        flooded = sched.sample()
+        busy = backend.busy_seconds - busy0
+        one = backend.modeled("time", sched.tenants["m0"].module, x)[0]
+        assert busy == pytest.approx(100 * one) and 0 < busy < 1   # what the modeled H200 takes for the work
+        assert flooded["time"] - first["time"] == pytest.approx(busy)   # its clock ran for that, no more
+        assert flooded["utilization"] == pytest.approx(100)
+        assert sum(flooded["throughput"].values()) == pytest.approx(100 * 32 / busy)   # rows per device second
+        assert flooded["queue"] == 0
+        wait_until(lambda: backend.clock.idle, "the dispatcher to wait for work again")
+        host.advance(3 * busy)           # then idle three times as long: a quarter of the time busy
+        later = sched.sample()
+        assert later["time"] - flooded["time"] == pytest.approx(3 * busy)
+        assert later["utilization"] == 0 and sum(later["throughput"].values()) == 0
+        span = later["time"] - first["time"]
+        assert 100 * busy / span == pytest.approx(25)
+    finally:
+        sched.close()
+
+
+def test_a_simulated_gpu_idles_on_the_hosts_clock_while_it_waits_for_a_batch():
+    """Under a batching policy a queued request waits for company: that wait is the device's idle
+    time (under ``time``, above, the device has work from the moment a request is queued)."""
+    host = HostClock()
+    backend = SimBackend("v100", wall=host)
+    sched = SpaceTimeScheduler(backend, "batch", max_wait_ms=20)
+    try:
+        sched.add_tenant("m", tenant_model(0), slo_ms=1e9)
+        first = sched.sample()
+        with sched.cond:
+            fut = sched.submit("m", torch.randn(2, 8, 6, 6))
+            host.advance(4.0)            # queued, not yet launched: the device waits
+        fut.result(30)
+        sample = sched.sample()
+        busy = backend.busy_seconds
+        assert 0 < busy < 1
+        assert sample["time"] - first["time"] == pytest.approx(4.0 + busy)
+        assert sample["utilization"] == pytest.approx(100 * busy / (4.0 + busy))
     finally:
         sched.close()
 

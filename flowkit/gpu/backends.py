@@ -27,8 +27,8 @@ from typing import Any
 from .costmodel import Gemm, kernel_seconds, policy_seconds, sm_seconds
 from .profiles import PROFILES, DeviceProfile
 
-__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "make_backend", "check_backend", "BACKENDS",
-           "Stacked", "gemm_layers", "power_of_two"]
+__all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "DeviceClock", "make_backend", "check_backend",
+           "BACKENDS", "Stacked", "gemm_layers", "power_of_two"]
 
 
 def power_of_two(n: int) -> int:
@@ -94,7 +94,7 @@ class Backend:
         self.torch = torch
         self.busy_seconds = 0.0           # device-busy time accumulated (for utilization samples)
         self.sm_busy_seconds = None       # SM-seconds of work, where the backend knows it (simulated)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()   # reentrant: a simulated device advances its clock inside account()
 
     # -- models -------------------------------------------------------------------------------
     def place(self, module):
@@ -155,6 +155,21 @@ class Backend:
             if sm_seconds is not None:
                 self.sm_busy_seconds = (self.sm_busy_seconds or 0.0) + sm_seconds
 
+    def now(self) -> float:
+        """The clock the monitor's samples are on: the host's, for a real device."""
+        return time.monotonic()
+
+    def reading(self) -> tuple[float, float, float | None]:
+        """``(now(), busy_seconds, sm_busy_seconds)`` read together."""
+        with self.lock:
+            return self.now(), self.busy_seconds, self.sm_busy_seconds
+
+    def waiting(self) -> None:
+        """The scheduler has nothing to launch from now on (a simulated device's clock idles)."""
+
+    def working(self) -> None:
+        """The scheduler has work for the device again."""
+
     # -- the GEMM micro-benchmark (paper's Table 1) -----------------------------------------------
     def gemm_seconds(self, policy: str, g: Gemm, tenants: int, iters: int = 20) -> float:
         raise NotImplementedError
@@ -196,17 +211,71 @@ class CPUBackend(Backend):
         return (time.perf_counter() - t0) / iters
 
 
+class DeviceClock:
+    """A simulated device's own clock, in seconds from its start.
+
+    It runs on the host's clock (``wall``, injectable) only while the device waits for work;
+    each launch advances it by the launch's modeled device time (``run``), however long the host
+    took to emulate it. So host overhead (the CPU computing the numbers, a loaded machine) never
+    shows as the modeled device's idle time, and a device flooded with work is busy all along."""
+
+    def __init__(self, wall=time.monotonic):
+        self.wall = wall
+        self.elapsed = 0.0                 # busy and idle seconds up to ``idle_since`` (or now, while working)
+        self.idle_since: float | None = wall()   # host time the device began waiting; None while it works
+
+    def now(self) -> float:
+        idle = 0.0 if self.idle_since is None else max(0.0, self.wall() - self.idle_since)
+        return self.elapsed + idle
+
+    @property
+    def idle(self) -> bool:
+        return self.idle_since is not None
+
+    def wait(self) -> None:
+        if self.idle_since is None:
+            self.idle_since = self.wall()
+
+    def work(self) -> None:
+        if self.idle_since is not None:
+            self.elapsed += max(0.0, self.wall() - self.idle_since)
+            self.idle_since = None
+
+    def run(self, seconds: float) -> None:
+        self.work()
+        self.elapsed += seconds
+
+
 class SimBackend(CPUBackend):
-    """CPU numerics with a simulated GPU's timing (``profile``: v100 or h200)."""
+    """CPU numerics with a simulated GPU's timing (``profile``: v100 or h200), on the simulated
+    device's own clock (``DeviceClock``; ``wall``: the host clock it idles on, injectable)."""
 
     name = "sim"
 
-    def __init__(self, profile: str | DeviceProfile = "h200"):
+    def __init__(self, profile: str | DeviceProfile = "h200", wall=time.monotonic):
         super().__init__()
         self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.name = f"sim:{self.profile.name.lower()}"
         self._layers: dict = {}
         self._weights = 0.0
+        self.clock = DeviceClock(wall)
+
+    def account(self, seconds: float, sm_seconds: float | None = None) -> None:
+        with self.lock:   # one step: a sample never sees the busy time without the clock's advance
+            self.clock.run(seconds)
+            super().account(seconds, sm_seconds)
+
+    def now(self) -> float:
+        with self.lock:
+            return self.clock.now()
+
+    def waiting(self) -> None:
+        with self.lock:
+            self.clock.wait()
+
+    def working(self) -> None:
+        with self.lock:
+            self.clock.work()
 
     def place(self, module):
         module = super().place(module)

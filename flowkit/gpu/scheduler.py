@@ -218,11 +218,10 @@ class SpaceTimeScheduler:
         self.order: deque = deque(maxlen=4096)   # (tenant, deadline) in the order requests were served
         self.cond = threading.Condition()
         self.closed = False
-        self.started = time.monotonic()
-        # A simulated GPU's samples run on a simulated clock: the CPU time spent computing a
-        # launch's numbers is replaced by the cost model's device time for it (see ``clock``).
-        self._simulated_minus_wall = 0.0
-        self._last_sample = (self.clock(), 0.0, None, {})
+        # Samples are on the device's clock (``backend.now()``): on a simulated GPU its own, which
+        # advances by each launch's modeled device time and idles only while there is no work.
+        self.started, busy, sm = backend.reading()
+        self._last_sample = (self.started, busy, sm, {})
         self.thread = threading.Thread(target=self._loop, daemon=True, name="flowkit-gpu-scheduler")
         self.thread.start()
 
@@ -250,6 +249,8 @@ class SpaceTimeScheduler:
             if self.closed:
                 raise FlowError(f"tenant {tenant!r}: the GPU scheduler is closed")
             t.queue.append(req)
+            if self.policy == "time" or self.max_wait <= 0:
+                self.backend.working()   # no batch to wait for: the device has work from now
             self.cond.notify()
         return req.future
 
@@ -272,6 +273,7 @@ class SpaceTimeScheduler:
         while True:
             with self.cond:
                 while not self.closed and not any(t.queue for t in self.tenants.values()):
+                    self.backend.waiting()
                     self.cond.wait()
                 if self.closed:
                     return
@@ -280,6 +282,7 @@ class SpaceTimeScheduler:
                 launch = plan_launch(self.policy, self.tenants, self.max_batch, time.monotonic(), self.launch_seconds)
                 if launch is None:
                     continue
+                self.backend.working()
                 for name, reqs in launch.stacked + launch.separate:
                     q = self.tenants[name].queue
                     for r in reqs:
@@ -308,6 +311,7 @@ class SpaceTimeScheduler:
             wait = min(oldest + self.max_wait - now, slack / 4)
             if wait <= 0 or rows >= self.max_batch * max(1, len(self.tenants)):
                 return
+            self.backend.waiting()   # the device waits for the batch to fill
             self.cond.wait(wait)
 
     def _run(self, launch: Launch) -> None:
@@ -321,9 +325,7 @@ class SpaceTimeScheduler:
         wall = time.perf_counter() - t0
         failed = any(isinstance(out, BaseException) for out in outputs.values())
         device, sms = self._device_seconds(launch, wall)
-        self.backend.account(device, sms)
-        if isinstance(self.backend, SimBackend):
-            self._simulated_minus_wall += device - wall
+        self.backend.account(device, sms)   # on a simulated GPU this also advances its clock
         done = time.monotonic()
         with self.cond:
             if launch.stacked and not failed:
@@ -454,10 +456,10 @@ class SpaceTimeScheduler:
 
     # -- observability ---------------------------------------------------------------------------
     def clock(self) -> float:
-        """Seconds for the monitor: real time, except on a simulated GPU, where each launch counts
-        for its modeled device time instead of the wall time the CPU took to compute its numbers
-        (else a modeled GPU would look idle while the CPU emulates it)."""
-        return time.monotonic() + self._simulated_minus_wall
+        """Seconds for the monitor: real time, except on a simulated GPU, whose own clock counts
+        each launch for its modeled device time (not the time the CPU took to compute its numbers)
+        and runs on real time only while the device has nothing to do (``DeviceClock``)."""
+        return self.backend.now()
 
     def stats(self) -> dict:
         with self.cond:
@@ -474,9 +476,8 @@ class SpaceTimeScheduler:
         per-tenant throughput, queue depth; rates and ``time`` are on ``clock()``."""
         from .monitor import device_sample
 
-        now = self.clock()
+        now, busy, sm = self.backend.reading()
         last_t, last_busy, last_sm, last_rows = self._last_sample
-        busy, sm = self.backend.busy_seconds, self.backend.sm_busy_seconds
         with self.cond:
             rows = {n: t.served_rows for n, t in self.tenants.items()}
             queue = sum(len(t.queue) for t in self.tenants.values())
