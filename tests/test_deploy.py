@@ -11,18 +11,12 @@ import textwrap
 import time
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import flowkit as fk
 
 from .conformance import CASES, SCHEMA, XS, rows
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
-        yield c
+from .waiting import wait_until
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -181,10 +175,8 @@ def patient(row) -> int:
     return row["x"]
 
 
-def ended(path, seconds: float = 10.0) -> str:
-    deadline = time.monotonic() + seconds
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.02)
+def ended(path, seconds: float = 60.0) -> str:
+    wait_until(lambda: os.path.exists(path), f"{path} to be written", timeout=seconds)
     with open(path) as f:
         return f.read()
 
@@ -395,9 +387,7 @@ def test_cancellations_from_many_threads_and_a_killed_worker_lose_and_leak_nothi
         answers = [a for run, _ in runs for a in run]
         assert sum(isinstance(y, int) for _, y in answers) >= len(answers) - 6
         assert all(y == 2 * x for x, y in answers if isinstance(y, int))
-        deadline = time.monotonic() + 10
-        while dep._inflight and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not dep._inflight, "every request to leave the in-flight count")
         assert dep._inflight == 0 and dep._router.inflight() == 0
         assert dep.stats().loc["(end to end)", "cancelled"] == sum(c for _, c in runs) > 0
     client.wait_for_workers(2, timeout=60)
@@ -443,10 +433,7 @@ def test_an_object_lost_with_its_worker_is_stored_again(client, caplog):
 
 def _connected_to_both_workers(dep) -> None:
     """Wait until the deployment's client has a session to each of the 2 workers."""
-    deadline = time.monotonic() + 30
-    while len(dep.workers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(dep.workers) == 2
+    wait_until(lambda: len(dep.workers) == 2, "a session to each of the 2 workers")
 
 
 def test_the_framed_transport_carries_messages_and_payloads_and_reports_a_closed_peer():
@@ -593,9 +580,7 @@ def test_a_cluster_started_with_the_dask_command_line_by_address(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
     worker = None
     try:
-        deadline = time.time() + 30
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(sched_file.exists, "the dask scheduler to write its file")
         worker = subprocess.Popen([os.path.join(bin_dir, "dask"), "worker", "--scheduler-file", str(sched_file),
                                    "--nthreads", "1", "--nworkers", "2", "--no-dashboard"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
