@@ -12,7 +12,7 @@ import html
 import ipywidgets as w
 
 import flowkit as fk
-from flowkit.optimize import RULES, resolve_rules
+from flowkit.optimize import resolve_rules
 
 from .render import plan_to_svg, problem_html
 
@@ -34,13 +34,12 @@ class Inspector(w.VBox):
 
     def __init__(self, flow: fk.Flow, **rules):
         self.flow = flow.original
-        start = {**RULES, **rules}
-        resolve_rules(rules)  # unknown rules fail here, naming the valid ones
+        start = resolve_rules(rules)  # as fk.optimize reads them (compete=True is 2); unknown rules fail here
         self.toggles = {name: w.Checkbox(value=bool(start[name]), description=name, indent=False,
                                          layout=w.Layout(width="auto"))
                         for name in ("fusion", "whole", "locality", "batching")}
-        self.toggles["compete"] = w.BoundedIntText(value=int(start["compete"]), min=1, max=8, description="compete",
-                                                   layout=w.Layout(width="12em"))
+        self.toggles["compete"] = w.BoundedIntText(value=start["compete"], min=1, max=max(8, start["compete"]),
+                                                   description="compete", layout=w.Layout(width="12em"))
         self.extra = {k: v for k, v in start.items() if k not in self.toggles}
         try:
             self.problem, plan = None, self.flow.plan
