@@ -7,7 +7,8 @@ stopped, and the suite's check, at its end, that it left no process behind.
   ``clusters(n_workers=1, threads_per_worker=2, processes=False, client=False)``; each is closed
   with the scope that made it.
 - ``processes`` (one test): ``processes.start([...])`` starts a process that is stopped, with
-  every process it started, when the test ends, whatever its outcome.
+  every process it started, when the test ends, whatever its outcome; ``processes.sweep()``
+  stops, then, every process started during the test by any code.
 - After the whole run, any child process of pytest still alive fails the run (exit status 1),
   named with its command line, and is stopped.
 """
@@ -82,10 +83,17 @@ def stop_tree(pids, grace: float = GRACE_S) -> list:
 
 
 class Processes:
-    """Processes a test starts; all stopped (with their children) when the test ends."""
+    """Processes a test starts; all stopped (with their children) when the test ends. After
+    ``sweep()``, also every other process started during the test (by code that starts its own,
+    such as a benchmark's peer servers)."""
 
     def __init__(self):
         self.started: list[subprocess.Popen] = []
+        self.before = {p.pid for p in _children()}
+        self.sweeping = False
+
+    def sweep(self) -> None:
+        self.sweeping = True
 
     def start(self, args, **popen) -> subprocess.Popen:
         popen.setdefault("stdout", subprocess.DEVNULL)
@@ -95,7 +103,10 @@ class Processes:
         return proc
 
     def stop(self) -> None:
-        stop_tree([p.pid for p in self.started if p.poll() is None])
+        pids = [p.pid for p in self.started if p.poll() is None]
+        if self.sweeping:
+            pids += [p.pid for p in _children() if p.pid not in self.before and p.pid not in _helpers()]
+        stop_tree(pids)
         for p in self.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(GRACE_S)   # reap it

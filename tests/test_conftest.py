@@ -57,9 +57,14 @@ def test_a_run_that_stops_what_it_starts_passes_even_when_its_test_fails_midway(
         def test_a_cluster_fixture_is_closed(make_cluster):
             client = make_cluster(n_workers=1)
             assert len(client.scheduler_info()["workers"]) == 1
+
+        def test_a_sweep_stops_what_other_code_started(processes):
+            import subprocess
+            processes.sweep()
+            subprocess.Popen(["sleep", "600"])   # as a benchmark starting its own servers
     """)
     out = done.stdout + done.stderr
-    assert "1 failed, 1 passed" in out, out
+    assert "1 failed, 2 passed" in out, out
     assert "processes left behind" not in out
     assert done.returncode == 1   # the failing test's, nothing more
     grandchild = int(pid_file.read_text())

@@ -149,13 +149,11 @@ def test_line_chart_svg_draws_each_series_with_its_last_value():
     assert svg.count("<polyline") == 2 and "util 55%" in svg and "mem 30%" in svg
 
 
-def test_deployment_dashboard_shows_live_stage_figures():
-    from distributed import Client, LocalCluster
-
+def test_deployment_dashboard_shows_live_stage_figures(make_cluster):
     flow = fk.Flow("live", {"x": int})
     flow.map(lambda r: r["x"] + 1, names=["y"]).filter(lambda r: r["y"] > 0)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster) as client, fk.deploy(flow, cluster=client) as dep:
+    client = make_cluster(n_workers=1, processes=False)
+    with fk.deploy(flow, cluster=client) as dep:
         view = dep.dashboard(interval=0.05)
         try:
             for i in range(20):
