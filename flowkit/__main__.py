@@ -85,19 +85,24 @@ def load_flow(target: str):
 
 
 def _serve(args) -> int:
+    """Refuse what cannot be served before deploying anything, then deploy and serve until a signal."""
     import os
     import signal
     import threading
 
     from .runtime.deployment import deploy
+    from .runtime.http import bind, require_authentication
 
     flow = load_flow(args.target)
+    token = os.environ.get(args.token_env) or None
+    require_authentication(args.host, token, args.allow_unauthenticated,
+                           hint=f"set ${args.token_env} to a bearer token, or pass --allow-unauthenticated")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with deploy(flow, cluster=args.cluster, optimize=not args.no_optimize, timeout=args.timeout) as dep:
-        server = dep.serve(args.host, args.port, token=os.environ.get(args.token_env) or None,
-                           allow_unauthenticated=args.allow_unauthenticated)
+    with bind(args.host, args.port, hint="pass --port 0 for a free port") as sock, \
+            deploy(flow, cluster=args.cluster, optimize=not args.no_optimize, timeout=args.timeout) as dep:
+        server = dep.serve(args.host, token=token, allow_unauthenticated=args.allow_unauthenticated, sock=sock)
         print(f"serving {flow.name!r} at {server.url}/v1/flows/{flow.name}/predict", flush=True)
         stop.wait()
         print("stopping: finishing requests in flight", flush=True)

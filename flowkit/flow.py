@@ -243,6 +243,10 @@ class Flow(Node):
     def __init__(self, name: str, schema: Mapping[str, Any] | Schema):
         if not isinstance(name, str) or not name:
             raise FlowError("a flow needs a non-empty name")
+        if not (name.isascii() and name[0].isalnum() and all(c.isalnum() or c in "-._~" for c in name)):
+            # the name is a segment of the flow's HTTP path and a label value in /metrics
+            raise FlowError(f"flow name {name!r} cannot be a URL path segment: use ASCII letters, digits and "
+                            "'-', '_', '.', '~', starting with a letter or digit")
         self._name = name
         self.input_schema = schema if isinstance(schema, Schema) else Schema(schema)
         self._ops: dict[str, Op] = {}

@@ -5,10 +5,15 @@
     GET  {url}/healthz     GET {url}/v1/flows     GET {url}/metrics (Prometheus text)
 
 Values travel as JSON: ``bytes`` columns as base64 strings, ``numpy.ndarray`` columns as nested
-lists; answers are ``{"rows": [{"qid": ..., <columns>}]}``. Errors: malformed JSON 400, a body over
-the limit 413, rows that do not fit the schema 422 (naming the column), overload 503 with
-``Retry-After``, an operator's exception 500 (naming the operator, no traceback), an unknown flow
-404, a missing or wrong bearer token 401.
+lists; answers are ``{"rows": [{"qid": ..., <columns>}]}``. In an answer a float NaN is ``null``
+(flowkit's rule: NaN is a null value) and an infinity is a 500 naming its column.
+
+Every error is JSON, ``{"error": <message>, "type": <the error's class name>, ...}``, whatever
+raised it: the HTTP layer's own refusals (``MalformedJSON`` 400, ``Unauthorized`` 401,
+``UnknownFlow`` 404, ``BodyTimeout`` 408, ``BodyTooLarge`` 413, ``BadResult`` 500,
+``AnswerTimeout`` 504), flowkit's errors by ``flowkit.errors.HTTP_STATUS`` (503s with
+``Retry-After``), and anything else as a 500 (logged with its traceback, which the client never
+sees).
 
 Security: the server binds to loopback by default. Binding elsewhere needs a bearer token
 (compared in constant time) or ``allow_unauthenticated=True``, which is logged. The token never
@@ -30,20 +35,115 @@ import time
 from typing import Any
 
 import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
-from ..errors import FlowError, OperatorError, Overloaded, SchemaError
+from ..errors import HTTP_STATUS, FlowError, OperatorError, SchemaError
 from ..schema import Schema, type_name
 from ..table import Table
 
-__all__ = ["HTTPServer", "decode_rows", "encode_table"]
+__all__ = ["HTTPServer", "decode_rows", "encode_table", "require_authentication", "bind", "status_of",
+           "error_answer", "label_value"]
 
 logger = logging.getLogger("flowkit.http")
 
+WATCH_AFTER_S = 0.02   # a request still running after this long is watched for its client hanging up
+DISCARD_MAX_BYTES = 64 * 2 ** 20   # how much of a body over the limit is read and dropped before the 413
+CLOSE = {"Connection": "close"}
+
+
+# -- the HTTP layer's own refusals ----------------------------------------------------------------
+class Refused(Exception):
+    """A request the HTTP layer answers with an error of its own (``status``); ``fields`` go
+    into the JSON body beside the message, ``headers`` onto the response."""
+
+    status = 500
+
+    def __init__(self, message: str, *, headers: dict | None = None, **fields):
+        super().__init__(message)
+        self.headers = headers or {}
+        self.fields = fields
+
+
+class MalformedJSON(Refused):
+    status = 400
+
+
+class Unauthorized(Refused):
+    status = 401
+
+
+class UnknownFlow(Refused):
+    status = 404
+
+
+class BodyTimeout(Refused):
+    status = 408
+
+
+class BodyTooLarge(Refused):
+    status = 413
+
+
+class ClientGone(Refused):
+    status = 499   # never sent: the client is gone; counted in /metrics
+
+
+class BadResult(Refused):
+    """The flow's result broke its declared types or holds a value JSON cannot carry."""
+    status = 500
+
+
+class AnswerTimeout(Refused):
+    status = 504
+
+
+def status_of(error: BaseException) -> int:
+    """The status that answers ``error``: a refusal's own, the most specific class of a flowkit
+    error in ``HTTP_STATUS``, 500 for anything else.
+
+    >>> from flowkit.errors import SchemaError, WorkerLost
+    >>> status_of(WorkerLost("gone")), status_of(SchemaError("x")), status_of(KeyError("k"))
+    (503, 422, 500)
+    """
+    if isinstance(error, Refused):
+        return error.status
+    return next((HTTP_STATUS[c] for c in type(error).__mro__ if c in HTTP_STATUS), 500)
+
+
+def error_answer(error: BaseException) -> tuple[int, dict, dict]:
+    """The status, JSON body and headers that answer a request which raised ``error``.
+
+    >>> from flowkit.errors import Overloaded
+    >>> error_answer(Overloaded("busy"))
+    (503, {'error': 'busy', 'type': 'Overloaded'}, {'Retry-After': '1'})
+    >>> error_answer(KeyError("k"))[:2]
+    (500, {'error': "internal error: KeyError: 'k'", 'type': 'KeyError'})
+    """
+    status = status_of(error)
+    kind = type(error).__name__
+    if isinstance(error, (FlowError, Refused)):
+        body = {"error": str(error), "type": kind, **_error_fields(error)}
+    else:
+        body = {"error": f"internal error: {kind}: {error}", "type": kind}
+    headers = {"Retry-After": "1"} if status == 503 else {}
+    return status, body, {**headers, **getattr(error, "headers", {})}
+
+
+def _error_fields(error: Exception) -> dict:
+    """What an error names besides its message: the operator and row, or the column."""
+    if isinstance(error, OperatorError):
+        return {"operator": error.operator, "qid": _encode_value(error.qid)}
+    if isinstance(error, SchemaError):
+        return {"column": error.column}
+    if isinstance(error, Refused):
+        return error.fields
+    return {}
+
 
 # -- JSON <-> tables (pure) -------------------------------------------------------------------------
-WATCH_AFTER_S = 0.02   # a request still running after this long is watched for its client hanging up
-
-
 def _decode_value(v: Any, t: Any, column: str) -> Any:
     if v is None:
         return None
@@ -115,16 +215,22 @@ def decode_rows(payload: Any, schema: Schema) -> list[dict]:
 
 
 def _encode_value(v: Any) -> Any:
+    """A result value as JSON data. A float NaN is ``None`` (flowkit's null) wherever it is, in
+    an array or a container too; an infinity is left for the JSON writer to refuse.
+
+    >>> _encode_value([float("nan"), np.float32("nan"), np.array([1.5, np.nan]), b"hi"])
+    [None, None, [1.5, None], 'aGk=']
+    """
+    if isinstance(v, float):   # numpy's float64 too
+        return None if v != v else v
     if isinstance(v, (bytes, bytearray)):
         return base64.b64encode(v).decode()
     if isinstance(v, np.ndarray):
-        return v.tolist()
+        return _encode_array(v)
     if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and v != v:
-        return None
+        return _encode_value(v.item())
     if hasattr(v, "tolist") and type(v).__name__ == "Tensor":
-        return v.tolist()
+        return _encode_value(v.tolist())
     if isinstance(v, dict):
         return {str(k): _encode_value(x) for k, x in v.items()}
     if isinstance(v, (list, tuple, set, frozenset)):
@@ -132,21 +238,65 @@ def _encode_value(v: Any) -> Any:
     return v
 
 
-def _unencodable(table: Table) -> str:
-    """Which column of ``table`` holds a value JSON cannot carry, and of what type (slow: for the error)."""
-    for name in table.schema.names:
-        for value in table.column(name):
-            try:
-                json.dumps(_encode_value(value))
-            except (TypeError, ValueError):
-                return f"column {name!r} of the result holds a {type(value).__name__} that JSON cannot carry"
-    return "the result cannot be written as JSON"
+def _encode_array(a: np.ndarray) -> Any:
+    """An array as nested lists, its NaNs as ``None`` (checked in bulk: arrays are big)."""
+    if a.dtype.kind == "f":
+        nan = np.isnan(a)
+        return np.where(nan, None, a.astype(object)).tolist() if nan.any() else a.tolist()
+    if a.dtype.kind == "O":
+        return _encode_value(a.tolist())
+    return a.tolist()
 
 
 def encode_table(table: Table) -> dict:
+    """The answer's JSON data: one object per row, its qid first.
+
+    >>> encode_table(Table({"y": float}, [(0.5,), (float("nan"),)]))
+    {'rows': [{'qid': 0, 'y': 0.5}, {'qid': 1, 'y': None}]}
+    """
     names = table.schema.names
     return {"rows": [{"qid": _encode_value(q), **{n: _encode_value(v) for n, v in zip(names, r)}}
                      for r, q in zip(table.rows, table.qids)]}
+
+
+def _bad_result(table: Table) -> BadResult:
+    """The error naming the first column of ``table`` that JSON cannot carry (slow: for the error)."""
+    for name in table.schema.names:
+        for value in table.column(name):
+            try:
+                json.dumps(_encode_value(value), allow_nan=False)
+            except ValueError:   # what is left after encoding: an infinity
+                return BadResult(f"column {name!r} of the result holds an infinite number, which JSON cannot "
+                                 "carry", column=name)
+            except TypeError:
+                return BadResult(f"column {name!r} of the result holds a {type(value).__name__} that JSON cannot "
+                                 "carry", column=name)
+    return BadResult("the result cannot be written as JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """The request body's JSON; ``MalformedJSON`` for anything else, nesting too deep included.
+
+    >>> parse_json(b"[" * 100_000 + b"]" * 100_000)
+    Traceback (most recent call last):
+    ...
+    flowkit.runtime.http.MalformedJSON: malformed JSON: nested too deeply
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedJSON(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise MalformedJSON("malformed JSON: nested too deeply") from None
+
+
+def label_value(value: Any) -> str:
+    r"""``value`` as a Prometheus label value: backslash, double quote and newline escaped.
+
+    >>> print(label_value('say "hi" \\ bye\n'))
+    say \"hi\" \\ bye\n
+    """
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def schema_json(schema: Schema) -> dict:
@@ -163,15 +313,73 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def require_authentication(host: str, token: str | None, allow_unauthenticated: bool,
+                           hint: str = "pass token=... or allow_unauthenticated=True") -> None:
+    """Refuse (``FlowError``, ending with ``hint``) to serve beyond loopback without a token,
+    unless the caller opted out."""
+    if not _is_loopback(host) and not token and not allow_unauthenticated:
+        raise FlowError(f"refusing to serve on {host!r} without authentication: {hint}")
+
+
+def bind(host: str, port: int, hint: str = "pass port=0 for a free port") -> socket.socket:
+    """A socket bound to ``host:port`` for the server to listen on; a ``FlowError`` (ending
+    with ``hint`` when a port was named) if it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit TCP_NODELAY from the listening socket. Without it a
+    # response's header and body segments wait on the client's delayed ACK: 44 ms per request
+    # on a keep-alive connection here, instead of 0.3 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise FlowError(f"cannot serve on {host}:{port}: {e.strerror or e}" + (f"; {hint}" if port else "")) from e
+    return sock
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request's body; ``BodyTooLarge`` when it is over ``limit`` bytes, ``ClientGone`` when
+    the client leaves before sending all of it.
+
+    A body over the limit is read to its end and dropped (up to ``DISCARD_MAX_BYTES`` more)
+    before the 413 goes out: a client that sends its whole body before reading (``urllib``)
+    would otherwise find its connection reset instead of the answer. A client that announced
+    more than that, or that waits for ``100 Continue``, is answered at once and disconnected."""
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else 0
+    waiting = request.headers.get("expect", "").lower() == "100-continue"   # it sends nothing unless told to
+    if declared > limit + DISCARD_MAX_BYTES or (declared > limit and waiting):
+        raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit}", headers=CLOSE)
+    body, size = bytearray(), 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                body += chunk
+            elif size > limit + DISCARD_MAX_BYTES:
+                raise BodyTooLarge(f"body is over the limit of {limit} bytes", headers=CLOSE)
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection before sending its whole body") from None
+    if size > limit:
+        raise BodyTooLarge(f"body of {size} bytes is over the limit of {limit}")
+    return body
+
+
 class HTTPServer:
-    """A running HTTP front door for one or more deployments (``dep.serve()`` makes one)."""
+    """A running HTTP front door for one or more deployments (``dep.serve()`` makes one).
+
+    ``max_body_bytes`` bounds a request's body (413 past it); ``body_timeout`` the seconds a
+    body may take to arrive in full after its headers (408 and the connection closed after it:
+    a client that sends half a body does not hold its connection); ``timeout`` the seconds a
+    request waits for its answer (504). ``sock``: a socket from ``bind()`` to serve on instead
+    of binding ``host:port`` (``flowkit serve`` binds before it deploys)."""
 
     def __init__(self, deployments: dict, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
                  allow_unauthenticated: bool = False, max_body_bytes: int = 10 * 2 ** 20, timeout: float = 30.0,
+                 body_timeout: float = 30.0, sock: socket.socket | None = None,
                  loop: asyncio.AbstractEventLoop | None = None):
-        if not _is_loopback(host) and not token and not allow_unauthenticated:
-            raise FlowError(f"refusing to serve on {host!r} without authentication: pass token=... "
-                            f"or allow_unauthenticated=True")
+        require_authentication(host, token, allow_unauthenticated)
         if not _is_loopback(host) and not token:
             logger.warning("serving on %s WITHOUT authentication (allow_unauthenticated=True)", host)
         self.deployments = deployments
@@ -179,20 +387,10 @@ class HTTPServer:
         self._token = token.encode() if token else None
         self.max_body = max_body_bytes
         self.request_timeout = timeout
+        self.body_timeout = body_timeout
         self.counts: dict[tuple[str, int], int] = {}
         self.inflight = 0
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit TCP_NODELAY from the listening socket. Without it a
-        # response's header and body segments wait on the client's delayed ACK: 44 ms per request
-        # on a keep-alive connection here, instead of 0.3 ms.
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError as e:
-            self._sock.close()
-            raise FlowError(f"cannot serve on {host}:{port}: {e.strerror or e}"
-                            + ("; pass port=0 for a free port" if port else "")) from e
+        self._sock = sock if sock is not None else bind(host, port)
         self.port = self._sock.getsockname()[1]
         self._server = None
         self._started = threading.Event()
@@ -265,152 +463,123 @@ class HTTPServer:
         self.stop()
 
     # -- the application --------------------------------------------------------------------------
-    def _app(self):
-        from starlette.applications import Starlette
-        from starlette.requests import ClientDisconnect
-        from starlette.responses import JSONResponse, PlainTextResponse
-        from starlette.routing import Route
-
-        def error(status: int, message: str, **extra) -> JSONResponse:
-            headers = extra.pop("headers", None)
-            return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
-
-        def authorized(request) -> bool:
-            if self._token is None:
-                return True
-            header = request.headers.get("authorization", "")
-            given = header[7:].encode() if header.lower().startswith("bearer ") else b""
-            return hmac.compare_digest(given, self._token)
-
-        async def answer_or_hang_up(request, fut):
-            """The request's answer; ``TimeoutError`` after the timeout, ``ClientDisconnect`` when
-            the client hangs up first. Either way the request is cancelled on its worker (the
-            cancellation of ``answer`` reaches ``fut``): nobody is waiting for it any more. The
-            hang-up is watched only once a request has taken ``WATCH_AFTER_S``: most answer
-            sooner, and a watcher task per request costs the loop (it serves every request)."""
-            answer = asyncio.wrap_future(fut)
-            t0 = time.monotonic()
-            await asyncio.wait((answer,), timeout=min(WATCH_AFTER_S, self.request_timeout))
-            if answer.done():
-                return answer.result()
-            gone = asyncio.ensure_future(hang_up(request.receive))
-            try:
-                left = max(0.0, self.request_timeout - (time.monotonic() - t0))
-                done, _ = await asyncio.wait((answer, gone), timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-            if answer in done:
-                return answer.result()
-            answer.cancel()
-            raise ClientDisconnect() if gone in done else asyncio.TimeoutError()
-
-        async def hang_up(receive):   # once the body is read, the server's next message is the hang-up
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        async def predict(request):
-            name = request.path_params["name"]
-            status = 200
-            try:
-                if not authorized(request):
-                    status = 401
-                    return error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-                dep = self.deployments.get(name)
-                if dep is None:
-                    status = 404
-                    return error(404, f"no flow {name!r}; the flows are {sorted(self.deployments)}")
-                length = request.headers.get("content-length")
-                if length is not None and length.isdigit() and int(length) > self.max_body:
-                    status = 413
-                    return error(413, f"body of {length} bytes is over the limit of {self.max_body}")
-                body = bytearray()
-                try:
-                    async for chunk in request.stream():
-                        body += chunk
-                        if len(body) > self.max_body:
-                            status = 413
-                            return error(413, f"body is over the limit of {self.max_body} bytes")
-                except ClientDisconnect:   # the client went away mid-body: nothing to answer, nothing to log
-                    status = 499
-                    return error(499, "the client closed the connection before sending its whole body")
-                try:
-                    payload = json.loads(body)
-                except (ValueError, UnicodeDecodeError) as e:
-                    status = 400
-                    return error(400, f"malformed JSON: {e}")
-                try:
-                    rows = decode_rows(payload, dep.plan.source.schema)
-                    fut = dep.submit(rows)
-                except SchemaError as e:
-                    status = 422
-                    return error(422, str(e), column=e.column)
-                except Overloaded as e:
-                    status = 503
-                    return error(503, str(e), headers={"Retry-After": "1"})
-                self.inflight += 1
-                try:
-                    table = await answer_or_hang_up(request, fut)
-                except ClientDisconnect:
-                    status = 499
-                    return error(499, "the client hung up before the answer")
-                except OperatorError as e:
-                    status = 500
-                    return error(500, str(e), operator=e.operator, qid=_encode_value(e.qid))
-                except SchemaError as e:
-                    status = 500
-                    return error(500, str(e), column=e.column)
-                except asyncio.TimeoutError:
-                    status = 504
-                    return error(504, f"no answer within {self.request_timeout:g} s")
-                except FlowError as e:
-                    status = 503
-                    return error(503, str(e), headers={"Retry-After": "1"})
-                finally:
-                    self.inflight -= 1
-                try:
-                    return JSONResponse(encode_table(table))
-                except (TypeError, ValueError):
-                    status = 500
-                    return error(500, _unencodable(table))
-            finally:
-                key = (name, status)
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-        async def healthz(request):
-            workers = {n: len(d.workers) for n, d in self.deployments.items()}
-            ok = all(workers.values())
-            return JSONResponse({"status": "ok" if ok else "degraded", "workers": workers}, status_code=200 if ok else 503)
-
-        async def flows(request):
-            if not authorized(request):
-                return error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-            return JSONResponse({n: {"input": schema_json(d.plan.source.schema), "output": schema_json(d.plan.schema),
-                                     "stages": [op.name for op in d.plan.stages()]} for n, d in self.deployments.items()})
-
-        async def metrics(request):
-            if not authorized(request):
-                return error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-            loop = asyncio.get_running_loop()
-            text = await loop.run_in_executor(None, self.metrics_text)
-            return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-
+    def _app(self) -> Starlette:
+        predict = self._counted(self._answering_errors(self._predict))
         return Starlette(routes=[Route("/v1/flows/{name}/predict", predict, methods=["POST"]),
-                                 Route("/healthz", healthz), Route("/v1/flows", flows), Route("/metrics", metrics)])
+                                 Route("/healthz", self._answering_errors(self._healthz)),
+                                 Route("/v1/flows", self._answering_errors(self._flows)),
+                                 Route("/metrics", self._answering_errors(self._metrics))])
+
+    @staticmethod
+    def _answering_errors(endpoint):
+        """``endpoint`` answering whatever it raises as JSON (``error_answer``); an exception
+        that is not flowkit's is also logged with its traceback: it is a bug to look into.
+        ``SystemExit`` and ``KeyboardInterrupt`` here come from a request, never from this
+        thread's own signals: they are answered too, not let through to stop the server."""
+        async def answering(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except (Exception, SystemExit, KeyboardInterrupt) as e:
+                if not isinstance(e, (FlowError, Refused)):
+                    logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
+                status, body, headers = error_answer(e)
+                return JSONResponse(body, status_code=status, headers=headers)
+        return answering
+
+    def _counted(self, endpoint):
+        """``endpoint`` counting its answers by flow and status (for /metrics)."""
+        async def counting(request: Request) -> Response:
+            response = await endpoint(request)
+            key = (request.path_params["name"], response.status_code)
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return response
+        return counting
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        if not hmac.compare_digest(given, self._token):
+            raise Unauthorized("missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _predict(self, request: Request) -> Response:
+        self._authorize(request)
+        name = request.path_params["name"]
+        dep = self.deployments.get(name)
+        if dep is None:
+            raise UnknownFlow(f"no flow {name!r}; the flows are {sorted(self.deployments)}")
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await read_body(request, self.max_body)
+        except TimeoutError:
+            raise BodyTimeout(f"the body did not arrive within {self.body_timeout:g} s", headers=CLOSE) from None
+        rows = decode_rows(parse_json(body), dep.plan.source.schema)
+        fut = dep.submit(rows)
+        self.inflight += 1
+        try:
+            table = await self._answer_or_hang_up(request, fut)
+        except SchemaError as e:   # the flow's own rows broke a declared type: the server's fault
+            raise BadResult(str(e), column=e.column) from e
+        finally:
+            self.inflight -= 1
+        try:
+            return JSONResponse(encode_table(table))
+        except (TypeError, ValueError):
+            raise _bad_result(table) from None
+
+    async def _answer_or_hang_up(self, request: Request, fut) -> Table:
+        """The request's answer; ``AnswerTimeout`` after the timeout, ``ClientGone`` when the
+        client hangs up first. Either way the request is cancelled on its worker (the
+        cancellation of ``answer`` reaches ``fut``): nobody is waiting for it any more. The
+        hang-up is watched only once a request has taken ``WATCH_AFTER_S``: most answer
+        sooner, and a watcher task per request costs the loop (it serves every request)."""
+        answer = asyncio.wrap_future(fut)
+        t0 = time.monotonic()
+        await asyncio.wait((answer,), timeout=min(WATCH_AFTER_S, self.request_timeout))
+        if answer.done():
+            return answer.result()
+        gone = asyncio.ensure_future(_hang_up(request.receive))
+        try:
+            left = max(0.0, self.request_timeout - (time.monotonic() - t0))
+            done, _ = await asyncio.wait((answer, gone), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if answer in done:
+            return answer.result()
+        answer.cancel()
+        if gone in done:
+            raise ClientGone("the client hung up before the answer")
+        raise AnswerTimeout(f"no answer within {self.request_timeout:g} s")
+
+    async def _healthz(self, request: Request) -> Response:
+        workers = {n: len(d.workers) for n, d in self.deployments.items()}
+        ok = all(workers.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "workers": workers}, status_code=200 if ok else 503)
+
+    async def _flows(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({n: {"input": schema_json(d.plan.source.schema), "output": schema_json(d.plan.schema),
+                                 "stages": [op.name for op in d.plan.stages()]} for n, d in self.deployments.items()})
+
+    async def _metrics(self, request: Request) -> Response:
+        self._authorize(request)
+        text = await asyncio.get_running_loop().run_in_executor(None, self.metrics_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def metrics_text(self) -> str:
         """Prometheus text: HTTP responses by status, and per-stage counts and latency."""
         lines = ["# HELP flowkit_http_responses_total HTTP responses by flow and status.",
                  "# TYPE flowkit_http_responses_total counter"]
         for (flow, status), n in sorted(list(self.counts.items())):  # list(): one atomic copy; the loop thread writes
-            lines.append(f'flowkit_http_responses_total{{flow="{flow}",status="{status}"}} {n}')
+            lines.append(f'flowkit_http_responses_total{{flow="{label_value(flow)}",status="{status}"}} {n}')
         lines += ["# HELP flowkit_stage_requests_total Requests per stage.", "# TYPE flowkit_stage_requests_total counter",
                   "# HELP flowkit_stage_errors_total Errors per stage.", "# TYPE flowkit_stage_errors_total counter",
                   "# HELP flowkit_stage_latency_ms Stage latency percentiles over recent requests.",
                   "# TYPE flowkit_stage_latency_ms gauge"]
         for flow, dep in self.deployments.items():
             for _, row in dep.stats().iterrows():
-                stage = str(row["stage"]).replace('"', "'")
-                labels = f'flow="{flow}",stage="{stage}"'
+                labels = f'flow="{label_value(flow)}",stage="{label_value(row["stage"])}"'
                 lines.append(f"flowkit_stage_requests_total{{{labels}}} {int(row['requests'])}")
                 lines.append(f"flowkit_stage_errors_total{{{labels}}} {int(row['errors'])}")
                 for q, col in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
@@ -420,3 +589,9 @@ class HTTPServer:
         lines.append(f"flowkit_http_inflight {self.inflight}")
         lines.append(f"flowkit_scrape_timestamp_seconds {time.time():.3f}")
         return "\n".join(lines) + "\n"
+
+
+async def _hang_up(receive) -> None:
+    """Return when the client hangs up: once the body is read, the server's next message is that."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
