@@ -16,7 +16,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (python3 tasks.py test installs it)")
-def test_exported_quickstart_shows_the_inspector_drawings_without_a_kernel(tmp_path):
+def test_exported_quickstart_shows_the_inspector_drawings_without_a_kernel(tmp_path, processes):
+    processes.sweep()   # Chromium's helpers (and the kernel that executes the notebook) stop with the test
     sys.path.insert(0, str(ROOT / "docs"))
     try:
         from export_notebooks import export

@@ -15,6 +15,8 @@ functions as the hand-written dask pipeline (``dask_pipeline``), one deployment 
 import argparse
 import base64
 import importlib
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -117,6 +119,10 @@ def serve_ray(port: int) -> None:
     from ray import serve
     from starlette.requests import Request
 
+    # Stopped (SIGTERM), the server shuts Ray down, so the processes ray.init started (its GCS,
+    # raylet and workers) end with it instead of outliving the benchmark.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
     here = str(Path(__file__).resolve().parents[1])   # benchmarks/, where the pipelines live
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": here, "OMP_NUM_THREADS": "1"}})
@@ -163,8 +169,27 @@ def serve_ray(port: int) -> None:
     print("ray ready", flush=True)
     import time
 
-    while True:
-        time.sleep(3600)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def die_with_parent() -> None:
+    """End this server (SIGTERM) when the process that started it ends, on Linux: a benchmark or
+    test that dies without stopping its peers must not leave them serving (one FastAPI server
+    outlived a failed test run for over an hour). The signal comes when the starting *thread*
+    ends: peers are started from the benchmark's main thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:   # the parent was already gone before we asked
+        sys.exit(0)
 
 
 if __name__ == "__main__":
@@ -173,5 +198,6 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--pipeline", default="cascade")
     args = ap.parse_args()
+    die_with_parent()
     {"fastapi": lambda: serve_fastapi(args.port), "litserve": lambda: serve_litserve(args.port, args.pipeline),
      "ray": lambda: serve_ray(args.port)}[args.system]()
