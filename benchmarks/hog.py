@@ -1,0 +1,91 @@
+"""Run a command under a CPU hog: one busy process per core beside it, the whole time.
+
+    python benchmarks/hog.py -- python3 tasks.py test              # the suite, 3 times in a row
+    python benchmarks/hog.py --runs 1 -- .venv/bin/python -m pytest -q tests/test_table.py
+    python benchmarks/hog.py --procs 4 --runs 5 -- <command> [args...]
+
+The proof that the test suite "passes on any machine": a test that asserts a wall-clock bound, a
+CPU-time share or a utilization figure, or that sleeps instead of waiting for a condition, fails
+under the hog sooner or later. The hog starts ``--procs`` processes (default: one per core) that
+spin at normal priority, runs the command ``--runs`` times (default 3) one after another, each to
+its end, then stops the hog, whatever happened (a failed run, Ctrl-C, SIGTERM; a hog process also
+ends by itself if this script dies, as it checks its parent). Prints one line per run and a
+summary; the exit status is 0 only if every run exited with 0, else that of the first failed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+# Spins until its parent (this script) is gone: a hog never outlives the run it loads.
+SPIN = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(200_000):
+        pass
+"""
+
+
+def start_hog(procs: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", SPIN], stdin=subprocess.DEVNULL) for _ in range(procs)]
+
+
+def stop_hog(hog: list[subprocess.Popen]) -> None:
+    for p in hog:
+        if p.poll() is None:
+            p.terminate()
+    for p in hog:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print(__doc__, file=sys.stderr)
+        print("hog.py: give the command after --", file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    ap = argparse.ArgumentParser(prog="hog.py", description="Run a command under a CPU hog.")
+    ap.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one per core)")
+    ap.add_argument("--runs", type=int, default=3, help="how many times to run the command (default 3)")
+    args = ap.parse_args(argv[:split])
+    command = argv[split + 1:]
+    if not command or args.runs < 1 or args.procs < 0:
+        ap.error("give a command after --, --runs >= 1 and --procs >= 0")
+
+    def stopped(signum, frame):   # SIGTERM: end like Ctrl-C, so the hog is stopped below
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
+    hog = start_hog(args.procs)
+    codes: list[int] = []
+    print(f"hog: {args.procs} busy process(es) on {os.cpu_count()} core(s); running {' '.join(command)!r} "
+          f"{args.runs} time(s)", flush=True)
+    try:
+        for run in range(1, args.runs + 1):
+            t0 = time.monotonic()
+            code = subprocess.call(command)
+            codes.append(code)
+            print(f"hog: run {run}/{args.runs}: exit status {code} after {time.monotonic() - t0:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        print("hog: interrupted", flush=True)
+        codes.append(130)
+    finally:
+        stop_hog(hog)
+    passed = sum(c == 0 for c in codes)
+    print(f"hog: {passed} of {args.runs} run(s) passed under the hog", flush=True)
+    return next((c for c in codes if c != 0), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
