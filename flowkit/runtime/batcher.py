@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 
 from ..plan import Stage
@@ -15,9 +16,9 @@ class Batcher:
     """Dynamic batching for one stage on one worker.
 
     Requests queue; a batch closes when it holds ``max_batch`` rows or its oldest request has
-    waited ``max_wait_ms``, whichever comes first. The stage runs once over the merged table
-    (qids become ``(request, qid)`` pairs) and each request gets its own rows back. A request
-    larger than ``max_batch`` is cut into batches of its own.
+    waited ``max_wait_ms``, whichever comes first. The stage's batching maps run once over the
+    batch's rows (``run_batched``; every row keeps its own qid) and each request gets its own
+    rows back. A request larger than ``max_batch`` is cut into batches of its own.
     """
 
     def __init__(self, dep, stage: Stage):  # dep: the WorkerDeployment that owns this stage
@@ -47,7 +48,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if self.task is None:
             self.wakeup = asyncio.Event()
-            self.task = asyncio.ensure_future(self._loop())
+            # in a context of its own: batches belong to no one request (see worker._request_threads)
+            self.task = loop.create_task(self._loop(), context=contextvars.Context())
         fut = loop.create_future()
         self.queue.append((table, fut, time.perf_counter()))
         self.wakeup.set()
@@ -86,19 +88,14 @@ class Batcher:
         stats = self.dep.stats[self.stage.name]
         with stats.lock:
             stats.batch_sizes[rows] += 1
-        merged = Table._make(batch[0][0].schema, [r for t, _, _ in batch for r in t.rows],
-                             [(i, q) for i, (t, _, _) in enumerate(batch) for q in t.qids])
         try:
-            out = await self.dep.local(self.stage, [merged])
+            outs = await self.dep.local(self.stage, [t for t, _, _ in batch], batched=True)
         except BaseException as e:
-            for _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
-        parts: list[tuple[list, list]] = [([], []) for _ in batch]
-        for r, (i, q) in zip(out.rows, out.qids):
-            parts[i][0].append(r)
-            parts[i][1].append(q)
-        for (rws, qids), (_, fut, _) in zip(parts, batch):
-            if not fut.done():
-                fut.set_result(Table._make(out.schema, rws, qids))
+            outs = [e] * len(batch)
+        for out, (_, fut, _) in zip(outs, batch):
+            if fut.done():
+                continue
+            if isinstance(out, BaseException):
+                fut.set_exception(out)
+            else:
+                fut.set_result(out)

@@ -18,15 +18,15 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Iterable, Mapping
 
-from ..errors import FlowError, Overloaded
+from ..errors import DeploymentClosed, FlowError, Overloaded
 from ..flow import Flow
 from ..table import Table, as_table
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile
 from .stored import StoredObjects, routing_column
-from .wire import dumps, dumps_plan
-from .worker import READY_TOPIC, DeploymentPlugin
+from .wire import dumps, dumps_plan, operator_needing
+from .worker import DeploymentPlugin, ready_topic
 
 __all__ = ["deploy", "Deployment"]
 
@@ -83,7 +83,7 @@ class Deployment:
         self.adaptive = None   # the ServingAdaptive scaling the cluster, once adapt() (or the embedded default) set it
         self.client, self.cluster = self._connect(cluster, n_workers, timeout)
         try:
-            self._start(retries, timeout)
+            self._start(retries, timeout, n_workers)
             if self._owned and self.cluster in self._owned:
                 self.adapt(minimum=1, maximum=max(os.cpu_count() or 1, n_workers or 1))
         except BaseException:
@@ -127,19 +127,40 @@ class Deployment:
         raise FlowError(f"cluster must be None, a distributed.Client, a dask Cluster or a scheduler address, "
                         f"not {type(cluster).__name__}")
 
-    def _start(self, retries: int, timeout: float) -> None:
+    def _start(self, retries: int, timeout: float, n_workers: int | None) -> None:
         security = getattr(self.client, "security", None)
         args = security.get_connection_args("client") if security is not None else {}
         self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
         # a request whose dynamic-lookup key is an input column starts on the key's worker
         self._stored = StoredObjects(self.id, self.client, self._router, routing_column(self.plan))
-        self.client.subscribe_topic(READY_TOPIC, self._on_ready)
-        self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes), name=f"flowkit-{self.id}")
-        self._plugin_name = f"flowkit-{self.id}"   # (registered: close unregisters it)
-        for address in self.client.scheduler_info().get("workers", {}):
+        self.client.subscribe_topic(ready_topic(self.id), self._on_ready)
+        # named before registering: the scheduler keeps a plugin whose set-up failed, and close()
+        # must remove it (else every later worker start runs the failing set-up again)
+        self._plugin_name = f"flowkit-{self.id}"
+        try:
+            self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes), name=self._plugin_name)
+        except ImportError as e:   # the workers lack a module the plan's functions need
+            op = operator_needing(self.plan, e.name) if e.name else None
+            raise FlowError(f"{f'operator {op!r}' if op else 'the plan'} needs the module {e.name!r}, which the "
+                            f"workers cannot import ({e}); install it on the workers") from e
+        except Exception as e:
+            raise FlowError(f"setting up deployment {self.id!r} on the workers failed: {type(e).__name__}: {e}") from e
+        known = list(self.client.scheduler_info().get("workers", {}))
+        for address in known:
             self._router.add_worker(address)
         if not self._router.ready.wait(timeout):
             raise FlowError(f"no worker of the cluster took deployment {self.id!r} within {timeout:g} s")
+        self._await_workers(max(len(known), n_workers or 0), timeout)
+
+    def _await_workers(self, n: int, timeout: float) -> None:
+        """Return once ``n`` workers are connected (the cluster's workers at deploy time, or the
+        ``n_workers`` asked for), or after ``timeout`` seconds saying how many are."""
+        deadline = time.monotonic() + timeout
+        while len(self._router.workers) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if len(self._router.workers) < n:
+            logger.warning("deployment %s: %d of %d workers connected after %g s; serving on those",
+                           self.id, len(self._router.workers), n, timeout)
 
     def _on_ready(self, event) -> None:
         msg = event[1] if isinstance(event, tuple) else event
@@ -155,8 +176,7 @@ class Deployment:
         ``future.cancel()`` abandons the request: its worker stops it between rows and operators
         (and user code that asks ``fk.cancelled()``), and it no longer counts as in flight.
         """
-        if self._closed:
-            raise FlowError(f"deployment {self.id!r} is closed")
+        self._check_open("submit")
         table = as_table(data, self.plan.source.schema)
         with self._lock:
             if self._inflight >= self.max_inflight:
@@ -186,11 +206,12 @@ class Deployment:
 
     def run(self, data: Any, timeout: float | None = None) -> Table:
         """Send one request and wait for its result. After ``timeout`` seconds it raises
-        ``TimeoutError`` and the request is cancelled (nobody could wait for it again)."""
+        ``TimeoutError`` and the request is cancelled (nobody could wait for it again); so it is
+        when the wait is interrupted (Ctrl-C)."""
         fut = self.submit(data)
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except (TimeoutError, KeyboardInterrupt):
             fut.cancel()
             raise
 
@@ -201,6 +222,7 @@ class Deployment:
         An input that fails raises its error, with a note saying which input it was (the inputs
         still in flight are then cancelled); with ``return_exceptions=True`` the error takes that
         input's place in the results instead."""
+        self._check_open("map")
         inputs = list(inputs)
         window = max(1, self.max_inflight // 2)
         futures: list[Future] = []
@@ -248,6 +270,7 @@ class Deployment:
 
         The embedded cluster does this from the start. Any dask cluster object with
         ``adapt(Adaptive=...)`` (LocalCluster, SpecCluster, KubeCluster ...) can use it too."""
+        self._check_open("adapt")
         if self.cluster is None or not hasattr(self.cluster, "adapt"):
             raise FlowError("this deployment was given no cluster object to scale (pass cluster=a dask Cluster)")
         maximum = maximum if maximum is not None else (os.cpu_count() or 1)
@@ -270,8 +293,7 @@ class Deployment:
         It lives in one worker's memory. With ``restore`` (the default) the deployment keeps a
         reference to ``obj`` and stores it again if that worker dies (dask cannot recompute
         scattered data); ``restore=False`` keeps no reference here. See ``stored``."""
-        if self._closed:
-            raise FlowError(f"deployment {self.id!r} is closed")
+        self._check_open("put")
         try:
             hash(key)
         except TypeError:
@@ -289,6 +311,7 @@ class Deployment:
         worker`` where a worker placed the stage elsewhere (with its object, on a GPU worker)."""
         import pandas as pd
 
+        self._check_open("stats")
         merged: dict[str, dict] = {}
         for snap in self._router.broadcast("stats"):
             for stage, s in snap["stages"].items():
@@ -322,6 +345,7 @@ class Deployment:
         ``allow_unauthenticated=True``), ``max_body_bytes=``, ``timeout=``."""
         from .http import HTTPServer
 
+        self._check_open("serve")
         options.setdefault("loop", self._router.loop)
         server = HTTPServer({self.name: self}, host, port, **options)
         self._servers.append(server)
@@ -332,6 +356,7 @@ class Deployment:
         every ``interval`` seconds, plus the dask dashboard link."""
         from flowkit_widgets.live import DeploymentView
 
+        self._check_open("dashboard")
         return DeploymentView(self, interval).start()
 
     @property
@@ -346,10 +371,16 @@ class Deployment:
         except Exception:
             return None
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise DeploymentClosed(f"deployment {self.id!r} is closed: {what} needs a deployment that is not")
+
     def __repr__(self) -> str:
+        if self._closed:
+            return f"<Deployment {self.name!r} (closed)>"
         n = len(self.workers)
-        state = "closed" if self._closed else f"{n} worker{'' if n == 1 else 's'}, {self._inflight} in flight"
-        return f"<Deployment {self.name!r} ({state}) dashboard: {self.dashboard_link}>"
+        return (f"<Deployment {self.name!r} ({n} worker{'' if n == 1 else 's'}, {self._inflight} in flight) "
+                f"dashboard: {self.dashboard_link}>")
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -364,7 +395,7 @@ class Deployment:
         if router is not None:
             router.close()
         try:
-            self.client.unsubscribe_topic(READY_TOPIC)
+            self.client.unsubscribe_topic(ready_topic(self.id))
         except Exception:
             pass
         if getattr(self, "_plugin_name", None) and self.client.status == "running":

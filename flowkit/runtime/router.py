@@ -5,7 +5,9 @@ TLS applies), or on a plain-TCP cluster the worker's ``framed`` listener, which 
 ``submit`` hands a request to that loop, which sends it on the least-loaded session;
 the answer resolves a ``concurrent.futures.Future``. When a connection is lost (a worker died or
 was retired), every request in flight on it is sent again elsewhere, up to ``retries`` times,
-then fails with a ``FlowError`` that says so: no request is left hanging.
+then fails with ``WorkerLost``: no request is left hanging. A request abandoned by its caller
+(a timeout, a cancelled future) still counts as its worker's load until the worker answers that
+the threads it held are free: routing never sends new work to a worker still busy with it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable
 
 from distributed.comm import connect
 
-from ..errors import FlowError
+from ..errors import DeploymentClosed, FlowError, NoWorkers, WorkerLost
 from . import framed
 from .wire import loads
 
@@ -36,7 +38,7 @@ CANCELLABLE = ("run", "stage")   # request kinds whose sender may abandon them (
 logger = logging.getLogger("flowkit.router")
 
 
-class WorkerGone(FlowError):
+class WorkerGone(WorkerLost):
     """A request for one particular worker could not run there: the worker is unreachable,
     was lost, or is leaving. The sender may run the work elsewhere."""
 
@@ -62,14 +64,20 @@ class Session:
         self.comm = comm
         self.nthreads = nthreads
         self.inflight: dict[int, Request] = {}
+        self.abandoned: set[int] = set()   # ids of abandoned requests whose threads are still busy
         self.lock = asyncio.Lock()
         self.closed = False     # closed by the router on purpose
         self.accepting = True   # False once its connection broke or its worker is leaving
 
     @property
+    def busy(self) -> int:
+        """Requests occupying the worker: in flight, or abandoned but still running there."""
+        return len(self.inflight) + len(self.abandoned)
+
+    @property
     def load(self) -> float:
-        """Requests in flight per worker thread."""
-        return len(self.inflight) / self.nthreads
+        """Requests occupying the worker, per worker thread."""
+        return self.busy / self.nthreads
 
     async def send(self, req: Request) -> None:
         if req.future.cancelled():   # abandoned before it left
@@ -100,7 +108,8 @@ class Session:
             while True:
                 msg = await self.comm.read()
                 req = self.inflight.pop(msg.get("id"), None)
-                if req is None:
+                if req is None:   # an abandoned request's last word: its threads are free
+                    self.abandoned.discard(msg.get("id"))
                     continue
                 if msg.get("leaving"):   # its worker is retiring: no more requests go there
                     self.router._drain(self, req)
@@ -189,8 +198,9 @@ class Router:
         return list(self.sessions)
 
     def inflight(self) -> int:
+        """Requests occupying workers (abandoned ones still running included) or waiting for one."""
         sessions = list(self.sessions.values()) + list(self.draining)
-        return sum(len(s.inflight) for s in sessions) + len(self.waiting)
+        return sum(s.busy for s in sessions) + len(self.waiting)
 
     def mean_inflight(self, seconds: float = 2.0) -> float:
         """Mean requests in flight over the last ``seconds`` (sampled every 20 ms)."""
@@ -204,21 +214,20 @@ class Router:
 
     def close(self) -> None:
         async def shutdown():
-            closed = FlowError("the deployment was closed before this request finished")
-            for s in list(self.sessions.values()) + list(self.draining):
-                s.closed = True
-                try:
-                    await s.comm.write({"kind": "close"})
-                    await s.comm.close()
-                except Exception:
-                    s.comm.abort()
-                for req in s.inflight.values():
-                    self._fail(req, closed)
+            closed = DeploymentClosed("the deployment was closed before this request finished")
+            sessions = list(self.sessions.values()) + list(self.draining)
+            for req in [r for s in sessions for r in s.inflight.values()] + self.waiting:   # answered first
+                self._fail(req, closed)
             self.sessions.clear()
             self.draining.clear()
-            for req in self.waiting:
-                self._fail(req, closed)
             self.waiting.clear()
+            for s in sessions:
+                s.closed = True
+                try:
+                    await asyncio.wait_for(s.tell({"kind": "close"}), 1)
+                    await asyncio.wait_for(s.comm.close(), 1)
+                except Exception:
+                    s.comm.abort()
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in others:
                 task.cancel()
@@ -363,6 +372,7 @@ class Router:
         for session in list(self.sessions.values()) + list(self.draining):
             if session.inflight.get(req.id) is req:
                 del session.inflight[req.id]
+                session.abandoned.add(req.id)
                 self._spawn(session.tell({"kind": "abandon", "request": req.id}))
                 self._close_if_drained(session)
                 break
@@ -395,6 +405,7 @@ class Router:
         session.accepting = False
         session.comm.abort()
         inflight, session.inflight = list(session.inflight.values()), {}
+        session.abandoned.clear()
         if session.closed:
             return
         if inflight:
@@ -418,15 +429,15 @@ class Router:
         if req.target is not None:
             self._fail(req, WorkerGone(f"worker {req.target} went away while running request {req.id}"))
         elif req.attempts > self.retries:
-            self._fail(req, FlowError(f"request {req.id} was {what} {req.attempts} times "
-                                      f"({', '.join(req.workers)}); giving up"))
+            self._fail(req, WorkerLost(f"request {req.id} was {what} {req.attempts} times "
+                                       f"({', '.join(req.workers)}); giving up"))
         else:
             self._dispatch(req)
 
     async def _sample_load(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            self._load.append((time.monotonic(), sum(len(s.inflight) for s in self.sessions.values()) + len(self.waiting)))
+            self._load.append((time.monotonic(), sum(s.busy for s in self.sessions.values()) + len(self.waiting)))
 
     async def _expire_waiting(self) -> None:
         while True:
@@ -435,7 +446,7 @@ class Router:
             keep = []
             for req in self.waiting:
                 if now - (req.waited_since or now) > self.wait_for_workers:
-                    self._fail(req, FlowError(f"no worker became available within {self.wait_for_workers:g} s"))
+                    self._fail(req, NoWorkers(f"no worker became available within {self.wait_for_workers:g} s"))
                 else:
                     keep.append(req)
             self.waiting = keep

@@ -14,9 +14,9 @@ from ..errors import FlowError, OperatorError, SchemaError
 from ..plan import QID, Agg, AnyOf, Combine, Filter, GroupBy, Join, Lookup, Map, Op, Source, Stage, Union
 from ..schema import fits, is_null, type_name
 from ..table import GroupedTable, Row, Table
-from .cancel import checkpoint
+from .cancel import Cancelled, checkpoint
 
-__all__ = ["apply", "run_members", "callable_for", "Context", "DictStore"]
+__all__ = ["apply", "run_members", "run_batched", "callable_for", "Context", "DictStore"]
 
 
 class Context(Protocol):
@@ -62,7 +62,9 @@ def _callable(op) -> Callable:
     """``callable_for(op.fn)``; a class whose constructor raises is the operator's error."""
     try:
         return callable_for(op.fn)
-    except Exception as e:
+    except Cancelled:
+        raise
+    except BaseException as e:
         raise OperatorError(op.name, None, e, message=f"operator {op.name!r}: creating {op.fn.__name__}() raised "
                                                      f"{type(e).__name__}: {e}") from e
 
@@ -83,6 +85,41 @@ def run_members(stage: Stage, inputs: list, ctx: Context):
     return evaluate(stage.members, dict(zip(stage.inputs, inputs)), stage.output, ctx)
 
 
+def run_batched(stage: Stage, tables: list[Table], ctx: Context) -> list:
+    """Run a batching stage over several requests' tables at once; one result per request, in
+    order: its output Table, or the exception that failed it.
+
+    Its batching maps run once over every request's rows (merged in order); every other member
+    runs per request, so qids stay each request's own ints and a join on qid never mixes
+    requests. A batching map returns one value per row, in order, so its output splits back by
+    each request's row count. A failing batching map fails every request of the batch; any other
+    member fails only its own request.
+    """
+    envs: list[dict | BaseException] = [{stage.inputs[0]: t} for t in tables]
+    for m in stage.members:
+        checkpoint()
+        live = [env for env in envs if isinstance(env, dict)]
+        if not live:
+            break
+        if isinstance(m, Map) and m.batching:
+            parts = [env[m.inputs[0]] for env in live]
+            merged = Table._make(parts[0].schema, [r for t in parts for r in t.rows], [q for t in parts for q in t.qids])
+            out, start = apply(m, [merged], ctx), 0
+            for env, t in zip(live, parts):
+                env[m.name] = Table._make(out.schema, out.rows[start:start + len(t)], out.qids[start:start + len(t)])
+                start += len(t)
+            continue
+        for i, env in enumerate(envs):
+            if isinstance(env, dict):
+                try:
+                    env[m.name] = apply(m, [env[x] for x in m.inputs], ctx)
+                except Cancelled:
+                    raise
+                except BaseException as e:
+                    envs[i] = e
+    return [env[stage.output] if isinstance(env, dict) else env for env in envs]
+
+
 def _map(op: Map, inputs: list, ctx: Context) -> Table:
     t: Table = inputs[0]
     fn = _callable(op)
@@ -96,7 +133,9 @@ def _map(op: Map, inputs: list, ctx: Context) -> Table:
             checkpoint()
             try:
                 v = fn(Row(schema, r, q))
-            except Exception as e:
+            except Cancelled:
+                raise
+            except BaseException as e:
                 raise OperatorError(op.name, q, e) from e
             append((v,) if single else _unpack(op, v, q))
     else:
@@ -105,7 +144,9 @@ def _map(op: Map, inputs: list, ctx: Context) -> Table:
         for r, q in zip(t.rows, t.qids):
             try:
                 v = fn(r[i])
-            except Exception as e:
+            except Cancelled:
+                raise
+            except BaseException as e:
                 raise OperatorError(op.name, q, e) from e
             rows.append(r[:i] + (v,) + r[i + 1:])
     if op.out_types and any(ty is not object for ty in op.out_types):
@@ -120,7 +161,9 @@ def _map_batch(op: Map, fn: Callable, t: Table) -> list:
         return []
     try:
         out = list(fn(arg))
-    except Exception as e:
+    except Cancelled:
+        raise
+    except BaseException as e:
         raise OperatorError(op.name, first, e) from e
     if len(out) != len(t):
         raise OperatorError(op.name, first, None, message=f"batching map {op.name!r} returned {len(out)} values for "
@@ -136,7 +179,7 @@ def _map_batch(op: Map, fn: Callable, t: Table) -> list:
 def _unpack(op: Map, v: Any, qid: Any) -> tuple:
     try:
         tup = tuple(v)
-    except TypeError:
+    except Exception:   # not iterable, or its iteration failed
         tup = None
     if tup is None or len(tup) != len(op.names):
         raise OperatorError(op.name, qid, None, message=f"map {op.name!r} must return {len(op.names)} values for "
@@ -164,11 +207,7 @@ def _filter(op: Filter, inputs: list, ctx: Context):
     if op.group:
         kept = {}
         for key, t in src.groups.items():
-            try:
-                keep = fn(t)
-            except Exception as e:
-                raise OperatorError(op.name, t.qids[0] if t.qids else None, e) from e
-            if keep:
+            if _keeps(op, fn, t, t.qids[0] if t.qids else None):
                 kept[key] = t
         return GroupedTable(src.schema, src.key, kept)
     if isinstance(src, GroupedTable):
@@ -181,14 +220,21 @@ def _filter_rows(op: Filter, fn: Callable, t: Table) -> Table:
     rows, qids, schema = [], [], t.schema
     for r, q in zip(t.rows, t.qids):
         checkpoint()
-        try:
-            keep = fn(Row(schema, r, q))
-        except Exception as e:
-            raise OperatorError(op.name, q, e) from e
-        if keep:
+        if _keeps(op, fn, Row(schema, r, q), q):
             rows.append(r)
             qids.append(q)
     return Table._make(t.schema, rows, qids)
+
+
+def _keeps(op: Filter, fn: Callable, arg, qid) -> bool:
+    """Whether the predicate keeps ``arg``. Its truth value is part of the user's code: a
+    predicate returning an array (whose truth is ambiguous) fails as the operator, naming the row."""
+    try:
+        return bool(fn(arg))
+    except Cancelled:
+        raise
+    except BaseException as e:
+        raise OperatorError(op.name, qid, e) from e
 
 
 def _groupby(op: GroupBy, inputs: list, ctx: Context) -> GroupedTable:

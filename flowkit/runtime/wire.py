@@ -16,7 +16,7 @@ import cloudpickle
 from ..errors import FlowError, OperatorError
 from ..plan import Op, Plan, Stage
 
-__all__ = ["dumps", "loads", "dumps_plan", "dumps_table", "dumps_error", "user_modules"]
+__all__ = ["dumps", "loads", "dumps_plan", "dumps_table", "dumps_error", "user_modules", "operator_needing"]
 
 _INSTALLED = tuple({str(Path(p).resolve()) for k in ("stdlib", "platstdlib", "purelib", "platlib")
                     if (p := sysconfig.get_paths().get(k))})
@@ -79,6 +79,19 @@ def _unpicklable(plan: Plan, error: Exception) -> FlowError:
                                  "A function takes everything it refers to along; create such objects inside it, "
                                  "or in a class operator's __init__ (which runs once on each worker)")
     return FlowError(f"the plan of flow {plan.name!r} cannot be sent to the workers: {type(error).__name__}: {error}")
+
+
+def operator_needing(plan: Plan, module: str) -> str | None:
+    """The first operator whose pickled function refers to ``module`` (which a worker could not
+    import), if any."""
+    for op in plan.nodes:
+        for fn in _functions(op):
+            try:
+                if module.encode() in dumps(fn):
+                    return op.name
+            except Exception:
+                continue
+    return None
 
 
 def dumps_table(table) -> bytes:

@@ -4,11 +4,14 @@
 current and future worker. Its ``setup`` unpickles the plan once per worker (class operators are
 instantiated once per worker, on first use), adds the ``flowkit_session`` handler to the
 worker's own server (same address, same TLS), and announces the worker with a
-``flowkit-ready`` event. On a plain-TCP cluster the worker also listens for the same sessions
+``flowkit-ready-<deployment id>`` event (a topic per deployment: a dask ``Client`` keeps one
+handler per topic, and several deployments may share a client). On a plain-TCP cluster the worker also listens for the same sessions
 over the lighter ``framed`` transport, on its own host; clients move there after saying hello.
 A client opens one session per worker and streams requests over it; each request runs in the
-deployment's threads, never on the worker's event loop, and its answer goes straight back: the
-scheduler is not on the request path.
+deployment's threads, never on the worker's event loop (no user code runs there, so one
+deployment's slow request never delays another's), and its answer goes straight back: the
+scheduler is not on the request path. An abandoned request is answered ``abandoned`` once the
+threads it occupied are free, so its client counts the worker busy until then.
 
 State per worker: ``worker._flowkit`` maps deployment ids to ``WorkerDeployment``s.
 """
@@ -16,6 +19,7 @@ State per worker: ``worker._flowkit`` maps deployment ids to ``WorkerDeployment`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -26,26 +30,34 @@ from distributed.comm.addressing import get_address_host
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..plan import AnyOf, Lookup, Plan, Stage
+from ..plan import AnyOf, Plan, Stage
 from ..table import Table
 from . import framed
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
 from .peers import Peers
 from .router import CANCELLABLE, WorkerGone
-from .semantics import apply, callable_for
+from .semantics import apply, callable_for, run_batched
 from .stats import StageStats
 from .store import RequestStore, WorkerStore, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
-__all__ = ["DeploymentPlugin", "WorkerDeployment", "store_key", "READY_TOPIC"]  # store_key: re-exported
+__all__ = ["DeploymentPlugin", "WorkerDeployment", "store_key", "ready_topic"]  # store_key: re-exported
 
 logger = logging.getLogger("flowkit.worker")
-READY_TOPIC = "flowkit-ready"
-INLINE_S = 0.002   # plans whose p99 is under this run on the worker's event loop (see _inline_ok)
 HEDGE_CPU_SHARE = 0.5   # replicas of a stage computing at least this share of its time are hedged
 HEDGE_MIN_WINS = 0.1    # a stage's hedges stop while fewer than this share of its recent ones won
 HEDGE_PROBE = 10        # ... but one race in this many still hedges, to notice when they would win again
+
+
+def ready_topic(deployment: str) -> str:
+    """The dask event topic on which workers announce that they hold ``deployment``."""
+    return f"flowkit-ready-{deployment}"
+
+
+# The pool threads a request's work occupies, shared by the tasks the request starts (a
+# request's session task sets it; the tasks it creates inherit it).
+_request_threads: contextvars.ContextVar[set] = contextvars.ContextVar("flowkit_request_threads")
 
 
 class DeploymentPlugin(WorkerPlugin):
@@ -67,7 +79,7 @@ class DeploymentPlugin(WorkerPlugin):
         # worker warm, and a worker added by scaling gets traffic only once its models are in.
         await asyncio.get_running_loop().run_in_executor(dep.pool, dep.load_models)
         deployments[self.deployment] = dep
-        worker.log_event(READY_TOPIC, {"deployment": self.deployment, "worker": worker.address})
+        worker.log_event(ready_topic(self.deployment), {"deployment": self.deployment, "worker": worker.address})
 
     async def teardown(self, worker) -> None:
         dep = getattr(worker, "_flowkit", {}).pop(self.deployment, None)
@@ -156,8 +168,19 @@ async def _session(worker, comm, deployment: str) -> Status:
     running: dict = {}   # request id -> (token, task) of work its sender may abandon
 
     async def answer(msg: dict, token: Token | None) -> None:
+        threads: set = set()
+        _request_threads.set(threads)   # (the work's task below shares this set)
+        work = asyncio.ensure_future(dep.handle(msg, token))
+        if token is not None:
+            running[msg.get("id")] = (token, work)
         try:
-            reply = await dep.handle(msg, token)
+            reply = await work
+        except asyncio.CancelledError:   # abandoned: answered once the threads it held are free
+            if token is None or not token.is_cancelled:
+                raise
+            if threads:
+                await asyncio.wait([asyncio.wrap_future(f) for f in list(threads)])
+            reply = {"id": msg.get("id"), "ok": False, "abandoned": True}
         finally:
             running.pop(msg.get("id"), None)
         async with lock:
@@ -169,16 +192,13 @@ async def _session(worker, comm, deployment: str) -> Status:
             kind = msg.get("kind")
             if kind == "close":
                 break
-            if kind == "abandon":   # the client cancelled a request: stop its work, answer nothing
+            if kind == "abandon":   # the client cancelled a request: stop its work (answered "abandoned")
                 token, task = running.pop(msg.get("request"), (None, None))
                 if token is not None:
                     token.cancel("the client cancelled this request")
                     task.cancel()
                 continue
-            token = Token() if kind in CANCELLABLE else None
-            t = asyncio.ensure_future(answer(msg, token))
-            if token is not None:
-                running[msg.get("id")] = (token, t)
+            t = asyncio.ensure_future(answer(msg, Token() if kind in CANCELLABLE else None))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
     except (OSError, asyncio.CancelledError):
@@ -210,9 +230,6 @@ class WorkerDeployment:
         self.stats = {op.name: StageStats() for op in self.ops}
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
-        # A lookup may fetch from another worker, which waits on this worker's event loop: a plan
-        # with one never runs on that loop itself.
-        self.inlinable = self.simple and not any(isinstance(m, Lookup) for op in self.ops for m in op.operators)
         threads = self.threads = max(1, worker.state.nthreads)
         self.busy = 0     # stage executions running or queued in this deployment's threads
         self.racing = 0   # races this worker is coordinating
@@ -223,7 +240,6 @@ class WorkerDeployment:
         self.store = WorkerStore(deployment, worker)
         self.peers = Peers(deployment, worker) if not self.simple else None
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
-        self._inline, self._inline_checks, self.running = False, 0, 0
         self.has_gpu = worker.state.total_resources.get("GPU", 0) > 0
         self.closed = False
 
@@ -287,35 +303,20 @@ class WorkerDeployment:
 
     # -- running a request -------------------------------------------------------------------
     async def run(self, table, token: Token | None = None):
-        loop = asyncio.get_running_loop()
         if self.simple:
-            if self.running == 0 and self.inlinable and self._inline_ok():
-                return self._run_all(table, token)
-            self.running += 1
-            try:
-                return await loop.run_in_executor(self.pool, self._run_all, table, token)
-            finally:
-                self.running -= 1
-        return await _Execution(self, table, loop, token).value(self.plan.output)
+            return await self.in_thread(self._run_all, table, token)
+        return await _Execution(self, table, asyncio.get_running_loop(), token).value(self.plan.output)
 
-    def _inline_ok(self) -> bool:
-        """Run on the event loop itself when the whole plan reliably takes under ``INLINE_S``
-        (and, checked by the caller, no other request of this deployment is running).
-
-        Two thread switches cost ~0.1 ms here, a fifth of a small model's request; a plan that
-        runs for longer goes to the deployment's threads, so the worker's loop (heartbeats,
-        other sessions) is never blocked for long; under load the threads also let network I/O
-        overlap the computation. Decided on the last 64 requests' p99."""
-        self._inline_checks += 1
-        if self._inline_checks % 64 == 1:
-            recent = []
-            for s in self.stats.values():
-                recent.append(sorted(list(s.latencies)[-64:]))
-            if any(len(r) < 16 for r in recent):
-                self._inline = False
-            else:
-                self._inline = sum(r[int(len(r) * 0.99) - 1] for r in recent) < INLINE_S
-        return self._inline
+    async def in_thread(self, fn, *args):
+        """``fn(*args)`` in the deployment's threads, counted among the threads its request holds
+        (see ``_session``): user code never runs on the worker's event loop, whose other sessions,
+        deployments and heartbeats it would hold up for as long as it ran."""
+        work = self.pool.submit(fn, *args)
+        held = _request_threads.get(None)
+        if held is not None:
+            held.add(work)
+            work.add_done_callback(held.discard)
+        return await asyncio.wrap_future(work)
 
     def _run_all(self, table, token: Token | None = None):
         env = {self.source: table}
@@ -324,12 +325,14 @@ class WorkerDeployment:
             env[op.name] = self.apply(op, [env[i] for i in op.inputs], ctx, token)
         return env[self.plan.output]
 
-    def apply(self, op, inputs, ctx, token: Token | None = None):
+    def apply(self, op, inputs, ctx, token: Token | None = None, batched: bool = False):
+        """``op`` over ``inputs`` (with ``batched``: a batching stage over several requests' tables,
+        see ``run_batched``), timed into the stage's statistics."""
         # CPU time is measured only for racing replicas: their share decides hedging (_race).
         t0, c0 = time.perf_counter(), (time.thread_time() if getattr(op, "replica_of", None) else None)
         try:
             with running_under(token):
-                out = apply(op, inputs, ctx)
+                out = run_batched(op, inputs, ctx) if batched else apply(op, inputs, ctx)
         except Cancelled:
             self.stats[op.name].count("cancelled")
             raise
@@ -342,11 +345,10 @@ class WorkerDeployment:
         self.stats[op.name].record(time.perf_counter() - t0, cpu=None if c0 is None else time.thread_time() - c0)
         return out
 
-    async def local(self, op, inputs, token: Token | None = None):
-        loop = asyncio.get_running_loop()
+    async def local(self, op, inputs, token: Token | None = None, batched: bool = False):
         self.busy += 1
         try:
-            return await loop.run_in_executor(self.pool, self.apply, op, inputs, RequestStore(self.store), token)
+            return await self.in_thread(self.apply, op, inputs, RequestStore(self.store), token, batched)
         finally:
             self.busy -= 1
 
