@@ -33,16 +33,22 @@ __all__ = ["deploy", "Deployment"]
 logger = logging.getLogger("flowkit.deploy")
 
 
-def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, **options) -> "Deployment":
-    """Deploy ``flow`` on ``cluster`` and return the running ``Deployment``.
+def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *, max_inflight: int = 1000,
+           retries: int = 2, timeout: float = 60.0, n_workers: int | None = None) -> "Deployment":
+    """Deploy ``flow`` on ``cluster`` and return the running ``Deployment`` (a context manager).
 
     ``cluster``: ``None`` starts the embedded default (an adaptive ``LocalCluster`` with worker
-    processes, 1 to the number of cores); or a ``distributed.Client``, any dask ``Cluster``
-    object (dask-kubernetes, dask-jobqueue, dask-gateway ...), or a scheduler address.
-    ``optimize``: True (default rules), False, or a dict of rules for ``fk.optimize``.
-    Options: ``max_inflight`` (1000), ``retries`` (2), ``timeout`` (60 s to wait for workers).
+    processes, 1 to the number of cores; ``n_workers`` to start with); or a ``distributed.Client``,
+    any dask ``Cluster`` object (dask-kubernetes, dask-jobqueue, dask-gateway ...), or a scheduler
+    address. ``optimize``: True (default rules), False, or a dict of rules for ``fk.optimize``.
+    ``max_inflight``: requests admitted at once (beyond: ``fk.Overloaded``); ``retries``: times a
+    request whose worker died is sent again (then ``fk.WorkerLost``); ``timeout``: seconds to
+    wait for workers (at deploy, and for a request no worker takes: ``fk.NoWorkers``).
+    Returns once every worker of the cluster (or the ``n_workers`` asked for) holds the flow,
+    or after ``timeout`` with at least one.
     """
-    return Deployment(flow, cluster=cluster, optimize=optimize, **options)
+    return Deployment(flow, cluster=cluster, optimize=optimize, max_inflight=max_inflight, retries=retries,
+                      timeout=timeout, n_workers=n_workers)
 
 
 class Deployment:
@@ -338,16 +344,23 @@ class Deployment:
         df.index.name = None
         return df
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0, **options):
-        """Serve this deployment over HTTP; returns the running server (``server.url``).
+    def serve(self, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
+              allow_unauthenticated: bool = False, max_body_bytes: int = 10 * 2 ** 20, timeout: float = 30.0,
+              body_timeout: float = 30.0, sock=None):
+        """Serve this deployment over HTTP at ``POST /v1/flows/<name>/predict``; returns the
+        running server (``server.url``, ``server.stop()``). See docs/serving.md.
 
-        See ``flowkit.runtime.http``: ``token=`` (bearer auth, required off loopback unless
-        ``allow_unauthenticated=True``), ``max_body_bytes=``, ``timeout=``."""
+        ``token``: bearer token clients must send (required off loopback unless
+        ``allow_unauthenticated=True``); ``max_body_bytes``: larger bodies get 413;
+        ``timeout``: seconds a request may run before its 504 (it is then cancelled);
+        ``body_timeout``: seconds a client may take to send its whole body before its 408;
+        ``sock``: an already bound listening socket to serve on instead of ``host``/``port``."""
         from .http import HTTPServer
 
         self._check_open("serve")
-        options.setdefault("loop", self._router.loop)
-        server = HTTPServer({self.name: self}, host, port, **options)
+        server = HTTPServer({self.name: self}, host, port, token=token, allow_unauthenticated=allow_unauthenticated,
+                            max_body_bytes=max_body_bytes, timeout=timeout, body_timeout=body_timeout, sock=sock,
+                            loop=self._router.loop)
         self._servers.append(server)
         return server
 
