@@ -11,11 +11,14 @@ recorded. Passes in ``flowkit.optimize`` build new plans; nothing here mutates.
 >>> p = Plan("demo", (Source(name="input", schema=s), Map(name="inc", inputs=("input",), schema=s, fn=abs)), "inc")
 >>> [op.name for op in p.nodes], p.consumers("input")
 (['input', 'inc'], ('inc',))
+>>> p
+<Plan 'demo': 1 operator, output 'inc'>
+  inc <- input: map (output)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
@@ -24,7 +27,7 @@ from .schema import Schema
 
 __all__ = [
     "QID", "Op", "Source", "Map", "Filter", "GroupBy", "Agg", "Combine", "Lookup", "Join", "Union",
-    "AnyOf", "Stage", "Batching", "Rewrite", "Plan", "AGGREGATES", "JOIN_KINDS",
+    "AnyOf", "Stage", "Batching", "Rewrite", "Plan", "AGGREGATES", "JOIN_KINDS", "stage_of",
 ]
 
 AGGREGATES = ("count", "sum", "min", "max", "mean")
@@ -61,7 +64,7 @@ class Op:
     grouped_by: str | None = None
 
     kind = "op"
-    shape = "box"       # visual hints for renderers (streamz-style, on the class)
+    shape = "box"       # the renderer's node shape: a visual hint on the class (streamz-style)
 
     @property
     def hints(self) -> tuple[str, ...]:
@@ -128,14 +131,12 @@ class Filter(Op):
     fn: Callable
     group: bool = False
     kind = "filter"
-    shape = "trapezium"
 
 
 @dataclass(frozen=True, kw_only=True)
 class GroupBy(Op):
     column: str
     kind = "groupby"
-    shape = "folder"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,13 +144,11 @@ class Agg(Op):
     fn: str
     column: str | None
     kind = "agg"
-    shape = "folder"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Combine(Op):
     kind = "combine"
-    shape = "folder"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,11 +158,6 @@ class Lookup(Op):
     key: str
     dynamic: bool = False
     kind = "lookup"
-    shape = "cylinder"
-
-    @property
-    def out_column(self) -> str:
-        return f"{self.key}_value" if self.dynamic else self.key
 
     @property
     def hints(self) -> tuple[str, ...]:
@@ -175,13 +169,11 @@ class Join(Op):
     on: Any = QID
     how: str = "inner"
     kind = "join"
-    shape = "invtriangle"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Union(Op):
     kind = "union"
-    shape = "invtriangle"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,7 +201,6 @@ class Stage(Op):
     replica: int | None = None
     lookup_split: bool = False
     kind = "stage"
-    shape = "box3d"
 
     @property
     def member_names(self) -> tuple[str, ...]:
@@ -248,9 +239,15 @@ class Rewrite:
         return f"{self.rule}: {self.message}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Plan:
-    """Operator specs in topological order, the output's name, and the rewrites recorded so far."""
+    """Operator specs in topological order, the output's name, and the rewrites recorded so far.
+
+    Its repr is its name and ``describe()``:
+
+    >>> Plan("demo", (Source(name="input", schema=Schema({"x": int})),), "input")
+    <Plan 'demo': 0 operators, output 'input'>
+    """
 
     name: str
     nodes: tuple[Op, ...]
@@ -292,6 +289,13 @@ class Plan:
         already recorded, by a pass run again on its own output, is not recorded twice)."""
         new = tuple(r for r in dict.fromkeys(rewrites) if r not in self.rewrites)
         return Plan(self.name, toposort(tuple(nodes)), output or self.output, self.rewrites + new)
+
+    def __repr__(self) -> str:
+        n = len(self.stages())
+        notes = f", {len(self.rewrites)} rewrite{'s' if len(self.rewrites) != 1 else ''}" if self.rewrites else ""
+        head = f"<Plan {self.name!r}: {n} operator{'s' if n != 1 else ''}, output {self.output!r}{notes}>"
+        body = self.describe()
+        return head + ("\n" + "\n".join("  " + line for line in body.splitlines()) if body else "")
 
     def describe(self) -> str:
         """The plan as text, one operator per line: name, kind, inputs and marks."""
@@ -353,6 +357,21 @@ def cull(plan: Plan) -> Plan:
     return Plan(plan.name, tuple(op for op in plan.nodes if op.name in keep), plan.output, plan.rewrites)
 
 
-def rename(op: Op, **changes) -> Op:
-    """A copy of ``op`` with fields changed (``dataclasses.replace``)."""
-    return replace(op, **changes)
+def stage_of(members: tuple[Op, ...], output: str | None = None, **fields) -> Stage:
+    """One stage running ``members`` (topologically ordered) in order. Its output is the member
+    ``output`` (the last one by default), its inputs what members read from outside it, and its
+    name the members' names joined by ``+`` unless ``fields`` gives one.
+
+    >>> s = Schema({"x": int})
+    >>> a = Map(name="a", inputs=("input",), schema=s, fn=abs)
+    >>> b = Map(name="b", inputs=("a",), schema=s, fn=abs)
+    >>> st = stage_of((a, b))
+    >>> st.name, st.inputs, st.output, stage_of((a,), lookup_split=True).name
+    ('a+b', ('input',), 'b', 'a')
+    """
+    inside = {m.name for m in members}
+    out = members[-1] if output is None else next(m for m in members if m.name == output)
+    inputs = tuple(dict.fromkeys(i for m in members for i in m.inputs if i not in inside))
+    fields.setdefault("name", "+".join(m.name for m in members))
+    return Stage(inputs=inputs, schema=out.schema, grouped_by=out.grouped_by, members=members, output=out.name,
+                 **fields)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import SchemaError
 
-__all__ = ["Schema", "type_name", "fits", "check_type", "is_null"]
+__all__ = ["Schema", "type_name", "fits", "check_type", "is_null", "short"]
 
 
 def type_name(t: Any) -> str:
@@ -161,11 +161,16 @@ class Schema:
             if t is not object and v is not None and not fits(v, t):
                 raise SchemaError(
                     f"{where}: column {name!r} expects {type_name(t)}, found {type_name(type(v))} "
-                    f"({_short(v)}) in row qid={qid}",
+                    f"({short(v)}) in row qid={qid}",
                     column=name,
                 )
 
 
-def _short(v: Any) -> str:
+def short(v: Any, limit: int = 40) -> str:
+    """``repr(v)`` cut to ``limit`` characters (ending in ``...`` when cut): a value in a message.
+
+    >>> short("abc"), short(list(range(30)), limit=12)
+    ("'abc'", '[0, 1, 2,...')
+    """
     r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
+    return r if len(r) <= limit else r[:limit - 3] + "..."

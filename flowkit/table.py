@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import SchemaError
-from .schema import Schema, is_null
+from .schema import Schema, is_null, short
 
 __all__ = ["Table", "Row", "GroupedTable", "as_table", "infer_type"]
 
@@ -60,7 +60,7 @@ class Row:
         return NotImplemented
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{n}={_short(v)}" for n, v in zip(self.schema.names, self.values))
+        inner = ", ".join(f"{n}={short(v, 30)}" for n, v in zip(self.schema.names, self.values))
         return f"Row(qid={self.qid!r}, {inner})"
 
 
@@ -392,8 +392,3 @@ def values_equal(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 30 else r[:27] + "..."

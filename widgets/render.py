@@ -72,12 +72,12 @@ def _stats_line(stats: Mapping[str, Any] | None, name: str) -> str:
 def _node(node_id: str, op: Op, stats) -> str:
     kind = "gpu" if op.is_gpu and op.kind == "map" else op.kind
     fill = COLORS.get(kind, "#ffffff")
-    shape = {"input": "invhouse", "anyof": "diamond"}.get(op.kind, "box")
-    style = "filled" if shape != "box" else "rounded,filled"
+    style = "filled" if op.shape != "box" else "rounded,filled"
     if isinstance(op, AnyOf):
         label = f'"{html.escape(("race " if op.race else "anyof ") + op.name)}"'
-        return f"  {node_id} [shape=diamond, style=filled, fillcolor=\"{fill}\", label={label}];"
-    return f"  {node_id} [shape={shape}, style=\"{style}\", fillcolor=\"{fill}\", label={_label(op, stats)}];"
+    else:
+        label = _label(op, stats)
+    return f"  {node_id} [shape={op.shape}, style=\"{style}\", fillcolor=\"{fill}\", label={label}];"
 
 
 def _stage_title(stage: Stage, replicas: int) -> tuple[str, str]:

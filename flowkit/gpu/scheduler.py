@@ -32,6 +32,7 @@ from statistics import median
 from typing import Any
 
 from ..errors import FlowError
+from ..runtime.stats import percentile
 from .backends import Backend, SimBackend, power_of_two
 
 __all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "slow_stragglers", "POLICIES", "current",
@@ -502,10 +503,8 @@ def _latency_key(arch: tuple, rows: int) -> tuple:
 
 
 def _pct(values, q):
-    v = sorted(values)
-    if not v:
-        return None
-    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))] * 1000
+    """The q-th percentile of latencies in seconds, in milliseconds (None when there are none)."""
+    return percentile(values, q) * 1000 if values else None
 
 
 # -- the scheduler of this process (set by the dask plugin) -----------------------------------------

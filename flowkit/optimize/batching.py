@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import QID, Agg, Batching, Combine, Filter, GroupBy, Join, Map, Plan, Rewrite, Stage
+from ..plan import QID, Agg, Batching, Combine, Filter, GroupBy, Join, Map, Plan, Rewrite, Stage, stage_of
 
 __all__ = ["mark_batching"]
 
@@ -55,7 +55,7 @@ def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> 
         if isinstance(op, Stage):
             op = replace(op, batching=spec)
         else:
-            op = Stage(name=op.name, inputs=op.inputs, schema=op.schema, members=(op,), output=op.name, batching=spec)
+            op = stage_of((op,), batching=spec)
         nodes.append(op)
         rewrites.append(Rewrite("batching", f"{op.name!r} merges concurrent requests into batches of up to "
                                             f"{spec.max_batch} rows, waiting at most {spec.max_wait_ms:g} ms "

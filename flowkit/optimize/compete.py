@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import AnyOf, Map, Plan, Rewrite, Stage
+from ..plan import AnyOf, Map, Plan, Rewrite, Stage, stage_of
 
 __all__ = ["race"]
 
@@ -38,8 +38,7 @@ def race(plan: Plan, k: int) -> Plan:
         if not _high_variance(op):
             nodes.append(op)
             continue
-        stage = op if isinstance(op, Stage) else Stage(name=op.name, inputs=op.inputs, schema=op.schema,
-                                                       members=(op,), output=op.name)
+        stage = op if isinstance(op, Stage) else stage_of((op,))
         replicas = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
         nodes += replicas
         nodes.append(AnyOf(name=op.name, inputs=tuple(r.name for r in replicas), schema=op.schema, race=op.name))

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import AnyOf, Join, Op, Plan, Rewrite, Source, Stage, Union
+from ..plan import AnyOf, Join, Op, Plan, Rewrite, Source, Stage, Union, stage_of
 
-__all__ = ["fuse", "find_chains", "fuse_whole", "stage_of"]
+__all__ = ["fuse", "find_chains", "fuse_whole"]
 
 _FAN_IN = (Join, Union, AnyOf)
 
@@ -56,16 +56,6 @@ def find_chains(plan: Plan) -> list[tuple[str, ...]]:
     return chains
 
 
-def stage_of(plan: Plan, names: tuple[str, ...], **fields) -> Stage:
-    """One stage holding the operators ``names`` (topologically ordered) of ``plan``."""
-    members = tuple(plan[n] for n in names)
-    inside = set(names)
-    inputs = tuple(dict.fromkeys(i for m in members for i in m.inputs if i not in inside))
-    last = members[-1]
-    return Stage(name=fields.pop("name", "+".join(names)), inputs=inputs, schema=last.schema,
-                 grouped_by=last.grouped_by, members=members, output=last.name, **fields)
-
-
 def replace_nodes(plan: Plan, groups: list[Stage], rewrites: list[Rewrite]) -> Plan:
     """Put each stage in place of its members, re-pointing consumers and the output (the applier)."""
     renamed = {s.output: s.name for s in groups if s.output != s.name}
@@ -88,7 +78,7 @@ def repoint(op: Op, renamed: dict[str, str]) -> Op:
 def fuse(plan: Plan) -> Plan:
     """Fuse every maximal chain of ``plan`` into a stage (see the module docstring)."""
     chains = find_chains(plan)
-    stages = [stage_of(plan, c) for c in chains]
+    stages = [stage_of(tuple(plan[n] for n in c)) for c in chains]
     rewrites = [Rewrite("fusion", f"fused {' → '.join(c)} into stage {s.name!r}: one task, no serialization "
                                   f"between its {len(c)} operators", c, (s.name,)) for c, s in zip(chains, stages)]
     rewrites += _resource_breaks(plan)
@@ -114,7 +104,7 @@ def fuse_whole(plan: Plan) -> Plan:
     names = tuple(op.name for op in plan.nodes if not isinstance(op, Source))
     if len(names) < 2 or any(isinstance(op, Stage) for op in plan.nodes):
         return plan
-    stage = stage_of(plan, names, name=f"{plan.name}[whole]")
+    stage = stage_of(tuple(plan[n] for n in names), name=f"{plan.name}[whole]")
     note = Rewrite("fusion", f"fused the whole flow ({len(names)} operators) into stage {stage.name!r}", names,
                    (stage.name,))
     return plan.with_nodes([plan.source, stage], output=stage.name, rewrites=[note])

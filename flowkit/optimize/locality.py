@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import Lookup, Plan, Rewrite, Stage
+from ..plan import Lookup, Plan, Rewrite, Stage, stage_of
 from .fusion import repoint
 
 __all__ = ["split_lookups"]
@@ -31,9 +31,7 @@ def split_lookups(plan: Plan) -> Plan:
     nodes, rewrites, renamed = [], [], {}
     for op in plan.nodes:
         if _dynamic(op):
-            stage = Stage(name=op.name, inputs=op.inputs, schema=op.schema, members=(op,), output=op.name,
-                          lookup_split=True)
-            nodes.append(stage)
+            nodes.append(stage_of((op,), lookup_split=True))
             rewrites.append(Rewrite("locality", f"dynamic lookup {op.name!r} runs as its own stage, placed where "
                                                 f"the object for each key already lives", (op.name,), (op.name,)))
         elif isinstance(op, Stage) and any(_dynamic(m) for m in op.members):
@@ -82,8 +80,4 @@ def _substage(members: tuple, output: str, **fields):
     if len(members) == 1 and not _dynamic(members[0]) and not fields.get("batching"):
         return members[0]
     fields.setdefault("lookup_split", _dynamic(members[0]))
-    inside = {m.name for m in members}
-    out = next(m for m in members if m.name == output)
-    inputs = tuple(dict.fromkeys(i for m in members for i in m.inputs if i not in inside))
-    return Stage(name="+".join(m.name for m in members), inputs=inputs, schema=out.schema, grouped_by=out.grouped_by,
-                 members=members, output=output, **fields)
+    return stage_of(members, output, **fields)
