@@ -54,7 +54,7 @@ class Pipeline:
 
 
 def tune_worker():
-    from flowkit.runtime.worker import _tune_malloc
+    from flowkit.runtime.plugin import tune_malloc as _tune_malloc
 
     _tune_malloc()  # same allocator setting flowkit's workers get: a fair comparison
 

@@ -29,11 +29,11 @@ from distributed.comm import connect
 
 from ..errors import DeploymentClosed, FlowError, NoWorkers, WorkerLost
 from . import framed
+from . import protocol as p
+from .protocol import CANCELLABLE
 from .wire import loads
 
-__all__ = ["Router", "Request", "WorkerGone", "CANCELLABLE"]
-
-CANCELLABLE = ("run", "stage")   # request kinds whose sender may abandon them (the others are quick)
+__all__ = ["Router", "Request", "WorkerGone"]
 
 logger = logging.getLogger("flowkit.router")
 
@@ -86,32 +86,29 @@ class Session:
             self.router._dispatch(req)
             return
         self.inflight[req.id] = req
-        msg = {"kind": req.kind, "id": req.id}
-        if req.payload is not None:
-            msg["payload"] = req.payload
         try:
             async with self.lock:
-                await self.comm.write(msg)
+                await self.comm.write(p.encode(p.Call(req.kind, req.id, req.payload)))
         except Exception:
             await self.router._lost(self)
 
-    async def tell(self, msg: dict) -> None:
-        """Send a message that gets no answer."""
+    async def tell(self, msg) -> None:
+        """Send a protocol message (``Abandon``, ``Close``) that is not answered as a call is."""
         try:
             async with self.lock:
-                await self.comm.write(msg)
+                await self.comm.write(p.encode(msg))
         except Exception:
             pass   # a broken connection is noticed by its reader
 
     async def read_forever(self) -> None:
         try:
             while True:
-                msg = await self.comm.read()
-                req = self.inflight.pop(msg.get("id"), None)
+                msg = p.decode(await self.comm.read())
+                req = self.inflight.pop(msg.id, None)
                 if req is None:   # an abandoned request's last word: its threads are free
-                    self.abandoned.discard(msg.get("id"))
+                    self.abandoned.discard(msg.id)
                     continue
-                if msg.get("leaving"):   # its worker is retiring: no more requests go there
+                if msg.leaving:   # its worker is retiring: no more requests go there
                     self.router._drain(self, req)
                 else:
                     self.router._resolve(req, msg)
@@ -224,7 +221,7 @@ class Router:
             for s in sessions:
                 s.closed = True
                 try:
-                    await asyncio.wait_for(s.tell({"kind": "close"}), 1)
+                    await asyncio.wait_for(s.tell(p.Close()), 1)
                     await asyncio.wait_for(s.comm.close(), 1)
                 except Exception:
                     s.comm.abort()
@@ -270,14 +267,14 @@ class Router:
             for i in range(attempts):
                 try:
                     comm = await connect(address, timeout=10, **self.connection_args)
-                    await comm.write({"op": "flowkit_session", "deployment": self.deployment, "reply": False})
-                    hello = await comm.read()
+                    await comm.write({"op": "flowkit_session", "reply": False, **p.encode(p.Hello(self.deployment))})
+                    welcome = p.Welcome(**await comm.read())
                 except Exception as e:
                     logger.debug("connect to %s failed: %s", address, e)
-                    hello, comm = {"ok": False, "error": str(e)}, None
-                if hello.get("ok"):
-                    comm = await self._framed(address, hello, comm)
-                    session = Session(self, address, comm, hello.get("nthreads", 1))
+                    welcome, comm = p.Welcome(False, error=str(e)), None
+                if welcome.ok:
+                    comm = await self._framed(address, welcome, comm)
+                    session = Session(self, address, comm, welcome.nthreads)
                     self.sessions[address] = session
                     self._spawn(session.read_forever())
                     self.ready.set()
@@ -287,24 +284,24 @@ class Router:
                     return
                 if comm is not None:
                     comm.abort()
-                if "is not set up" not in str(hello.get("error", "")) and i >= 2:
+                if "is not set up" not in welcome.error and i >= 2:
                     return  # the worker is gone
                 await asyncio.sleep(min(0.05 * 2 ** i, 1.0))
         finally:
             self.connecting.pop(address, None)
 
-    async def _framed(self, address: str, hello: dict, comm):
+    async def _framed(self, address: str, welcome: p.Welcome, comm):
         """The session's connection: the worker's framed TCP listener when it has one and this
         connection is plain TCP (no TLS); else the dask comm it said hello on."""
-        where = hello.get("framed")
+        where = welcome.framed
         if not (where and self.framed and address.startswith("tcp://") and not self.connection_args.get("ssl_context")):
             return comm
 
         async def handshake():
             fast = await framed.connect(*where)
             try:
-                await fast.write({"deployment": self.deployment})
-                if (await fast.read()).get("ok"):
+                await fast.write(p.encode(p.Hello(self.deployment)))
+                if p.Welcome(**await fast.read()).ok:
                     return fast
             except OSError:
                 pass
@@ -319,7 +316,7 @@ class Router:
             logger.debug("framed session to %s at %s failed: %s", address, where, e)
             return comm
         with contextlib.suppress(Exception):
-            await comm.write({"kind": "close"})
+            await comm.write(p.encode(p.Close()))
             await comm.close()
         return fast
 
@@ -350,20 +347,21 @@ class Router:
             req.workers.append(session.address)
             await session.send(req)
 
-    def _resolve(self, req: Request, msg: dict) -> None:
+    def _resolve(self, req: Request, answer: p.Answer) -> None:
         if req.future.done():
             return
         try:
-            if msg.get("ok"):
-                value = loads(msg["payload"]) if "payload" in msg else msg.get("stats", True)
+            if answer.ok:
+                value = loads(answer.payload) if answer.payload is not None else \
+                    (answer.stats if answer.stats is not None else True)
                 req.future.set_result(value)
             else:
-                err = msg.get("error")
+                err = answer.error
                 req.future.set_exception(loads(err) if isinstance(err, bytes) else FlowError(str(err)))
         except BaseException as e:
             req.future.set_exception(e)
         if self.on_done is not None:
-            self.on_done(req, msg.get("ok", False))
+            self.on_done(req, answer.ok)
 
     def _abandon(self, req: Request) -> None:
         """``req``'s Future was cancelled: its worker, if it has it, stops it."""
@@ -373,7 +371,7 @@ class Router:
             if session.inflight.get(req.id) is req:
                 del session.inflight[req.id]
                 session.abandoned.add(req.id)
-                self._spawn(session.tell({"kind": "abandon", "request": req.id}))
+                self._spawn(session.tell(p.Abandon(req.id)))
                 self._close_if_drained(session)
                 break
         if self.on_done is not None:

@@ -1,0 +1,372 @@
+"""The stage executor: one deployment's plan on one worker.
+
+``WorkerDeployment`` runs a request stage by stage, always in the deployment's threads (never on
+the worker's event loop: one deployment's slow request must not delay another's), and places
+each stage where it belongs: a batching stage joins this worker's batch queue, a
+``lookup_split`` stage goes to the worker holding most of its keys, a GPU stage to a worker with
+a ``GPU`` resource, and the replicas of a high-variance stage race on distinct workers
+(``_Execution._race``, deciding with ``racing``). The session (``session``) hands it calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from ..plan import AnyOf, Plan, Stage
+from ..table import Table
+from . import protocol as p
+from . import racing
+from .batcher import Batcher
+from .cancel import Cancelled, Token, running_under
+from .compat import worker_resources, worker_threads
+from .peers import Peers
+from .router import WorkerGone
+from .semantics import apply, callable_for, run_batched
+from .stats import StageStats
+from .store import RequestStore, WorkerStore, store_key
+from .wire import dumps, dumps_error, dumps_table, loads
+
+__all__ = ["WorkerDeployment", "request_threads"]
+
+logger = logging.getLogger("flowkit.worker")
+
+#: the pool threads a request's work occupies, shared by the tasks the request starts (the
+#: session's task for the request sets it; the tasks it creates inherit it)
+request_threads: contextvars.ContextVar[set] = contextvars.ContextVar("flowkit_request_threads")
+
+
+class WorkerDeployment:
+    """One deployment's plan on one worker: its threads, batchers, peers and statistics.
+
+    A request runs here stage by stage. A plan with nothing to place or race runs in one hop to
+    the deployment's threads. Otherwise each stage is placed: a batching stage joins this
+    worker's batch queue; a ``lookup_split`` stage goes to the worker holding most of its keys;
+    a GPU stage goes to a worker with a ``GPU`` resource when this one has none; replicas of a
+    high-variance stage run on distinct workers, the first result wins and the others are
+    cancelled (their tokens are set; remote ones are abandoned, as a client abandons a request).
+    """
+
+    def __init__(self, deployment: str, plan: Plan, worker, options: dict):
+        self.id = deployment
+        self.plan = plan
+        self.worker = worker
+        self.ops = plan.nodes[1:]
+        self.by_name = {op.name: op for op in self.ops}
+        self.source = plan.source.name
+        self.stats = {op.name: StageStats() for op in self.ops}
+        self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
+                              (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
+        threads = self.threads = max(1, worker_threads(worker))
+        self.busy = 0     # stage executions running or queued in this deployment's threads
+        self.racing = 0   # races this worker is coordinating
+        self.hedge_wins = {op.name: deque(maxlen=50) for op in self.ops if isinstance(op, AnyOf)}   # recent hedges: won?
+        self.hedges_held = {op.name: 0 for op in self.ops if isinstance(op, AnyOf)}
+        # Racing replicas, remote stages and batches must not queue behind each other.
+        self.pool = ThreadPoolExecutor(threads if self.simple else threads * 8, thread_name_prefix=f"flowkit-{deployment}")
+        self.store = WorkerStore(deployment, worker)
+        self.peers = Peers(deployment, worker) if not self.simple else None
+        self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
+        self.has_gpu = worker_resources(worker).get("GPU", 0) > 0
+        self.closed = False
+
+    def load_models(self) -> None:
+        """Create the one instance per process of every class operator this worker may run
+        (GPU ones only on a worker with a GPU). A constructor that fails is logged here and
+        raised again, as an ``OperatorError``, by the first request that needs it."""
+        for op in self.ops:
+            for m in op.operators:
+                fn = getattr(m, "fn", None)
+                if isinstance(fn, type) and (self.has_gpu or not m.is_gpu):
+                    try:
+                        callable_for(fn)
+                    except Exception as e:
+                        logger.warning("deployment %s: creating %s for operator %r failed: %r",
+                                       self.id, fn.__name__, m.name, e)
+
+    def close(self) -> None:
+        self.closed = True
+        for b in self.batchers.values():
+            b.close()
+        if self.peers is not None:
+            self.peers.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the session protocol ----------------------------------------------------------------
+    async def handle(self, call: p.Call, token: Token | None = None) -> p.Answer:
+        """Answer one call of the session protocol; a ``run`` or ``stage`` runs under ``token``,
+        which the session sets when its sender abandons it."""
+        kind, rid = call.kind, call.id
+        if self.closed:
+            return self._leaving(rid)
+        try:
+            if kind == "run":
+                out = await self.run(loads(call.payload), token)
+                return p.Answer(rid, True, payload=dumps_table(out))
+            if kind == "stage":
+                name, inputs = loads(call.payload)
+                out = await self.local(self.by_name[name], inputs, token)
+                return p.Answer(rid, True, payload=dumps(out))
+            if kind == "stats":
+                return p.Answer(rid, True, stats=self.snapshot())
+            if kind == "forget":   # dep.put stored this key again: drop where it was remembered
+                self.store.forget(loads(call.payload))
+                return p.Answer(rid, True)
+            raise ValueError(f"unknown request kind {kind!r}")
+        except asyncio.CancelledError:
+            if self.closed and not asyncio.current_task().cancelling():
+                return self._leaving(rid)   # its queued work was dropped as the worker left
+            raise
+        except BaseException as e:  # every failure goes back to the requester; the session lives on
+            if self.closed:         # it failed because this worker is leaving: not the request's fault
+                return self._leaving(rid)
+            return p.Answer(rid, False, error=dumps_error(e))
+
+    def _leaving(self, rid) -> p.Answer:
+        """The answer of a worker leaving the deployment: the router sends the request elsewhere."""
+        return p.Answer(rid, False, leaving=True, error=f"worker {self.worker.address} is leaving deployment {self.id!r}")
+
+    # -- running a request -------------------------------------------------------------------
+    async def run(self, table, token: Token | None = None):
+        if self.simple:
+            return await self.in_thread(self._run_all, table, token)
+        return await _Execution(self, table, asyncio.get_running_loop(), token).value(self.plan.output)
+
+    async def in_thread(self, fn, *args):
+        """``fn(*args)`` in the deployment's threads, counted among the threads its request holds
+        (see ``_session``): user code never runs on the worker's event loop, whose other sessions,
+        deployments and heartbeats it would hold up for as long as it ran."""
+        work = self.pool.submit(fn, *args)
+        held = request_threads.get(None)
+        if held is not None:
+            held.add(work)
+            work.add_done_callback(held.discard)
+        return await asyncio.wrap_future(work)
+
+    def _run_all(self, table, token: Token | None = None):
+        env = {self.source: table}
+        ctx = RequestStore(self.store)
+        for op in self.ops:
+            env[op.name] = self.apply(op, [env[i] for i in op.inputs], ctx, token)
+        return env[self.plan.output]
+
+    def apply(self, op, inputs, ctx, token: Token | None = None, batched: bool = False):
+        """``op`` over ``inputs`` (with ``batched``: a batching stage over several requests' tables,
+        see ``run_batched``), timed into the stage's statistics."""
+        # CPU time is measured only for racing replicas: their share decides hedging (_race).
+        t0, c0 = time.perf_counter(), (time.thread_time() if getattr(op, "replica_of", None) else None)
+        try:
+            with running_under(token):
+                out = run_batched(op, inputs, ctx) if batched else apply(op, inputs, ctx)
+        except Cancelled:
+            self.stats[op.name].count("cancelled")
+            raise
+        except BaseException:
+            self.stats[op.name].record(time.perf_counter() - t0, ok=False)
+            raise
+        if token is not None and token.is_cancelled:   # it returned early when asked to stop: not a latency
+            self.stats[op.name].count("cancelled")
+            raise Cancelled(token.reason)
+        self.stats[op.name].record(time.perf_counter() - t0, cpu=None if c0 is None else time.thread_time() - c0)
+        return out
+
+    async def local(self, op, inputs, token: Token | None = None, batched: bool = False):
+        self.busy += 1
+        try:
+            return await self.in_thread(self.apply, op, inputs, RequestStore(self.store), token, batched)
+        finally:
+            self.busy -= 1
+
+    async def execute(self, op, inputs, token: Token | None = None):
+        """Run one stage where it belongs (see the class docstring)."""
+        if isinstance(op, Stage) and op.batching and op.name in self.batchers:
+            return await self.batchers[op.name].submit(inputs[0])
+        target = await self.place(op, inputs)
+        if target is not None:
+            self.stats[op.name].count("sent to another worker")
+            try:
+                return await self.remote(target, op, inputs)
+            except WorkerGone:  # the chosen worker went away: run here instead
+                pass
+        return await self.local(op, inputs, token)
+
+    async def place(self, op, inputs) -> str | None:
+        """The worker that should run ``op`` (None: this one)."""
+        if isinstance(op, Stage) and op.lookup_split and inputs and isinstance(inputs[0], Table):
+            lookup = op.members[0]
+            keys = {k for k in inputs[0].column(lookup.key) if k is not None}
+            if not keys:
+                return None
+            counts: dict[str, int] = {}
+            for holders in (await self.store.holders([store_key(self.id, k) for k in keys])).values():
+                for w in holders:
+                    counts[w] = counts.get(w, 0) + 1
+            if not counts or counts.get(self.worker.address, 0) == max(counts.values()):
+                return None
+            return max(counts, key=counts.get)
+        if op.is_gpu and not self.has_gpu:
+            gpus = [a for a, w in (await self.peers.workers()).items()
+                    if (w.get("resources") or {}).get("GPU", 0) > 0 and a != self.worker.address]
+            return gpus[0] if gpus else None
+        return None
+
+    async def remote(self, target: str, op, inputs):
+        """Run ``op`` on worker ``target``. Cancelling this (a lost race, an abandoned request)
+        abandons the stage there, as a client abandons a request."""
+        return await self.peers.call(target, "stage", dumps((op.name, inputs)))
+
+    def snapshot(self) -> dict:
+        snap = {name: s.snapshot() for name, s in self.stats.items()}
+        snap["__store__"] = self.store.stats.snapshot()
+        return {"worker": self.worker.address, "stages": snap}
+
+
+class _Execution:
+    """One request on the coordinating worker: stages computed on demand, races run concurrently."""
+
+    def __init__(self, dep: WorkerDeployment, table, loop, token: Token | None = None):
+        self.dep = dep
+        self.loop = loop
+        self.token = token   # the request's: set when its client abandons it
+        self.memo: dict[str, asyncio.Future] = {dep.source: _done(loop, table)}
+
+    async def value(self, name: str):
+        fut = self.memo.get(name)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = self.memo[name] = self.loop.create_future()
+        try:
+            op = self.dep.by_name[name]
+            if isinstance(op, AnyOf):
+                result = await (self._race(op) if op.race else self._first(op))
+            else:
+                inputs = [await self.value(i) for i in op.inputs]
+                result = await self.dep.execute(op, inputs, self.token)
+            fut.set_result(result)
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # the caller raises it; mark it retrieved
+            raise
+        return result
+
+    async def _race(self, op: AnyOf):
+        """Competitive replicas: on distinct workers where possible; the first result wins.
+
+        Replicas only use capacity that would otherwise idle. When this worker's threads are
+        busy, the first replica runs alone (measured: a compute-bound race on 2 cores lost three
+        quarters of the translation pipeline's capacity). A stage measured to be CPU-bound is
+        *hedged* instead of raced from the start: the other replicas start only if the first has
+        not finished by the race's recent p95 ("The Tail at Scale"), because racing a computation
+        from the start doubles its demand for cores and cannot shorten variance that comes from
+        the input itself (``racing.hedge_after``). Stages that mostly wait (sleep, I/O, a device, a remote call) race at once.
+        Hedges that keep losing (a slow input is slow on every replica) stop: see ``_hedge_futile``.
+        """
+        replicas = [self.dep.by_name[r] for r in op.inputs]
+        inputs = [await self.value(i) for i in replicas[0].inputs]
+        t0 = time.perf_counter()
+        stats = self.dep.stats[op.name]
+        if self.dep.busy + self.dep.racing >= self.dep.threads:
+            stats.count("races skipped (busy)")
+            replicas = replicas[:1]
+        hedge_after = racing.hedge_after(self.dep.stats[replicas[0].name].cpu_share(), stats.latencies)
+        if len(replicas) > 1 and hedge_after is not None and self._hedge_futile(op.name):
+            stats.count("hedges held (they lost)")
+            replicas = replicas[:1]
+        self.dep.racing += 1   # counted before any await, so a burst of requests sees it
+        tasks: dict = {}   # each replica's task -> (replica, where, token)
+        try:
+            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after, tasks)
+        except asyncio.CancelledError:   # the request was abandoned: so are its replicas
+            for task, (_, _, token) in tasks.items():
+                token.cancel("the request was cancelled")
+                task.cancel()
+            raise
+        finally:
+            self.dep.racing -= 1
+
+    def _hedge_futile(self, name: str) -> bool:
+        """Whether this race should not hedge: its stage's hedges keep losing (``hedges_losing``);
+        one race in ``HEDGE_PROBE`` hedges anyway, to notice when they would win again."""
+        if not racing.hedges_losing(self.dep.hedge_wins[name]):
+            return False
+        self.dep.hedges_held[name] += 1
+        return self.dep.hedges_held[name] % racing.HEDGE_PROBE != 0
+
+    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after, tasks: dict):
+        def start(rep, where, token):
+            coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs)
+            tasks[asyncio.ensure_future(coro)] = (rep, where, token)
+
+        start(replicas[0], None, Token())
+        pending = set(tasks)
+        hedged = False
+        if len(replicas) > 1 and hedge_after is not None:
+            done, pending = await asyncio.wait(pending, timeout=hedge_after)
+            if done:
+                stats.count("hedges not needed")
+                replicas = replicas[:1]
+                pending = done   # handled below, like any finished replica
+            else:
+                stats.count("hedged")
+                hedged = True
+        if len(replicas) > 1:
+            others = await self.dep.peers.others()
+            places = others[: len(replicas) - 1]
+            places += [None] * (len(replicas) - 1 - len(places))
+            for rep, where in zip(replicas[1:], places):
+                start(rep, where, Token())
+            pending = set(tasks)
+        errors = []
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for d in done:
+                if d.exception() is None:
+                    rep = tasks[d][0]
+                    for p in pending:
+                        tasks[p][2].cancel("a competing replica won")
+                        p.cancel()
+                    stats.count(f"wins {rep.name}")
+                    if hedged:
+                        self.dep.hedge_wins[op.name].append(rep is not replicas[0])
+                    stats.count("cancelled losers", len(pending))
+                    stats.record(time.perf_counter() - t0)
+                    t = d.result()
+                    return Table._make(op.schema, t.rows, t.qids)
+                if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
+                    rep, _, token = tasks.pop(d)
+                    retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
+                    tasks[retry] = (rep, None, token)
+                    pending.add(retry)
+                    continue
+                errors.append(d.exception())
+        stats.record(time.perf_counter() - t0, ok=False)
+        raise errors[0]
+
+    async def _first(self, op: AnyOf):
+        """A user's anyof: whichever input finishes first (its stage statistics count the wait
+        for it and, as ``wins <branch>``, which branch it was)."""
+        t0, stats = time.perf_counter(), self.dep.stats[op.name]
+        branches = {asyncio.ensure_future(self.value(i)): i for i in op.inputs}
+        pending, errors = set(branches), []
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for d in done:
+                if d.exception() is None:
+                    stats.count(f"wins {branches[d]}")
+                    stats.record(time.perf_counter() - t0)
+                    t = d.result()
+                    return Table._make(op.schema, t.rows, t.qids)
+                errors.append(d.exception())
+        stats.record(time.perf_counter() - t0, ok=False)
+        raise errors[0]
+
+
+def _done(loop, value) -> asyncio.Future:
+    f = loop.create_future()
+    f.set_result(value)
+    return f

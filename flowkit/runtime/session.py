@@ -1,0 +1,73 @@
+"""The worker side of a session: one client connection, its calls run, its answers sent.
+
+A client (``router``) opens one session per worker and streams ``Call``s over it; each runs as
+its own task in the deployment's executor and its ``Answer`` goes back as soon as it is ready.
+An ``Abandon`` cancels a call's token and task; the call is still answered (``abandoned``), but
+only once the threads it occupied are free, so its client counts the worker busy until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from . import protocol as p
+from .cancel import Token
+from .compat import DONT_REPLY, worker_threads
+from .executor import request_threads
+
+__all__ = ["serve_session"]
+
+
+async def serve_session(worker, comm, deployment: str):
+    """Serve one client connection: answer its ``Hello``, then its calls, until it closes."""
+    dep = worker._flowkit.get(deployment)
+    if dep is None:
+        await comm.write(p.encode(p.Welcome(False, error=f"deployment {deployment!r} is not set up on {worker.address}")))
+        return DONT_REPLY
+    listener = getattr(worker, "_flowkit_framed", None)
+    await comm.write(p.encode(p.Welcome(True, worker.address, worker_threads(worker),
+                                        (listener.host, listener.port) if listener else None)))
+    lock = asyncio.Lock()
+    tasks: set = set()
+    running: dict = {}   # call id -> (token, task) of work its sender may abandon
+
+    async def answer(call: p.Call) -> None:
+        token = Token() if call.kind in p.CANCELLABLE else None
+        threads: set = set()
+        request_threads.set(threads)   # (the work's task below shares this set)
+        work = asyncio.ensure_future(dep.handle(call, token))
+        if token is not None:
+            running[call.id] = (token, work)
+        try:
+            reply = await work
+        except asyncio.CancelledError:   # abandoned: answered once the threads it held are free
+            if token is None or not token.is_cancelled:
+                raise
+            if threads:
+                await asyncio.wait([asyncio.wrap_future(f) for f in list(threads)])
+            reply = p.Answer(call.id, ok=False, abandoned=True)
+        finally:
+            running.pop(call.id, None)
+        async with lock:
+            await comm.write(p.encode(reply))
+
+    try:
+        while not comm.closed():
+            msg = p.decode(await comm.read())
+            if isinstance(msg, p.Close):
+                break
+            if isinstance(msg, p.Abandon):   # the client cancelled a call: stop its work
+                token, task = running.pop(msg.request, (None, None))
+                if token is not None:
+                    token.cancel("the client cancelled this request")
+                    task.cancel()
+                continue
+            t = asyncio.ensure_future(answer(msg))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+    except (OSError, asyncio.CancelledError):
+        pass  # the client went away; in-flight answers are dropped with the connection
+    finally:
+        for t in tasks:
+            t.cancel()
+    return DONT_REPLY
