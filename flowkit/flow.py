@@ -11,7 +11,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 import typing
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import FlowError, SchemaError
@@ -20,7 +24,7 @@ from .plan import (AGGREGATES, JOIN_KINDS, QID, Agg, AnyOf, Combine, Filter, Gro
 from .schema import Schema, compatible, type_name
 from .table import Table
 
-__all__ = ["Flow", "Node", "function_name"]
+__all__ = ["Flow", "Node", "RepeatWarning", "function_name"]
 
 
 def function_name(fn: Callable) -> str:
@@ -33,23 +37,29 @@ def function_name(fn: Callable) -> str:
     return name
 
 
+class RepeatWarning(UserWarning):
+    """A builder call added an operator that repeats one the flow already has (the same function
+    and options, on the same input or on that operator's own result): what running a notebook
+    cell again does. The operator is added, and the warning says what the flow now means."""
+
+
 class Node:
     """A handle to one operator in a flow; its methods add operators downstream of it."""
 
-    __slots__ = ("flow", "node")
+    __slots__ = ("flow", "op_name")
 
-    def __init__(self, flow: "Flow", node: str):
+    def __init__(self, flow: "Flow", op_name: str):
         self.flow = flow
-        self.node = node
+        self.op_name = op_name
 
     @property
     def name(self) -> str:
         """The operator's name (unique in its flow)."""
-        return self.node
+        return self.op_name
 
     @property
     def op(self) -> Op:
-        return self.flow._ops[self.node]
+        return self.flow._ops[self.op_name]
 
     @property
     def schema(self) -> Schema:
@@ -58,7 +68,7 @@ class Node:
     def __repr__(self) -> str:
         op = self.op
         grouped = f" grouped by {op.grouped_by!r}" if op.grouped_by else ""
-        return f"<Node {self.node!r} ({op.kind}) -> [{op.schema.describe()}]{grouped}>"
+        return f"<Node {self.op_name!r} ({op.kind}) -> [{op.schema.describe()}]{grouped}>"
 
     # -- operators --------------------------------------------------------------------------
     def map(self, fn: Callable, names: str | Iterable[str] | None = None, *, col: str | None = None,
@@ -100,7 +110,7 @@ class Node:
             raise FlowError(f"map {name!r}: max_batch must be at least 1, not {max_batch}")
         if max_wait_ms is not None and max_wait_ms < 0:
             raise FlowError(f"map {name!r}: max_wait_ms must not be negative, not {max_wait_ms}")
-        return self.flow._add(Map(name=name, inputs=(self.node,), schema=schema, fn=fn, names=names, col=col,
+        return self.flow._add(Map(name=name, inputs=(self.op_name,), schema=schema, fn=fn, names=names, col=col,
                                   batching=batching, gpu=gpu, high_variance=high_variance, max_batch=max_batch,
                                   max_wait_ms=max_wait_ms, out_types=out_types))
 
@@ -112,7 +122,7 @@ class Node:
         name = self.flow._unique(pred)
         if group and not self.op.grouped_by:
             raise FlowError(f"filter {name!r} with group=True needs a grouped input: call .groupby(column) first")
-        return self.flow._add(Filter(name=name, inputs=(self.node,), schema=self.schema, fn=pred, group=group,
+        return self.flow._add(Filter(name=name, inputs=(self.op_name,), schema=self.schema, fn=pred, group=group,
                                      grouped_by=self.op.grouped_by))
 
     def groupby(self, column: str) -> "Node":
@@ -120,7 +130,7 @@ class Node:
         self._ungrouped("groupby")
         if column not in self.schema:
             raise SchemaError(f"groupby: no column {column!r}; the input has {list(self.schema.names)}", column=column)
-        return self.flow._add(GroupBy(name=self.flow._unique_name(f"groupby_{column}"), inputs=(self.node,),
+        return self.flow._add(GroupBy(name=self.flow._unique_name(f"groupby_{column}"), inputs=(self.op_name,),
                                       schema=self.schema, column=column, grouped_by=column))
 
     def agg(self, fn: str, column: str | None = None) -> "Node":
@@ -148,13 +158,13 @@ class Node:
         key = self.op.grouped_by
         cols = ([(key, src[key])] if key else []) + [(out, out_t)]
         return self.flow._add(Agg(name=self.flow._unique_name(out if not key else f"{out}_by_{key}"),
-                                  inputs=(self.node,), schema=Schema(cols), fn=fn, column=column))
+                                  inputs=(self.op_name,), schema=Schema(cols), fn=fn, column=column))
 
     def combine(self) -> "Node":
         """Ungroup: the rows of every group, as one table."""
         if not self.op.grouped_by:
             raise FlowError("combine needs a grouped input: call .groupby(column) first")
-        return self.flow._add(Combine(name=self.flow._unique_name("combine"), inputs=(self.node,), schema=self.schema))
+        return self.flow._add(Combine(name=self.flow._unique_name("combine"), inputs=(self.op_name,), schema=self.schema))
 
     def lookup(self, key: str, *, dynamic: bool = False) -> "Node":
         """Add a column holding a stored object: the object under ``key`` (a column named ``key``),
@@ -167,7 +177,7 @@ class Node:
         out = f"{key}_value" if dynamic else key
         if out in src:
             raise SchemaError(f"lookup: the input already has a column {out!r}", column=out)
-        return self.flow._add(Lookup(name=self.flow._unique_name(f"lookup_{key}"), inputs=(self.node,),
+        return self.flow._add(Lookup(name=self.flow._unique_name(f"lookup_{key}"), inputs=(self.op_name,),
                                      schema=Schema(list(src.items()) + [(out, object)]), key=key, dynamic=dynamic))
 
     def join(self, other: "Node", on: Any = QID, how: str = "inner") -> "Node":
@@ -189,7 +199,7 @@ class Node:
                 raise SchemaError(f"join: column {n!r} is {type_name(left[n])} on the left and {type_name(t)} on the "
                                   f"right; rename one side with a map first", column=n)
         schema = Schema(list(left.items()) + [(n, t) for n, t in right.items() if n not in left])
-        return self.flow._add(Join(name=self.flow._unique_name("join"), inputs=(self.node, other.node), schema=schema,
+        return self.flow._add(Join(name=self.flow._unique_name("join"), inputs=(self.op_name, other.op_name), schema=schema,
                                    on=on, how=how))
 
     def union(self, other: "Node") -> "Node":
@@ -211,21 +221,21 @@ class Node:
             o._ungrouped(what)
             s = o.schema
             if s.names != self.schema.names:
-                raise SchemaError(f"{what}: inputs need the same columns; {self.node!r} has {list(self.schema.names)}, "
-                                  f"{o.node!r} has {list(s.names)}")
+                raise SchemaError(f"{what}: inputs need the same columns; {self.op_name!r} has {list(self.schema.names)}, "
+                                  f"{o.op_name!r} has {list(s.names)}")
             for i, (n, t) in enumerate(s.items()):
                 if not compatible(cols[i][1], t):
-                    raise SchemaError(f"{what}: column {n!r} is {type_name(cols[i][1])} in {self.node!r} and "
-                                      f"{type_name(t)} in {o.node!r}", column=n)
+                    raise SchemaError(f"{what}: column {n!r} is {type_name(cols[i][1])} in {self.op_name!r} and "
+                                      f"{type_name(t)} in {o.op_name!r}", column=n)
                 cols[i] = (n, _merged_type(cols[i][1], t))
-        return self.flow._add(cls(name=self.flow._unique_name(what), inputs=tuple(n.node for n in nodes),
+        return self.flow._add(cls(name=self.flow._unique_name(what), inputs=tuple(n.op_name for n in nodes),
                                   schema=Schema(cols)))
 
     def _same_flow(self, other: Any, what: str) -> "Node":
         if not isinstance(other, Node):
             raise FlowError(f"{what} needs a node of the same flow, not {type(other).__name__}")
         if other.flow is not self.flow:
-            raise FlowError(f"{what}: {other.node!r} belongs to flow {other.flow.name!r}, not {self.flow.name!r}")
+            raise FlowError(f"{what}: {other.op_name!r} belongs to flow {other.flow.name!r}, not {self.flow.name!r}")
         return other
 
     def _ungrouped(self, what: str) -> None:
@@ -254,6 +264,8 @@ class Flow(Node):
         self._lambdas = 0
         self._rewrites: tuple = ()
         self._original: Flow | None = None
+        self._same_as: dict[str, str] = {}   # an operator that repeats another -> the one it repeats
+        self._callers: dict[str, tuple] = {}  # operator -> the code (stack of code objects) that added it
         Node.__init__(self, self, "input")
         self._ops["input"] = Source(name="input", schema=self.input_schema)
 
@@ -269,7 +281,9 @@ class Flow(Node):
         return f
 
     def __repr__(self) -> str:
-        return f"<Flow {self.name!r}: {len(self._ops) - 1} operators, input [{self.input_schema.describe()}]>"
+        sinks = self._sinks() if self._output is None else []
+        more = f"; {len(sinks)} sinks ({', '.join(sinks)}): set flow.output = node" if len(sinks) > 1 else ""
+        return f"<Flow {self.name!r}: {len(self._ops) - 1} operators, input [{self.input_schema.describe()}]{more}>"
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -283,13 +297,17 @@ class Flow(Node):
 
     @output.setter
     def output(self, node: Node) -> None:
-        self._output = self._same_flow(node, "output").node
+        self._output = self._same_flow(node, "output").op_name
+
+    def _sinks(self) -> list[str]:
+        """The operators nothing reads, in the order they were added."""
+        consumed = {i for op in self._ops.values() for i in op.inputs}
+        return [n for n in self._ops if n not in consumed]
 
     def _output_name(self) -> str:
         if self._output is not None:
             return self._output
-        consumed = {i for op in self._ops.values() for i in op.inputs}
-        sinks = [n for n in self._ops if n not in consumed]
+        sinks = self._sinks()
         if len(sinks) > 1:
             raise FlowError(f"flow {self.name!r} has {len(sinks)} sinks ({', '.join(sinks)}); join them or set "
                             f"flow.output = node")
@@ -344,8 +362,34 @@ class Flow(Node):
 
     # -- building ---------------------------------------------------------------------------
     def _add(self, op: Op) -> Node:
+        level, caller = _caller()
+        repeated = _repeated(op, self._ops.values(), self._same_as)
         self._ops[op.name] = op
+        self._callers[op.name] = caller
+        if repeated is not None:
+            twin, how = repeated
+            if how == "input":
+                self._same_as[op.name] = twin
+            first = self._callers.get(twin, ())
+            if len(first) != len(caller) or any(a is not b for a, b in zip(first, caller)):
+                # other code added it (a cell ran again, equal code but compiled anew), not a loop
+                warnings.warn(self._repeat_message(op, twin, how), RepeatWarning, stacklevel=level)
         return Node(self, op.name)
+
+    def _repeat_message(self, op: Op, twin: str, how: str) -> str:
+        """What a repeated operator does to the flow's meaning, and what to do about it."""
+        rebuild = "rebuild the flow from its first cell (fk.Flow(...))"
+        if how == "result":
+            return (f"flow {self.name!r}: {op.name!r} repeats {twin!r} on the result of {twin!r} (same function and "
+                    f"options): did a cell such as `x = x.{op.kind}(...)` run again? The flow now applies it twice; "
+                    f"if that is not meant, {rebuild}.")
+        head = (f"flow {self.name!r}: {op.name!r} repeats {twin!r} on the same input (same function and options): "
+                f"did a notebook cell run again?")
+        if self._output is not None:
+            return f"{head} The output stays {self._output!r}; {op.name!r} is unused unless something reads it."
+        sinks = self._sinks()
+        return (f"{head} The flow now has {len(sinks)} sinks ({', '.join(map(repr, sinks))}): set flow.output = "
+                f"<node> to choose one, or {rebuild}.")
 
     def _unique(self, fn: Callable) -> str:
         base = function_name(fn)
@@ -361,6 +405,72 @@ class Flow(Node):
         while f"{base}#{i}" in self._ops:
             i += 1
         return f"{base}#{i}"
+
+
+def _repeated(op: Op, ops: Iterable[Op], same_as: Mapping[str, str]) -> tuple[str, str] | None:
+    """The operator that ``op`` repeats and how: ``"input"`` (the same work on the same input,
+    counting repeats as the operator they repeat) or ``"result"`` (the same work again on that
+    operator's own result); None when ``op`` repeats nothing.
+
+    >>> from flowkit.plan import Source, Map
+    >>> s = Schema({"x": int})
+    >>> ops = [Source(name="input", schema=s), Map(name="abs", inputs=("input",), schema=s, fn=abs, col="x")]
+    >>> again = Map(name="abs#2", inputs=("input",), schema=s, fn=abs, col="x")
+    >>> _repeated(again, ops, {}), _repeated(dataclasses.replace(again, inputs=("abs",)), ops, {})
+    (('abs', 'input'), ('abs', 'result'))
+    >>> _repeated(dataclasses.replace(again, fn=round), ops, {}) is None
+    True
+    """
+    def canon(names):
+        return tuple(same_as.get(n, n) for n in names)
+
+    found = None
+    for old in ops:
+        if type(old) is not type(op) or not _same_work(op, old):
+            continue
+        if op.inputs == (old.name,):
+            return old.name, "result"
+        if found is None and canon(op.inputs) == canon(old.inputs):
+            found = (same_as.get(old.name, old.name), "input")
+    return found
+
+
+def _same_work(a: Op, b: Op) -> bool:
+    """Do two specs of one class describe the same work, whatever their names and inputs? A
+    function counts as the same when it is, or has the same code (a cell that defines it ran again)."""
+    for f in dataclasses.fields(a):
+        if f.name in ("name", "inputs"):
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "fn" and callable(x):
+            if not _same_function(x, y):
+                return False
+        elif not (x is y or x == y):
+            return False
+    return True
+
+
+def _same_function(f: Any, g: Any) -> bool:
+    if f is g:
+        return True
+    if isinstance(f, type) and isinstance(g, type):
+        return (f.__module__, f.__qualname__) == (g.__module__, g.__qualname__)
+    code_f, code_g = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return code_f is not None and code_f == code_g and getattr(f, "__qualname__", None) == getattr(g, "__qualname__", None)
+
+
+def _caller() -> tuple[int, tuple]:
+    """The ``stacklevel`` of the first caller outside this module (for a warning) and the code
+    objects of the calling stack from there on: a cell run again is other code, a loop is not."""
+    here, level = os.path.abspath(__file__), 1
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) == here:
+        frame, level = frame.f_back, level + 1
+    codes = []
+    while frame is not None and len(codes) < 64:
+        codes.append(frame.f_code)
+        frame = frame.f_back
+    return level, tuple(codes)
 
 
 def _merged_type(a: Any, b: Any) -> Any:

@@ -78,19 +78,9 @@ class Table:
     __slots__ = ("schema", "rows", "qids")
 
     def __init__(self, schema: Schema | Mapping[str, Any], rows: Iterable[Sequence] = (), qids: Iterable | None = None):
-        schema = schema if isinstance(schema, Schema) else Schema(schema)
-        rows = [_nulls_as_none(tuple(r)) for r in rows]
-        qids = list(range(len(rows))) if qids is None else list(qids)
-        if len(qids) != len(rows):
-            raise SchemaError(f"{len(rows)} rows but {len(qids)} qids")
-        width = len(schema)
-        for r, q in zip(rows, qids):
-            if len(r) != width:
-                raise SchemaError(f"row qid={q} has {len(r)} values; the schema has {width} columns ({schema.describe()})")
-            schema.check_row(r, q)
+        schema = _as_schema(schema)
         self.schema = schema
-        self.rows = rows
-        self.qids = qids
+        self.rows, self.qids = _checked(schema, [tuple(r) for r in rows], qids)
 
     @classmethod
     def _make(cls, schema: Schema, rows: list, qids: list) -> "Table":
@@ -101,7 +91,7 @@ class Table:
         t.qids = qids
         return t
 
-    # -- constructors -------------------------------------------------------------------
+    # -- constructors: each infers a schema where none is given, then converts as inputs are ---
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], schema: Mapping[str, Any] | Schema | None = None,
                      qids: Iterable | None = None) -> "Table":
@@ -112,19 +102,9 @@ class Table:
         """
         records = list(records)
         if schema is None:
-            names: dict[str, None] = {}
-            for rec in records:
-                for k in rec:
-                    names.setdefault(k, None)
+            names = dict.fromkeys(k for rec in records for k in rec)
             schema = Schema({n: infer_type(rec.get(n) for rec in records) for n in names})
-        else:
-            schema = schema if isinstance(schema, Schema) else Schema(schema)
-            for rec in records:
-                for k in rec:
-                    if k not in schema.index:
-                        raise SchemaError(f"unexpected column {k!r}; the schema has {list(schema.names)}", column=k)
-        rows = [tuple(rec.get(n) for n in schema.names) for rec in records]
-        return cls(schema, rows, qids)
+        return _convert(records, _as_schema(schema), None, qids)
 
     @classmethod
     def from_columns(cls, columns: Mapping[str, Sequence], schema: Mapping[str, Any] | Schema | None = None) -> "Table":
@@ -133,32 +113,16 @@ class Table:
         >>> Table.from_columns({"x": [1, 2], "s": ["a", "b"]})[1].as_dict()
         {'x': 2, 's': 'b'}
         """
-        lengths = {k: len(v) for k, v in columns.items()}
-        if len(set(lengths.values())) > 1:
-            raise SchemaError(f"columns have different lengths: {lengths}")
         if schema is None:
             schema = Schema({k: infer_type(v) for k, v in columns.items()})
-        else:
-            schema = schema if isinstance(schema, Schema) else Schema(schema)
-            for k in columns:
-                if k not in schema.index:
-                    raise SchemaError(f"unexpected column {k!r}; the schema has {list(schema.names)}", column=k)
-        n = next(iter(lengths.values()), 0)
-        cols = [list(columns[name]) if name in columns else [None] * n for name in schema.names]
-        return cls(schema, list(zip(*cols)) if cols else [() for _ in range(n)])
+        return _convert(dict(columns), _as_schema(schema), None, columnar=True)
 
     @classmethod
     def from_pandas(cls, df, schema: Mapping[str, Any] | Schema | None = None) -> "Table":
         """Rows from a DataFrame; an index named ``qid`` becomes the qids. NaN/NA become null."""
-        if schema is not None:
-            schema = schema if isinstance(schema, Schema) else Schema(schema)
-        columns = {str(name): _column_values(df[name], schema and _type_of(schema, str(name))) for name in df.columns}
         if schema is None:
-            schema = Schema({k: _pandas_type(df[k].dtype, v) for k, v in zip(columns, columns.values())})
-        t = cls.from_columns(columns, schema)
-        if df.index.name == "qid":
-            t.qids = list(df.index)
-        return t
+            schema = Schema({str(c): _pandas_type(df[c].dtype, _column_values(df[c])) for c in df.columns})
+        return _convert(df, _as_schema(schema), None)
 
     # -- access -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -168,10 +132,29 @@ class Table:
         schema = self.schema
         return (Row(schema, r, q) for r, q in zip(self.rows, self.qids))
 
-    def __getitem__(self, i: int) -> Row:
-        return Row(self.schema, self.rows[i], self.qids[i])
+    def __getitem__(self, key: int | slice | str) -> Row | Table | list:
+        """``t[i]`` is the row at position ``i``, ``t[i:j]`` a Table of those rows (with their qids),
+        ``t["col"]`` the column's values as a list (as pandas' ``df["col"]`` is the column).
+
+        >>> t = Table({"x": int, "s": str}, [(1, "a"), (2, "b"), (3, "c")])
+        >>> t["s"], t[-1]["x"], t[1:].qids
+        (['a', 'b', 'c'], 3, [1, 2])
+        >>> t["y"]
+        Traceback (most recent call last):
+        ...
+        flowkit.errors.SchemaError: no column 'y'; the columns are ['x', 's']
+        """
+        if isinstance(key, str):
+            return self.column(key)
+        if isinstance(key, slice):
+            return Table._make(self.schema, self.rows[key], self.qids[key])
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return Row(self.schema, self.rows[key], self.qids[key])
+        raise TypeError(f"a Table is indexed by a row position (t[0]), a slice of rows (t[1:3]) or a column name "
+                        f"(t['x']), not {type(key).__name__}")
 
     def column(self, name: str) -> list:
+        """The values of column ``name`` (``t[name]`` is the same)."""
         i = self.schema.index.get(name)
         if i is None:
             raise SchemaError(f"no column {name!r}; the columns are {list(self.schema.names)}", column=name)
@@ -232,63 +215,98 @@ class GroupedTable:
         return f"GroupedTable(by {self.key!r}; {len(self.groups)} groups, {len(self)} rows)"
 
 
-# -- input conversion --------------------------------------------------------------------
+# -- input conversion: the one path every input form takes -------------------------------
 def as_table(x: Any, schema: Schema, where: str = "input") -> Table:
     """Turn a run/submit input into a Table checked against ``schema``, nulls as ``None``.
 
     Accepts a Table, a pandas DataFrame, a list of dicts (one per row), a dict of columns, or a
     single dict (one row). Raises ``SchemaError`` naming the first offending column.
     """
+    return _convert(x, schema, where)
+
+
+def _convert(x: Any, schema: Schema, where: str | None, qids: Iterable | None = None,
+             columnar: bool = False) -> Table:
+    """``x`` as rows of ``schema`` (in its column order), then checked (``_checked``). ``where``
+    prefixes messages (None: a constructor, whose schema is the table's own); ``columnar``: a
+    mapping is a dict of columns even when its values are not lists."""
     if isinstance(x, Table):
         if x.schema.names != schema.names:
             _check_names(x.schema.names, schema, where)
             idx = [x.schema.index[n] for n in schema.names]
-            t = Table._make(schema, [tuple(r[i] for i in idx) for r in x.rows], list(x.qids))
+            rows = [tuple(r[i] for i in idx) for r in x.rows]
         else:
-            t = Table._make(schema, x.rows, x.qids)
+            rows = x.rows
+        qids = x.qids
     elif isinstance(x, Mapping):
         _check_names(x.keys(), schema, where, all_required=False)
         values = list(x.values())
-        if values and all(_is_column(v) for v in values):
-            n = len(values[0])
-            if any(len(v) != n for v in values):
-                raise SchemaError(f"{where}: columns have different lengths: { {k: len(v) for k, v in x.items()} }")
-            cols = [list(x[n_]) if n_ in x else [None] * n for n_ in schema.names]
-            t = Table._make(schema, list(zip(*cols)), list(range(n)))
+        if columnar or (values and all(_is_column(v) for v in values)):
+            lengths = {k: len(v) for k, v in x.items()}
+            if len(set(lengths.values())) > 1:
+                raise SchemaError(f"{_prefix(where)}columns have different lengths: {lengths}")
+            n = next(iter(lengths.values()), 0)
+            cols = [list(x[c]) if c in x else [None] * n for c in schema.names]
+            rows = list(zip(*cols)) if cols else [() for _ in range(n)]
         else:  # one row as a dict
-            t = Table._make(schema, [tuple(x.get(n) for n in schema.names)], [0])
+            rows = [tuple(x.get(c) for c in schema.names)]
     elif isinstance(x, list):
-        rows = []
         for i, rec in enumerate(x):
             if not isinstance(rec, Mapping):
-                raise SchemaError(f"{where}: row {i} is a {type(rec).__name__}; give rows as dicts of column values")
+                raise SchemaError(f"{_prefix(where)}row {i} is a {type(rec).__name__}; give rows as dicts of "
+                                  f"column values")
             _check_names(rec.keys(), schema, where, all_required=False)
-            rows.append(tuple(rec.get(n) for n in schema.names))
-        t = Table._make(schema, rows, list(range(len(rows))))
+        rows = [tuple(rec.get(c) for c in schema.names) for rec in x]
     elif type(x).__name__ == "DataFrame":
         _check_names([str(c) for c in x.columns], schema, where, all_required=False)
         n = len(x)
         cols = {str(c): _column_values(x[c], _type_of(schema, str(c))) for c in x.columns}
-        qids = list(x.index) if x.index.name == "qid" else list(range(n))
-        t = Table._make(schema, list(zip(*[cols.get(c, [None] * n) for c in schema.names])), qids)
+        rows = list(zip(*[cols.get(c, [None] * n) for c in schema.names])) if len(schema) else [() for _ in range(n)]
+        if x.index.name == "qid":
+            qids = list(x.index)
     else:
-        raise SchemaError(f"{where}: expected a Table, a DataFrame, a list of dicts or a dict of columns, "
+        raise SchemaError(f"{_prefix(where)}expected a Table, a DataFrame, a list of dicts or a dict of columns, "
                           f"not {type(x).__name__}")
-    t.rows = [_nulls_as_none(r) for r in t.rows]
-    for r, q in zip(t.rows, t.qids):
-        schema.check_row(r, q, where)
+    t = Table._make(schema, [], [])
+    t.rows, t.qids = _checked(schema, rows, qids, where)
     return t
 
 
-def _check_names(names, schema: Schema, where: str, all_required: bool = True) -> None:
+def _checked(schema: Schema, rows: list[tuple], qids: Iterable | None, where: str | None = None
+             ) -> tuple[list[tuple], list]:
+    """``rows`` with nulls as ``None`` and ``qids`` (``0..n-1`` by default), after checking that
+    every row has one value per column and every value fits its column's type."""
+    rows = [_nulls_as_none(r) for r in rows]
+    qids = list(range(len(rows))) if qids is None else list(qids)
+    if len(qids) != len(rows):
+        raise SchemaError(f"{_prefix(where)}{len(rows)} rows but {len(qids)} qids")
+    width = len(schema)
+    for r, q in zip(rows, qids):
+        if len(r) != width:
+            raise SchemaError(f"{_prefix(where)}row qid={q} has {len(r)} values; the schema has {width} columns "
+                              f"({schema.describe()})")
+        schema.check_row(r, q, where or "input")
+    return rows, qids
+
+
+def _as_schema(schema: Schema | Mapping[str, Any]) -> Schema:
+    return schema if isinstance(schema, Schema) else Schema(schema)
+
+
+def _prefix(where: str | None) -> str:
+    return f"{where}: " if where else ""
+
+
+def _check_names(names, schema: Schema, where: str | None, all_required: bool = True) -> None:
     names = list(names)
+    whose = "the flow's input" if where else "the schema"
     for n in names:
         if n not in schema.index:
-            raise SchemaError(f"{where}: unexpected column {n!r}; the flow's input has {list(schema.names)}", column=n)
+            raise SchemaError(f"{_prefix(where)}unexpected column {n!r}; {whose} has {list(schema.names)}", column=n)
     if all_required:
         for n in schema.names:
             if n not in names:
-                raise SchemaError(f"{where}: missing column {n!r}", column=n)
+                raise SchemaError(f"{_prefix(where)}missing column {n!r}", column=n)
 
 
 def _is_column(v: Any) -> bool:

@@ -30,9 +30,12 @@ def stage_rates(previous: dict, current: dict, seconds: float) -> dict:
 
 class DeploymentView(w.VBox):
     """The deployed plan annotated with live per-stage figures, a throughput chart and the dask
-    dashboard link. ``refresh()`` updates once; ``start()``/``stop()`` run it every ``interval``."""
+    dashboard link. ``refresh()`` updates once; ``start()``/``stop()`` run it every ``interval``
+    seconds (a number: times are seconds unless their name ends in ``_ms``)."""
 
     def __init__(self, dep, interval: float = 0.3):
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise TypeError(f"interval is in seconds, a number above 0 (0.3 for 300 ms), not {interval!r}")
         self.dep = dep
         self.interval = interval
         link = dep.dashboard_link
