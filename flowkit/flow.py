@@ -269,6 +269,11 @@ class Flow(Node):
         Node.__init__(self, self, "input")
         self._ops["input"] = Source(name="input", schema=self.input_schema)
 
+    def __getstate__(self):
+        """Pickled without the code that built it (code objects do not pickle)."""
+        state, slots = super().__getstate__()
+        return {**state, "_callers": {}}, slots
+
     @classmethod
     def from_plan(cls, plan: Plan, original: "Flow | None" = None) -> "Flow":
         """A flow whose operators are those of ``plan`` (used by ``fk.optimize``)."""

@@ -116,6 +116,15 @@ def test_the_same_code_building_on_purpose_does_not_warn():
     assert len(flow.sketch().stages()) == 8
 
 
+def test_a_flow_still_pickles_and_its_copy_runs_the_same():
+    import pickle
+
+    flow = fk.Flow("pickled", {"x": int})
+    flow.map(inc, col="x")
+    copy = pickle.loads(pickle.dumps(flow))
+    assert copy.run([{"x": 1}]) == flow.run([{"x": 1}]) and copy.plan.describe() == flow.plan.describe()
+
+
 # -- names that say what they hold ----------------------------------------------------------------
 def test_a_node_holds_its_operators_name():
     flow = fk.Flow("n", {"x": int})
