@@ -251,7 +251,7 @@ def autoscaling(quick: bool) -> dict:
     flow.map(busy, names=["y"])
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with fk.deploy(flow, cluster=cluster) as dep:
-            adaptive = dep.adapt(minimum=1, maximum=2, interval="250ms", wait_count=8)
+            adaptive = dep.adapt(minimum=1, maximum=2, interval=0.25, wait_count=8)
             events, workers = [], []
             stop = threading.Event()
 

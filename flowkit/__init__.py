@@ -5,7 +5,7 @@ Build a pipeline with :class:`Flow`, run it in-process with ``flow.run``, rewrit
 """
 
 from .errors import DeploymentClosed, FlowError, NoWorkers, OperatorError, Overloaded, SchemaError, WorkerLost
-from .flow import Flow, Node
+from .flow import Flow, Node, RepeatWarning
 from .optimize import optimize
 from .plan import QID, Plan
 from .schema import Schema
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Table", "Row", "Schema", "GroupedTable", "Flow", "Node", "Plan", "QID",
     "FlowError", "SchemaError", "OperatorError", "Overloaded", "WorkerLost", "DeploymentClosed", "NoWorkers",
-    "Cancelled", "cancelled",
+    "Cancelled", "cancelled", "RepeatWarning",
     "optimize", "deploy", "inspect", "Deployment",
 ]
 

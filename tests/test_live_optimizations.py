@@ -296,7 +296,7 @@ def test_autoscaling_grows_under_load_shrinks_when_idle_and_loses_no_stored_obje
     flow.lookup("k", dynamic=True).map(lambda r: (r["x"], float(r["k_value"][0])), names=["x", "v"]) \
         .map(_slow_square_pair, names=["y", "v"])
     with fk.deploy(flow, cluster=cluster) as dep:
-        dep.adapt(minimum=1, maximum=2, interval="200ms", wait_count=3)
+        dep.adapt(minimum=1, maximum=2, interval=0.2, wait_count=3)
         dep.put("a", np.array([1.0]))
         futs = []
 

