@@ -3,24 +3,53 @@
 A worker reads an object from its own dask memory when it is there (a local lookup), else fetches
 it from the worker that holds it (a remote lookup); one request reads each key once, however many
 rows use it.
+
+Where objects live is remembered for ``HOLDERS_TTL_S``, so a holder may have died since it was
+named. dask's own fetch would dial it with the 30 s connect timeout, and dask's ``connect``
+retries a refused connection until that timeout passes: a lookup of an object lost with its
+worker stalled 30 s. So a remembered answer naming a worker that has since left the cluster
+(the scheduler tells every worker) is asked again, and a holder is dialled with
+``CONNECT_TIMEOUT_S``: one that cannot be reached (dead, and not yet known to be) sends the
+lookup back to the scheduler, which soon names no holder: "lost with the worker that held it".
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
 from .stats import StageStats
 
-__all__ = ["WorkerStore", "RequestStore", "store_key"]
+__all__ = ["WorkerStore", "RequestStore", "store_key", "removed_workers"]
 
 FETCH_TIMEOUT_S = 60.0
 HOLDERS_TTL_S = 1.0
+CONNECT_TIMEOUT_S = 2.0   # dialling a holder (with dask's default, 30 s, a dead one stalled lookups)
 
 
 def store_key(deployment: str, key: Any) -> str:
     """The dask key under which ``dep.put(key, obj)`` holds ``obj``."""
     return f"flowkit-store/{deployment}/{key!r}"
+
+
+def removed_workers(worker) -> dict[str, float]:
+    """When (``time.monotonic()``) each worker left the cluster, as far as ``worker`` has been
+    told: dask's scheduler sends every worker a "remove-worker" message, noted here from the first
+    call on (one record per worker process, shared by its deployments)."""
+    removed = getattr(worker, "flowkit_removed_workers", None)
+    if removed is None:
+        removed = worker.flowkit_removed_workers = {}
+        handle = worker.stream_handlers["remove-worker"]
+
+        async def noting_removal(worker: str, **kwargs):
+            removed[worker] = time.monotonic()
+            result = handle(worker=worker, **kwargs)
+            if inspect.isawaitable(result):
+                await result
+
+        worker.stream_handlers["remove-worker"] = noting_removal
+    return removed
 
 
 class WorkerStore:
@@ -32,17 +61,24 @@ class WorkerStore:
         self.worker = worker
         self.stats = StageStats()
         self._holders: dict[str, tuple[float, list]] = {}   # dask key -> (when asked, holders)
+        self._removed = removed_workers(worker)
 
     async def holders(self, dkeys: list[str], fresh: bool = False) -> dict[str, list]:
         """The workers holding each stored object, asked of the scheduler at most once per
-        ``HOLDERS_TTL_S`` (so lookups do not load the scheduler), or now when ``fresh``."""
+        ``HOLDERS_TTL_S`` (so lookups do not load the scheduler), or now when ``fresh`` or when
+        a worker named in the last answer has left the cluster since."""
         now = time.monotonic()
-        missing = [k for k in dkeys if fresh or now - self._holders.get(k, (-1e9,))[0] > HOLDERS_TTL_S]
+        missing = [k for k in dkeys if fresh or self._outdated(k, now)]
         if missing:
             who = await self.worker.scheduler.who_has(keys=missing)
             for k in missing:
                 self._holders[k] = (now, list(who.get(k, [])))
         return {k: self._holders[k][1] for k in dkeys}
+
+    def _outdated(self, dkey: str, now: float) -> bool:
+        asked, holders = self._holders.get(dkey, (None, ()))
+        return asked is None or now - asked > HOLDERS_TTL_S or \
+            any(self._removed.get(w, -1.0) >= asked for w in holders)
 
     def forget(self, key: Any) -> None:
         """``key`` was stored again: where it lived is no longer known."""
@@ -60,26 +96,30 @@ class WorkerStore:
 
     def _fetch(self, dkey: str, key: Any) -> Any:
         """Read ``dkey`` from a worker that holds it (remembered holders first, then asking the
-        scheduler again). A holder that answers "busy" (dask limits concurrent transfers) is
-        asked again after a pause; nothing waits longer than ``FETCH_TIMEOUT_S``. Runs in one of
-        the deployment's threads, never on the event loop."""
+        scheduler again). A holder that answers "busy" (dask limits concurrent transfers) or
+        cannot be reached (it died, and the scheduler may not know yet) is asked again after a
+        pause, while the scheduler still names it; nothing waits longer than ``FETCH_TIMEOUT_S``.
+        Runs in one of the deployment's threads, never on the event loop."""
         import asyncio
 
         from distributed.utils import sync
-        from distributed.worker import get_data_from_worker
 
         async def fetch():
             for attempt in range(50):
                 fresh = attempt > 0
-                busy = False
+                retry = False
                 for holder in (await self.holders([dkey], fresh))[dkey]:
                     if holder == self.worker.address:
                         continue
-                    resp = await get_data_from_worker(self.worker.rpc, [dkey], holder, who=self.worker.address)
+                    try:
+                        resp = await self._get_data(holder, dkey)
+                    except OSError:   # dead, or not reachable now: ask the scheduler again
+                        retry = True
+                        continue
                     if resp.get("status") == "OK" and dkey in resp["data"]:
                         return True, resp["data"][dkey]
-                    busy = busy or resp.get("status") == "busy"
-                if busy:
+                    retry = retry or resp.get("status") == "busy"
+                if retry:
                     await asyncio.sleep(min(0.005 * 2 ** attempt, 0.5))
                 elif fresh:
                     return False, None
@@ -94,6 +134,24 @@ class WorkerStore:
             raise KeyError(f"no stored object under key {key!r} (never stored, or lost with the worker that "
                            "held it, until the deployment stores it again)")
         return value
+
+    async def _get_data(self, holder: str, dkey: str) -> dict:
+        """dask's ``get_data_from_worker`` (its two-step handshake), but dialling ``holder`` with
+        ``CONNECT_TIMEOUT_S``: dask's own dials with the 30 s default. Raises ``OSError`` when
+        ``holder`` cannot be reached or the connection breaks."""
+        from distributed.core import send_recv
+
+        rpc = self.worker.rpc
+        comm = await rpc.connect(holder, timeout=CONNECT_TIMEOUT_S)
+        comm.name = "flowkit stored-object fetch"
+        try:
+            resp = await send_recv(comm, serializers=rpc.serializers, deserializers=rpc.deserializers,
+                                   op="get_data", keys=[dkey], who=self.worker.address)
+            if resp.get("status") == "OK":
+                await comm.write("OK")
+            return resp
+        finally:
+            rpc.reuse(holder, comm)
 
 
 class RequestStore:

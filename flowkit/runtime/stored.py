@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any, Iterable
 
+from ..errors import FlowError
 from .wire import dumps
-from .worker import store_key
+from .store import store_key
 
 __all__ = ["StoredObjects", "routing_column"]
 
@@ -52,6 +53,17 @@ def routing_column(plan) -> str | None:
     return None
 
 
+class _NotFromThisThread(logging.Filter):
+    """Drops the records logged by the thread that made it (other threads log as usual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
 class StoredObjects:
     """One deployment's stored objects, seen from the client (``dep.put``, ``dep.close``)."""
 
@@ -73,6 +85,7 @@ class StoredObjects:
         return len(self.futures)
 
     def put(self, key: Any, obj: Any, restore: bool = True) -> None:
+        self._check_sendable(key, obj)
         dkey = store_key(self.deployment, key)
         old = self.futures.pop(key, None)
         if old is not None:
@@ -93,6 +106,31 @@ class StoredObjects:
             holders = self.client.who_has([self.futures[key]]).get(dkey) or ()
             if holders:
                 self.where[key] = holders[0]
+
+    def _check_sendable(self, key: Any, obj: Any) -> None:
+        """Raise ``FlowError`` unless dask can serialize ``obj`` (its own serializers, then pickle
+        and cloudpickle, as ``scatter`` would). Checked here, before anything is sent or an older
+        object under ``key`` is released: a scatter that fails deep in dask's comm layer raises
+        a bare ``TypeError`` after logging a traceback per serializer tried. (The object is
+        serialized twice; arrays, in dask's serializers or pickle's out-of-band buffers, are
+        not copied.)"""
+        from distributed.protocol import serialize
+
+        quiet = _NotFromThisThread()
+        dask_pickle = logging.getLogger("distributed.protocol.pickle")   # logs every failed attempt
+        dask_pickle.addFilter(quiet)
+        try:
+            serialize(obj, serializers=self.client._serializers, on_error="raise")
+        except Exception as e:
+            cause = e
+            while cause.__cause__ is not None:   # dask wraps the pickling error in its own TypeError
+                cause = cause.__cause__
+            kind = type(obj)
+            raise FlowError(f"dep.put({key!r}, ...): a {kind.__module__}.{kind.__qualname__} cannot be sent to "
+                            f"the workers, it cannot be pickled (even with cloudpickle): "
+                            f"{type(cause).__name__}: {cause}") from None
+        finally:
+            dask_pickle.removeFilter(quiet)
 
     def holder_of(self, keys: Iterable) -> str | None:
         """The worker holding the objects of most of ``keys``, if known."""
