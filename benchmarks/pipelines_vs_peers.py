@@ -160,16 +160,16 @@ def main(quick: bool = False, only: list[str] | None = None) -> dict:
     closed, opened = [], []
     t0 = time.time()
     procs, ray_port, fastapi_port = [], None, None
-    if peers.available():
-        proc, port = peers.start("fastapi")
-        procs.append(proc)
-        fastapi_port = (proc.pid, port)
-        proc, port = peers.start("ray", ready_path="/-/routes", ready=peers.ray_ready(names))
-        procs.append(proc)
-        ray_port = (proc.pid, port)
-    else:
-        print("peers not installed (bash benchmarks/peers/setup.sh): measuring flowkit, dask and the floor only")
-    try:
+    try:   # every server started here is stopped, also when a later one fails to start
+        if peers.available():
+            proc, port = peers.start("fastapi")
+            procs.append(proc)
+            fastapi_port = (proc.pid, port)
+            proc, port = peers.start("ray", ready_path="/-/routes", ready=peers.ray_ready(names))
+            procs.append(proc)
+            ray_port = (proc.pid, port)
+        else:
+            print("peers not installed (bash benchmarks/peers/setup.sh): measuring flowkit, dask and the floor only")
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             client.run(lambda: sys.path.insert(0, str(Path(__file__).resolve().parent)))

@@ -47,37 +47,58 @@ def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, tim
 
 
 def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
+    """Start a peer server and wait until it is ready; on any failure (it exited, it never got
+    ready, the wait was interrupted) it is stopped, with every process it started, before the
+    error propagates."""
     port = free_port()
-    log = open(ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log", "w")
+    log_path = ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log"
     # In this session, not a new one: with the kernel's autogroup scheduling a session is a
     # scheduling group, so a peer in its own session got half the CPU against the whole benchmark
     # (flowkit's client and workers) whenever it was busy. stop() ends its children by walking them.
-    proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer {system} exited with {proc.returncode}; see {log.name}")
-        try:
-            status, body = _get(port, ready_path)
-            if status == 200 and (ready is None or ready(body)):
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"peer {system} did not become ready within {timeout:g} s; see {log.name}")
+    with open(log_path, "w") as log:   # the server writes through its own copy of the descriptor
+        proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    started: list = []   # what it started, seen while waiting: stopped too if it exits first
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            started = _family(proc.pid, started)
+            if proc.poll() is not None:
+                raise RuntimeError(f"peer {system} exited with {proc.returncode}; see {log_path}")
+            try:
+                status, body = _get(port, ready_path)
+                if status == 200 and (ready is None or ready(body)):
+                    return proc, port
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"peer {system} did not become ready within {timeout:g} s; see {log_path}")
+    except BaseException:
+        stop(proc, others=started)
+        raise
 
 
-def stop(proc, timeout: float = 30.0) -> None:
-    """End a peer server and every process it started (LitServe's workers, Ray's): terminating
-    the server alone left them running after the benchmark."""
+def _family(pid: int, known: list) -> list:
+    """``known`` and the processes ``pid`` now has below it (psutil processes, each once)."""
     import psutil
 
     try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        return list(dict.fromkeys([*known, *psutil.Process(pid).children(recursive=True)]))
+    except psutil.Error:
+        return known
+
+
+def stop(proc, timeout: float = 30.0, others=()) -> None:
+    """End a peer server and every process it started (LitServe's workers, Ray's), and
+    ``others`` (psutil processes it was seen to start): terminating the server alone left them
+    running after the benchmark. Never raises: a caller stopping several servers stops them all."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid)]
     except psutil.Error:
         family = []
+    family = [p for p in _family(proc.pid, [*family, *others]) if p.is_running()]
     for p in family:
         try:
             p.terminate()
@@ -89,7 +110,11 @@ def stop(proc, timeout: float = 30.0) -> None:
             p.kill()
         except psutil.Error:
             pass
-    proc.wait(5)
+    psutil.wait_procs(alive, timeout=timeout)
+    try:
+        proc.wait(timeout)   # reap it
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def ray_ready(pipelines) -> callable:
