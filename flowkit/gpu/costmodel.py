@@ -225,7 +225,8 @@ def table1_error(p: DeviceProfile, rs=TABLE1_RS) -> list[dict]:
     for name, paper in TABLE1.items():
         for figure in ("R=10", "R=20", "geomean", "geomean over time"):
             if figure in paper:
-                rows.append({"workload": name, "figure": f"{figure} (over {paper['next'] if figure != 'geomean over time' else 'time'})",
+                over = "time" if figure == "geomean over time" else paper["next"]
+                rows.append({"workload": name, "figure": f"{figure.split(' over ')[0]}, over {over}-only",
                              "paper": paper[figure], "predicted": round(pred[name][figure], 2),
                              "error": round(pred[name][figure] / paper[figure] - 1, 3)})
     return rows
