@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import logging
 import os
 import resource
@@ -24,6 +25,7 @@ import pytest
 import flowkit as fk
 from flowkit.runtime.http import HTTPServer, decode_rows, error_answer
 
+from .operators import ended, patient
 from .waiting import wait_until
 
 
@@ -180,8 +182,12 @@ def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_a_server_error(s
     assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200
 
 
-def test_overload_is_503_with_retry_after(client):
-    with fk.deploy(build(), cluster=client, max_inflight=2) as dep, dep.serve() as server:
+@pytest.mark.parametrize("where", ["client", "workers"])
+def test_overload_is_503_with_retry_after(client, make_cluster, where):
+    """Served by the client, ``max_inflight`` bounds the deployment's requests; served by the
+    workers, each worker's (one worker here: connections to a shared port go to any of them)."""
+    cluster = client if where == "client" else make_cluster(n_workers=1)
+    with fk.deploy(build(), cluster=cluster, max_inflight=2) as dep, dep.serve(where=where) as server:
         results = []
 
         def slow():
@@ -199,8 +205,6 @@ def test_overload_is_503_with_retry_after(client):
 
 
 def test_a_request_that_times_out_or_whose_client_hangs_up_is_cancelled_on_its_worker(client, tmp_path):
-    from .test_deploy import ended, patient
-
     flow = fk.Flow("patient", {"x": int, "s": str})
     flow.map(patient, names=["y"])
     with fk.deploy(flow, cluster=client) as dep, dep.serve(timeout=0.3) as server:
@@ -289,7 +293,7 @@ def test_metrics_label_values_are_escaped_and_any_flow_name_is_a_route(client):
     with fk.deploy(flow, cluster=client) as dep, dep.serve() as server:
         assert call(server, "POST", "/v1/flows/v1.2~odd_name-ok/predict", {"rows": [{"x": 1}]})[0] == 200
         status, text, _ = call(server, "GET", "/metrics")
-    assert 'flowkit_stage_requests_total{flow="v1.2~odd_name-ok",stage="say \\"hi\\" \\\\ now"} ' in text
+    assert 'flowkit_stage_requests_total{flow="v1.2~odd_name-ok",stage="say \\"hi\\" \\\\ now"' in text
 
 
 @pytest.mark.parametrize("name", ["a/b", 'say"hi', "two words", ".", "..", ".hidden", "-dash", "naïve", "a?b", "a#b",
@@ -324,9 +328,10 @@ def test_health_flows_and_metrics(served):
     status, body, _ = call(server, "GET", "/v1/flows")
     assert body["double"]["input"] == {"x": "int", "tag": "bytes"} and body["double"]["output"] == {"y": "int"}
     status, text, _ = call(server, "GET", "/metrics")
-    assert status == 200 and 'flowkit_http_responses_total{flow="double",status="200"}' in text
-    assert 'flowkit_stage_requests_total{flow="double",stage="work"}' in text
-    assert 'flowkit_stage_latency_ms{flow="double",stage="work",quantile="0.99"}' in text
+    # (served by the workers, each worker's series also carry its address: worker="tcp://...")
+    assert status == 200 and re.search(r'^flowkit_http_responses_total\{flow="double",status="200"[,}]', text, re.M)
+    assert re.search(r'^flowkit_stage_requests_total\{flow="double",stage="work"[,}]', text, re.M)
+    assert re.search(r'^flowkit_stage_latency_ms\{flow="double",stage="work".*quantile="0.99"\}', text, re.M)
 
 
 def test_a_bearer_token_is_required_checked_and_never_shown(client, caplog):
@@ -350,15 +355,28 @@ def test_binding_beyond_loopback_needs_a_token_or_a_logged_opt_out(client, caplo
     assert "WITHOUT authentication" in caplog.text
 
 
-def _load(server, n_threads, per_thread, out):
+def _load(server, n_threads, per_thread, out, resent=None):
+    """``n_threads`` clients each sending ``per_thread`` requests on a keep-alive connection;
+    ``(status, x, body)`` into ``out``. With ``resent`` (a list), a request whose connection
+    broke before its answer is sent again on a new one, and counted there, as an HTTP client
+    with retries does."""
     def worker(k):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         for i in range(per_thread):
             x = k * 1000 + i
-            conn.request("POST", PREDICT, json.dumps({"rows": [{"x": x if x != 13 else 14}]}).encode(),
-                         {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            body = json.loads(r.read())
+            while True:
+                try:
+                    conn.request("POST", PREDICT, json.dumps({"rows": [{"x": x if x != 13 else 14}]}).encode(),
+                                 {"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    body = json.loads(r.read())
+                    break
+                except (ConnectionError, http.client.RemoteDisconnected):
+                    if resent is None:
+                        raise
+                    resent.append(x)
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
             out.append((r.status, x, body))
         conn.close()
 
@@ -384,7 +402,8 @@ def test_a_bounded_load_loses_nothing_and_memory_stays_flat(served):
 
 
 def test_a_worker_killed_during_load_loses_no_request(client):
-    with fk.deploy(build(), cluster=client) as dep, dep.serve() as server:
+    """Served by the client, requests the killed worker held are sent to another worker."""
+    with fk.deploy(build(), cluster=client) as dep, dep.serve(where="client") as server:
         pids = list(client.run(os.getpid).values())
         out = []
         threads = _load(server, 6, 60, out)
@@ -396,6 +415,27 @@ def test_a_worker_killed_during_load_loses_no_request(client):
         assert all(s == 200 or (s, b["type"]) == (503, "WorkerLost") for s, _, b in out)
         assert sum(s == 200 for s, _, _ in out) >= 350
     client.wait_for_workers(2, timeout=60)
+
+
+def test_a_worker_killed_while_serving_http_itself_drops_only_its_connections(client):
+    """Served by the workers, the killed worker's connections break (its requests were in that
+    process); a client sending again reaches the workers left, and the restarted worker serves
+    on the same port again: every request is answered, correctly."""
+    with fk.deploy(build(), cluster=client) as dep, dep.serve(where="workers") as server:
+        wait_until(lambda: len(server.serving) == 2, "both workers to serve")
+        pids = list(client.run(os.getpid).values())
+        out, resent = [], []
+        threads = _load(server, 6, 60, out, resent)
+        wait_until(lambda: len(out) >= 30, "the load to be under way")
+        os.kill(pids[0], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert len(out) == 360 and all(s == 200 for s, _, _ in out)
+        assert all(b["rows"][0]["y"] == 2 * (x if x != 13 else 14) for _, x, b in out)
+        client.wait_for_workers(2, timeout=60)
+        wait_until(lambda: len([a for a in server.serving if a in dep.workers]) == 2,
+                   "the restarted worker to serve again")
+        assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200
 
 
 def test_shutdown_finishes_requests_in_flight_then_refuses(client):

@@ -23,7 +23,7 @@ from ..flow import Flow
 from ..table import Table, as_table
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive
-from .stats import StageStats, percentile
+from .stats import StageStats, percentile, stats_frame
 from .stored import StoredObjects, routing_column
 from .wire import dumps, dumps_plan, operator_needing
 from .plugin import DeploymentPlugin, ready_topic
@@ -178,6 +178,9 @@ class Deployment:
         msg = event[1] if isinstance(event, tuple) else event
         if isinstance(msg, dict) and msg.get("deployment") == self.id:
             self._router.add_worker(msg["worker"])
+            for server in self._servers:   # a worker that joined serves HTTP too where the workers do
+                if hasattr(server, "add_worker"):
+                    server.add_worker(msg["worker"])
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, data: Any) -> Future:
@@ -325,52 +328,40 @@ class Deployment:
         ``cancelled losers`` for races, ``cancelled`` for a replica's stopped work, ``local
         lookups`` / ``remote lookups`` for stages with dynamic lookups, and ``sent to another
         worker`` where a worker placed the stage elsewhere (with its object, on a GPU worker)."""
-        import pandas as pd
-
         self._check_open("stats")
-        merged: dict[str, dict] = {}
-        for snap in self._router.broadcast("stats"):
-            for stage, s in snap["stages"].items():
-                m = merged.setdefault(stage, _empty())
-                m["requests"] += s["requests"]
-                m["errors"] += s["errors"]
-                m["latencies"] += s["latencies"]
-                for k, v in s["counters"].items():
-                    m["counters"][k] = m["counters"].get(k, 0) + v
-                for k, v in s["batch_sizes"].items():
-                    m["batch_sizes"][int(k)] = m["batch_sizes"].get(int(k), 0) + v
-                ran_here = set(s["counters"]) - {"sent to another worker"}   # (that one counts a hand-on)
-                if s["requests"] or ran_here or s["batch_sizes"]:
-                    m["workers"].append(snap["worker"])
-        e2e = self._e2e.snapshot()
-        rows = [_row("(end to end)", {**_empty(), **e2e, "workers": ["client"]})]
-        lookups = merged.get("__store__", _empty())["counters"]
-        for op in self.plan.stages():
-            m = merged.get(op.name, _empty())
-            if any(getattr(x, "dynamic", False) for x in getattr(op, "members", (op,))):
-                m["counters"] = {**lookups, **m["counters"]}
-            rows.append(_row(op.name, m))
-        df = pd.DataFrame(rows).set_index("stage", drop=False)
-        df.index.name = None
-        return df
+        return stats_frame(self.plan, self._router.broadcast("stats"), self._e2e.snapshot())
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
               allow_unauthenticated: bool = False, max_body_bytes: int = 10 * 2 ** 20, timeout: float = 30.0,
-              body_timeout: float = 30.0, sock=None):
+              body_timeout: float = 30.0, where: str = "auto", sock=None):
         """Serve this deployment over HTTP at ``POST /v1/flows/<name>/predict``; returns the
-        running server (``server.url``, ``server.stop()``). See docs/serving.md.
+        running server (``server.url``, ``server.stop()``; a context manager). See docs/serving.md.
 
+        ``where="workers"``: every worker serves it itself, the workers of a host on one shared
+        port (``server.urls``: one per host), running the plan where the request lands — no hop
+        through this process; ``"client"``: this process serves and sends each request to a
+        worker; ``"auto"`` (default): the workers when they can be reached as ``host`` says (a
+        wildcard host, or all of them on this machine's loopback), else the client.
         ``token``: bearer token clients must send (required off loopback unless
         ``allow_unauthenticated=True``); ``max_body_bytes``: larger bodies get 413;
         ``timeout``: seconds a request may run before its 504 (it is then cancelled);
         ``body_timeout``: seconds a client may take to send its whole body before its 408;
-        ``sock``: an already bound listening socket to serve on instead of ``host``/``port``."""
-        from .http import HTTPServer
+        ``sock``: an already bound listening socket for the client to serve on."""
+        from .endpoints import WorkerEndpoints, serves_at_workers
+        from .http import HTTPServer, require_authentication
 
         self._check_open("serve")
-        server = HTTPServer({self.name: self}, host, port, token=token, allow_unauthenticated=allow_unauthenticated,
-                            max_body_bytes=max_body_bytes, timeout=timeout, body_timeout=body_timeout, sock=sock,
-                            loop=self._router.loop)
+        if where not in ("auto", "workers", "client"):
+            raise FlowError(f'where must be "auto", "workers" or "client", not {where!r}')
+        require_authentication(host, token, allow_unauthenticated)
+        settings = dict(token=token, allow_unauthenticated=allow_unauthenticated, max_body_bytes=max_body_bytes,
+                        timeout=timeout, body_timeout=body_timeout)
+        if where == "auto":
+            where = "workers" if sock is None and serves_at_workers(host, self.workers) else "client"
+        if where == "workers":
+            server = WorkerEndpoints(self, host, port, settings)
+        else:
+            server = HTTPServer({self.name: self}, host, port, sock=sock, loop=self._router.loop, **settings)
         self._servers.append(server)
         return server
 
@@ -446,19 +437,6 @@ class Deployment:
                 self.close()
             except Exception:
                 pass
-
-
-def _empty() -> dict:
-    return {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}, "batch_sizes": {}}
-
-
-def _row(stage: str, m: dict) -> dict:
-    ms = [s * 1000 for s in m["latencies"]]
-    row = {"stage": stage, "requests": m["requests"], "errors": m["errors"], "p50_ms": percentile(ms, 50),
-           "p99_ms": percentile(ms, 99), "workers": ", ".join(m["workers"])}
-    if m["batch_sizes"]:
-        row["batch_sizes"] = dict(sorted(m["batch_sizes"].items()))
-    return {**row, **m["counters"]}
 
 
 class _Progress:

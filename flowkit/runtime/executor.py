@@ -27,7 +27,7 @@ from .compat import worker_resources, worker_threads
 from .peers import Peers
 from .router import WorkerGone
 from .semantics import apply, callable_for, run_batched
-from .stats import StageStats
+from .stats import SERVED, STORE, StageStats
 from .store import RequestStore, WorkerStore, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
@@ -59,6 +59,7 @@ class WorkerDeployment:
         self.by_name = {op.name: op for op in self.ops}
         self.source = plan.source.name
         self.stats = {op.name: StageStats() for op in self.ops}
+        self.served = StageStats()   # requests this worker's own HTTP endpoint served, end to end
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
         threads = self.threads = max(1, worker_threads(worker))
@@ -89,7 +90,10 @@ class WorkerDeployment:
                                        self.id, fn.__name__, m.name, e)
 
     def close(self) -> None:
+        from .ingress import unserve_http
+
         self.closed = True
+        unserve_http(self)
         for b in self.batchers.values():
             b.close()
         if self.peers is not None:
@@ -113,6 +117,19 @@ class WorkerDeployment:
                 return p.Answer(rid, True, payload=dumps(out))
             if kind == "stats":
                 return p.Answer(rid, True, stats=self.snapshot())
+            if kind == "serve":   # serve HTTP here too (see ingress)
+                from .ingress import serve_http
+
+                return p.Answer(rid, True, payload=dumps(await serve_http(self, loads(call.payload))))
+            if kind == "http":   # what this worker's HTTP endpoint answered
+                from .ingress import http_counts
+
+                return p.Answer(rid, True, payload=dumps(http_counts(self)))
+            if kind == "unserve":
+                from .ingress import unserve_http
+
+                unserve_http(self, loads(call.payload))
+                return p.Answer(rid, True)
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
                 self.store.forget(loads(call.payload))
                 return p.Answer(rid, True)
@@ -221,7 +238,8 @@ class WorkerDeployment:
 
     def snapshot(self) -> dict:
         snap = {name: s.snapshot() for name, s in self.stats.items()}
-        snap["__store__"] = self.store.stats.snapshot()
+        snap[STORE] = self.store.stats.snapshot()
+        snap[SERVED] = self.served.snapshot()
         return {"worker": self.worker.address, "stages": snap}
 
 

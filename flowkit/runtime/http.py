@@ -316,16 +316,21 @@ def _is_loopback(host: str) -> bool:
 def require_authentication(host: str, token: str | None, allow_unauthenticated: bool,
                            hint: str = "pass token=... or allow_unauthenticated=True") -> None:
     """Refuse (``FlowError``, ending with ``hint``) to serve beyond loopback without a token,
-    unless the caller opted out."""
-    if not _is_loopback(host) and not token and not allow_unauthenticated:
-        raise FlowError(f"refusing to serve on {host!r} without authentication: {hint}")
+    unless the caller opted out (which is logged)."""
+    if not _is_loopback(host) and not token:
+        if not allow_unauthenticated:
+            raise FlowError(f"refusing to serve on {host!r} without authentication: {hint}")
+        logger.warning("serving on %s WITHOUT authentication (allow_unauthenticated=True)", host)
 
 
-def bind(host: str, port: int, hint: str = "pass port=0 for a free port") -> socket.socket:
+def bind(host: str, port: int, hint: str = "pass port=0 for a free port", *, shared: bool = False) -> socket.socket:
     """A socket bound to ``host:port`` for the server to listen on; a ``FlowError`` (ending
-    with ``hint`` when a port was named) if it cannot be."""
+    with ``hint`` when a port was named) if it cannot be. ``shared``: with ``SO_REUSEPORT``, so
+    that the worker processes of one host serve one port, the kernel spreading connections."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted connections inherit TCP_NODELAY from the listening socket. Without it a
     # response's header and body segments wait on the client's delayed ACK: 44 ms per request
     # on a keep-alive connection here, instead of 0.3 ms.
@@ -378,11 +383,10 @@ class HTTPServer:
     def __init__(self, deployments: dict, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
                  allow_unauthenticated: bool = False, max_body_bytes: int = 10 * 2 ** 20, timeout: float = 30.0,
                  body_timeout: float = 30.0, sock: socket.socket | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, worker: str | None = None):
         require_authentication(host, token, allow_unauthenticated)
-        if not _is_loopback(host) and not token:
-            logger.warning("serving on %s WITHOUT authentication (allow_unauthenticated=True)", host)
         self.deployments = deployments
+        self.worker = worker   # the worker serving, where one does (a label of its metrics)
         self.host = host
         self._token = token.encode() if token else None
         self.max_body = max_body_bytes
@@ -418,9 +422,10 @@ class HTTPServer:
     async def _serve(self) -> None:
         import uvicorn
 
-        config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=self.request_timeout, timeout_keep_alive=30)
-        self._server = uvicorn.Server(config)
+        # log_config=None: uvicorn leaves the process's logging set-up alone (a worker's, a notebook's)
+        config = uvicorn.Config(self._app(), log_level="warning", log_config=None, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=self.request_timeout, timeout_keep_alive=30)
+        self._server = _server(config)
         try:
             task = asyncio.ensure_future(self._server.serve(sockets=[self._sock]))
             while not self._server.started and not task.done():
@@ -438,13 +443,16 @@ class HTTPServer:
         finally:
             loop.close()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, let requests in flight finish (at most ``timeout`` s), then close."""
+    def stop(self, timeout: float | None = None, wait: bool = True) -> None:
+        """Stop accepting, let requests in flight finish (at most ``timeout`` s), then close;
+        ``wait=False`` only starts that (on the server's own event loop, which must not block)."""
         if self._server is None:
             return
         if timeout is not None:
             self._server.config.timeout_graceful_shutdown = timeout
         self._server.should_exit = True
+        if not wait:
+            return
         wait = (timeout or self.request_timeout) + 10
         if self._thread is not None:
             self._thread.join(wait)
@@ -571,24 +579,39 @@ class HTTPServer:
         """Prometheus text: HTTP responses by status, and per-stage counts and latency."""
         lines = ["# HELP flowkit_http_responses_total HTTP responses by flow and status.",
                  "# TYPE flowkit_http_responses_total counter"]
+        at = f',worker="{label_value(self.worker)}"' if self.worker else ""
         for (flow, status), n in sorted(list(self.counts.items())):  # list(): one atomic copy; the loop thread writes
-            lines.append(f'flowkit_http_responses_total{{flow="{label_value(flow)}",status="{status}"}} {n}')
+            lines.append(f'flowkit_http_responses_total{{flow="{label_value(flow)}",status="{status}"{at}}} {n}')
         lines += ["# HELP flowkit_stage_requests_total Requests per stage.", "# TYPE flowkit_stage_requests_total counter",
                   "# HELP flowkit_stage_errors_total Errors per stage.", "# TYPE flowkit_stage_errors_total counter",
                   "# HELP flowkit_stage_latency_ms Stage latency percentiles over recent requests.",
                   "# TYPE flowkit_stage_latency_ms gauge"]
         for flow, dep in self.deployments.items():
             for _, row in dep.stats().iterrows():
-                labels = f'flow="{label_value(flow)}",stage="{label_value(row["stage"])}"'
+                labels = f'flow="{label_value(flow)}",stage="{label_value(row["stage"])}"{at}'
                 lines.append(f"flowkit_stage_requests_total{{{labels}}} {int(row['requests'])}")
                 lines.append(f"flowkit_stage_errors_total{{{labels}}} {int(row['errors'])}")
                 for q, col in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
                     v = row[col]
                     if v == v:
                         lines.append(f'flowkit_stage_latency_ms{{{labels},quantile="{q}"}} {v:.4f}')
-        lines.append(f"flowkit_http_inflight {self.inflight}")
+        lines.append(f"flowkit_http_inflight{{{at[1:]}}} {self.inflight}" if at else f"flowkit_http_inflight {self.inflight}")
         lines.append(f"flowkit_scrape_timestamp_seconds {time.time():.3f}")
         return "\n".join(lines) + "\n"
+
+
+def _server(config):
+    """uvicorn's server, minus its signal handlers: it runs inside processes that own their
+    signals (a dask worker, whose event loop runs in its main thread; a notebook kernel)."""
+    import contextlib
+
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        def capture_signals(self):
+            return contextlib.nullcontext()
+
+    return QuietServer(config)
 
 
 async def _hang_up(receive) -> None:

@@ -45,8 +45,9 @@ class Welcome:
 @dataclass(frozen=True, slots=True)
 class Call:
     """Client -> worker: ``run`` a request (payload: its input Table), run one ``stage``
-    (payload: ``(stage name, input tables)``), send ``stats``, or ``forget`` where a stored key
-    lived (payload: the key)."""
+    (payload: ``(stage name, input tables)``), send ``stats``, ``forget`` where a stored key
+    lived (payload: the key), ``serve`` HTTP on the worker (payload: the options; answered with
+    the port) or ``unserve`` it."""
 
     kind: str
     id: int
@@ -80,7 +81,7 @@ class Answer:
     abandoned: bool = False
 
 
-_KINDS = {"run": Call, "stage": Call, "stats": Call, "forget": Call, "abandon": Abandon, "close": Close}
+_KINDS = {"abandon": Abandon, "close": Close}   # (any other kind is a Call's)
 
 
 def encode(msg) -> dict:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 
-__all__ = ["StageStats", "percentile"]
+__all__ = ["StageStats", "percentile", "stats_frame", "SERVED", "STORE"]
+
+SERVED = "__served__"   # a worker's own HTTP requests, end to end (see ingress)
+STORE = "__store__"     # a worker's dynamic lookups: local or remote
 
 
 def percentile(values, q: float) -> float:
@@ -69,3 +72,58 @@ class StageStats:
         with self.lock:
             return {"requests": self.requests, "errors": self.errors, "latencies": list(self.latencies),
                     "counters": dict(self.counters), "batch_sizes": dict(self.batch_sizes)}
+
+
+def stats_frame(plan, snapshots: list[dict], client: dict | None = None):
+    """``dep.stats()``'s table from the workers' snapshots (``WorkerDeployment.snapshot``) and the
+    client's own end-to-end statistics: a first ``(end to end)`` row — the requests the client
+    sent plus those workers served over HTTP themselves — then one row per stage of ``plan``,
+    with the workers where it ran, its batch sizes and its counters (a stage with dynamic
+    lookups gets the store's counters too)."""
+    import pandas as pd
+
+    merged: dict[str, dict] = {}
+    for snap in snapshots:
+        for stage, s in snap["stages"].items():
+            m = merged.setdefault(stage, _empty())
+            _add(m, s)
+            ran_here = set(s["counters"]) - {"sent to another worker"}   # (that one counts a hand-on)
+            if s["requests"] or ran_here or s["batch_sizes"]:
+                m["workers"].append(snap["worker"])
+    e2e = merged.get(SERVED, _empty())
+    if client is not None and (client["requests"] or client["counters"]):
+        _add(e2e, client)
+        e2e["workers"] = ["client"] + e2e["workers"]
+    rows = [_row("(end to end)", e2e)]
+    lookups = merged.get(STORE, _empty())["counters"]
+    for op in plan.stages():
+        m = merged.get(op.name, _empty())
+        if any(getattr(x, "dynamic", False) for x in getattr(op, "members", (op,))):
+            m["counters"] = {**lookups, **m["counters"]}
+        rows.append(_row(op.name, m))
+    df = pd.DataFrame(rows).set_index("stage", drop=False)
+    df.index.name = None
+    return df
+
+
+def _empty() -> dict:
+    return {"requests": 0, "errors": 0, "latencies": [], "workers": [], "counters": {}, "batch_sizes": {}}
+
+
+def _add(m: dict, s: dict) -> None:
+    m["requests"] += s["requests"]
+    m["errors"] += s["errors"]
+    m["latencies"] += s["latencies"]
+    for k, v in s["counters"].items():
+        m["counters"][k] = m["counters"].get(k, 0) + v
+    for k, v in s["batch_sizes"].items():
+        m["batch_sizes"][int(k)] = m["batch_sizes"].get(int(k), 0) + v
+
+
+def _row(stage: str, m: dict) -> dict:
+    ms = [s * 1000 for s in m["latencies"]]
+    row = {"stage": stage, "requests": m["requests"], "errors": m["errors"], "p50_ms": percentile(ms, 50),
+           "p99_ms": percentile(ms, 99), "workers": ", ".join(m["workers"])}
+    if m["batch_sizes"]:
+        row["batch_sizes"] = dict(sorted(m["batch_sizes"].items()))
+    return {**row, **m["counters"]}

@@ -1,0 +1,165 @@
+"""The client's handle on HTTP served by the workers themselves (``dep.serve()``).
+
+Each worker holding the deployment serves it (``ingress``): the workers of one host on one
+shared port, so a host has one URL, and clients (or any L4 balancer, as a Kubernetes Service
+would be) connect straight to where the work runs. A worker that joins later serves too, on its
+host's port. ``WorkerEndpoints`` says where (``url``, ``urls``) and stops them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+
+from .compat import address_host
+from .wire import dumps
+
+__all__ = ["WorkerEndpoints", "serves_at_workers"]
+
+logger = logging.getLogger("flowkit.http")
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def serves_at_workers(host: str, workers: list[str]) -> bool:
+    """Whether ``dep.serve(host)`` can be served by the workers (``where="auto"``): ``host`` is a
+    wildcard (every worker listens on all its interfaces), or every worker runs on this
+    machine's loopback (the embedded cluster, a LocalCluster) where ``host`` is loopback too.
+    Else the client serves, as it can reach the workers and its callers can reach it.
+
+    >>> serves_at_workers("127.0.0.1", ["tcp://127.0.0.1:4000"]), serves_at_workers("0.0.0.0", ["tcp://10.0.0.5:4000"])
+    (True, True)
+    >>> serves_at_workers("127.0.0.1", ["tcp://10.0.0.5:4000"]), serves_at_workers("10.0.0.9", ["tcp://127.0.0.1:1"])
+    (False, False)
+    """
+    if host in WILDCARDS:
+        return True
+    return bool(workers) and _loopback(host) and all(_loopback(address_host(w)) for w in workers)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WorkerEndpoints:
+    """HTTP served by every worker of ``dep`` (one port per host); ``url`` is the first host's."""
+
+    def __init__(self, dep, host: str, port: int, settings: dict, timeout: float = 60.0):
+        self.dep = dep
+        self.host = host
+        self.requested = port
+        self.settings = settings
+        self.timeout = timeout
+        self.ports: dict[str, int] = {}     # worker host -> the port its workers serve
+        self.serving: dict[str, str] = {}   # worker address -> its host
+        self._lock = threading.Lock()
+        self.stopped = False
+        by_host: dict[str, list[str]] = {}
+        for address in dep.workers:
+            by_host.setdefault(address_host(address), []).append(address)
+        try:
+            for where, addresses in by_host.items():
+                self.ports[where] = self._serve(addresses[0], port).result(timeout)
+                self.serving[addresses[0]] = where
+                rest = [(a, self._serve(a, self.ports[where])) for a in addresses[1:]]
+                for a, fut in rest:
+                    fut.result(timeout)
+                    self.serving[a] = where
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve(self, address: str, port: int):
+        options = {"host": self.host, "port": port, "settings": self.settings, "max_inflight": self.dep.max_inflight}
+        return self.dep._router.submit("serve", dumps(options), worker=address)
+
+    def add_worker(self, address: str) -> None:
+        """A worker that joined the deployment serves too, on its host's port (without waiting)."""
+        where = address_host(address)
+        with self._lock:
+            if self.stopped or address in self.serving:
+                return
+            port = self.ports.get(where, self.requested)
+
+        def served(fut) -> None:
+            if fut.exception() is not None:
+                logger.warning("worker %s could not serve HTTP: %s", address, fut.exception())
+                return
+            with self._lock:
+                self.ports.setdefault(where, fut.result())
+                self.serving[address] = where
+
+        self._serve(address, port).add_done_callback(served)
+
+    def _gather(self) -> list[dict]:
+        live = set(self.dep.workers)
+        futures = [self.dep._router.submit("http", worker=a) for a in list(self.serving) if a in live]
+        out = []
+        for fut in futures:
+            try:
+                out.append(fut.result(self.timeout))
+            except Exception as e:   # a worker that left answers nothing
+                logger.debug("http counts: %s", e)
+        return out
+
+    @property
+    def counts(self) -> dict:
+        """HTTP answers by ``(flow, status)``, summed over the serving workers."""
+        total: dict = {}
+        for part in self._gather():
+            for key, n in part["counts"].items():
+                total[key] = total.get(key, 0) + n
+        return total
+
+    @property
+    def inflight(self) -> int:
+        """HTTP requests in flight on the serving workers."""
+        return sum(part["inflight"] for part in self._gather())
+
+    @property
+    def urls(self) -> list[str]:
+        """One URL per host whose workers serve."""
+        out = []
+        for where, port in self.ports.items():
+            h = where if self.host in WILDCARDS else self.host
+            out.append(f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}")
+        return out
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.stopped else f"{len(self.serving)} workers"
+        return f"<flowkit HTTP served by the workers of {self.dep.name!r} at {', '.join(self.urls)} ({state})>"
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Every worker stops serving this deployment (a port left with no flow closes)."""
+        with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            live = set(self.dep.workers)   # (a worker that left stopped serving with it)
+            serving = [(a, self.ports[where]) for a, where in self.serving.items() if a in live]
+        futures = [self.dep._router.submit("unserve", dumps(port), worker=a) for a, port in serving]
+        for fut in futures:
+            try:
+                fut.result(timeout or 10)
+            except Exception as e:   # a worker that left stopped serving with it
+                logger.debug("unserve: %s", e)
+
+    close = stop
+
+    def __enter__(self) -> "WorkerEndpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,125 @@
+"""HTTP served where the work runs: a worker's own endpoint for the deployments it holds.
+
+``dep.serve()`` (``endpoints``) asks each worker to serve: the worker then parses, runs and
+answers HTTP requests itself, running the plan in its own executor (``WorkerDeployment.run``) and
+reaching other workers only when the plan needs them (locality, races, GPU stages). No request
+crosses the client's process. The workers of one host share one port (``SO_REUSEPORT``: the
+kernel spreads connections over them); one worker's server holds every deployment served on
+that port (routes by flow name), with the same front door as the client-side server
+(``http.HTTPServer``: auth, limits, error codes, metrics).
+
+State per worker: ``worker._flowkit_http`` maps ``(host, port)`` to its ``HTTPServer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..errors import FlowError, Overloaded
+from ..table import as_table
+from .cancel import Token
+from .stats import stats_frame
+
+__all__ = ["LocalEndpoint", "serve_http", "unserve_http", "http_counts"]
+
+
+class LocalEndpoint:
+    """One deployment on this worker, as the HTTP front door sees a deployment: its plan,
+    ``submit`` (on the worker's event loop; the answer's task, which the front door cancels on
+    a timeout or a hang-up), its workers and its statistics."""
+
+    def __init__(self, dep, max_inflight: int):
+        self.dep = dep
+        self.plan = dep.plan
+        self.name = dep.plan.name
+        self.max_inflight = max_inflight
+        self.inflight = 0
+
+    @property
+    def workers(self) -> list[str]:
+        return [] if self.dep.closed else [self.dep.worker.address]
+
+    def submit(self, rows) -> asyncio.Task:
+        table = as_table(rows, self.plan.source.schema)
+        if self.inflight >= self.max_inflight:
+            raise Overloaded(f"flow {self.name!r} has {self.inflight} requests in flight on worker "
+                             f"{self.dep.worker.address} (max_inflight={self.max_inflight}); retry later")
+        self.inflight += 1
+        return asyncio.ensure_future(self._run(table))
+
+    async def _run(self, table):
+        token, t0, served = Token(), time.perf_counter(), self.dep.served
+        try:
+            out = await self.dep.run(table, token)
+        except asyncio.CancelledError:   # a 504 or a hang-up: its work stops between rows and operators
+            token.cancel("the HTTP request was abandoned")
+            served.count("cancelled")
+            raise
+        except BaseException:
+            served.record(time.perf_counter() - t0, ok=False)
+            raise
+        finally:
+            self.inflight -= 1
+        served.record(time.perf_counter() - t0)
+        return out
+
+    def stats(self):
+        return stats_frame(self.plan, [self.dep.snapshot()])
+
+
+async def serve_http(dep, options: dict) -> int:
+    """Serve ``dep`` over HTTP on this worker at ``options["host"]``/``["port"]`` (0: a new port);
+    the port it serves on. A port this worker already serves with the same settings gets this
+    flow too; the same flow twice, or other settings on a taken port, is a ``FlowError``."""
+    from .http import HTTPServer, bind
+
+    worker, loop = dep.worker, asyncio.get_running_loop()
+    servers = worker.__dict__.setdefault("_flowkit_http", {})
+    host, port, settings = options["host"], options["port"], dict(options["settings"])
+    server = servers.get((host, port)) if port else None
+    endpoint = LocalEndpoint(dep, options["max_inflight"])
+    if server is not None:
+        if dep.plan.name in server.deployments:
+            raise FlowError(f"cannot serve on {host}:{port}: flow {dep.plan.name!r} is already served there; "
+                            "pass port=0 for a free port")
+        if server.settings != settings:
+            raise FlowError(f"port {port} on {host} already serves {sorted(server.deployments)} with other settings")
+        server.deployments[dep.plan.name] = endpoint
+        return port
+    sock = bind(host, port, shared=True)
+
+    def start():   # (HTTPServer waits for its start: not on this loop, which runs it)
+        return HTTPServer({dep.plan.name: endpoint}, host, sock=sock, loop=loop, worker=worker.address, **settings)
+
+    server = await loop.run_in_executor(None, start)
+    server.settings = settings
+    servers[(host, server.port)] = server
+    return server.port
+
+
+def unserve_http(dep, port: int | None = None) -> None:
+    """Stop serving ``dep`` on this worker, on ``port`` (None: every port); a server left with
+    no flow stops."""
+    servers = getattr(dep.worker, "_flowkit_http", {})
+    for key, server in list(servers.items()):
+        endpoint = server.deployments.get(dep.plan.name)
+        if getattr(endpoint, "dep", None) is dep and port in (None, key[1]):
+            del server.deployments[dep.plan.name]
+            if not server.deployments:
+                server.stop(wait=False)
+                del servers[key]
+
+
+def http_counts(dep) -> dict:
+    """This worker's HTTP answers for ``dep`` by ``(flow, status)``, and its requests in flight."""
+    counts: dict = {}
+    inflight = 0
+    for server in getattr(dep.worker, "_flowkit_http", {}).values():
+        endpoint = server.deployments.get(dep.plan.name)
+        if getattr(endpoint, "dep", None) is dep:
+            inflight += endpoint.inflight
+            for key, n in list(server.counts.items()):
+                if key[0] == dep.plan.name:
+                    counts[key] = counts.get(key, 0) + n
+    return {"counts": counts, "inflight": inflight}
