@@ -12,8 +12,12 @@ What each device means:
   - ``cpu``: *measured* on this machine. Per workload and R, each policy runs ``--warmup`` times,
     then ``--reps`` (>= 15) timed repetitions, interleaved (one of each policy per repetition, the
     order rotating) so that a load change on a shared machine hits every policy alike. Reported:
-    the median with its IQR and min-max; ratios are medians' ratios, with the IQR of the
-    per-repetition ratios. ``--compare OLD.json`` records how far each geomean ratio moved from an
+    the median with its IQR and min-max; a ratio is the median of the per-repetition ratios (adjacent
+    samples, so slow load drift cancels), with their IQR. Torch runs one intra-op thread
+    (``--threads``) and the process is pinned to one core (``--cores``): the "device" is one core,
+    and the policies differ only in how they multiplex tenants onto it (on a machine shared with
+    other work, a second core comes and goes and moves the ratios by more than 15%). Samples shorter
+    than 10 ms repeat the call. ``--compare OLD.json`` records how far each geomean ratio moved from an
     earlier run (run-to-run agreement).
   - ``sim:v100`` / ``sim:h200``: *modeled* (flowkit.gpu.costmodel with the cited constants of
     flowkit/gpu/profiles.py), plus the model's prediction of Table 1 against the paper's figures.
@@ -60,22 +64,30 @@ def quartiles(xs) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def interleaved(fns: dict, reps: int, warmup: int, sync) -> dict[str, list[float]]:
+def interleaved(fns: dict, reps: int, warmup: int, sync, min_sample: float = 0.010) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns``: ``warmup`` untimed calls each, then ``reps`` rounds of
-    one timed call each, the order rotating from round to round."""
+    one timed sample each, the order rotating from round to round. A sample repeats a call that
+    is shorter than ``min_sample`` enough times to last that long (timer and scheduler noise)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
         sync()
+    inner = {}
+    for n in names:
+        t0 = time.perf_counter()
+        fns[n]()
+        sync()
+        inner[n] = max(1, math.ceil(min_sample / max(time.perf_counter() - t0, 1e-7)))
     out = {n: [] for n in names}
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for n in order:
             t0 = time.perf_counter()
-            fns[n]()
+            for _ in range(inner[n]):
+                fns[n]()
             sync()
-            out[n].append(time.perf_counter() - t0)
+            out[n].append((time.perf_counter() - t0) / inner[n])
     return out
 
 
@@ -152,14 +164,22 @@ def provenance() -> dict:
     return {"commit": git("rev-parse", "HEAD") or os.environ.get("FLOWKIT_COMMIT", "unknown"),
             "date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": f"{platform.machine()} {cpu}".strip(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+            "cores_used": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "python": platform.python_version(),
             "load_average_at_start": os.getloadavg()}
 
 
-def main(device: str, reps: int = 15, warmup: int = 3, compare: str | None = None, rs=None, out: str | None = None) -> dict:
+def main(device: str, reps: int = 21, warmup: int = 3, compare: str | None = None, rs=None, out: str | None = None,
+         threads: int | None = 1, cores: int | None = 1) -> dict:
     import torch
 
     kind = "sim" if device.startswith("sim") else device
+    if kind == "cpu":
+        if cores and hasattr(os, "sched_setaffinity"):   # the "device" is these cores, for every policy alike
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+        if threads:
+            torch.set_num_threads(threads)   # intra-op threads; the space policy's pool runs beside them
     backend = make_backend(device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False   # FP32 means FP32, as in the paper
@@ -190,7 +210,7 @@ def main(device: str, reps: int = 15, warmup: int = 3, compare: str | None = Non
                 for other in ("space", "time"):
                     per_rep = [o / s for o, s in zip(secs[other], secs["spacetime"])]
                     q1, _, q3 = quartiles(per_rep) if len(per_rep) > 1 else (per_rep[0],) * 3
-                    row[f"spacetime/{other}"] = row[other]["median_s"] / row["spacetime"]["median_s"]
+                    row[f"spacetime/{other}"] = statistics.median(per_rep)   # adjacent samples: drift cancels
                     row[f"spacetime/{other} per-rep IQR"] = [q1, q3]
                 rows.append(row)
             mine = [x for x in rows if x["dtype"] == dtype and x["workload"] == name]
@@ -210,7 +230,9 @@ def main(device: str, reps: int = 15, warmup: int = 3, compare: str | None = Non
                      f"{name} on {backend.name} (FP32, {'modeled' if kind == 'sim' else 'median'})", logy=True)
     elapsed = time.time() - t_start
     what = {"sim": "MODELED by flowkit.gpu.costmodel (cited constants in flowkit/gpu/profiles.py); nothing measured",
-            "cpu": f"MEASURED on this CPU: median of {reps} interleaved repetitions after {warmup} warm-up rounds",
+            "cpu": f"MEASURED on this CPU: median of {reps} interleaved repetitions (each at least 10 ms) after {warmup} "
+                   f"warm-up rounds, {torch.get_num_threads()} intra-op thread(s) on {meta['cores_used']} core(s); a ratio is the median of the "
+                   "per-repetition ratios",
             "cuda": "MEASURED on a GPU (CUDA events, median of 50)"}[kind]
     md = f"{what}.\n\n" + json.dumps(meta) + "\n\n## geometric means over R = " + ", ".join(map(str, rs)) + "\n\n"
     md += table(summary, ["dtype", "workload", "spacetime/space", "spacetime/time", "paper spacetime/space",
@@ -255,7 +277,9 @@ def main(device: str, reps: int = 15, warmup: int = 3, compare: str | None = Non
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="sim:v100", help="sim:v100 | sim:h200 | cuda | cpu")
-    ap.add_argument("--reps", type=int, default=15, help="timed repetitions per cell (cpu; at least 15)")
+    ap.add_argument("--reps", type=int, default=21, help="timed repetitions per cell (cpu; at least 15)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (0: torch's default)")
+    ap.add_argument("--cores", type=int, default=1, help="CPU cores the benchmark may run on (0: all)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compare", help="an earlier run's JSON: record how far each geomean ratio moved")
     ap.add_argument("--rs", type=lambda s: [int(x) for x in s.split(",")], help="tenant counts, e.g. 1,2,10")
@@ -263,4 +287,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.device == "cpu" and args.reps < 15:
         ap.error("--reps must be at least 15 on the CPU")
-    main(args.device, args.reps, args.warmup, args.compare, args.rs, args.out)
+    main(args.device, args.reps, args.warmup, args.compare, args.rs, args.out, args.threads, args.cores)
