@@ -78,12 +78,9 @@ def test_a_stacked_super_kernel_equals_each_tenants_solo_forward():
     stacked = backend.stack(tuple(range(7)), models)
     xs = torch.randn(7, 4, 8, 6, 6)
     out = backend.forward_stacked(stacked, xs)
-    some = backend.forward_stacked(stacked, xs[:3], slots=(4, 0, 4))   # a subset: their weights gathered
     with torch.inference_mode():
         for i, m in enumerate(models):
             assert torch.allclose(out[i], m(xs[i]), atol=1e-5)
-        for row, slot in enumerate((4, 0, 4)):
-            assert torch.allclose(some[row], models[slot](xs[row]), atol=1e-5)
 
 
 class BucketingCPU(CPUBackend):
@@ -95,12 +92,12 @@ class BucketingCPU(CPUBackend):
         super().__init__()
         self.shapes = []
 
-    def forward_stacked(self, stacked, xs, slots=None):
-        self.shapes.append((tuple(xs.shape[:2]), slots))
-        return super().forward_stacked(stacked, xs, slots)
+    def forward_stacked(self, stacked, xs, *gather):
+        self.shapes.append(tuple(xs.shape[:2]))
+        return super().forward_stacked(stacked, xs, *gather)
 
 
-def test_one_super_kernel_per_group_serves_any_subset_of_its_tenants_in_few_shapes():
+def test_a_groups_programs_serve_subsets_of_its_tenants_in_few_shapes():
     backend = BucketingCPU()
     sched = SpaceTimeScheduler(backend, "spacetime", max_wait_ms=1)
     try:
@@ -115,9 +112,13 @@ def test_one_super_kernel_per_group_serves_any_subset_of_its_tenants_in_few_shap
                 with torch.inference_mode():
                     assert torch.allclose(f.result(30), tenant_model(i)(x), atol=1e-5), (wave, i)
         stats = sched.stats()
-        assert stats["stacked"] == len(waves) and stats["cache misses"] == 1   # one program for every subset
-        assert all(w in (1, 2, 4, 5) and r in (1, 2, 4) for (w, r), _ in backend.shapes)
-        assert (backend.shapes[2][1] is None) and all(s is not None for i, (_, s) in enumerate(backend.shapes) if i != 2)
+        # (0, 1) builds a program of two; (1, 2, 3) one of four, widened with t0 (it covers the
+        # first: evicted); all five one of five (covers the four: evicted); (4, 2) is under half
+        # of five: a program of its own; (3, 0, 1) runs on the five (idle slots get zero rows)
+        assert [w for w, _ in backend.shapes] == [2, 4, 5, 2, 5]
+        assert all(r in (1, 2, 4) for _, r in backend.shapes)
+        assert (stats["stacked"], stats["cache misses"], stats["cache hits"], stats["evicted programs"]) == (5, 4, 1, 2)
+        assert sorted(p.tenants for p in sched.cache.values()) == [("t0", "t1", "t2", "t3", "t4"), ("t2", "t4")]
     finally:
         sched.close()
 
@@ -262,7 +263,8 @@ def test_requests_of_other_shapes_batch_apart_and_models_vmap_cannot_stack_run_u
                 assert torch.allclose(f.result(30), _solo(models[name], x), atol=1e-5), (round_, name, x.shape)
         stats = sched.stats()
         assert stats["failed requests"] == 0 and stats["unstackable groups"] == 1
-        assert sched.tenants["b0"].arch != sched.tenants["b1"].arch      # never grouped again
+        assert sched.unstackable[sched.tenants["b0"].arch] == math.inf   # never stacked again
+        assert sched.tenants["p0"].arch not in sched.unstackable
     finally:
         sched.close()
 
@@ -397,22 +399,14 @@ def _geomean_ratio(a, b):
     return math.exp(sum(math.log(x / y) for x, y in zip(a, b)) / len(a))
 
 
-def test_the_simulated_v100_reproduces_the_papers_ordering_and_ratios():
+def test_the_simulated_v100_orders_the_policies_as_the_paper():
     v100, rs = PROFILES["v100"], [1, 2, 5, 10, 20, 32, 40, 64, 80, 120]
     conv = Gemm(256, 128, 1152)
     per = {p: [gflops(p, conv, r, v100) for r in rs] for p in ("time", "space", "spacetime")}
     assert all(st >= s >= t * 0.99 for st, s, t in zip(per["spacetime"][2:], per["space"][2:], per["time"][2:]))
-    assert _geomean_ratio(per["spacetime"], per["space"]) == pytest.approx(3.23, rel=0.25)
-    assert _geomean_ratio(per["spacetime"], per["time"]) == pytest.approx(7.73, rel=0.25)
-    square = Gemm(256, 256, 256)
-    assert _geomean_ratio([gflops("spacetime", square, r, v100) for r in rs],
-                          [gflops("space", square, r, v100) for r in rs]) == pytest.approx(4.93, rel=0.25)
-    rnn = Gemm(512, 1, 512)                                   # memory-bound: time-only is the next best
-    per = {p: [gflops(p, rnn, r, v100) for r in rs] for p in ("time", "space", "spacetime")}
-    assert _geomean_ratio(per["time"], per["space"]) > 1
-    assert _geomean_ratio(per["spacetime"], per["time"]) == pytest.approx(2.48, rel=0.25)
-    # the sawtooth: one more problem than a full wave costs throughput
-    assert gflops("spacetime", conv, 21, v100) < gflops("spacetime", conv, 20, v100)
+    # The paper's ratios are predicted by the calibrated model and its error reported, not
+    # asserted here (tests/test_gpu_model.py): asserting them made the model fit the check.
+    assert _geomean_ratio(per["spacetime"], per["space"]) > 1 and _geomean_ratio(per["spacetime"], per["time"]) > 1
 
 
 def _sm_share(policy: str) -> tuple[float, dict]:
@@ -734,14 +728,378 @@ def test_on_cuda_settled_super_kernels_replay_from_cuda_graphs(fp32):
     models = [backend.place(tenant_model(i)) for i in range(5)]
     stacked = backend.stack(tuple(range(5)), models)
     for step in range(4):
-        xs = torch.randn(5, 2, 8, 6, 6, device=backend.device)
+        rows = (2, 4)[step % 2]
+        xs = torch.randn(5, rows, 8, 6, 6, device=backend.device)
         out = backend.forward_stacked(stacked, xs)
-        slots = ((4, 1), (0, 2), (3, 3))[step % 3]
-        some = backend.forward_stacked(stacked, xs[:2], slots)   # a subset: gathered inside the graph
         with torch.inference_mode():
             for i, m in enumerate(models):
                 assert torch.allclose(out[i], m(xs[i]), rtol=1e-4, atol=1e-4), (step, i)
-            for row, slot in enumerate(slots):
-                assert torch.allclose(some[row], models[slot](xs[row]), rtol=1e-4, atol=1e-4), (step, slots)
     assert backend.graph_failures == 0
     assert len(stacked.graphs) == 2 and all(stacked.graphs.values())   # two shapes, each captured once
+
+
+# -- defects of issue 16, each with the test that failed before its fix -------------------------------
+def test_a_bad_request_on_the_simulated_gpu_fails_alone_and_the_dispatcher_serves_on():
+    """The cost model traced the bad input outside the launch's error handling: the dispatcher
+    thread died and every later request hung."""
+    for policy in ("time", "spacetime"):
+        sched = SpaceTimeScheduler(SimBackend("h200"), policy, max_wait_ms=1)
+        try:
+            models = {f"t{i}": tenant_model(i) for i in range(2)}
+            for name, m in models.items():
+                sched.add_tenant(name, m)
+            good = torch.randn(2, 8, 6, 6)
+            with sched.cond:
+                bad = sched.submit("t0", torch.randn(1, 5, 6, 6))     # 5 channels, not 8
+                fine = sched.submit("t1", good)
+            with pytest.raises(RuntimeError):
+                bad.result(30)
+            assert torch.allclose(fine.result(30), _solo(models["t1"], good), atol=1e-5)
+            later = [(n, sched.submit(n, good)) for n in models]
+            for name, f in later:
+                assert torch.allclose(f.result(30), _solo(models[name], good), atol=1e-5), policy
+            assert sched.thread.is_alive() and sched.stats()["failed requests"] == 1
+        finally:
+            sched.close()
+
+
+class TwoHeads(nn.Module):
+    """A model with a tuple output (as recurrent and attention modules have)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, (y.sum(1), {"max": y.amax(1)})
+
+
+@pytest.mark.parametrize("policy", ["batch", "space", "spacetime"])
+def test_tuple_outputs_are_sliced_per_request(policy):
+    """Under ``batch`` one request got both output tensors' rows and the other ``y.sum(1)``."""
+    sched = SpaceTimeScheduler(CPUBackend(), policy, max_wait_ms=5)
+    try:
+        models = {f"h{i}": TwoHeads(i) for i in range(3)}
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        with sched.cond:   # one launch: requests of 1, 2 and 3 rows of each tenant
+            futs = [(n, x, sched.submit(n, x)) for n in models for x in (torch.randn(k, 6) for k in (1, 2, 3))]
+        for name, x, f in futs:
+            y, (total, extra) = f.result(30)
+            ref_y, (ref_total, ref_extra) = _solo(models[name], x)
+            assert y.shape == ref_y.shape and total.shape == ref_total.shape, (name, x.shape)
+            assert torch.allclose(y, ref_y, atol=1e-5) and torch.allclose(total, ref_total, atol=1e-5)
+            assert torch.allclose(extra["max"], ref_extra["max"], atol=1e-5)
+    finally:
+        sched.close()
+
+
+class Hiccup(nn.Module):
+    """Fails its next ``fail[0]`` forward calls with an error that is not vmap's (a device
+    hiccup); the counter is the class's, so the program's copy of the model shares it."""
+
+    fail = [0]
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if type(self).fail[0] > 0:
+            type(self).fail[0] -= 1
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (transient)")
+        return self.lin(x)
+
+
+def test_a_stack_that_fails_for_another_reason_than_vmap_is_stacked_again_later():
+    """Any failed stack whose requests ran alone used to mark the group unstackable forever."""
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1, restack_after_s=0.0)
+    try:
+        models = {f"h{i}": Hiccup(i) for i in range(3)}
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        x = torch.randn(2, 6)
+
+        def wave():
+            with sched.cond:
+                futs = [(n, sched.submit(n, x)) for n in models]
+            for name, f in futs:
+                assert torch.allclose(f.result(30), _solo(models[name], x), atol=1e-5)
+
+        Hiccup.fail[0] = 1            # the stacked launch's one call fails; each request alone succeeds
+        wave()
+        stats = sched.stats()
+        assert (stats["stacked"], stats["stacking paused"], stats["unstackable groups"]) == (1, 1, 0)
+        wave()                         # stacked again: the pause (0 s here) is over
+        assert sched.stats()["stacked"] == 2 and sched.stats()["failed requests"] == 0
+    finally:
+        Hiccup.fail[0] = 0
+        sched.close()
+
+
+def test_adding_tenants_one_by_one_keeps_one_program_not_a_copy_of_the_weights_per_size():
+    """Adding 20 tenants one by one left 16 cached programs holding 200 weight copies."""
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        x = torch.randn(1, 6)
+        for i in range(20):
+            sched.add_tenant(f"h{i}", Hiccup(i))
+            with sched.cond:
+                futs = [sched.submit(f"h{j}", x) for j in range(i + 1)]
+            [f.result(30) for f in futs]
+            copies = sum(p.width for p in sched.cache.values())
+            assert copies <= 2 * (i + 1), (i, [p.tenants for p in sched.cache.values()])
+        assert [p.width for p in sched.cache.values()] == [20]
+        assert sched.stats()["stacked"] == 19
+    finally:
+        sched.close()
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops run inside it (torch's own op-level hook, not a mock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class LoggingCPU(CPUBackend):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.weights = [], []
+
+    def forward_stacked(self, stacked, xs, *gather):
+        self.weights.append({k: v.data_ptr() for k, v in stacked.params.items()})
+        with OpLog() as log:
+            out = super().forward_stacked(stacked, xs, *gather)
+        self.ops += log.ops
+        return out
+
+
+def test_stacked_weights_are_built_once_per_program_not_gathered_per_launch():
+    backend = LoggingCPU()
+    sched = SpaceTimeScheduler(backend, "spacetime", max_wait_ms=1)
+    try:
+        for i in range(4):
+            sched.add_tenant(f"t{i}", tenant_model(i))
+        x = torch.randn(1, 8, 6, 6)
+        for members in ((0, 1, 2, 3), (0, 2, 3), (1, 3, 0), (0, 1, 2, 3)):   # subsets of the group
+            with sched.cond:
+                futs = [(i, sched.submit(f"t{i}", x)) for i in members]
+            for i, f in futs:
+                assert torch.allclose(f.result(30), _solo(tenant_model(i), x), atol=1e-5)
+        assert "aten.index_select" not in backend.ops and "aten.gather" not in backend.ops
+        assert sched.stats()["cache misses"] == 1 and all(w == backend.weights[0] for w in backend.weights)
+    finally:
+        sched.close()
+
+
+# -- recurrent and attention models as super-kernels ------------------------------------------------------
+class Tagger(nn.Module):
+    """A sequence model around an LSTM (vmap alone cannot batch ``aten::lstm``)."""
+
+    def __init__(self, seed: int, cell=nn.LSTM):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.rnn = cell(6, 10, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
+class Stepper(nn.Module):
+    """A hand-unrolled GRU cell."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.cell, self.head = nn.GRUCell(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = None
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+class Attender(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+
+    def forward(self, x):
+        y, w = self.att(x, x, x)
+        return self.enc(y), w
+
+
+def _seeded(make, seed):
+    torch.manual_seed(seed)
+    return make().eval()
+
+
+RECURRENT = {
+    "lstm": (lambda: nn.LSTM(6, 10, batch_first=True), (4, 7, 6)),
+    "lstm 2 layers, bidirectional, time first": (lambda: nn.LSTM(6, 10, num_layers=2, bidirectional=True), (7, 4, 6)),
+    "lstm with projections": (lambda: nn.LSTM(6, 10, proj_size=4, batch_first=True), (4, 7, 6)),
+    "gru": (lambda: nn.GRU(6, 10, num_layers=2, batch_first=True), (4, 7, 6)),
+    "rnn relu": (lambda: nn.RNN(6, 10, nonlinearity="relu", batch_first=True), (4, 7, 6)),
+    "lstm cell": (lambda: nn.LSTMCell(6, 10), (4, 6)),
+    "gru cell": (lambda: nn.GRUCell(6, 10), (4, 6)),
+    "rnn cell": (lambda: nn.RNNCell(6, 10), (4, 6)),
+    "model around a bidirectional lstm": (lambda: Tagger(0), (4, 7, 6)),
+    "model around a bidirectional gru": (lambda: Tagger(0, nn.GRU), (4, 7, 6)),
+    "unrolled gru cell": (lambda: Stepper(0), (4, 7, 6)),
+    "attention and a transformer layer": (lambda: Attender(0), (4, 7, 8)),
+}
+
+
+def _close(a, b):
+    if isinstance(b, tuple):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+@pytest.mark.filterwarnings("error:There is a performance drop")   # vmap's per-tenant fallback loop
+@pytest.mark.parametrize("kind", RECURRENT)
+def test_recurrent_and_attention_models_stack_into_batched_gemms_equal_to_each_tenant_alone(kind):
+    make, shape = RECURRENT[kind]
+    backend, R = CPUBackend(), 5
+    models = [backend.place(_seeded(make, seed)) for seed in range(R)]
+    stacked = backend.stack(tuple(range(R)), models)
+    xs = torch.randn(R, *shape)
+    with OpLog() as log:
+        out = backend.forward_stacked(stacked, xs)
+    for i, m in enumerate(models):
+        solo = _solo(m, xs[i])
+        assert _close(tuple_at(out, i), solo), (kind, i)
+    assert {"aten.bmm", "aten.baddbmm"} & set(log.ops) or "aten.matmul" in log.ops or "aten.mm" in log.ops
+    assert not {"aten.lstm", "aten.gru", "aten.rnn_tanh", "aten.rnn_relu", "aten._native_multi_head_attention",
+                "aten._transformer_encoder_layer_fwd"} & set(log.ops)
+
+
+def tuple_at(out, i):
+    from flowkit.gpu.backends import tensors_map
+
+    return tensors_map(lambda t: t[i], out)
+
+
+def test_an_lstm_super_kernel_is_one_batched_gemm_per_timestep_over_the_tenants():
+    backend, R, T = CPUBackend(), 6, 9
+    models = [_seeded(lambda: nn.LSTM(6, 10, batch_first=True), s) for s in range(R)]
+    stacked = backend.stack(tuple(range(R)), models)
+    with OpLog() as log:
+        backend.forward_stacked(stacked, torch.randn(R, 3, T, 6))
+    gemms = [op for op in log.ops if op in ("aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm")]
+    assert len(gemms) == 1 + T and set(gemms) == {"aten.baddbmm"}   # the input projection, then one per step
+
+
+def test_lstm_tenants_are_served_stacked_by_the_scheduler():
+    sched = SpaceTimeScheduler(CPUBackend(), "spacetime", max_wait_ms=1)
+    try:
+        models = {f"tag{i}": Tagger(i).eval() for i in range(4)}
+        for name, m in models.items():
+            sched.add_tenant(name, m)
+        for _ in range(2):
+            with sched.cond:
+                futs = [(n, x, sched.submit(n, x)) for n in models for x in [torch.randn(1 + len(n) % 3, 5, 6)]]
+            for name, x, f in futs:
+                assert torch.allclose(f.result(30), _solo(models[name], x), atol=1e-5)
+        stats = sched.stats()
+        assert stats["stacked"] == 2 and stats["unstackable groups"] == 0 and stats["failed requests"] == 0
+    finally:
+        sched.close()
+
+
+# -- the local scheduler, the monitor's device, the plugin's resource ---------------------------------------
+def test_a_torch_model_without_the_plugin_uses_the_gpu_where_torch_sees_one(monkeypatch):
+    from flowkit.gpu.model import local_choice
+
+    assert local_choice() == (("cuda", "spacetime") if torch.cuda.is_available() else ("cpu", "batch"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # as on a GPU machine
+    assert local_choice() == ("cuda", "spacetime")
+
+
+class FakeNVML:
+    """NVML's device lookups and readings as a machine with two GPUs answers them."""
+
+    def __init__(self):
+        self.asked = []
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        self.asked.append(("index", i))
+        return f"gpu{i}"
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.asked.append(("uuid", uuid))
+        return uuid
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("U", (), {"gpu": {"gpu0": 0.0, "gpu1": 77.0}[h]})()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("M", (), {"used": 1.0, "total": 2.0})()
+
+    def nvmlGpmQueryDeviceSupport(self, h):
+        return type("S", (), {"isSupportedDevice": 0})()
+
+
+def test_the_monitor_reads_the_schedulers_device_not_device_0(monkeypatch):
+    from flowkit.gpu import CUDABackend, monitor
+
+    nvml = FakeNVML()
+    monkeypatch.setattr(monitor, "_nvml", nvml)
+    monkeypatch.setattr(monitor, "_handles", {})
+    monkeypatch.setattr(monitor, "_gpm", {})
+    backend = object.__new__(CUDABackend)   # the backend of cuda:1, without a GPU to start it on
+    backend.torch, backend.index, backend.device = torch, 1, "cuda:1"
+    sample = monitor.device_sample(backend)
+    assert sample["nvml_utilization"] == 77.0 and nvml.asked == [("index", 1)]
+
+
+@pytest.mark.parametrize("batching", [False, pytest.param(True, marks=pytest.mark.xfail(
+    strict=False, reason="runtime: WorkerDeployment.execute (flowkit/runtime/executor.py) hands a batching stage "
+                        "to this worker's Batcher before place(), so a gpu=True batching map never leaves a "
+                        "worker without a GPU (it passes only when the client happens to send every request to the GPU worker); "
+                        "remove this mark when it places GPU batching stages first"))])
+def test_the_plugin_declares_the_gpu_resource_and_gpu_maps_go_to_plugin_workers(make_cluster, batching):
+    pytest.importorskip("distributed")
+    from flowkit.gpu import GPUPlugin
+    from flowkit.runtime.compat import worker_resources
+
+    flow = fk.Flow("gpu-routing", {"x": np.ndarray})
+    flow.map(Classifier, names=["label"], gpu=True, batching=batching)
+    xs = [np.random.default_rng(i).standard_normal((8, 4, 4)).astype(np.float32) for i in range(8)]
+    expected = flow.run({"x": xs}).column("label")
+    client = make_cluster(n_workers=2)
+    client.register_plugin(GPUPlugin(policy="spacetime", backend="sim:h200"))
+    def resources_of(dask_worker):
+        return worker_resources(dask_worker)
+
+    resources = client.run(resources_of)
+    assert all(r.get("GPU") == 1 for r in resources.values()), resources
+    gpu, plain = sorted(resources)
+
+    async def remove(dask_worker):
+        await dask_worker.plugin_remove("flowkit-gpu")
+
+    client.run(remove, workers=[plain])
+    assert client.run(resources_of, workers=[plain])[plain].get("GPU") == 0
+    assert wait_until(lambda: client.scheduler_info()["workers"][plain]["resources"].get("GPU") == 0,
+                      "the scheduler to see the worker without its GPU")
+    with fk.deploy(flow, cluster=client) as dep:
+        futs = [dep.submit({"x": [x]}) for x in xs]
+        assert [f.result(30).column("label")[0] for f in futs] == expected
+    (served,) = client.run(lambda dask_worker: dask_worker._flowkit_gpu.stats(), workers=[gpu]).values()
+    assert sum(t["rows"] for t in served["tenants"].values()) == len(xs)   # every gpu=True row ran on it

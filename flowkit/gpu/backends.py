@@ -9,15 +9,15 @@
   (``costmodel``) for the device time, so schedules, utilization and charts behave like a
   GPU's on a machine without one.
 
-Every backend builds *stacked programs* for super-kernels: the weights of R same-architecture
-models stacked along a new leading dimension (``torch.func.stack_module_state``) and one
-``vmap``-ed ``functional_call`` that runs all R as one batched program. A program serves any
-subset of its tenants: ``slots`` picks (gathers) the weights of the tenants whose rows are given.
+Every backend builds *stacked programs* for super-kernels (``stacking``): the weights of R
+same-architecture models stacked once, when the program is built, along a new leading dimension,
+and one batched program over all R (``vmap`` over ``functional_call``; explicit batched GEMMs
+per timestep for recurrent models). A launch runs every slot of its program; the scheduler gives
+the slots of tenants with nothing queued zero rows and keeps few programs per group.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +28,27 @@ from .costmodel import Gemm, kernel_seconds, policy_seconds, sm_seconds
 from .profiles import PROFILES, DeviceProfile
 
 __all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "DeviceClock", "make_backend", "check_backend",
-           "BACKENDS", "Stacked", "gemm_layers", "power_of_two"]
+           "BACKENDS", "Stacked", "gemm_layers", "power_of_two", "tensors_map"]
+
+
+def tensors_map(fn, out):
+    """``fn`` applied to every tensor of a model's output (a tensor, or tuples, lists and dicts of
+    them, as recurrent and attention modules return), in the same structure; None and other
+    values are kept.
+
+    >>> import torch
+    >>> tensors_map(lambda t: t * 2, (torch.ones(1), [torch.zeros(1), None], {"k": torch.ones(1)}))
+    (tensor([2.]), [tensor([0.]), None], {'k': tensor([2.])})
+    """
+    import torch
+
+    if isinstance(out, tuple) and hasattr(out, "_fields"):   # a named tuple
+        return type(out)(*(tensors_map(fn, o) for o in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(tensors_map(fn, o) for o in out)
+    if isinstance(out, dict):
+        return {k: tensors_map(fn, v) for k, v in out.items()}
+    return fn(out) if isinstance(out, torch.Tensor) else out
 
 
 def power_of_two(n: int) -> int:
@@ -42,17 +62,22 @@ def power_of_two(n: int) -> int:
 
 @dataclass
 class Stacked:
-    """A cached super-kernel program over the tenants of one architecture group (in slot order).
+    """A cached super-kernel program over some tenants of one architecture group (in slot order),
+    with its own stacked copy of their weights, built once.
 
-    ``call(params, buffers, xs, idx)`` runs slot ``idx[i]``'s weights on ``xs[i]``; ``idx=None``
-    means every slot in order (no gather)."""
+    ``call(params, buffers, xs)`` runs slot ``i``'s weights on ``xs[i]`` for every slot."""
 
     tenants: tuple
     params: dict
     buffers: dict
     call: Any
     uses: int = 0
-    graphs: dict = field(default_factory=dict)   # CUDA only: (input shape, dtype, gathers) -> captured replay
+    graphs: dict = field(default_factory=dict)   # CUDA only: (input shape, dtype) -> captured replay
+
+    @property
+    def width(self) -> int:
+        """Its number of slots: the copies of weights it holds (one per tenant)."""
+        return len(self.tenants)
 
 
 def gemm_layers(module, example) -> list[Gemm]:
@@ -112,31 +137,18 @@ class Backend:
         return n
 
     def stack(self, tenants: tuple, modules: list) -> Stacked:
-        from torch.func import functional_call, stack_module_state
+        """A super-kernel program over ``modules`` (placed on this device), its weights stacked now."""
+        from .stacking import stack_modules
 
-        params, buffers = stack_module_state(modules)
-        base = copy.deepcopy(modules[0]).to("meta")
-
-        def one(p, b, x):
-            return functional_call(base, (p, b), (x,))
-
-        batched = self.torch.vmap(one, in_dims=(0, 0, 0))
-
-        def call(params, buffers, xs, idx=None):
-            if idx is not None:   # the weights of the slots whose rows these are
-                params = {k: v.index_select(0, idx) for k, v in params.items()}
-                buffers = {k: v.index_select(0, idx) for k, v in buffers.items()}
-            return batched(params, buffers, xs)
-
+        params, buffers, call = stack_modules(modules)
         return Stacked(tenants, params, buffers, call)
 
-    def forward_stacked(self, stacked: Stacked, xs, slots: tuple | None = None):
-        """``xs``: [S, B, ...] → [S, B, ...], one batched program: row ``i`` of ``xs`` through the
-        weights of tenant slot ``slots[i]`` (every slot in order when ``slots`` is None)."""
+    def forward_stacked(self, stacked: Stacked, xs):
+        """``xs``: [S, B, ...] → [S, B, ...] (each tensor of a tuple output so), one batched
+        program: ``xs[i]`` through slot ``i``'s weights, for each of the program's S slots."""
         with self.torch.inference_mode():
             stacked.uses += 1
-            idx = None if slots is None else self.torch.as_tensor(slots, device=xs.device)
-            return stacked.call(stacked.params, stacked.buffers, xs, idx)
+            return stacked.call(stacked.params, stacked.buffers, xs)
 
     def forward_concurrent(self, pairs: list) -> list:
         """Forwards of different models at once; their outputs are ready once ``synchronize()``d."""
@@ -313,57 +325,65 @@ class CUDABackend(Backend):
     def __init__(self, device: int = 0, streams: int = 32):
         super().__init__()
         torch = self.torch
+        self.index = device
         self.device = f"cuda:{device}"
         self.streams = [torch.cuda.Stream(device=self.device) for _ in range(streams)]
         self.graph_failures = 0
+        # One memory pool for every captured graph (torch's "sharing memory across captures"),
+        # not a private pool per capture. Safe here: a graph's static output stays alive with it
+        # (so no later capture reuses that memory), replays are copied out at once, and every
+        # replay runs from the one dispatcher thread on the current stream, never two at once.
+        # Captures also share one stream: torch's docs ask, for effective sharing of a pool, that a
+        # capture pass the same ``stream`` as the previous capture into that pool did.
+        with torch.cuda.device(self.device):
+            self.graph_pool = torch.cuda.graph_pool_handle()
+            self.capture_stream = torch.cuda.Stream(device=self.device)
 
     bucket = staticmethod(power_of_two)   # stacked launches recur in few shapes, so their graphs do
 
-    def forward_stacked(self, stacked: Stacked, xs, slots: tuple | None = None):
+    def forward_stacked(self, stacked: Stacked, xs):
         """A super-kernel's program, replayed from a CUDA graph once it has settled.
 
-        A program's first call runs eagerly; after that, each input shape (and whether it gathers
-        a subset of slots) is captured once into a CUDA graph with static input, slot-index and
-        output buffers (after warm-up on a side stream, as capture requires), kept with the
-        program (so it goes when the scheduler evicts it). Replays copy the inputs in, launch one
-        graph instead of one launch per kernel, and return a copy of the output. The scheduler
-        pads rows and slots to powers of two (``bucket``), so shapes recur. A program that
-        cannot be captured stays eager."""
-        key = (tuple(xs.shape), xs.dtype, slots is not None)
+        A program's first call runs eagerly; after that, each input shape is captured once into a
+        CUDA graph with static input and output buffers (after warm-up on a side stream, as
+        capture requires), in the backend's one graph memory pool, kept with the program (so it
+        goes when the scheduler evicts it). Replays copy the inputs in, launch one graph instead
+        of one launch per kernel, and return a copy of the output (each tensor of a tuple). The
+        scheduler pads rows and slots to powers of two (``bucket``), so shapes recur. A program
+        that cannot be captured stays eager."""
+        key = (tuple(xs.shape), xs.dtype)
         if stacked.uses < 1 or (key in stacked.graphs and stacked.graphs[key] is None):
-            return super().forward_stacked(stacked, xs, slots)
+            return super().forward_stacked(stacked, xs)
         replay = stacked.graphs.get(key)
         if replay is None:
-            replay = stacked.graphs[key] = self._capture(stacked, xs, slots)
+            replay = stacked.graphs[key] = self._capture(stacked, xs)
             if replay is None:
-                return super().forward_stacked(stacked, xs, slots)
+                return super().forward_stacked(stacked, xs)
         stacked.uses += 1
         with replay.lock, self.torch.inference_mode():
             replay.x.copy_(xs, non_blocking=True)
-            if slots is not None:
-                replay.idx.copy_(self.torch.as_tensor(slots))
             replay.graph.replay()
-            return replay.out.clone()
+            return tensors_map(lambda t: t.clone(), replay.out)
 
-    def _capture(self, stacked: Stacked, xs, slots):
+    def _capture(self, stacked: Stacked, xs):
         torch = self.torch
         try:
             with torch.cuda.device(self.device), torch.inference_mode():   # replays run in inference mode too
                 static_x = xs.clone()
-                idx = None if slots is None else torch.as_tensor(slots, device=self.device)
                 side = torch.cuda.Stream(device=self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(3):
-                        stacked.call(stacked.params, stacked.buffers, static_x, idx)
+                        stacked.call(stacked.params, stacked.buffers, static_x)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: other threads (callers reading their outputs, the monitor) keep
                 # using the device during a capture; in torch's default mode their calls would
                 # fail and invalidate the capture.
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = stacked.call(stacked.params, stacked.buffers, static_x, idx)
-            return _Replay(graph, static_x, idx, out)
+                with torch.cuda.graph(graph, pool=self.graph_pool, stream=self.capture_stream,
+                                      capture_error_mode="thread_local"):
+                    out = stacked.call(stacked.params, stacked.buffers, static_x)
+            return _Replay(graph, static_x, out)
         except Exception as e:   # an op that cannot be captured: this program stays eager
             import logging
 
@@ -385,12 +405,22 @@ class CUDABackend(Backend):
                 with torch.cuda.stream(s):
                     out = m(x)
                 x.record_stream(s)             # the allocator must not reuse x while s reads it
-                out.record_stream(main)        # nor out's memory while the main stream reads it later
+                # nor out's memory (each tensor of a tuple output) while the main stream reads it later
+                tensors_map(lambda t: t.record_stream(main), out)
                 outs.append(out)
         return outs
 
     def synchronize(self) -> None:
         self.torch.cuda.synchronize(self.device)
+
+    def nvml_device(self):
+        """This device for NVML: its UUID where torch tells it (NVML's indices ignore
+        ``CUDA_VISIBLE_DEVICES``, torch's do not), else its index."""
+        try:
+            uuid = str(self.torch.cuda.get_device_properties(self.index).uuid)
+            return ("uuid", uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+        except Exception:
+            return self.index
 
     def memory(self) -> tuple[float, float]:
         free, total = self.torch.cuda.mem_get_info(self.device)
@@ -437,7 +467,6 @@ class _Replay:
 
     graph: Any
     x: Any
-    idx: Any
     out: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
 

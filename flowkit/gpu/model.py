@@ -3,7 +3,8 @@
 Subclass it, say how to build the module and how to turn rows into a tensor and back, and use it
 as a ``gpu=True`` (usually ``batching=True``) map. On a worker with ``GPUPlugin`` its requests are
 multiplexed with every other tenant's by the space-time scheduler; elsewhere (``flow.run``, a
-cluster without the plugin) a scheduler of this process with the ``batch`` policy on the CPU runs it.
+cluster without the plugin) a scheduler of this process runs it: on the GPU with the
+``spacetime`` policy where torch sees one (``local_choice``), else on the CPU with ``batch``.
 
     class Classifier(fk.gpu.TorchModel):
         slo_ms = 50
@@ -27,6 +28,14 @@ _local_lock = threading.Lock()
 _local = None
 
 
+def local_choice() -> tuple[str, str]:
+    """``(backend, policy)`` of this process's own scheduler, used without the plugin: the GPU
+    when torch sees one (never a CPU batch scheduler on a GPU machine), else the CPU."""
+    import torch
+
+    return ("cuda", "spacetime") if torch.cuda.is_available() else ("cpu", "batch")
+
+
 def _scheduler():
     from .scheduler import SpaceTimeScheduler, current
 
@@ -36,9 +45,11 @@ def _scheduler():
     global _local
     with _local_lock:
         if _local is None:
-            from .backends import CPUBackend
+            from .backends import make_backend
 
-            _local = SpaceTimeScheduler(CPUBackend(), policy="batch", max_wait_ms=0.0)
+            backend, policy = local_choice()
+            _local = SpaceTimeScheduler(make_backend(backend), policy=policy,
+                                        max_wait_ms=0.0 if policy == "batch" else 2.0)
     return _local
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 __all__ = ["device_sample", "nvml_available", "nvml_handle", "GpmSampler"]
 
-_nvml = None
+_nvml = None            # the pynvml module once initialized
 _nvml_failed = False
-_gpm = None
+_handles: dict = {}     # device key -> NVML handle
+_gpm: dict = {}         # device key -> GpmSampler, or False where the device has none
 
 
-def nvml_handle():
-    """``(pynvml, device 0's handle)``, or None where NVML cannot be used."""
+def _pynvml():
     global _nvml, _nvml_failed
     if _nvml is not None or _nvml_failed:
         return _nvml
@@ -23,10 +23,28 @@ def nvml_handle():
         import pynvml
 
         pynvml.nvmlInit()
-        _nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
+        _nvml = pynvml
     except Exception:  # no library, no driver, no permission: fall back to the backend's figures
         _nvml_failed = True
     return _nvml
+
+
+def nvml_handle(device=0):
+    """``(pynvml, handle)`` of ``device``, or None where NVML cannot be used. ``device``: an NVML
+    index, or ``("uuid", "GPU-...")`` (what ``CUDABackend.nvml_device()`` gives: torch's and
+    NVML's indices differ under ``CUDA_VISIBLE_DEVICES``)."""
+    nvml = _pynvml()
+    if nvml is None:
+        return None
+    if device not in _handles:
+        try:
+            if isinstance(device, tuple):
+                _handles[device] = nvml.nvmlDeviceGetHandleByUUID(device[1])
+            else:
+                _handles[device] = nvml.nvmlDeviceGetHandleByIndex(device)
+        except Exception:
+            return None
+    return nvml, _handles[device]
 
 
 def nvml_available() -> bool:
@@ -63,23 +81,23 @@ class GpmSampler:
                 if query.metrics[i].nvmlReturn == nvml.NVML_SUCCESS}
 
 
-def _gpm_sampler():
-    global _gpm
-    if _gpm is None:
-        pynvml, dev = nvml_handle()
+def _gpm_sampler(device):
+    if device not in _gpm:
+        pynvml, dev = nvml_handle(device)
         try:
-            _gpm = GpmSampler(pynvml, dev)
+            _gpm[device] = GpmSampler(pynvml, dev)
         except Exception:   # no GPM here (older GPU, a sandbox, an old driver): NVML figures only
-            _gpm = False
-    return _gpm or None
+            _gpm[device] = False
+    return _gpm[device] or None
 
 
 def device_sample(backend) -> dict | None:
-    """NVML utilization and memory of device 0 (and GPM's SM figures where the GPU has them) when
-    the backend is a real GPU; else None."""
+    """NVML utilization and memory of the backend's own device (and GPM's SM figures where the
+    GPU has them) when the backend is a real GPU; else None."""
     if not backend.name.startswith("cuda"):
         return None
-    h = nvml_handle()
+    device = backend.nvml_device()
+    h = nvml_handle(device)
     if h is None:
         return None
     pynvml, dev = h
@@ -89,7 +107,7 @@ def device_sample(backend) -> dict | None:
         sample = {"nvml_utilization": float(util.gpu), "memory_used": float(mem.used), "memory_total": float(mem.total)}
     except Exception:
         return None
-    gpm = _gpm_sampler()
+    gpm = _gpm_sampler(device)
     if gpm is not None:
         try:
             sample.update(gpm.read())

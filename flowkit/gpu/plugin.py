@@ -3,7 +3,8 @@
     client.register_plugin(GPUPlugin(policy="spacetime", backend="auto"))
 
 ``backend="auto"`` uses CUDA when the worker has a GPU and the simulated H200 otherwise, so no
-GPU never means a crash. A monitor samples the device a few times a second (NVML on a GPU, the
+GPU never means a crash. The plugin declares the worker's ``GPU`` resource (1 while it runs, 0
+after it is removed): the runtime places ``gpu=True`` maps on workers that have one. A monitor samples the device a few times a second (NVML on a GPU, the
 simulated backend's own figures otherwise) and publishes each sample as a worker event on the
 topic ``flowkit-gpu``, which the notebook's live chart subscribes to.
 """
@@ -41,12 +42,17 @@ class GPUPlugin(WorkerPlugin):
         self.max_wait_ms = max_wait_ms
         self.sample_hz = sample_hz
 
-    def setup(self, worker) -> None:
+    async def setup(self, worker) -> None:
         from tornado.ioloop import PeriodicCallback
+
+        from ..runtime.compat import set_worker_resources
 
         sched = SpaceTimeScheduler(make_backend(self.backend), self.policy, self.max_batch, self.max_wait_ms)
         install(sched)
         worker._flowkit_gpu = sched
+        # The worker now serves gpu=True maps: declare its GPU resource, which is how the runtime
+        # sends GPU stages to it (and keeps them off workers without the plugin).
+        await set_worker_resources(worker, GPU=1)
 
         def publish():
             try:
@@ -57,11 +63,18 @@ class GPUPlugin(WorkerPlugin):
         self._callback = PeriodicCallback(publish, 1000.0 / self.sample_hz)
         self._callback.start()
 
-    def teardown(self, worker) -> None:
+    async def teardown(self, worker) -> None:
+        from ..runtime.compat import set_worker_resources
+
         cb = getattr(self, "_callback", None)
         if cb is not None:
             cb.stop()
         sched = getattr(worker, "_flowkit_gpu", None)
         if sched is not None:
+            worker._flowkit_gpu = None
             sched.close()
             install(None)
+        try:   # no scheduler here any more: no GPU stages either
+            await set_worker_resources(worker, GPU=0)
+        except Exception:   # the worker is closing, its scheduler gone: nothing left to tell
+            pass

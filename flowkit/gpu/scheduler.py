@@ -9,20 +9,27 @@ the backend:
 - ``space``: every waiting tenant's batch at once, each on its own stream (concurrent launches);
 - ``spacetime``: the paper's dynamic scheduler. Tenants of the same architecture are stacked into
   one batched program — a super-kernel over their weights — choosing the group with the earliest
-  deadline first; a super-kernel program is cached per architecture group and serves any subset
-  of it (the waiting tenants' weights are gathered), padded to the backend's row and tenant-count
-  buckets (powers of two on CUDA, so its captured graphs recur); a tenant whose backlog would
+  deadline first. Programs are cached (``program``): each holds its own stacked copy of some of
+  the group's weights, built once, and serves any subset of its tenants at most twice its size
+  (tenants with nothing queued get zero rows; no weights are gathered per launch); a program
+  that a newer one covers is evicted, and a group's programs hold at most two copies of each
+  tenant's weights. Rows are padded to the backend's bucket (powers of two on CUDA, as are new
+  programs' widths, so captured graphs recur). A tenant whose backlog would
   make the whole group wait (a straggler: far more queued rows than its peers, or rows that would
   stretch the stack, by its measured latency, past a peer's deadline) is evicted from the stack
   and runs beside it on its own stream, as do waiting tenants with no waiting peer (other
   architecture groups with two or more waiting tenants get their own super-kernel in turn).
 
-Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near.
+Batches wait at most ``max_wait_ms`` to fill, less when a deadline is near. A request that fails
+(bad input, a model error) fails alone, with the tenant named; the dispatcher serves on. A group
+whose stacked launch fails while each of its requests runs alone is not stacked again if ``vmap``
+cannot batch its model, else not for ``restack_after_s`` (doubling while it keeps failing).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -33,10 +40,10 @@ from typing import Any
 
 from ..errors import FlowError
 from ..runtime.stats import percentile
-from .backends import Backend, SimBackend, power_of_two
+from .backends import Backend, SimBackend, Stacked, power_of_two, tensors_map
 
-__all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "slow_stragglers", "POLICIES", "current",
-           "install"]
+__all__ = ["SpaceTimeScheduler", "Launch", "plan_launch", "find_stragglers", "slow_stragglers", "vmap_failure",
+           "POLICIES", "current", "install"]
 
 POLICIES = ("time", "batch", "space", "spacetime")
 
@@ -136,9 +143,10 @@ def slow_stragglers(group: list, max_batch: int, cost, now: float) -> set:
 
 
 def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int, now: float = 0.0,
-                cost=None) -> Launch | None:
+                cost=None, unstackable=frozenset()) -> Launch | None:
     """The next launch under ``policy`` (a pure function of the queues and, for ``spacetime``, of
-    ``cost(arch, rows)``, the measured latency of stacked launches; see the module docstring)."""
+    ``cost(arch, rows)``, the measured latency of stacked launches; see the module docstring).
+    Tenants of an architecture in ``unstackable`` are each a group of one."""
     waiting = [t for t in tenants.values() if t.queue]
     if not waiting:
         return None
@@ -153,10 +161,13 @@ def plan_launch(policy: str, tenants: dict[str, Tenant], max_batch: int, now: fl
         return Launch("concurrent", separate=tuple((t.name, _take(t.queue, max_batch)) for t in waiting))
     if policy != "spacetime":
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    def group(t):
+        return ("alone", t.name) if t.arch in unstackable else t.arch, t.queue[0].shape
+
     groups: dict = {}                             # (architecture, row shape) -> its waiting tenants, in EDF order
     for t in waiting:
-        groups.setdefault((t.arch, t.queue[0].shape), []).append(t)
-    first = groups.pop((waiting[0].arch, waiting[0].queue[0].shape))   # EDF across groups
+        groups.setdefault(group(t), []).append(t)
+    first = groups.pop(group(waiting[0]))         # EDF across groups
     stragglers = find_stragglers({t.name: t.rows for t in first})
     if cost is not None:
         arch = first[0].arch
@@ -203,7 +214,7 @@ class SpaceTimeScheduler:
     """Multiplexes tenants' inference requests on one backend under one policy."""
 
     def __init__(self, backend: Backend, policy: str = "spacetime", max_batch: int = 32, max_wait_ms: float = 2.0,
-                 cache_size: int = 16):
+                 cache_size: int = 16, restack_after_s: float = 1.0):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.backend = backend
@@ -211,10 +222,14 @@ class SpaceTimeScheduler:
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.tenants: dict[str, Tenant] = {}
-        self.cache: OrderedDict = OrderedDict()
+        self.cache: OrderedDict = OrderedDict()   # (arch, member tenants) -> Stacked, least recently used first
         self.cache_size = cache_size
+        self.restack_after = restack_after_s
+        self.unstackable: dict = {}              # arch -> monotonic time until which it is not stacked (inf: never)
+        self.stack_failures: dict = {}           # arch -> stacked launches failed in a row (not vmap's doing)
         self.counts = {"launches": 0, "stacked": 0, "cache hits": 0, "cache misses": 0, "straggler evictions": 0,
-                       "failed requests": 0, "unstackable groups": 0, "cancelled requests": 0}
+                       "failed requests": 0, "unstackable groups": 0, "stacking paused": 0, "cancelled requests": 0,
+                       "evicted programs": 0, "dispatcher errors": 0}
         self.latency: dict = {}                  # (arch, row bucket) -> measured stacked-launch seconds (EWMA)
         self.order: deque = deque(maxlen=4096)   # (tenant, deadline) in the order requests were served
         self.cond = threading.Condition()
@@ -280,7 +295,9 @@ class SpaceTimeScheduler:
                     return
                 self._wait_for_batch()
                 self._drop_cancelled()
-                launch = plan_launch(self.policy, self.tenants, self.max_batch, time.monotonic(), self.launch_seconds)
+                now = time.monotonic()
+                paused = {arch for arch, until in self.unstackable.items() if until > now}
+                launch = plan_launch(self.policy, self.tenants, self.max_batch, now, self.launch_seconds, paused)
                 if launch is None:
                     continue
                 self.backend.working()
@@ -289,7 +306,16 @@ class SpaceTimeScheduler:
                     for r in reqs:
                         q.popleft()
                         r.future.set_running_or_notify_cancel()   # from here on it cannot be cancelled
-            self._run(launch)
+            try:
+                self._run(launch)
+            except BaseException as e:   # the dispatcher must outlive any launch: fail its requests, serve on
+                logger.exception("flowkit.gpu: a launch failed outside its requests")
+                with self.cond:
+                    self.counts["dispatcher errors"] += 1
+                for _, reqs in launch.stacked + launch.separate:
+                    for r in reqs:
+                        if not r.future.done():
+                            r.future.set_exception(e if isinstance(e, Exception) else FlowError(repr(e)))
 
     def _drop_cancelled(self) -> None:
         """Requests whose futures were cancelled while queued are not run; lock held."""
@@ -325,12 +351,13 @@ class SpaceTimeScheduler:
             outputs = {r: e for _, reqs in launch.stacked + launch.separate for r in reqs}
         wall = time.perf_counter() - t0
         failed = any(isinstance(out, BaseException) for out in outputs.values())
-        device, sms = self._device_seconds(launch, wall)
+        device, sms = self._device_seconds(launch, wall, outputs)
         self.backend.account(device, sms)   # on a simulated GPU this also advances its clock
         done = time.monotonic()
         with self.cond:
             if launch.stacked and not failed:
                 arch = self.tenants[launch.stacked[0][0]].arch
+                self.stack_failures.pop(arch, None)
                 rows = max(sum(r.rows for r in reqs) for _, reqs in launch.stacked)
                 key, last = _latency_key(arch, rows), self.launch_seconds(arch, rows)
                 self.latency[key] = wall if last is None else 0.7 * last + 0.3 * wall
@@ -370,15 +397,17 @@ class SpaceTimeScheduler:
         outputs = {}
         for name, reqs in launch.stacked + launch.separate:
             start = 0
-            for r in reqs:
-                outputs[r] = results[name][start:start + r.rows]
+            for r in reqs:   # its rows of every output tensor (a tuple output: of each of its tensors)
+                outputs[r] = tensors_map(lambda t, a=start, b=start + r.rows: t[a:b], results[name])
                 start += r.rows
         return outputs
 
     def _one_by_one(self, launch: Launch, error: Exception) -> dict:
         """After a launch failed: each request on its own, so only those that fail alone fail (their
-        error names the tenant). If every request runs alone, it was the stacking that failed (a
-        model ``vmap`` cannot batch): that architecture is not stacked again."""
+        error names the tenant). If every request runs alone, it was the stacking that failed: a
+        model ``vmap`` cannot batch is not stacked again; any other failure (a transient error, a
+        device hiccup) pauses that group's stacking for ``restack_after_s``, doubled each time
+        it fails again in a row."""
         items = [(name, r) for name, reqs in launch.stacked + launch.separate for r in reqs]
         outputs = {}
         for name, r in items:
@@ -392,12 +421,18 @@ class SpaceTimeScheduler:
                 outputs[r] = e
         if launch.stacked and not any(isinstance(o, Exception) for o in outputs.values()):
             arch = self.tenants[launch.stacked[0][0]].arch
-            logger.warning("stacking %s failed (%r); its tenants run unstacked from now on", arch[0], error)
             with self.cond:
-                self.counts["unstackable groups"] += 1
-                for t in self.tenants.values():
-                    if t.arch == arch:
-                        t.arch = ("unstackable", t.name)   # a group of one: never stacked again
+                if vmap_failure(error):
+                    logger.warning("stacking %s failed (%r); its tenants run unstacked from now on", arch[0], error)
+                    self.counts["unstackable groups"] += 1
+                    self.unstackable[arch] = math.inf
+                else:
+                    n = self.stack_failures[arch] = self.stack_failures.get(arch, 0) + 1
+                    pause = min(60.0, self.restack_after * 2 ** (n - 1))
+                    logger.warning("stacking %s failed (%r); its tenants run unstacked for %.1f s", arch[0], error,
+                                   pause)
+                    self.counts["stacking paused"] += 1
+                    self.unstackable[arch] = time.monotonic() + pause
         return outputs
 
     def launch_seconds(self, arch: tuple, rows: int) -> float | None:
@@ -409,49 +444,86 @@ class SpaceTimeScheduler:
         xs = [self.backend.input(r.x) for r in reqs]
         return xs[0] if len(xs) == 1 else torch.cat(xs)
 
-    def _run_stacked(self, items) -> dict:
-        """One super-kernel launch for ``items``' tenants: their group's cached program, with the
-        weights of just these tenants gathered when others of the group have nothing queued;
-        rows and slots padded to the backend's buckets (so CUDA graphs recur)."""
-        torch = self.backend.torch
-        names = tuple(n for n, _ in items)
-        arch = self.tenants[names[0]].arch
-        with self.cond:
-            members = tuple(n for n, t in self.tenants.items() if t.arch == arch)
-        key = (arch, members)
-        stacked = self.cache.get(key)
-        if stacked is None:
-            self.counts["cache misses"] += 1
-            stacked = self.backend.stack(members, [self.tenants[n].module for n in members])
-            self.cache[key] = stacked
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-        else:
+    def program(self, arch: tuple, names: tuple) -> Stacked:
+        """The cached super-kernel program to run tenants ``names`` (of group ``arch``) with.
+
+        A hit: the narrowest cached program of the group holding all of them, at most twice their
+        number wide (the backend's bucket, if larger). A miss builds one over them, widened to the
+        bucket with the group's other tenants (so the next subsets hit it); it evicts the
+        group's programs it covers at most twice their width (a group that grew one tenant at a
+        time keeps one program, not one per size), then the group's least recently used while
+        they hold more than two copies of each tenant's weights, then the least recently used of
+        all beyond ``cache_size``."""
+        want = set(names)
+        limit = max(2 * len(names), self.backend.bucket(len(names)))
+        found = [(p.width, key) for key, p in self.cache.items()
+                 if key[0] == arch and want <= set(p.tenants) and p.width <= limit]
+        if found:
+            key = min(found)[1]
             self.counts["cache hits"] += 1
             self.cache.move_to_end(key)
-        batches = [self._batch(reqs) for _, reqs in items]
-        rows = self.backend.bucket(max(b.shape[0] for b in batches))
-        slots = [members.index(n) for n in names]
-        width = min(self.backend.bucket(len(slots)), len(members))
-        slots += [slots[0]] * (width - len(slots))
-        padded = [b if b.shape[0] == rows else torch.cat([b, b.new_zeros((rows - b.shape[0],) + tuple(b.shape[1:]))])
-                  for b in batches]
-        padded += [padded[0].new_zeros(padded[0].shape)] * (width - len(batches))
-        whole = slots == list(range(len(members)))
-        out = self.backend.forward_stacked(stacked, torch.stack(padded), None if whole else tuple(slots))
-        return {n: out[i, :b.shape[0]] for i, (n, b) in enumerate(zip(names, batches))}
+            return self.cache[key]
+        self.counts["cache misses"] += 1
+        with self.cond:
+            group = [n for n, t in self.tenants.items() if t.arch == arch]
+        fill = [n for n in group if n not in want][:max(0, self.backend.bucket(len(names)) - len(names))]
+        members = tuple(n for n in group if n in want or n in fill)
+        stacked = self.backend.stack(members, [self.tenants[n].module for n in members])
+        covered = [key for key, p in self.cache.items()
+                   if key[0] == arch and set(p.tenants) <= set(members) and len(members) <= 2 * p.width]
+        self._evict(covered)
+        self.cache[(arch, members)] = stacked
+        mine = [key for key in self.cache if key[0] == arch]
+        while sum(self.cache[k].width for k in mine) > 2 * len(group) and len(mine) > 1:
+            self._evict([mine.pop(0)])
+        while len(self.cache) > self.cache_size:
+            self._evict([next(iter(self.cache))])
+        return stacked
 
-    def _device_seconds(self, launch: Launch, wall: float) -> tuple[float, float | None]:
-        """Device-busy seconds of a launch and its SM-seconds: modeled on a simulated GPU, else the
-        wall time (SM figures then come from the device's own counters, if any)."""
+    def _evict(self, keys) -> None:
+        for key in keys:
+            del self.cache[key]
+            self.counts["evicted programs"] += 1
+
+    def _run_stacked(self, items) -> dict:
+        """One super-kernel launch for ``items``' tenants on a cached program (``program``):
+        each tenant's rows in its slot, padded to the backend's row bucket; slots of the
+        program's other tenants get zero rows."""
+        torch = self.backend.torch
+        names = tuple(n for n, _ in items)
+        stacked = self.program(self.tenants[names[0]].arch, names)
+        batches = dict(zip(names, (self._batch(reqs) for _, reqs in items)))
+        rows = self.backend.bucket(max(b.shape[0] for b in batches.values()))
+        first = next(iter(batches.values()))
+        zeros = first.new_zeros((rows,) + tuple(first.shape[1:]))
+        xs = torch.stack([zeros if n not in batches else batches[n] if batches[n].shape[0] == rows else
+                          torch.cat([batches[n], zeros[:rows - batches[n].shape[0]]]) for n in stacked.tenants])
+        out = self.backend.forward_stacked(stacked, xs)
+        slot = {n: i for i, n in enumerate(stacked.tenants)}
+        return {n: tensors_map(lambda t, i=slot[n], k=b.shape[0]: t[i, :k], out) for n, b in batches.items()}
+
+    def _device_seconds(self, launch: Launch, wall: float, outputs: dict) -> tuple[float, float | None]:
+        """Device-busy seconds of a launch and its SM-seconds: modeled on a simulated GPU (for the
+        requests that ran: a failed one, a bad input, is not modeled), else the wall time (SM
+        figures then come from the device's own counters, if any)."""
         if not isinstance(self.backend, SimBackend):
             return wall, None
+
+        def ran(items):
+            items = [(n, tuple(r for r in reqs if not isinstance(outputs.get(r), BaseException))) for n, reqs in items]
+            return [(n, reqs) for n, reqs in items if reqs]
+
         secs = sms = 0.0
         kind = {"solo": "time", "batch": "time", "concurrent": "space"}.get(launch.kind, "space")
-        work = [("spacetime", n, reqs, len(launch.stacked)) for n, reqs in launch.stacked[:1]]
-        work += [(kind, n, reqs, 1) for n, reqs in launch.separate]
+        stacked = ran(launch.stacked)
+        work = [("spacetime", n, reqs, len(stacked)) for n, reqs in stacked[:1]]
+        work += [(kind, n, reqs, 1) for n, reqs in ran(launch.separate)]
         for policy, name, reqs, tenants in work:
-            d, s = self.backend.modeled(policy, self.tenants[name].module, self._batch(reqs), tenants=tenants)
+            try:
+                d, s = self.backend.modeled(policy, self.tenants[name].module, self._batch(reqs), tenants=tenants)
+            except Exception as e:   # a model the cost model cannot trace: no modeled time, never a dead dispatcher
+                logger.debug("flowkit.gpu: no modeled device time for tenant %r: %r", name, e)
+                continue
             secs, sms = secs + d, sms + s
         return secs, sms
 
@@ -495,6 +567,21 @@ class SpaceTimeScheduler:
         sample.update({"memory_used": used, "memory_total": total})
         sample.update(device_sample(self.backend) or {})
         return sample
+
+
+def vmap_failure(error: BaseException) -> bool:
+    """Whether a stacked launch failed because ``vmap`` cannot batch the model (no batching rule,
+    data-dependent control flow), as opposed to a failure that may not recur.
+
+    >>> vmap_failure(RuntimeError("Batching rule not implemented for aten::lstm.input."))
+    True
+    >>> vmap_failure(RuntimeError("vmap: It looks like you're attempting to use a Tensor in some data-dependent control flow."))
+    True
+    >>> vmap_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    False
+    """
+    text = f"{error}".lower()
+    return any(w in text for w in ("vmap", "batching rule", "batchedtensor", "functorch"))
 
 
 def _latency_key(arch: tuple, rows: int) -> tuple:

@@ -38,3 +38,9 @@ def worker_resources(worker) -> dict:
 def address_host(address: str) -> str:
     """The host part of a dask address (``tcp://10.0.0.5:4000`` -> ``10.0.0.5``)."""
     return get_address_host(address)
+
+
+async def set_worker_resources(worker, **resources: float) -> None:
+    """Declare resources on a running worker (``GPU=1``), on the worker and on the scheduler,
+    so that work restricted to them (and peers reading the scheduler's view) finds it."""
+    await worker.set_resources(**resources)
