@@ -1,0 +1,128 @@
+"""A load generator that runs in its own process (so it never shares an interpreter with the
+system it measures). It prints one JSON object on stdout.
+
+Closed loop: one keep-alive connection, ``--closed N`` requests one after another (after
+``--warmup``); every latency is reported. Open loop: Poisson arrivals at ``--rate`` per second
+for ``--seconds``, sent by ``--connections`` keep-alive connections; each latency counts from
+the request's *scheduled* time (a backlog is not hidden), and a request that fails (any status
+but 200, a broken connection, no answer within ``--timeout``) is a miss, never a success.
+
+    python benchmarks/loadgen.py --url http://127.0.0.1:8000/predict --body body.json --closed 2000
+    python benchmarks/loadgen.py --url ... --body body.json --rate 200 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import queue
+import random
+import socket
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+
+class Connection(http.client.HTTPConnection):
+    """A keep-alive connection with TCP_NODELAY, as production HTTP clients (urllib3) set it:
+    Python's http.client sends a request's headers and body in two writes, and with Nagle's
+    algorithm the body waits for the server's delayed ACK of the headers (~40 ms)."""
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Endpoint:
+    def __init__(self, url: str, body: bytes, timeout: float):
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
+        self.body, self.timeout = body, timeout
+
+    def connect(self) -> http.client.HTTPConnection:
+        return Connection(self.host, self.port, timeout=self.timeout)
+
+    def send(self, conn) -> tuple[bool, http.client.HTTPConnection]:
+        """One request on ``conn``: whether it got a 200, and the connection to use next."""
+        try:
+            conn.request("POST", self.path, self.body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            return r.status == 200, conn
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            return False, self.connect()
+
+
+def closed_loop(ep: Endpoint, n: int, warmup: int) -> dict:
+    conn = ep.connect()
+    latencies, failures = [], 0
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        ok, conn = ep.send(conn)
+        if i >= warmup:
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                failures += 1
+    return {"latencies_ms": [x * 1000 for x in latencies], "failures": failures}
+
+
+def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    schedule, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > seconds:
+            break
+        schedule.append(t)
+    todo: queue.Queue = queue.Queue()
+    latencies = [None] * len(schedule)   # None: failed or unanswered
+
+    def sender():
+        conn = ep.connect()
+        while (item := todo.get()) is not None:
+            i, at = item
+            ok, conn = ep.send(conn)
+            if ok:
+                latencies[i] = time.perf_counter() - at
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(connections)]
+    for th in threads:
+        th.start()
+    start = time.perf_counter() + 0.05
+    for i, at in enumerate(schedule):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        todo.put((i, start + at))
+    for _ in threads:
+        todo.put(None)
+    deadline = time.perf_counter() + ep.timeout
+    for th in threads:
+        th.join(max(0.0, deadline - time.perf_counter()))
+    return {"rate": rate, "sent": len(schedule), "latencies_ms": [None if x is None else x * 1000 for x in latencies]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--body", required=True, help="a file holding the request body")
+    ap.add_argument("--closed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=0)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=128)
+    ap.add_argument("--timeout", type=float, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    with open(a.body, "rb") as f:
+        ep = Endpoint(a.url, f.read(), a.timeout)
+    out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
