@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import flowkit as fk
-from flowkit.runtime.http import HTTPServer, decode_rows, error_answer
+from flowkit.runtime.http import HTTPServer
+from flowkit.runtime.http_codec import decode_rows, error_answer
 
 from .operators import ended, patient
 from .waiting import wait_until
