@@ -21,12 +21,14 @@ from typing import Any, Iterable, Mapping
 from ..errors import DeploymentClosed, FlowError, Overloaded
 from ..flow import Flow
 from ..table import Table, as_table
+from .clusters import connect
+from .plugin import DeploymentPlugin, ready_topic
+from .progress import Progress
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile, stats_frame
 from .stored import StoredObjects, routing_column
 from .wire import dumps, dumps_plan, operator_needing
-from .plugin import DeploymentPlugin, ready_topic
 
 __all__ = ["deploy", "Deployment"]
 
@@ -92,7 +94,7 @@ class Deployment:
         self._owned: list = []
         self._servers: list = []
         self.adaptive = None   # the ServingAdaptive scaling the cluster, once adapt() (or the embedded default) set it
-        self.client, self.cluster = self._connect(cluster, n_workers, timeout)
+        self.client, self.cluster, self._owned = connect(cluster, n_workers, timeout)
         try:
             self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_malloc is None else tune_malloc)
             if self._owned and self.cluster in self._owned:
@@ -102,42 +104,6 @@ class Deployment:
             raise
 
     # -- set-up -----------------------------------------------------------------------------
-    def _connect(self, cluster: Any, n_workers: int | None, timeout: float):
-        from distributed import Client
-
-        if cluster is None:
-            from distributed import LocalCluster
-
-            try:
-                cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=logging.ERROR)
-            except Exception as e:
-                if getattr(sys.modules.get("__main__"), "__file__", None):   # run as a script
-                    e.add_note("flowkit: the embedded cluster's worker processes import the running script "
-                               "again; a script must call fk.deploy under `if __name__ == \"__main__\":`")
-                raise
-            self._owned.append(cluster)
-            client = Client(cluster)
-            self._owned.insert(0, client)
-            return client, cluster
-        if isinstance(cluster, Client):
-            return cluster, getattr(cluster, "cluster", None)
-        if isinstance(cluster, str):
-            try:
-                client = Client(cluster, timeout=timeout)
-            except ValueError as e:
-                raise FlowError(f"{cluster!r} is not a scheduler address (like tcp://host:8786): {e}") from e
-            except (OSError, TimeoutError) as e:
-                raise FlowError(f"no dask scheduler answered at {cluster!r} within {timeout:g} s: {e}") from e
-            self._owned.append(client)
-            return client, None
-        if hasattr(cluster, "scheduler_address"):
-            client = Client(cluster)
-            self._owned.append(client)
-            return client, cluster
-        raise FlowError(f"cluster must be None, a distributed.Client, a dask Cluster or a scheduler address, "
-                        f"not {type(cluster).__name__}")
-
     def _start(self, retries: int, timeout: float, n_workers: int | None, tune_malloc: bool) -> None:
         security = getattr(self.client, "security", None)
         args = security.get_connection_args("client") if security is not None else {}
@@ -242,7 +208,7 @@ class Deployment:
         window = max(1, self.max_inflight // 2)
         futures: list[Future] = []
         results: list = []
-        bar = _Progress(len(inputs), f"{self.name}") if progress else None
+        bar = Progress(len(inputs), f"{self.name}") if progress else None
 
         def failed(i: int, e: Exception) -> Exception:
             if not return_exceptions:
@@ -437,39 +403,3 @@ class Deployment:
                 self.close()
             except Exception:
                 pass
-
-
-class _Progress:
-    """A progress bar for ``dep.map``: an ipywidgets bar in a notebook, else a text line on stderr."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.widget, self.last, self.n = total, label, None, 0.0, 0
-        try:
-            from IPython import get_ipython
-
-            if get_ipython() is not None and "IPKernelApp" in get_ipython().config:
-                import ipywidgets
-                from IPython.display import display
-
-                self.widget = ipywidgets.IntProgress(value=0, max=total, description=label[:12])
-                display(self.widget)
-        except Exception:
-            self.widget = None
-
-    def update(self, n: int, force: bool = False) -> None:
-        self.n = n
-        if self.widget is not None:
-            self.widget.value = n
-            return
-        now = time.monotonic()
-        if force or now - self.last > 0.2 or n == self.total:
-            self.last = now
-            width = 30
-            filled = int(width * n / max(1, self.total))
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {n}/{self.total}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.widget is None:   # the line as it ended (short of the total if an input failed)
-            self.update(self.n, force=True)
-            sys.stderr.write("\n")

@@ -1,0 +1,48 @@
+"""Which dask cluster a deployment runs on: the embedded default, or one the user gives."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from ..errors import FlowError
+
+__all__ = ["connect"]
+
+
+def connect(cluster: Any, n_workers: int | None, timeout: float) -> tuple:
+    """``(client, cluster object or None, what flowkit started and must close)`` for ``cluster``:
+    ``None`` starts the embedded default (a ``LocalCluster`` of worker processes with
+    ``n_workers``, 1 thread each); or a ``distributed.Client``, any dask ``Cluster`` object, or
+    a scheduler address (``timeout`` seconds to answer)."""
+    from distributed import Client
+
+    if cluster is None:
+        from distributed import LocalCluster
+
+        try:
+            cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs=logging.ERROR)
+        except Exception as e:
+            if getattr(sys.modules.get("__main__"), "__file__", None):   # run as a script
+                e.add_note("flowkit: the embedded cluster's worker processes import the running script "
+                           "again; a script must call fk.deploy under `if __name__ == \"__main__\":`")
+            raise
+        client = Client(cluster)
+        return client, cluster, [client, cluster]
+    if isinstance(cluster, Client):
+        return cluster, getattr(cluster, "cluster", None), []
+    if isinstance(cluster, str):
+        try:
+            client = Client(cluster, timeout=timeout)
+        except ValueError as e:
+            raise FlowError(f"{cluster!r} is not a scheduler address (like tcp://host:8786): {e}") from e
+        except (OSError, TimeoutError) as e:
+            raise FlowError(f"no dask scheduler answered at {cluster!r} within {timeout:g} s: {e}") from e
+        return client, None, [client]
+    if hasattr(cluster, "scheduler_address"):
+        client = Client(cluster)
+        return client, cluster, [client]
+    raise FlowError(f"cluster must be None, a distributed.Client, a dask Cluster or a scheduler address, "
+                    f"not {type(cluster).__name__}")
