@@ -13,7 +13,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import flowkit as fk
-from flowkit.runtime.store import store_key
+from flowkit.runtime.store_worker import store_key
 
 from .waiting import wait_until
 
@@ -93,7 +93,7 @@ def _watch_the_worker():
     import distributed.core as core
 
     import flowkit.runtime.router as router
-    import flowkit.runtime.store as store
+    import flowkit.runtime.store_worker as store
 
     store.HOLDERS_TTL_S = 3600.0
     if not hasattr(core, "flowkit_dials"):
@@ -114,7 +114,7 @@ def _dials():
 
 
 def _told_of_removal(address, dask_worker):
-    from flowkit.runtime.store import removed_workers
+    from flowkit.runtime.store_worker import removed_workers
 
     return address in removed_workers(dask_worker)
 

@@ -27,7 +27,7 @@ from .progress import Progress
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile, stats_frame
-from .stored import StoredObjects, routing_column
+from .store_client import StoredObjects, routing_column
 from .wire import dumps, dumps_plan, operator_needing
 
 __all__ = ["deploy", "Deployment"]
@@ -277,7 +277,7 @@ class Deployment:
 
         It lives in one worker's memory. With ``restore`` (the default) the deployment keeps a
         reference to ``obj`` and stores it again if that worker dies (dask cannot recompute
-        scattered data); ``restore=False`` keeps no reference here. See ``stored``."""
+        scattered data); ``restore=False`` keeps no reference here. See ``store_client``."""
         self._check_open("put")
         try:
             hash(key)

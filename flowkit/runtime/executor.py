@@ -28,7 +28,7 @@ from .peers import Peers
 from .router import WorkerGone
 from .semantics import apply, callable_for, run_batched
 from .stats import SERVED, STORE, StageStats
-from .store import RequestStore, WorkerStore, store_key
+from .store_worker import RequestStore, WorkerStore, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
 __all__ = ["WorkerDeployment", "request_threads"]

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from ..errors import FlowError
 from .wire import dumps
-from .store import store_key
+from .store_worker import store_key
 
 __all__ = ["StoredObjects", "routing_column"]
 
