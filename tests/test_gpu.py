@@ -1101,11 +1101,6 @@ def test_the_plugin_declares_the_workers_gpu_resource(make_cluster):
     assert client.scheduler_info()["workers"][gpu]["resources"].get("GPU") == 1
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "runtime (flowkit/runtime/executor.py), seen on CPU: a gpu=True row map sent from a worker without a GPU "
-    "to the plugin's worker sometimes comes back with wrong labels, and WorkerDeployment.execute hands a "
-    "batching stage to the local Batcher before place(), so gpu=True batching maps never leave a worker "
-    "without a GPU. Passes when the client happens to send every request to the GPU worker."))
 @pytest.mark.parametrize("batching", [False, True])
 def test_gpu_maps_go_to_the_plugins_worker(make_cluster, batching):
     pytest.importorskip("distributed")

@@ -83,9 +83,6 @@ def test_a_gru_cell_and_a_bidirectional_gru_are_counted():
     assert len(gemms) == 2 * (1 + 7)
 
 
-@pytest.mark.xfail(strict=True, reason="SimBackend.layers (flowkit/gpu/backends.py, not this file's owner) still "
-                                       "keys its cache by class name and per-row shape; it should call "
-                                       "costmodel.LayerCosts. Remove this mark when it does.")
 def test_the_simulated_backend_costs_each_module_as_itself():
     from flowkit.gpu import SimBackend
 

@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .costmodel import Gemm, kernel_seconds, policy_seconds, sm_seconds
+from .costmodel import Gemm, LayerCosts, kernel_seconds, policy_seconds, sm_seconds
 from .profiles import PROFILES, DeviceProfile
 
 __all__ = ["Backend", "CPUBackend", "CUDABackend", "SimBackend", "DeviceClock", "make_backend", "check_backend",
-           "BACKENDS", "Stacked", "gemm_layers", "power_of_two", "tensors_map"]
+           "BACKENDS", "Stacked", "power_of_two", "tensors_map"]
 
 
 def tensors_map(fn, out):
@@ -78,33 +78,6 @@ class Stacked:
     def width(self) -> int:
         """Its number of slots: the copies of weights it holds (one per tenant)."""
         return len(self.tenants)
-
-
-def gemm_layers(module, example) -> list[Gemm]:
-    """The GEMM-shaped work of one forward pass (Linear and im2col'd Conv2d), for the cost model."""
-    import torch
-    from torch import nn
-
-    shapes: list[Gemm] = []
-
-    def hook(mod, inp, out):
-        x = inp[0]
-        if isinstance(mod, nn.Linear):
-            rows = x.numel() // x.shape[-1]
-            shapes.append(Gemm(rows, mod.out_features, mod.in_features))
-        elif isinstance(mod, nn.Conv2d):
-            n, _, h, w = out.shape
-            k = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-            shapes.append(Gemm(n * h * w, mod.out_channels, k))
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        with torch.inference_mode():
-            module(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
 
 
 class Backend:
@@ -268,7 +241,7 @@ class SimBackend(CPUBackend):
         super().__init__()
         self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.name = f"sim:{self.profile.name.lower()}"
-        self._layers: dict = {}
+        self._layers = LayerCosts()   # (keyed by the module's structure and the whole input's shape)
         self._weights = 0.0
         self.clock = DeviceClock(wall)
 
@@ -295,11 +268,8 @@ class SimBackend(CPUBackend):
         return module
 
     def layers(self, module, x) -> list[Gemm]:
-        key = (type(module).__name__, tuple(x.shape[1:]))
-        if key not in self._layers:
-            self._layers[key] = gemm_layers(module, x[:1])
-        batch = x.shape[0]
-        return [Gemm(g.m * batch, g.n, g.k) for g in self._layers[key]]
+        """The GEMM-shaped work of ``module`` over ``x`` (traced once per architecture and shape)."""
+        return self._layers(module, x)
 
     def modeled(self, policy: str, module, x, tenants: int = 1) -> tuple[float, float]:
         """Device seconds the simulated GPU would take for this work, and its SM-seconds."""

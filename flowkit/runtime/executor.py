@@ -72,8 +72,13 @@ class WorkerDeployment:
         self.store = WorkerStore(deployment, worker)
         self.peers = Peers(deployment, worker) if not self.simple else None
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
-        self.has_gpu = worker_resources(worker).get("GPU", 0) > 0
         self.closed = False
+
+    @property
+    def has_gpu(self) -> bool:
+        """Whether this worker declares a ``GPU`` resource now (the GPU plugin declares it, also
+        after this deployment was set up)."""
+        return worker_resources(self.worker).get("GPU", 0) > 0
 
     def load_models(self) -> None:
         """Create the one instance per process of every class operator this worker may run
@@ -111,9 +116,10 @@ class WorkerDeployment:
             if kind == "run":
                 out = await self.run(loads(call.payload), token)
                 return p.Answer(rid, True, payload=dumps_table(out))
-            if kind == "stage":
+            if kind == "stage":   # a peer placed this stage here: batched here if it batches
                 name, inputs = loads(call.payload)
-                out = await self.local(self.by_name[name], inputs, token)
+                out = await (self.batchers[name].submit(inputs[0]) if name in self.batchers
+                             else self.local(self.by_name[name], inputs, token))
                 return p.Answer(rid, True, payload=dumps(out))
             if kind == "stats":
                 return p.Answer(rid, True, stats=self.snapshot())
@@ -200,7 +206,7 @@ class WorkerDeployment:
 
     async def execute(self, op, inputs, token: Token | None = None):
         """Run one stage where it belongs (see the class docstring)."""
-        if isinstance(op, Stage) and op.batching and op.name in self.batchers:
+        if op.name in self.batchers and not (op.is_gpu and not self.has_gpu):   # (a GPU one batches on its GPU)
             return await self.batchers[op.name].submit(inputs[0])
         target = await self.place(op, inputs)
         if target is not None:
