@@ -23,6 +23,7 @@ from . import protocol as p
 from . import racing
 from .batcher import Batcher
 from .cancel import Cancelled, Token, running_under
+from .ingress import http_counts, serve_http, unserve_http
 from .compat import worker_resources, worker_threads
 from .peers import Peers
 from .router import WorkerGone
@@ -95,8 +96,6 @@ class WorkerDeployment:
                                        self.id, fn.__name__, m.name, e)
 
     def close(self) -> None:
-        from .ingress import unserve_http
-
         self.closed = True
         unserve_http(self)
         for b in self.batchers.values():
@@ -124,16 +123,10 @@ class WorkerDeployment:
             if kind == "stats":
                 return p.Answer(rid, True, stats=self.snapshot())
             if kind == "serve":   # serve HTTP here too (see ingress)
-                from .ingress import serve_http
-
                 return p.Answer(rid, True, payload=dumps(await serve_http(self, loads(call.payload))))
             if kind == "http":   # what this worker's HTTP endpoint answered
-                from .ingress import http_counts
-
                 return p.Answer(rid, True, payload=dumps(http_counts(self)))
             if kind == "unserve":
-                from .ingress import unserve_http
-
                 unserve_http(self, loads(call.payload))
                 return p.Answer(rid, True)
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
@@ -161,7 +154,7 @@ class WorkerDeployment:
 
     async def in_thread(self, fn, *args):
         """``fn(*args)`` in the deployment's threads, counted among the threads its request holds
-        (see ``_session``): user code never runs on the worker's event loop, whose other sessions,
+        (see ``session``): user code never runs on the worker's event loop, whose other sessions,
         deployments and heartbeats it would hold up for as long as it ran."""
         work = self.pool.submit(fn, *args)
         held = request_threads.get(None)
