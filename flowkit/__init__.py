@@ -18,7 +18,7 @@ __all__ = [
     "Table", "Row", "Schema", "GroupedTable", "Flow", "Node", "Plan", "QID",
     "FlowError", "SchemaError", "OperatorError", "Overloaded", "WorkerLost", "DeploymentClosed", "NoWorkers",
     "Cancelled", "cancelled", "RepeatWarning",
-    "optimize", "deploy", "inspect", "Deployment",
+    "optimize", "deploy", "inspect", "Deployment", "profile", "Profile", "SLOUnreachable",
 ]
 
 
@@ -27,6 +27,12 @@ def __getattr__(name):
     if name in ("deploy", "Deployment"):
         from .runtime import deployment
         return getattr(deployment, name)
+    if name in ("profile", "Profile"):
+        from . import profiling   # (not "profile": the submodule would shadow the function)
+        return getattr(profiling, name)
+    if name == "SLOUnreachable":
+        from .planner import SLOUnreachable
+        return SLOUnreachable
     if name == "inspect":
         from flowkit_widgets import inspect
         return inspect

@@ -1,0 +1,597 @@
+"""Latency objectives: predict a deployment's p99 from stage profiles, and plan one that holds
+an objective at a request rate on the fewest workers.
+
+Everything here is a pure function of a flow, a ``Profile`` (``flowkit.profiling``) and the
+resources offered; ``fk.deploy(flow, slo_ms=..., rate=...)`` calls ``plan_slo`` and deploys
+the plan it returns, or raises ``SLOUnreachable`` before anything is installed on a worker.
+
+**The model** (``predict``). A request runs its stages one after another on the worker it
+lands on (``runtime/executor.py``), so its service time is the sum of its stages' latencies,
+drawn from their profiled distributions (a Monte Carlo sample, fixed seed):
+
+- a *batching* stage with ``(max_batch b, max_wait w)`` at ``λ/W`` requests/s per worker
+  closes batches of ``n = min(b, r·(1 + λ/W·w'))`` rows (``w'``: the wait, shortened when
+  ``b`` rows arrive sooner); a request waits ``U(0, w')`` for its batch, then the batch's
+  latency at ``n`` rows, and occupies the worker for its share ``r/n`` of the batch;
+- a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
+  workers until it finishes; a CPU-bound one is hedged (``runtime/racing.py``): the others
+  start only after the first has run for the stage's p95;
+- every other stage takes one draw, at the request's ``r`` rows.
+
+Requests then queue for the cluster's servers, an M/G/c queue (least-loaded routing is close
+to one shared queue): ``c`` is the workers' threads, or the CPU cores when the CPU is the
+tighter limit (each stage's CPU share from its profile). The waiting time is Erlang C's
+probability of waiting times an exponential tail stretched by the service time's variability
+(Allen–Cunneen's ``(1 + cs²)/2``); the predicted p99 is that of the sampled sum.
+
+**The plan** (``plan_slo``). For 1, 2 ... ``max_workers`` workers, with and without fusion, a
+coordinate search picks each batching stage's ``(b, w)`` and each high-variance stage's race
+width to minimize the predicted p99; the first worker count whose best p99 meets the objective
+is the plan. Where none does, ``SLOUnreachable`` says the best p99 reachable at that rate and
+the highest rate at which the objective holds.
+
+>>> from flowkit.profiling import Profile
+>>> import flowkit as fk
+>>> f = fk.Flow("f", {"x": int})
+>>> _ = f.map(abs, names=["y"])
+>>> prof = Profile.from_latencies({"abs": {1: [10.0] * 50}})
+>>> p = plan_slo(f, prof, slo_ms=30, rate=150, resources=Resources(max_workers=4))
+>>> p.workers, round(p.prediction.utilization, 2)   # 2 workers: 75% busy, queueing p99 past 30 ms
+(3, 0.5)
+>>> plan_slo(f, prof, slo_ms=5, rate=10, resources=Resources(max_workers=4))
+Traceback (most recent call last):
+...
+flowkit.planner.SLOUnreachable: no plan holds p99 <= 5 ms at 10 req/s on up to 4 workers: the best predicted p99 is 11 ms at 10 req/s (4 workers); the objective holds at no rate (the stages alone take 11 ms at p99)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import FlowError
+from .flow import Flow
+from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
+
+__all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "SLOPlan",
+           "SLOUnreachable", "stage_specs", "predict", "erlang_c", "plan_slo", "apply_knobs", "shed_limit",
+           "BATCHES", "WAITS_MS", "RACE_WIDTHS"]
+
+BATCHES = (1, 2, 4, 8, 16, 32)
+WAITS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+RACE_WIDTHS = (1, 2, 3)
+HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
+
+
+class SLOUnreachable(FlowError):
+    """No plan meets the latency objective on the resources offered. ``best_p99_ms``: the best
+    predicted p99 at the rate asked (inf: no plan keeps up with it); ``holds_rate``: the highest
+    rate (req/s) at which some plan meets the objective (0: none); ``best``: that best plan."""
+
+    def __init__(self, message: str, *, best_p99_ms: float, holds_rate: float, best: "SLOPlan | None" = None):
+        super().__init__(message)
+        self.best_p99_ms = best_p99_ms
+        self.holds_rate = holds_rate
+        self.best = best
+
+
+# -- inputs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resources:
+    """What the planner may use: up to ``max_workers`` workers of ``threads_per_worker`` threads,
+    sharing ``cores`` CPU cores (None: one core per thread)."""
+
+    max_workers: int = 1
+    threads_per_worker: int = 1
+    cores: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.max_workers, int) and self.max_workers >= 1):
+            raise FlowError(f"max_workers must be a whole number >= 1, not {self.max_workers!r}")
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Costs outside the operators: ``request_ms`` per request (client to worker and back),
+    ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races)."""
+
+    request_ms: float = 1.0
+    stage_ms: float = 0.15
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One candidate: fusion, ``(max_batch, max_wait_ms)`` per batching stage, race width per
+    high-variance stage, and the number of workers."""
+
+    fusion: bool = True
+    batch: tuple[tuple[str, int, float], ...] = ()
+    race: tuple[tuple[str, int], ...] = ()
+    workers: int = 1
+
+    def batch_of(self, stage: str) -> tuple[int, float]:
+        return next(((b, w) for s, b, w in self.batch if s == stage), (1, 0.0))
+
+    def race_of(self, stage: str) -> int:
+        return next((k for s, k in self.race if s == stage), 1)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage of a candidate plan as the model sees it: its members' latency samples."""
+
+    name: str
+    members: tuple[Any, ...]          # OpProfile of each profiled member
+    batching: bool = False
+    max_batch: int = 32               # the operator's own cap on the batch
+    high_variance: bool = False
+    missing: tuple[str, ...] = ()     # members the profile lacks (costed as zero)
+
+    @property
+    def cpu_share(self) -> float:
+        w = [m.mean(1) for m in self.members]
+        total = sum(w)
+        return sum(m.cpu_share * x for m, x in zip(self.members, w)) / total if total > 0 else 1.0
+
+    def draw(self, rng, rows: float, n: int) -> np.ndarray:
+        """``n`` latency samples (ms) of the stage over ``rows`` rows: its members' summed."""
+        out = np.zeros(n)
+        for m in self.members:
+            s = m.samples(rows)
+            out += s[rng.integers(0, len(s), n)]
+        return out
+
+    def p95(self, rows: float) -> float:
+        return float(sum(np.percentile(m.samples(rows), 95) for m in self.members))
+
+
+def stage_specs(plan: Plan, profile) -> list[StageSpec]:
+    """The model's view of an optimized plan's stages (before racing: race width is a knob)."""
+    specs = []
+    for op in plan.stages():
+        if isinstance(op, AnyOf):
+            continue   # a user's anyof costs nothing itself (its branches are costed, summed)
+        members = op.operators
+        have = tuple(profile.ops[m.name] for m in members if m.name in profile.ops)
+        missing = tuple(m.name for m in members if m.name not in profile.ops)
+        batching = isinstance(op, Stage) and op.batching is not None
+        caps = [m.max_batch for m in members if isinstance(m, Map) and m.batching and m.max_batch]
+        hv = any(isinstance(m, Map) and m.high_variance for m in members)
+        specs.append(StageSpec(op.name, have, batching, min(caps) if caps else max(BATCHES), hv, missing))
+    return specs
+
+
+# -- the model ----------------------------------------------------------------------------------
+def erlang_c(c: int, a: float) -> float:
+    """The probability an arrival waits in an M/M/c queue with offered load ``a`` (< c).
+
+    >>> round(erlang_c(1, 0.5), 3), round(erlang_c(2, 1.0), 3), erlang_c(2, 2.0)
+    (0.5, 0.333, 1.0)
+    """
+    if a >= c:
+        return 1.0
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    rho = a / c
+    return b / (1 - rho * (1 - b))
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    name: str
+    p50_ms: float            # the stage's latency as dep.stats() measures it (a batch's run; a race's winner)
+    p99_ms: float
+    wait_p99_ms: float = 0.0  # waiting for a batch to close (batching stages)
+    batch_rows: float = 1.0   # expected rows per batch
+    max_batch: int = 1
+    max_wait_ms: float = 0.0
+    replicas: int = 1
+    demand_ms: float = 0.0    # mean worker time a request takes from this stage
+    cpu_share: float = 1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    p50_ms: float
+    p99_ms: float
+    utilization: float        # of the bottleneck (threads or CPU); >= 1: it cannot keep up
+    bottleneck: str           # "threads" or "cpu"
+    servers: int
+    wait_probability: float
+    queue_p99_ms: float
+    service_p99_ms: float
+    overhead_ms: float
+    demand_ms: float          # mean worker time per request
+    stages: tuple[StagePrediction, ...] = ()
+
+    @property
+    def holds(self) -> bool:
+        return bool(self.utilization < 1)
+
+
+def _simple(specs: Sequence[StageSpec], knobs: Knobs) -> bool:
+    return not any((s.batching and knobs.batch_of(s.name)[0] > 1) or knobs.race_of(s.name) > 1 for s in specs)
+
+
+def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources,
+            overheads: Overheads = Overheads(), rows: int = 1, n: int = 4000, seed: int = 0) -> Prediction:
+    """The predicted latency of a plan (``specs`` with ``knobs``) at ``rate`` requests/s (see
+    the module docstring).
+
+    >>> from flowkit.profiling import Profile
+    >>> prof = Profile.from_latencies({"m": {1: [4.0] * 20, 8: [8.0] * 20}}, batching=["m"])
+    >>> spec = StageSpec("m", (prof["m"],), batching=True)
+    >>> one = predict([spec], Knobs(batch=(("m", 1, 0.0),)), 200, Resources(1), Overheads(0, 0))
+    >>> eight = predict([spec], Knobs(batch=(("m", 8, 20.0),)), 200, Resources(1), Overheads(0, 0))
+    >>> one.utilization, one.holds, round(eight.stages[0].batch_rows, 1), eight.holds
+    (0.8, True, 5.0, True)
+    """
+    rng = np.random.default_rng(seed)
+    W = knobs.workers
+    lam_w = rate / W
+    simple = _simple(specs, knobs)
+    lat = np.zeros(n)
+    wall = np.zeros(n)
+    cpu = np.zeros(n)
+    stages = []
+    for s in specs:
+        b, w_ms = knobs.batch_of(s.name) if s.batching else (1, 0.0)
+        k = min(knobs.race_of(s.name), W) if s.high_variance else 1
+        share = s.cpu_share
+        wait = np.zeros(n)
+        rows_in = float(rows)
+        if s.batching and b > 1:
+            fill_s = (b / rows - 1) / lam_w if lam_w > 0 else math.inf
+            w_eff = min(w_ms / 1000, fill_s)
+            rows_in = min(float(b), rows * (1 + lam_w * w_eff))
+            wait = rng.uniform(0, w_eff * 1000, n)
+            svc = s.draw(rng, rows_in, n)
+            busy = svc * rows / rows_in
+        elif k > 1:
+            draws = np.stack([s.draw(rng, rows, n) for _ in range(k)])
+            if share >= HEDGE_CPU_SHARE:
+                h = s.p95(rows)
+                first, others = draws[0], draws[1:].min(axis=0)
+                svc = np.where(first <= h, first, np.minimum(first, h + others))
+                busy = svc + np.where(first > h, (k - 1) * (svc - h), 0.0)
+            else:
+                svc = draws.min(axis=0)
+                busy = k * svc
+        else:
+            svc = s.draw(rng, rows, n)
+            busy = svc
+        if not simple:
+            busy = busy + overheads.stage_ms
+        lat += wait + svc
+        wall += busy
+        cpu += busy * share
+        stages.append(StagePrediction(s.name, float(np.percentile(svc, 50)), float(np.percentile(svc, 99)),
+                                      float(np.percentile(wait, 99)), rows_in, b, w_ms if b > 1 else 0.0, k,
+                                      float(busy.mean()), share))
+    overhead = overheads.request_ms + (0.0 if simple else overheads.stage_ms * len(specs))
+    threads = W * resources.threads_per_worker * (1 if simple else 8)   # (the executor's pool: see executor.py)
+    cores = min(resources.cores or W * resources.threads_per_worker, W * resources.threads_per_worker)
+    rho_t = rate * wall.mean() / 1000 / threads
+    rho_c = rate * cpu.mean() / 1000 / cores
+    if rho_c >= rho_t:
+        util, c, demand, bottleneck = float(rho_c), int(cores), cpu, "cpu"
+    else:
+        util, c, demand, bottleneck = float(rho_t), threads, wall, "threads"
+    service = lat + overhead
+    if util >= 1:
+        return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
+                          overhead, float(wall.mean()), tuple(stages))
+    mean_d = float(demand.mean())
+    cs2 = float(demand.var() / mean_d ** 2) if mean_d > 0 else 0.0
+    pw = erlang_c(c, util * c)
+    mean_wait = mean_d / (c * (1 - util)) * (1 + cs2) / 2 if mean_d > 0 else 0.0
+    queue = np.where(rng.random(n) < pw, rng.exponential(mean_wait, n), 0.0) if mean_wait > 0 else np.zeros(n)
+    total = service + queue
+    return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
+                      float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(wall.mean()),
+                      tuple(stages))
+
+
+# -- the plan -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SLOPlan:
+    """The chosen plan: the knobs, its prediction, the optimized flow to deploy, and why.
+
+    ``explain()`` lists the reasons; ``table()`` is predicted per stage (and measured, once a
+    deployment attached its statistics: ``dep.slo_plan``)."""
+
+    slo_ms: float
+    rate: float
+    knobs: Knobs
+    prediction: Prediction
+    flow: Flow
+    resources: Resources
+    reasons: tuple[str, ...] = ()
+    shed_inflight: int | None = None
+    planning_s: float = 0.0
+    evaluated: int = 0
+    measured: Any = None      # dep.stats() when attached by a deployment
+
+    @property
+    def workers(self) -> int:
+        return self.knobs.workers
+
+    @property
+    def plan(self) -> Plan:
+        return self.flow.plan
+
+    def explain(self) -> list[str]:
+        return list(self.reasons)
+
+    def with_measured(self, stats) -> "SLOPlan":
+        return replace(self, measured=stats)
+
+    def table(self):
+        """One row per stage after an ``(end to end)`` row: the predicted p50/p99 (ms), batch,
+        wait, replicas and utilization; with ``measured``: the measured p50/p99 and the p99's
+        error (predicted / measured - 1)."""
+        import pandas as pd
+
+        pr = self.prediction
+        rows = [{"stage": "(end to end)", "predicted_p50_ms": pr.p50_ms, "predicted_p99_ms": pr.p99_ms,
+                 "max_batch": None, "max_wait_ms": None, "replicas": None, "utilization": pr.utilization}]
+        for s in pr.stages:
+            rows.append({"stage": s.name, "predicted_p50_ms": s.p50_ms, "predicted_p99_ms": s.p99_ms,
+                         "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "replicas": s.replicas,
+                         "utilization": self.rate * s.demand_ms / 1000 / (self.workers * self.resources.threads_per_worker)})
+        df = pd.DataFrame(rows)
+        if self.measured is not None:
+            m = self.measured.set_index("stage") if "stage" in self.measured else self.measured
+            df["measured_p50_ms"] = [m["p50_ms"].get(s, math.nan) for s in df["stage"]]
+            df["measured_p99_ms"] = [m["p99_ms"].get(s, math.nan) for s in df["stage"]]
+            df["requests"] = [m["requests"].get(s, 0) for s in df["stage"]]
+            df["p99_error"] = df["predicted_p99_ms"] / df["measured_p99_ms"] - 1
+        return df
+
+    def _repr_html_(self) -> str:
+        items = "".join(f"<li>{_esc(r)}</li>" for r in self.reasons)
+        return f"<ul>{items}</ul>" + self.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="")
+
+    def __repr__(self) -> str:
+        pr = self.prediction
+        return (f"<SLOPlan {self.plan.name!r}: p99 <= {self.slo_ms:g} ms at {self.rate:g} req/s on {self.workers} "
+                f"worker{'s' if self.workers != 1 else ''}; predicted p99 {pr.p99_ms:.3g} ms, utilization "
+                f"{pr.utilization:.0%}>")
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _candidate(flow: Flow, fusion: bool) -> Plan:
+    from .optimize import optimize
+
+    return optimize(flow, fusion=fusion, compete=1, batching=True).plan
+
+
+def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources, overheads: Overheads,
+            rows: int, slo_ms: float, n: int, counter: list) -> tuple[Knobs, Prediction]:
+    """The knobs minimizing the predicted p99 on ``workers`` workers (a coordinate search)."""
+    knobs = Knobs(fusion, tuple((s.name, 1, 0.0) for s in specs if s.batching),
+                  tuple((s.name, 1) for s in specs if s.high_variance), workers)
+
+    def score(k: Knobs) -> tuple:
+        counter[0] += 1
+        p = predict(specs, k, rate, resources, overheads, rows, n)
+        return (p.p99_ms, p.utilization), p
+
+    best, pred = score(knobs)
+    for _ in range(2):
+        changed = False
+        for s in specs:
+            if s.batching:
+                options = [(1, 0.0)] + [(b, w) for b in BATCHES if 1 < b <= s.max_batch for w in WAITS_MS
+                                        if w < slo_ms / 2]
+                cur = knobs.batch_of(s.name)
+                for b, w in options:
+                    if (b, w) == cur:
+                        continue
+                    k = replace(knobs, batch=tuple((x, b, w) if x == s.name else (x, bb, ww)
+                                                   for x, bb, ww in knobs.batch))
+                    sc, p = score(k)
+                    if sc < best:
+                        best, pred, knobs, changed = sc, p, k, True
+            if s.high_variance:
+                for width in RACE_WIDTHS:
+                    if width > workers or width == knobs.race_of(s.name):
+                        continue
+                    k = replace(knobs, race=tuple((x, width if x == s.name else kk) for x, kk in knobs.race))
+                    sc, p = score(k)
+                    if sc < best:
+                        best, pred, knobs, changed = sc, p, k, True
+        if not changed:
+            break
+    return knobs, pred
+
+
+def _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter, workers_range):
+    """(knobs, prediction, specs) of the first worker count in ``workers_range`` whose best plan
+    meets ``slo_ms``, else of the best plan seen (and False)."""
+    best = None
+    for w in workers_range:
+        for fusion, specs in candidates:
+            knobs, pred = _search(specs, fusion, w, rate, resources, overheads, rows, slo_ms, n, counter)
+            if best is None or (pred.p99_ms, pred.utilization) < (best[1].p99_ms, best[1].utilization):
+                best = (knobs, pred, specs)
+        if best[1].p99_ms <= slo_ms:
+            return best, True
+    return best, False
+
+
+def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resources = Resources(),
+             overheads: Overheads = Overheads(), *, rows: int = 1, n: int = 2000) -> SLOPlan:
+    """The plan holding p99 <= ``slo_ms`` at ``rate`` requests/s on the fewest workers (see the
+    module docstring); raises ``SLOUnreachable`` when no plan on ``resources`` does."""
+    if not isinstance(flow, Flow):
+        raise FlowError(f"planning needs a Flow, not {type(flow).__name__}")
+    if not (isinstance(slo_ms, (int, float)) and slo_ms > 0):
+        raise FlowError(f"slo_ms must be a number of milliseconds > 0, not {slo_ms!r}")
+    if not (isinstance(rate, (int, float)) and rate > 0):
+        raise FlowError(f"rate must be a number of requests per second > 0, not {rate!r}")
+    flow = flow.original
+    t0 = time.perf_counter()
+    counter = [0]
+    candidates = []
+    for fusion in (True, False):
+        specs = stage_specs(_candidate(flow, fusion), profile)
+        if fusion is False and [s.name for s in specs] == [s.name for s in candidates[0][1]]:
+            continue   # nothing to fuse: one candidate
+        candidates.append((fusion, specs))
+    (knobs, pred, specs), ok = _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter,
+                                        range(1, resources.max_workers + 1))
+    if not ok:
+        holds = _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter)
+        W = resources.max_workers
+        best_p99 = pred.p99_ms
+        if holds > 0:
+            tail = f"it holds up to about {holds:.3g} req/s"
+        else:
+            floor = min(p.service_p99_ms for p in [pred])
+            tail = f"the objective holds at no rate (the stages alone take {floor:.2g} ms at p99)"
+        at = (f"{best_p99:.2g} ms at {rate:g} req/s ({knobs.workers} workers)" if math.isfinite(best_p99) else
+              f"unbounded: at {rate:g} req/s even {W} workers run at {pred.utilization:.0%} of their capacity")
+        best_plan = _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, [])
+        raise SLOUnreachable(f"no plan holds p99 <= {slo_ms:g} ms at {rate:g} req/s on up to {W} worker"
+                             f"{'s' if W != 1 else ''}: the best predicted p99 is {at}; {tail}",
+                             best_p99_ms=best_p99, holds_rate=holds, best=best_plan)
+    # the fewer workers' best, for explain()
+    fewer = []
+    if knobs.workers > 1:
+        for fusion, sp in candidates:
+            k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, counter)
+            fewer.append(p)
+    return _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
+
+
+def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter) -> float:
+    """The highest rate (to 5%) below ``rate`` at which some plan on all the workers meets the
+    objective; 0 when none does even at a trickle."""
+    W = resources.max_workers
+    lo, hi = 0.0, rate
+    tiny = rate / 1000
+
+    def ok(r):
+        return _best_at(flow, candidates, r, resources, overheads, rows, slo_ms, n, counter, [W])[1]
+
+    if not ok(tiny):
+        return 0.0
+    lo = tiny
+    while hi - lo > 0.05 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def shed_limit(pred: Prediction, slo_ms: float, workers: int, threads: int) -> int:
+    """Requests in flight beyond which a new one would wait so long it misses ``slo_ms``: the
+    servers plus as many queued requests as the slack (objective minus the service p99) lets
+    drain at the predicted mean demand.
+
+    >>> p = Prediction(5, 10, 0.5, "threads", 2, 0.3, 2, 8, 1, 4.0)
+    >>> shed_limit(p, 50, 2, 1)
+    23
+    """
+    servers = workers * threads
+    slack = max(0.0, slo_ms - pred.service_p99_ms)
+    per_request = max(pred.demand_ms, 1e-3) / max(1, pred.servers)
+    return int(servers + slack / per_request)
+
+
+def _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer) -> SLOPlan:
+    planned = Flow.from_plan(apply_knobs(_candidate(flow, knobs.fusion), knobs), original=flow)
+    shed = shed_limit(pred, slo_ms, knobs.workers, resources.threads_per_worker)
+    reasons = _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed)
+    return SLOPlan(slo_ms, rate, knobs, pred, planned, resources, tuple(reasons), shed,
+                   time.perf_counter() - t0, counter[0])
+
+
+def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed) -> list[str]:
+    W = knobs.workers
+    out = [f"objective: p99 <= {slo_ms:g} ms at {rate:g} req/s; predicted p99 {pred.p99_ms:.3g} ms "
+           f"(p50 {pred.p50_ms:.3g} ms) on {W} worker{'s' if W != 1 else ''} of "
+           f"{resources.threads_per_worker} thread{'s' if resources.threads_per_worker != 1 else ''}; "
+           f"bottleneck: {pred.bottleneck} at {pred.utilization:.0%} utilization; queueing adds "
+           f"{pred.queue_p99_ms:.3g} ms at p99 (a request waits with probability {pred.wait_probability:.2f})"]
+    if fewer:
+        f = min(fewer, key=lambda p: p.p99_ms)
+        why = (f"utilization {f.utilization:.0%}: it cannot keep up" if not f.holds else
+               f"predicted p99 {f.p99_ms:.3g} ms")
+        out.append(f"workers: {W}, the fewest that hold the objective ({W - 1} would give {why})")
+    else:
+        out.append(f"workers: {W}, the fewest possible")
+    fused = [s for s in specs if len(s.members) > 1]
+    if knobs.fusion and fused:
+        out.append(f"fusion: on — {', '.join(repr(s.name) for s in fused)} run as one task each "
+                   f"(no hop of ~{overheads.stage_ms:g} ms between their operators)")
+    elif not knobs.fusion:
+        out.append("fusion: off — predicted no better fused")
+    for s, sp in zip(specs, pred.stages):
+        line = (f"{s.name!r}: p99 {sp.p99_ms:.3g} ms (p50 {sp.p50_ms:.3g} ms), {sp.demand_ms:.3g} ms of worker "
+                f"time per request, CPU share {sp.cpu_share:.2f}")
+        if s.batching:
+            if sp.max_batch > 1:
+                line += (f"; batches of up to {sp.max_batch} rows, waiting at most {sp.max_wait_ms:g} ms: "
+                         f"{sp.batch_rows:.2g} rows per batch expected at {rate / W:.3g} req/s per worker "
+                         f"(batch wait p99 {sp.wait_p99_ms:.3g} ms)")
+            else:
+                line += "; not batched: at this rate batches would not fill before the wait cost more than they save"
+        if s.high_variance:
+            line += (f"; {sp.replicas} replicas race (latency cv {s.members[0].cv(1) if s.members else 0:.2f})"
+                     if sp.replicas > 1 else "; no race: racing predicted no lower p99 (or too few workers)")
+        if s.missing:
+            line += f"; not profiled: {', '.join(s.missing)} (costed as 0)"
+        out.append(line)
+    out.append(f"shedding: beyond {shed} requests in flight a new one is refused (fk.Overloaded): queued behind "
+               f"more, it would miss {slo_ms:g} ms")
+    return out
+
+
+# -- applying the knobs -------------------------------------------------------------------------
+def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
+    """``plan`` (optimized with ``compete=1``) with each batching stage's batch and wait set
+    (batch 1: not batched) and each high-variance stage racing its width — a pure pass like the
+    optimizer's, recording its rewrites under the rule ``"slo"``.
+
+    >>> import flowkit as fk
+    >>> f = fk.Flow("f", {"x": int})
+    >>> _ = f.map(lambda t: [r["x"] for r in t], names=["y"], batching=True).map(abs, names=["z"], high_variance=True)
+    >>> p = apply_knobs(_candidate(f, False), Knobs(False, (("lambda#1", 8, 2.0),), (("abs", 2),), 2))
+    >>> [(op.name, op.kind) for op in p.stages()]
+    [('lambda#1', 'stage'), ('abs~1', 'stage'), ('abs~2', 'stage'), ('abs', 'anyof')]
+    >>> p["lambda#1"].batching
+    Batching(max_batch=8, max_wait_ms=2.0)
+    """
+    nodes: list[Op] = []
+    notes: list[Rewrite] = []
+    for op in plan.nodes:
+        if isinstance(op, Stage) and op.batching is not None:
+            b, w = knobs.batch_of(op.name)
+            spec = Batching(max_batch=b, max_wait_ms=w) if b > 1 else None
+            if spec != op.batching:
+                notes.append(Rewrite("slo", f"{op.name!r}: " + (f"batches of up to {b} rows, waiting at most {w:g} ms"
+                                                               if spec else "not batched (batch 1)"),
+                                     (op.name,), (op.name,)))
+                op = replace(op, batching=spec)
+        k = knobs.race_of(op.name)
+        hv = (isinstance(op, Map) and op.high_variance) or (isinstance(op, Stage) and op.high_variance
+                                                             and op.replica_of is None)
+        if hv and k > 1:
+            stage = op if isinstance(op, Stage) else stage_of((op,))
+            reps = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
+            nodes += reps
+            nodes.append(AnyOf(name=op.name, inputs=tuple(r.name for r in reps), schema=op.schema, race=op.name))
+            notes.append(Rewrite("slo", f"{op.name!r}: {k} replicas race", (op.name,),
+                                 tuple(r.name for r in reps) + (op.name,)))
+            continue
+        nodes.append(op)
+    return plan.with_nodes(nodes, rewrites=notes)

@@ -1,0 +1,353 @@
+"""Stage profiles: each operator of a flow measured on a real worker at several batch sizes.
+
+``fk.profile(flow, sample)`` runs the flow's operators on one worker of a dask cluster (the
+embedded one by default: one worker process, started for the measurement and stopped after),
+each operator over tables of 1, 2, 4 ... ``max_batch`` rows cut from ``sample``, and records per
+operator and batch size its latency distribution, the share of it spent computing (CPU time
+over wall time: 1 is CPU-bound, near 0 waits on sleep, I/O or a device) and its output size.
+The planner (``flowkit.planner``) predicts a deployment's latency from these.
+
+A profile is cached per flow version (``flow_version``: a hash of the plan and of its
+functions' code), so ``fk.profile`` then ``fk.deploy(flow, slo_ms=..., rate=...)`` measures once.
+
+Profiles are plain data and can be written by hand (the planner's tests do):
+
+>>> p = Profile.from_latencies({"embed": {1: [2.0] * 9 + [4.0], 8: [6.0] * 10}}, cpu_share=1.0)
+>>> op = p["embed"]
+>>> op.p50(1), round(op.p99(1), 2), round(op.mean(4), 2)   # batch 4: between the sizes measured
+(2.0, 3.82, 3.83)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import FlowError
+from .flow import Flow
+from .plan import Map, Op, Plan, Source, Stage
+
+__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES"]
+
+logger = logging.getLogger("flowkit.profile")
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+_CACHE: dict[tuple, "Profile"] = {}
+
+
+# -- the data ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpProfile:
+    """One operator's measurements: latency samples (ms) per batch size (rows in its input),
+    its CPU share and output bytes per row; ``batching``/``high_variance``/``gpu`` copy the
+    operator's own marks."""
+
+    name: str
+    kind: str
+    latencies: Mapping[int, tuple[float, ...]]
+    cpu_share: float = 1.0
+    out_bytes_per_row: float = 0.0
+    batching: bool = False
+    high_variance: bool = False
+    gpu: bool = False
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self.latencies))
+
+    def samples(self, batch: float) -> np.ndarray:
+        """Latency samples (ms) at ``batch`` rows: the measured ones, or those of the nearest
+        measured sizes scaled linearly in between (and proportionally beyond the largest)."""
+        sizes = self.batch_sizes
+        if not sizes:
+            return np.zeros(1)
+        if batch in self.latencies:
+            return np.asarray(self.latencies[batch], dtype=float)
+        lo = max((b for b in sizes if b <= batch), default=sizes[0])
+        hi = min((b for b in sizes if b >= batch), default=sizes[-1])
+        a, b = np.asarray(self.latencies[lo], float), np.asarray(self.latencies[hi], float)
+        if lo == hi:   # outside the measured sizes: scale the nearest by the row count
+            return a * (batch / lo) if batch > lo else a
+        t = (batch - lo) / (hi - lo)
+        n = max(len(a), len(b))
+        qs = np.linspace(0, 100, n)
+        return np.percentile(a, qs) * (1 - t) + np.percentile(b, qs) * t
+
+    def mean(self, batch: float = 1) -> float:
+        return float(np.mean(self.samples(batch)))
+
+    def p50(self, batch: float = 1) -> float:
+        return float(np.percentile(self.samples(batch), 50))
+
+    def p99(self, batch: float = 1) -> float:
+        return float(np.percentile(self.samples(batch), 99))
+
+    def cv(self, batch: float = 1) -> float:
+        """Coefficient of variation of the latency (std / mean): how high-variance it is."""
+        s = self.samples(batch)
+        m = float(np.mean(s))
+        return float(np.std(s)) / m if m > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A flow's operator profiles, keyed by operator name (the unoptimized plan's names)."""
+
+    ops: Mapping[str, OpProfile]
+    version: str = ""
+    worker: str = ""
+    seconds: float = 0.0                      # how long measuring took
+    notes: tuple[str, ...] = field(default=())
+
+    def __getitem__(self, name: str) -> OpProfile:
+        try:
+            return self.ops[name]
+        except KeyError:
+            raise FlowError(f"the profile has no operator {name!r} (it has {', '.join(self.ops) or 'none'}); "
+                            f"profile the flow again (fk.profile)") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ops
+
+    @classmethod
+    def from_latencies(cls, latencies: Mapping[str, Mapping[int, Sequence[float]]], *, cpu_share: float = 1.0,
+                       batching: Sequence[str] = (), high_variance: Sequence[str] = (),
+                       version: str = "") -> "Profile":
+        """A profile written by hand: ``{op: {batch: [ms, ...]}}`` (for tests and what-ifs)."""
+        return cls({name: OpProfile(name, "map", {int(b): tuple(map(float, v)) for b, v in per.items()},
+                                    cpu_share=cpu_share, batching=name in batching,
+                                    high_variance=name in high_variance)
+                    for name, per in latencies.items()}, version=version)
+
+    def table(self):
+        """A pandas DataFrame: one row per operator and batch size (p50/p99 ms, per-row ms,
+        CPU share, output bytes per row)."""
+        import pandas as pd
+
+        rows = []
+        for op in self.ops.values():
+            for b in op.batch_sizes:
+                s = op.samples(b)
+                rows.append({"operator": op.name, "batch": b, "runs": len(s),
+                             "p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
+                             "ms_per_row": float(np.mean(s)) / b, "cpu_share": op.cpu_share,
+                             "out_bytes_per_row": op.out_bytes_per_row})
+        return pd.DataFrame(rows)
+
+    def chart_svg(self) -> str:
+        """Per-row latency (p50, ms) against batch size, one line per operator (an SVG string)."""
+        try:
+            from flowkit_widgets.charts import line_chart_svg
+        except ImportError:   # the notebook layer is optional
+            return ""
+        series = {op.name: [(b, op.p50(b) / b) for b in op.batch_sizes] for op in self.ops.values()}
+        return line_chart_svg(series, title="p50 per row vs batch size", unit="ms/row")
+
+    def _repr_html_(self) -> str:
+        return self.table().to_html(index=False, float_format=lambda v: f"{v:.3g}") + self.chart_svg()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{op.name}: {op.p50(1):.3g} ms" for op in self.ops.values())
+        return f"<Profile {self.version[:12] or '(by hand)'}: p50 at batch 1 — {parts}>"
+
+
+# -- the flow's version -------------------------------------------------------------------------
+def _code_digest(obj: Any, h, seen: set) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    code = getattr(obj, "__code__", None)
+    if isinstance(obj, type):
+        h.update(obj.__qualname__.encode())
+        for k, v in sorted(vars(obj).items(), key=lambda kv: kv[0]):
+            if callable(v) or isinstance(v, (staticmethod, classmethod)):
+                h.update(k.encode())
+                _code_digest(getattr(v, "__func__", v), h, seen)
+        return
+    if code is None:
+        h.update(repr(getattr(obj, "__qualname__", obj)).encode())
+        return
+    _code_obj(code, h)
+    for d in getattr(obj, "__defaults__", None) or ():
+        h.update(repr(d).encode())
+
+
+def _code_obj(code, h) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            _code_obj(c, h)
+        else:
+            h.update(repr(c).encode())
+
+
+def flow_version(flow: Flow | Plan) -> str:
+    """A hash of the plan (every operator's kind, name, inputs, schema and options) and of its
+    functions' code: it changes when the flow or any of its functions does.
+
+    >>> import flowkit as fk
+    >>> f = fk.Flow("f", {"x": int}); _ = f.map(abs, names=["y"])
+    >>> g = fk.Flow("f", {"x": int}); _ = g.map(abs, names=["y"])
+    >>> flow_version(f) == flow_version(g), flow_version(f) == flow_version(fk.Flow("f", {"x": int}))
+    (True, False)
+    """
+    plan = flow.plan if isinstance(flow, Flow) else flow
+    h = hashlib.sha256(plan.name.encode())
+    seen: set = set()
+
+    def visit(op: Op) -> None:
+        h.update(f"{type(op).__name__}|{op.name}|{op.inputs}|{op.schema!r}".encode())
+        for k, v in sorted(vars(op).items()):
+            if k in ("name", "inputs", "schema"):
+                continue
+            if k == "members":
+                for m in v:
+                    visit(m)
+            elif k == "fn" and callable(v):
+                _code_digest(v, h, seen)
+            else:
+                h.update(f"{k}={v!r}".encode())
+
+    for op in plan.nodes:
+        visit(op)
+    return h.hexdigest()[:20]
+
+
+def cached_profile(flow: Flow | Plan) -> "Profile | None":
+    """The most recent profile of this flow version measured in this process, if any."""
+    v = flow_version(flow)
+    found = [p for k, p in _CACHE.items() if k[0] == v]
+    return found[-1] if found else None
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequence[int] = BATCH_SIZES,
+            repeats: int = 20, budget_s: float = 20.0, store: Mapping[Any, Any] | None = None,
+            refresh: bool = False, timeout: float = 120.0) -> Profile:
+    """Measure every operator of ``flow`` on a worker of ``cluster`` (a ``distributed.Client``,
+    a dask cluster, a scheduler address, or None: an embedded one-worker cluster started for
+    this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times (fewer where an
+    operator would take the measurement past ``budget_s`` seconds in all); ``sample`` is the
+    input (a Table, a DataFrame, records...) whose rows are cycled to make each batch, ``store``
+    the objects lookups read. Cached per flow version and batch sizes (``refresh=True``
+    measures again).
+    """
+    if not isinstance(flow, Flow):
+        raise FlowError(f"profile needs a Flow, not {type(flow).__name__}")
+    from .table import as_table
+
+    plan = flow.original.plan   # the user's operators (an optimized flow's stages are made of them)
+    sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    if not sizes or sizes[0] < 1:
+        raise FlowError(f"batch_sizes must be whole numbers >= 1, not {batch_sizes!r}")
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise FlowError(f"repeats must be a whole number >= 1, not {repeats!r}")
+    table = as_table(sample, plan.source.schema)
+    if len(table) == 0:
+        raise FlowError("profile needs a sample with at least one row")
+    version = flow_version(plan)
+    key = (version, sizes)
+    if not refresh and key in _CACHE:
+        return _CACHE[key]
+
+    from .runtime.clusters import connect
+    from .runtime.wire import dumps, dumps_plan
+
+    plan_bytes = dumps_plan(plan)
+    client, _, owned = connect(cluster, 1, timeout)
+    t0 = time.perf_counter()
+    try:
+        fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, budget_s,
+                            dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
+        raw = fut.result(timeout=max(timeout, budget_s * 3))
+    finally:
+        for thing in owned:
+            try:
+                thing.close()
+            except Exception as e:  # pragma: no cover - best effort
+                logger.debug("closing %r: %s", thing, e)
+    ops = {}
+    for op in plan.nodes:
+        if isinstance(op, Source) or op.name not in raw["ops"]:
+            continue
+        r = raw["ops"][op.name]
+        ops[op.name] = OpProfile(op.name, op.kind, {int(b): tuple(v) for b, v in r["latencies"].items()},
+                                 cpu_share=r["cpu_share"], out_bytes_per_row=r["out_bytes_per_row"],
+                                 batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
+                                 gpu=op.is_gpu)
+    prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
+                   notes=tuple(raw["notes"]))
+    _CACHE[key] = prof
+    return prof
+
+
+def _marked(op: Op, flag: str) -> bool:
+    return any(isinstance(m, Map) and getattr(m, flag) for m in op.operators)
+
+
+def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: int, budget_s: float,
+                       store_bytes: bytes) -> dict:
+    """On a worker: time every operator of the plan over batches of each size (see ``profile``)."""
+    from distributed import get_worker
+
+    from .runtime.semantics import DictStore, apply
+    from .runtime.wire import dumps, loads
+    from .table import Table
+
+    plan: Plan = loads(plan_bytes)
+    sample: Table = loads(table_bytes)
+    ctx = DictStore(loads(store_bytes))
+    ops = plan.nodes[1:]
+    lat: dict[str, dict[int, list[float]]] = {op.name: {} for op in ops}
+    cpu: dict[str, list[tuple[float, float]]] = {op.name: [] for op in ops}
+    out_bytes: dict[str, list[float]] = {op.name: [] for op in ops}
+    notes: list[str] = []
+
+    def batch(n: int) -> Table:
+        idx = [i % len(sample) for i in range(n)]
+        return Table._make(sample.schema, [sample.rows[i] for i in idx], list(range(n)))
+
+    def one_pass(n: int, record: bool) -> None:
+        env = {plan.source.name: batch(n)}
+        for op in ops:
+            inputs = [env[i] for i in op.inputs]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = apply(op, inputs, ctx)
+            wall, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+            env[op.name] = out
+            if record:
+                lat[op.name].setdefault(n, []).append(wall * 1000)
+                cpu[op.name].append((cpu_s, wall))
+                if n == sizes[-1] and not out_bytes[op.name] and isinstance(out, Table) and len(out):
+                    out_bytes[op.name].append(len(dumps(out)) / len(out))   # at the largest batch: header amortized
+
+    one_pass(sizes[0], record=False)   # warm-up: class operators are created, caches filled
+    started = time.perf_counter()
+    per_size = budget_s / len(sizes)
+    for n in sizes:
+        t_size = time.perf_counter()
+        for r in range(repeats):
+            one_pass(n, record=True)
+            if r >= 2 and time.perf_counter() - t_size > per_size:
+                notes.append(f"batch {n}: {r + 1} runs (the time budget ran out)")
+                break
+    result = {}
+    for op in ops:
+        wall = sum(w for _, w in cpu[op.name])
+        share = min(1.0, sum(c for c, _ in cpu[op.name]) / wall) if wall > 0 else 1.0
+        ob = out_bytes[op.name]
+        result[op.name] = {"latencies": lat[op.name], "cpu_share": share,
+                           "out_bytes_per_row": float(np.mean(ob)) if ob else 0.0}
+    notes.append(f"measured in {time.perf_counter() - started:.2f} s")
+    return {"ops": result, "worker": get_worker().address, "notes": notes}
