@@ -4,6 +4,8 @@ slow neighbours, batched qids, hostile operators, failed and closed deployments,
 from __future__ import annotations
 
 import _thread
+import http.client
+import json
 import os
 import signal
 import sys
@@ -114,6 +116,31 @@ def test_an_abandoned_request_keeps_its_worker_busy_until_its_thread_is_free(cli
         assert dep._router.inflight() == 1   # the abandoned one, still holding its thread
         gate.write_text("open")
         wait_until(lambda: dep._router.inflight() == 0, "the worker to say the abandoned request's thread is free")
+
+
+def _post(conn, body: dict) -> tuple[int, dict]:
+    conn.request("POST", "/v1/flows/http-abandon/predict", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+@pytest.mark.parametrize("where", ["workers", "client"])
+def test_requests_after_one_that_timed_out_over_http_are_answered(client, tmp_path, where):
+    """A 504 abandons its request, whose function keeps its worker's one thread: the requests
+    after it on the same connection are still answered (by the other worker) — served by the
+    workers, the one holding the connection sends them on while its thread is busy."""
+    gate = tmp_path / "gate"
+    with fk.deploy(_flow("http-abandon"), cluster=client) as dep, dep.serve(where=where, timeout=3) as server:
+        wait_until(lambda: len(dep.workers) == 2, "both workers to connect")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        try:
+            assert _post(conn, {"rows": [{"x": -1, "s": str(gate)}]})[0] == 504
+            for i in range(4):
+                status, body = _post(conn, {"rows": [{"x": i, "s": ""}]})
+                assert (status, body["rows"][0]["y"]) == (200, i)
+        finally:
+            gate.write_text("open")
+            conn.close()
 
 
 def test_interrupting_dep_run_abandons_its_request(client, tmp_path):

@@ -71,9 +71,35 @@ class WorkerDeployment:
         # Racing replicas, remote stages and batches must not queue behind each other.
         self.pool = ThreadPoolExecutor(threads if self.simple else threads * 8, thread_name_prefix=f"flowkit-{deployment}")
         self.store = WorkerStore(deployment, worker)
-        self.peers = Peers(deployment, worker) if not self.simple else None
+        self._peers: Peers | None = None
+        self.working: set = set()   # pool work submitted and not finished (abandoned requests' included)
+        self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.closed = False
+
+    @property
+    def peers(self) -> Peers:
+        """The other workers, and sessions to them (made on first use: a plain plan on a worker
+        that is never saturated needs none)."""
+        if self._peers is None:
+            self._peers = Peers(self.id, self.worker)
+        return self._peers
+
+    @property
+    def saturated(self) -> bool:
+        """Whether every thread of this deployment here is busy (abandoned work included)."""
+        return len(self.working) >= self.threads
+
+    async def run_elsewhere(self, table):
+        """``table``'s request run by another worker (turn by turn over the others), or None
+        when there is no other: what a worker serving HTTP does while it is saturated."""
+        others = await self.peers.others()
+        if not others:
+            return None
+        self._turn += 1
+        target = others[self._turn % len(others)]
+        self.served.count("sent to another worker")
+        return await self.peers.call(target, "run", dumps(table))
 
     @property
     def has_gpu(self) -> bool:
@@ -100,8 +126,8 @@ class WorkerDeployment:
         unserve_http(self)
         for b in self.batchers.values():
             b.close()
-        if self.peers is not None:
-            self.peers.close()
+        if self._peers is not None:
+            self._peers.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the session protocol ----------------------------------------------------------------
@@ -157,6 +183,8 @@ class WorkerDeployment:
         (see ``session``): user code never runs on the worker's event loop, whose other sessions,
         deployments and heartbeats it would hold up for as long as it ran."""
         work = self.pool.submit(fn, *args)
+        self.working.add(work)
+        work.add_done_callback(self.working.discard)
         held = request_threads.get(None)
         if held is not None:
             held.add(work)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..errors import FlowError, Overloaded
+from ..errors import FlowError, Overloaded, WorkerLost
 from ..table import as_table
 from .cancel import Token
 from .stats import stats_frame
@@ -51,7 +51,9 @@ class LocalEndpoint:
     async def _run(self, table):
         token, t0, served = Token(), time.perf_counter(), self.dep.served
         try:
-            out = await self.dep.run(table, token)
+            out = await self._elsewhere(table) if self.dep.saturated else None
+            if out is None:
+                out = await self.dep.run(table, token)
         except asyncio.CancelledError:   # a 504 or a hang-up: its work stops between rows and operators
             token.cancel("the HTTP request was abandoned")
             served.count("cancelled")
@@ -63,6 +65,15 @@ class LocalEndpoint:
             self.inflight -= 1
         served.record(time.perf_counter() - t0)
         return out
+
+    async def _elsewhere(self, table):
+        """While every thread of this worker is busy (a slow request, one abandoned whose
+        function has not returned yet), a request that reached it is run by another worker
+        rather than queued here behind them; None when there is none to run it."""
+        try:
+            return await self.dep.run_elsewhere(table)
+        except WorkerLost:   # (the other worker left: run it here after all)
+            return None
 
     def stats(self):
         return stats_frame(self.plan, [self.dep.snapshot()])
