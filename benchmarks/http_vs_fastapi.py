@@ -160,6 +160,7 @@ def main() -> None:
                              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                       text=True, cwd=HERE).stdout.strip(),
                              "config": {"processes": 2, "torch_threads": 1, "closed": closed, "seconds": seconds},
+                             "load_average_at_end": os.getloadavg(),   # (a shared machine: how busy it was)
                              "versions": {"flowkit": fk.__version__}},
          md)
 
