@@ -492,24 +492,22 @@ def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n,
     return lo
 
 
-def shed_limit(pred: Prediction, slo_ms: float, workers: int, threads: int) -> int:
-    """Requests in flight beyond which a new one would wait so long it misses ``slo_ms``: the
-    servers plus as many queued requests as the slack (objective minus the service p99) lets
-    drain at the predicted mean demand.
+def shed_limit(pred: Prediction, slo_ms: float) -> int:
+    """Requests in flight beyond which a new one is refused: with more ahead of it, the queue
+    alone (draining at the predicted mean demand per server) would outlast the objective, so
+    it would miss it, and delay every request behind it.
 
     >>> p = Prediction(5, 10, 0.5, "threads", 2, 0.3, 2, 8, 1, 4.0)
-    >>> shed_limit(p, 50, 2, 1)
-    23
+    >>> shed_limit(p, 50)
+    27
     """
-    servers = workers * threads
-    slack = max(0.0, slo_ms - pred.service_p99_ms)
     per_request = max(pred.demand_ms, 1e-3) / max(1, pred.servers)
-    return int(servers + slack / per_request)
+    return int(pred.servers + slo_ms / per_request)
 
 
 def _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer) -> SLOPlan:
     planned = Flow.from_plan(apply_knobs(_candidate(flow, knobs.fusion), knobs), original=flow)
-    shed = shed_limit(pred, slo_ms, knobs.workers, resources.threads_per_worker)
+    shed = shed_limit(pred, slo_ms)
     reasons = _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed)
     return SLOPlan(slo_ms, rate, knobs, pred, planned, resources, tuple(reasons), shed,
                    time.perf_counter() - t0, counter[0])
@@ -551,8 +549,8 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
         if s.missing:
             line += f"; not profiled: {', '.join(s.missing)} (costed as 0)"
         out.append(line)
-    out.append(f"shedding: beyond {shed} requests in flight a new one is refused (fk.Overloaded): queued behind "
-               f"more, it would miss {slo_ms:g} ms")
+    out.append(f"shedding: beyond {shed} requests in flight a new one is refused (fk.Overloaded): the queue "
+               f"ahead of it would outlast {slo_ms:g} ms")
     return out
 
 

@@ -35,8 +35,9 @@ __all__ = ["deploy", "Deployment"]
 logger = logging.getLogger("flowkit.deploy")
 
 
-def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *, max_inflight: int = 1000,
-           retries: int = 2, timeout: float = 60.0, n_workers: int | None = None,
+def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *, slo_ms: float | None = None,
+           rate: float | None = None, profile=None, sample: Any = None, max_workers: int | None = None,
+           max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0, n_workers: int | None = None,
            tune_malloc: bool | None = None) -> "Deployment":
     """Deploy ``flow`` on ``cluster`` and return the running ``Deployment`` (a context manager).
 
@@ -52,8 +53,19 @@ def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] =
     embedded cluster, which flowkit owns — it changes the whole worker process.
     Returns once every worker of the cluster (or the ``n_workers`` asked for) holds the flow,
     or after ``timeout`` with at least one.
+
+    A latency objective (docs/slo.md): ``slo_ms`` (end-to-end p99, ms) at ``rate`` (requests/s)
+    plans fusion, batching, racing and the number of workers from stage profiles —
+    ``profile=fk.profile(flow, sample)``, or ``sample=`` to measure on this cluster, or the
+    profile ``fk.profile`` last measured for this flow version — on up to ``max_workers``
+    workers (default: one per core for the embedded cluster; the workers there for a cluster
+    given), and deploys that plan: ``dep.slo_plan`` shows it, predicted against measured per
+    stage. Beyond the requests in flight that the objective allows, ``fk.Overloaded`` is raised
+    early. An objective no plan meets raises ``fk.SLOUnreachable`` (an ``fk.FlowError``) before
+    the flow is installed on any worker, saying the best p99 reachable and the rate it holds.
     """
-    return Deployment(flow, cluster=cluster, optimize=optimize, max_inflight=max_inflight, retries=retries,
+    return Deployment(flow, cluster=cluster, optimize=optimize, slo_ms=slo_ms, rate=rate, profile=profile,
+                      sample=sample, max_workers=max_workers, max_inflight=max_inflight, retries=retries,
                       timeout=timeout, n_workers=n_workers, tune_malloc=tune_malloc)
 
 
@@ -61,12 +73,18 @@ class Deployment:
     """A flow served from a dask cluster. Also a context manager (closes on exit)."""
 
     def __init__(self, flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *,
-                 max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0, n_workers: int | None = None,
-                 tune_malloc: bool | None = None):
+                 slo_ms: float | None = None, rate: float | None = None, profile=None, sample: Any = None,
+                 max_workers: int | None = None, max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0,
+                 n_workers: int | None = None, tune_malloc: bool | None = None):
         from ..optimize import optimize as _optimize
+        from .objective import check_request
 
         if not isinstance(flow, Flow):
             raise FlowError(f"deploy needs a Flow, not {type(flow).__name__}")
+        self._slo_plan = None   # the latency objective's plan (see slo_plan), once planned
+        objective = check_request(slo_ms, rate, optimize, profile, sample)
+        if objective:
+            optimize = False   # the planner chooses the rules, once it has the cluster's resources
         if optimize is True:
             flow = _optimize(flow)
         elif isinstance(optimize, Mapping):
@@ -96,9 +114,24 @@ class Deployment:
         self.adaptive = None   # the ServingAdaptive scaling the cluster, once adapt() (or the embedded default) set it
         self.client, self.cluster, self._owned = connect(cluster, n_workers, timeout)
         try:
+            minimum = 1
+            if objective:   # planned before the flow is installed anywhere: an unreachable objective stops here
+                from .objective import plan_deployment
+
+                owned = bool(self._owned) and self.cluster in self._owned
+                slo = self._slo_plan = plan_deployment(flow, self.client, owned, slo_ms, rate, profile, sample,
+                                                       max_workers)
+                self.flow, self.plan = slo.flow, slo.plan
+                self._plan_bytes = dumps_plan(self.plan)
+                self.max_inflight = min(max_inflight, slo.shed_inflight or max_inflight)
+                minimum = slo.workers
+                if owned:
+                    self.cluster.scale(max(minimum, n_workers or 0))
+                    n_workers = max(minimum, n_workers or 0)
+                    max_workers = slo.resources.max_workers
             self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_malloc is None else tune_malloc)
             if self._owned and self.cluster in self._owned:
-                self.adapt(minimum=1, maximum=max(os.cpu_count() or 1, n_workers or 1))
+                self.adapt(minimum=minimum, maximum=max(os.cpu_count() or 1, n_workers or 1, max_workers or 1))
         except BaseException:
             self.close()
             raise
@@ -338,6 +371,16 @@ class Deployment:
 
         self._check_open("dashboard")
         return DeploymentView(self, interval).start()
+
+    @property
+    def slo_plan(self):
+        """The latency objective's plan (None without ``slo_ms``): a ``planner.SLOPlan`` with
+        this deployment's statistics attached — ``.table()`` is predicted against measured p50
+        and p99 per stage, ``.explain()`` says why each choice was made. (``dep.plan`` stays
+        the deployed ``Plan``.)"""
+        if self._slo_plan is None:
+            return None
+        return self._slo_plan.with_measured(self.stats())
 
     @property
     def workers(self) -> list[str]:

@@ -1,0 +1,329 @@
+"""Latency objectives (issue 18): profiles, the queueing model, the planner and its refusals,
+as pure functions over injected profiles; then, on a live cluster, that profiling measures
+every operator and that ``fk.deploy(flow, slo_ms=..., rate=...)`` deploys the plan, refuses
+the impossible before installing anything, and reports predicted against measured. No test
+asserts a wall-clock bound: the machine is shared and loaded."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+import flowkit as fk
+from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
+                             plan_slo, predict, stage_specs, _candidate)
+from flowkit.profiling import OpProfile, Profile, flow_version
+
+NO_OVERHEAD = Overheads(0.0, 0.0)
+
+
+# -- pipelines and profiles written by hand -----------------------------------------------------
+def pre(row):
+    return row["x"] + 1
+
+
+def model(t):
+    return [r["y"] * 2 for r in t]
+
+
+def translate(row):
+    return row["m"] - 1
+
+
+def post(row):
+    return row["t"]
+
+
+def cascade() -> fk.Flow:
+    f = fk.Flow("cascade", {"x": int})
+    f.map(pre, names=["y"]).map(model, names=["m"], batching=True) \
+        .map(translate, names=["t"], high_variance=True).map(post, names=["z"])
+    return f
+
+
+def cascade_profile(seed: int = 1) -> Profile:
+    rng = np.random.default_rng(seed)
+    return Profile({
+        "pre": OpProfile("pre", "map", {1: tuple(rng.normal(0.5, 0.05, 200))}),
+        "model": OpProfile("model", "map", {b: tuple(rng.normal(3 + 0.4 * b, 0.2, 200)) for b in (1, 2, 4, 8, 16, 32)},
+                           cpu_share=0.9, batching=True),
+        "translate": OpProfile("translate", "map", {1: tuple(rng.lognormal(np.log(3), 0.8, 400))}, cpu_share=0.1,
+                               high_variance=True),
+        "post": OpProfile("post", "map", {1: tuple(rng.normal(0.2, 0.02, 200))}),
+    })
+
+
+def single(ms: float = 10.0, cpu: float = 1.0) -> tuple[fk.Flow, Profile]:
+    f = fk.Flow("one", {"x": int})
+    f.map(pre, names=["y"])
+    return f, Profile.from_latencies({"pre": {1: [ms] * 100}}, cpu_share=cpu)
+
+
+# -- profiles -----------------------------------------------------------------------------------
+def test_a_flow_version_changes_with_its_functions_code_and_shape():
+    def make(offset):
+        def f(row):
+            return row["x"] + offset
+        return f
+
+    def g(row):
+        return row["x"] * 3
+
+    a, b, c = (fk.Flow("v", {"x": int}) for _ in range(3))
+    a.map(make(1), names=["y"])
+    b.map(make(2), names=["y"])   # same code, another closure value: the same version (code, not data)
+    c.map(g, names=["y"])
+    assert flow_version(a) == flow_version(b)
+    assert flow_version(a) != flow_version(c)
+    d = fk.Flow("v", {"x": int})
+    d.map(make(1), names=["y"], batching=False, high_variance=True)
+    assert flow_version(d) != flow_version(a)   # an option is part of the version
+
+
+def test_profile_samples_interpolate_between_measured_batch_sizes():
+    op = OpProfile("m", "map", {1: (1.0,) * 10, 4: (4.0,) * 10})
+    assert op.mean(1) == 1.0 and op.mean(4) == 4.0
+    assert op.mean(2) == pytest.approx(2.0)
+    assert op.mean(8) == pytest.approx(8.0)   # beyond the largest: scaled by the rows
+    assert op.cv(1) == 0.0
+
+
+def test_a_profile_shows_as_a_table():
+    df = cascade_profile().table()
+    assert set(df["operator"]) == {"pre", "model", "translate", "post"}
+    assert {"batch", "p50_ms", "p99_ms", "ms_per_row", "cpu_share", "out_bytes_per_row"} <= set(df.columns)
+    assert sorted(df[df.operator == "model"]["batch"]) == [1, 2, 4, 8, 16, 32]
+
+
+# -- the model ----------------------------------------------------------------------------------
+def test_erlang_c_matches_mm1_and_saturates():
+    assert erlang_c(1, 0.3) == pytest.approx(0.3)
+    assert erlang_c(4, 4.0) == 1.0
+    assert erlang_c(4, 1.0) < erlang_c(2, 1.0) < erlang_c(1, 0.99)
+
+
+def test_utilization_is_rate_times_demand_over_servers():
+    f, prof = single(10.0)
+    specs = stage_specs(_candidate(f, True), prof)
+    p = predict(specs, Knobs(workers=2), rate=100, resources=Resources(2), overheads=NO_OVERHEAD)
+    assert p.utilization == pytest.approx(0.5)
+    assert p.holds and p.p99_ms >= 10.0
+
+
+def test_more_load_than_capacity_predicts_an_unbounded_p99():
+    f, prof = single(10.0)
+    specs = stage_specs(_candidate(f, True), prof)
+    p = predict(specs, Knobs(workers=1), rate=150, resources=Resources(1))
+    assert not p.holds and math.isinf(p.p99_ms)
+
+
+def test_queueing_grows_the_tail_as_utilization_rises():
+    f, prof = single(10.0)
+    specs = stage_specs(_candidate(f, True), prof)
+    p99s = [predict(specs, Knobs(workers=2), r, Resources(2), NO_OVERHEAD).p99_ms for r in (20, 100, 180)]
+    assert p99s[0] < p99s[1] < p99s[2]
+
+
+def test_cpu_bound_stages_share_the_cores_but_waiting_ones_scale_with_workers():
+    busy = single(10.0, cpu=1.0)
+    idle = single(10.0, cpu=0.05)
+    res = Resources(max_workers=8, cores=2)   # 8 workers on 2 cores
+    for (f, prof), bottleneck in ((busy, "cpu"), (idle, "threads")):
+        specs = stage_specs(_candidate(f, True), prof)
+        p = predict(specs, Knobs(workers=8), 300, res, NO_OVERHEAD)
+        assert p.bottleneck == bottleneck
+    specs = stage_specs(_candidate(*busy[:1], True), busy[1])
+    assert not predict(specs, Knobs(workers=8), 300, res).holds   # 3 cores of work on 2 cores
+    specs = stage_specs(_candidate(*idle[:1], True), idle[1])
+    assert predict(specs, Knobs(workers=8), 300, res).holds
+
+
+def test_batches_fill_with_the_rate_and_cut_the_demand_per_request():
+    prof = cascade_profile()
+    spec = StageSpec("model", (prof["model"],), batching=True)
+    low = predict([spec], Knobs(batch=(("model", 16, 5.0),)), 20, Resources(1), NO_OVERHEAD)
+    high = predict([spec], Knobs(batch=(("model", 16, 5.0),)), 1000, Resources(1), NO_OVERHEAD)
+    assert low.stages[0].batch_rows < high.stages[0].batch_rows <= 16
+    assert high.stages[0].demand_ms < low.stages[0].demand_ms
+    unbatched = predict([spec], Knobs(batch=(("model", 1, 0.0),)), 1000, Resources(1), NO_OVERHEAD)
+    assert not unbatched.holds and high.holds   # 3.4 ms per request alone: 1000 req/s needs batches
+
+
+def test_racing_cuts_a_high_variance_stage_tail_at_the_cost_of_work():
+    prof = cascade_profile()
+    spec = StageSpec("translate", (prof["translate"],), high_variance=True)
+    one = predict([spec], Knobs(race=(("translate", 1),), workers=3), 10, Resources(3), NO_OVERHEAD)
+    three = predict([spec], Knobs(race=(("translate", 3),), workers=3), 10, Resources(3), NO_OVERHEAD)
+    assert three.stages[0].p99_ms < one.stages[0].p99_ms
+    assert three.stages[0].demand_ms > one.stages[0].demand_ms
+
+
+def test_the_same_inputs_predict_the_same_numbers():
+    prof = cascade_profile()
+    specs = stage_specs(_candidate(cascade(), False), prof)
+    k = Knobs(False, (("model", 8, 2.0),), (("translate", 2),), 2)
+    assert predict(specs, k, 200, Resources(2)) == predict(specs, k, 200, Resources(2))
+
+
+# -- the planner --------------------------------------------------------------------------------
+def test_the_planner_uses_the_fewest_workers_and_more_as_the_rate_grows():
+    flow, prof = cascade(), cascade_profile()
+    workers = [plan_slo(flow, prof, 40, r, Resources(max_workers=8, cores=8)).workers for r in (50, 400, 900)]
+    assert workers == sorted(workers) and workers[0] == 1 and workers[-1] > 1
+    p = plan_slo(flow, prof, 40, 400, Resources(max_workers=8, cores=8))
+    assert p.prediction.p99_ms <= 40
+    if p.workers > 1:   # one fewer worker predicts a miss
+        fewer = Resources(max_workers=p.workers - 1, cores=8)
+        with pytest.raises(SLOUnreachable):
+            plan_slo(flow, prof, 40, 400, fewer)
+
+
+def test_explain_gives_a_reason_for_every_choice():
+    p = plan_slo(cascade(), cascade_profile(), 40, 400, Resources(max_workers=8, cores=8))
+    text = "\n".join(p.explain())
+    assert text.startswith("objective: p99 <= 40 ms at 400 req/s; predicted p99")
+    assert "utilization" in text and "workers:" in text and "fusion:" in text and "shedding:" in text
+    for stage in ("pre", "model", "translate", "post"):
+        assert f"'{stage}': p99" in text
+    assert "rows per batch" in text or "not batched" in text
+    assert "replicas race" in text or "no race" in text
+
+
+def test_the_plan_is_the_optimizers_plan_with_the_chosen_knobs():
+    p = plan_slo(cascade(), cascade_profile(), 40, 400, Resources(max_workers=8, cores=8))
+    b, w = p.knobs.batch_of("model")
+    stage = p.plan["model"]
+    assert (stage.batching.max_batch, stage.batching.max_wait_ms) == (b, w) if b > 1 else stage.batching is None
+    k = p.knobs.race_of("translate")
+    assert p.plan["translate"].kind == ("anyof" if k > 1 else "map")
+    assert [s.name for s in p.prediction.stages] == ["pre", "model", "translate", "post"]
+    assert p.shed_inflight >= p.workers
+
+
+def test_applied_knobs_keep_the_flows_results():
+    flow = cascade()
+    plan = apply_knobs(_candidate(flow, False), Knobs(False, (("model", 8, 2.0),), (("translate", 3),), 3))
+    planned = fk.Flow.from_plan(plan, original=flow)
+    x = {"x": [1, 2, 3]}
+    assert planned.run(x).to_pandas().equals(flow.run(x).to_pandas())
+    assert [r.rule for r in plan.rewrites if r.rule == "slo"] == ["slo", "slo"]
+
+
+def test_an_objective_below_the_stages_own_latency_is_refused_at_any_rate():
+    f, prof = single(10.0)
+    with pytest.raises(SLOUnreachable) as e:
+        plan_slo(f, prof, 5, 10, Resources(max_workers=4))
+    assert e.value.holds_rate == 0 and 10 <= e.value.best_p99_ms < 12
+    assert isinstance(e.value, fk.FlowError)
+    assert "holds at no rate" in str(e.value)
+
+
+def test_a_rate_beyond_the_cluster_is_refused_with_the_rate_it_holds():
+    f, prof = single(10.0)
+    with pytest.raises(SLOUnreachable) as e:
+        plan_slo(f, prof, 50, 1000, Resources(max_workers=2))
+    err = e.value
+    assert math.isinf(err.best_p99_ms) and "run at 500% of their capacity" in str(err)
+    assert 0 < err.holds_rate < 200   # 2 workers of 10 ms: under 200 req/s
+    assert f"{err.holds_rate:.3g} req/s" in str(err)
+    plan = plan_slo(f, prof, 50, err.holds_rate, Resources(max_workers=2))   # and there it plans
+    assert plan.prediction.p99_ms <= 50
+    assert err.best is not None and err.best.workers == 2
+
+
+def test_bad_objectives_are_flow_errors():
+    f, prof = single()
+    for slo, rate in ((0, 10), (10, -1), ("fast", 10)):
+        with pytest.raises(fk.FlowError):
+            plan_slo(f, prof, slo, rate)
+
+
+def test_a_table_compares_predicted_with_measured():
+    import pandas as pd
+
+    p = plan_slo(cascade(), cascade_profile(), 40, 100, Resources(max_workers=4, cores=4))
+    assert list(p.table()["stage"]) == ["(end to end)", "pre", "model", "translate", "post"]
+    measured = pd.DataFrame({"stage": ["(end to end)", "pre", "model", "translate", "post"],
+                             "requests": [10] * 5, "p50_ms": [5.0] * 5, "p99_ms": [10.0] * 5})
+    t = p.with_measured(measured).table()
+    assert list(t["measured_p99_ms"]) == [10.0] * 5
+    assert t["p99_error"].iloc[0] == pytest.approx(p.prediction.p99_ms / 10.0 - 1)
+    assert "<table" in p._repr_html_()
+
+
+# -- on a live cluster ----------------------------------------------------------------------------
+def slow(row):
+    time.sleep(0.002)
+    return row["x"] * 10
+
+
+def spin(row):
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < 0.002:
+        pass
+    return row["y"] + 1
+
+
+def live_flow() -> fk.Flow:
+    f = fk.Flow("live", {"x": int})
+    f.map(slow, names=["y"]).map(spin, names=["z"])
+    return f
+
+
+def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
+    flow = live_flow()
+    prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 4), repeats=5, refresh=True)
+    assert set(prof.ops) == {"slow", "spin"}
+    assert prof.worker.startswith("tcp://") and prof.version == flow_version(flow)
+    for op in prof.ops.values():
+        assert op.batch_sizes == (1, 4) and all(len(v) >= 3 for v in op.latencies.values())
+        assert op.p50(4) > op.p50(1) > 0   # row-wise: four rows take longer than one
+        assert op.out_bytes_per_row > 0
+    assert prof["slow"].cpu_share < 0.5   # sleeping computes little
+    assert prof["slow"].cpu_share < prof["spin"].cpu_share
+    again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
+    assert again is prof   # the same flow version: from the cache
+
+
+def test_deploy_with_an_objective_applies_the_plan_and_reports_predicted_against_measured(client):
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof) as dep:
+        assert dep.plan.stages() and dep.plan.source.name == "input"   # dep.plan is still the Plan
+        out = dep.map([{"x": [i]} for i in range(30)], progress=False)
+        assert [t.column("z")[0] for t in out] == [i * 10 + 1 for i in range(30)]
+        slo = dep.slo_plan
+        assert slo.workers == 1 and slo.slo_ms == 200 and slo.rate == 20
+        assert dep.max_inflight == min(1000, slo.shed_inflight)
+        table = slo.table()
+        assert {"predicted_p99_ms", "measured_p99_ms", "p99_error"} <= set(table.columns)
+        e2e = table.set_index("stage").loc["(end to end)"]
+        assert e2e["requests"] == 30 and e2e["measured_p99_ms"] > 0 and e2e["predicted_p99_ms"] > 0
+        assert any(line.startswith("workers: 1") for line in slo.explain())
+
+
+def test_an_unreachable_objective_is_refused_before_the_flow_is_installed(client):
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}})
+    plugins_before = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins)))
+    with pytest.raises(fk.SLOUnreachable, match="best predicted p99") as e:
+        fk.deploy(flow, cluster=client, slo_ms=3, rate=20, profile=prof)
+    assert e.value.holds_rate == 0
+    with pytest.raises(fk.SLOUnreachable, match="holds up to about"):
+        fk.deploy(flow, cluster=client, slo_ms=100, rate=5000, profile=prof)
+    after = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins)))
+    assert after == plugins_before
+
+
+def test_an_objective_needs_a_profile_and_both_numbers(client):
+    f = fk.Flow("unprofiled", {"x": int})
+    f.map(lambda r: r["x"] * 7, names=["q"])
+    with pytest.raises(fk.FlowError, match="sample="):
+        fk.deploy(f, cluster=client, slo_ms=50, rate=10)
+    with pytest.raises(fk.FlowError, match="both slo_ms"):
+        fk.deploy(f, cluster=client, slo_ms=50)
+    with pytest.raises(fk.FlowError, match="optimizer's rules"):
+        fk.deploy(f, cluster=client, slo_ms=50, rate=10, optimize={"compete": 2})
