@@ -14,7 +14,9 @@ from typing import Any, Awaitable, Callable
 from distributed.comm.addressing import get_address_host
 from distributed.core import Status
 
-__all__ = ["add_handler", "DONT_REPLY", "worker_threads", "worker_resources", "address_host"]
+__all__ = ["add_handler", "DONT_REPLY", "worker_threads", "worker_resources", "address_host", "set_worker_resources",
+           "on_worker_removed", "stored_data", "run_on_worker_loop", "fetch_data", "scheduler_who_has",
+           "scheduler_workers", "task_known", "check_serializable"]
 
 #: what a comm handler returns when it answered on its own (the comm stays the handler's)
 DONT_REPLY = Status.dont_reply
@@ -44,3 +46,81 @@ async def set_worker_resources(worker, **resources: float) -> None:
     """Declare resources on a running worker (``GPU=1``), on the worker and on the scheduler,
     so that work restricted to them (and peers reading the scheduler's view) finds it."""
     await worker.set_resources(**resources)
+
+
+def on_worker_removed(worker, callback: Callable[[str], None]) -> None:
+    """Call ``callback(address)`` whenever the scheduler tells ``worker`` that a worker left the
+    cluster (its "remove-worker" stream message), before dask handles it."""
+    import inspect
+
+    handle = worker.stream_handlers["remove-worker"]
+
+    async def noting_removal(worker: str, **kwargs):
+        callback(worker)
+        result = handle(worker=worker, **kwargs)
+        if inspect.isawaitable(result):
+            await result
+
+    worker.stream_handlers["remove-worker"] = noting_removal
+
+
+def stored_data(worker):
+    """The worker's in-memory data (a mapping of dask keys to values)."""
+    return worker.data
+
+
+def run_on_worker_loop(worker, coroutine_function: Callable[[], Awaitable[Any]], timeout: float) -> Any:
+    """Run ``coroutine_function()`` on ``worker``'s event loop from another thread of the worker
+    and return its result; ``TimeoutError`` after ``timeout`` seconds."""
+    from distributed.utils import sync
+
+    return sync(worker.loop, coroutine_function, callback_timeout=timeout)
+
+
+async def fetch_data(worker, holder: str, keys: list, connect_timeout: float) -> dict:
+    """Ask worker ``holder`` for ``keys`` as dask's ``get_data_from_worker`` does (its two-step
+    handshake), but dialling with ``connect_timeout`` (dask's own dial waits 30 s for a dead
+    peer). The answer: ``{"status": "OK", "data": {...}}`` or ``{"status": "busy"}``. Raises
+    ``OSError`` when ``holder`` cannot be reached or the connection breaks."""
+    from distributed.core import send_recv
+
+    rpc = worker.rpc
+    comm = await rpc.connect(holder, timeout=connect_timeout)
+    comm.name = "flowkit stored-object fetch"
+    try:
+        resp = await send_recv(comm, serializers=rpc.serializers, deserializers=rpc.deserializers,
+                               op="get_data", keys=keys, who=worker.address)
+        if resp.get("status") == "OK":
+            await comm.write("OK")
+        return resp
+    finally:
+        rpc.reuse(holder, comm)
+
+
+async def scheduler_who_has(worker, keys: list) -> dict:
+    """The scheduler's answer, from a worker: which workers hold each of ``keys``."""
+    return await worker.scheduler.who_has(keys=keys)
+
+
+async def scheduler_workers(worker) -> dict:
+    """The scheduler's running workers, from a worker: address -> its identity (``resources``...)."""
+    ident = await worker.scheduler.identity()
+    return {a: w for a, w in ident.get("workers", {}).items()
+            if w.get("status", "running") in ("running", "Status.running")}
+
+
+def task_known(client, key: str) -> bool:
+    """Whether the scheduler still knows dask key ``key`` (it has not forgotten it yet)."""
+    return client.sync(client.scheduler.get_task_status, keys=[key]).get(key) is not None
+
+
+#: the logger on which dask's pickling logs each failed attempt (with its traceback)
+PICKLE_LOGGER = "distributed.protocol.pickle"
+
+
+def check_serializable(client, obj: Any) -> None:
+    """Raise what dask's serialization raises for ``obj`` with the client's serializers (as
+    ``scatter`` would), without sending anything (its failures log on ``PICKLE_LOGGER``)."""
+    from distributed.protocol import serialize
+
+    serialize(obj, serializers=client._serializers, on_error="raise")

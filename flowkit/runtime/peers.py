@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from .compat import scheduler_workers
+
 __all__ = ["Peers"]
 
 
@@ -26,9 +28,7 @@ class Peers:
 
     async def workers(self) -> dict:
         if time.monotonic() - self._identity_at > self.ttl:
-            ident = await self.worker.scheduler.identity()
-            self._identity = {a: w for a, w in ident.get("workers", {}).items()
-                              if w.get("status", "running") in ("running", "Status.running")}
+            self._identity = await scheduler_workers(self.worker)
             self._identity_at = time.monotonic()
         return self._identity
 

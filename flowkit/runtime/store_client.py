@@ -24,8 +24,9 @@ import time
 from typing import Any, Iterable
 
 from ..errors import FlowError
-from .wire import dumps
+from .compat import PICKLE_LOGGER, check_serializable, task_known
 from .store_worker import store_key
+from .wire import dumps
 
 __all__ = ["StoredObjects", "routing_column"]
 
@@ -93,8 +94,7 @@ class StoredObjects:
             # (not merely lost its data: a release still on its way would drop the new object).
             old.release()
             deadline = time.monotonic() + 10
-            while self.client.sync(self.client.scheduler.get_task_status, keys=[dkey]).get(dkey) is not None \
-                    and time.monotonic() < deadline:
+            while task_known(self.client, dkey) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.router.broadcast("forget", dumps(key))
         self.futures[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
@@ -114,13 +114,11 @@ class StoredObjects:
         a bare ``TypeError`` after logging a traceback per serializer tried. (The object is
         serialized twice; arrays, in dask's serializers or pickle's out-of-band buffers, are
         not copied.)"""
-        from distributed.protocol import serialize
-
         quiet = _NotFromThisThread()
-        dask_pickle = logging.getLogger("distributed.protocol.pickle")   # logs every failed attempt
+        dask_pickle = logging.getLogger(PICKLE_LOGGER)   # logs every failed attempt
         dask_pickle.addFilter(quiet)
         try:
-            serialize(obj, serializers=self.client._serializers, on_error="raise")
+            check_serializable(self.client, obj)
         except Exception as e:
             cause = e
             while cause.__cause__ is not None:   # dask wraps the pickling error in its own TypeError

@@ -15,10 +15,11 @@ lookup back to the scheduler, which soon names no holder: "lost with the worker 
 
 from __future__ import annotations
 
-import inspect
+import asyncio
 import time
 from typing import Any
 
+from .compat import fetch_data, on_worker_removed, run_on_worker_loop, scheduler_who_has, stored_data
 from .stats import StageStats
 
 __all__ = ["WorkerStore", "RequestStore", "store_key", "removed_workers"]
@@ -40,15 +41,7 @@ def removed_workers(worker) -> dict[str, float]:
     removed = getattr(worker, "flowkit_removed_workers", None)
     if removed is None:
         removed = worker.flowkit_removed_workers = {}
-        handle = worker.stream_handlers["remove-worker"]
-
-        async def noting_removal(worker: str, **kwargs):
-            removed[worker] = time.monotonic()
-            result = handle(worker=worker, **kwargs)
-            if inspect.isawaitable(result):
-                await result
-
-        worker.stream_handlers["remove-worker"] = noting_removal
+        on_worker_removed(worker, lambda address: removed.__setitem__(address, time.monotonic()))
     return removed
 
 
@@ -70,7 +63,7 @@ class WorkerStore:
         now = time.monotonic()
         missing = [k for k in dkeys if fresh or self._outdated(k, now)]
         if missing:
-            who = await self.worker.scheduler.who_has(keys=missing)
+            who = await scheduler_who_has(self.worker, missing)
             for k in missing:
                 self._holders[k] = (now, list(who.get(k, [])))
         return {k: self._holders[k][1] for k in dkeys}
@@ -86,7 +79,7 @@ class WorkerStore:
 
     def lookup(self, key: Any) -> Any:
         dkey = store_key(self.deployment, key)
-        data = self.worker.data
+        data = stored_data(self.worker)
         if dkey in data:
             self.stats.count("local lookups")
             return data[dkey]
@@ -100,10 +93,6 @@ class WorkerStore:
         cannot be reached (it died, and the scheduler may not know yet) is asked again after a
         pause, while the scheduler still names it; nothing waits longer than ``FETCH_TIMEOUT_S``.
         Runs in one of the deployment's threads, never on the event loop."""
-        import asyncio
-
-        from distributed.utils import sync
-
         async def fetch():
             for attempt in range(50):
                 fresh = attempt > 0
@@ -112,7 +101,7 @@ class WorkerStore:
                     if holder == self.worker.address:
                         continue
                     try:
-                        resp = await self._get_data(holder, dkey)
+                        resp = await fetch_data(self.worker, holder, [dkey], CONNECT_TIMEOUT_S)
                     except OSError:   # dead, or not reachable now: ask the scheduler again
                         retry = True
                         continue
@@ -126,7 +115,7 @@ class WorkerStore:
             return False, None
 
         try:
-            found, value = sync(self.worker.loop, fetch, callback_timeout=FETCH_TIMEOUT_S)
+            found, value = run_on_worker_loop(self.worker, fetch, FETCH_TIMEOUT_S)
         except TimeoutError as e:
             raise TimeoutError(f"reading stored object {key!r} from another worker took over "
                                f"{FETCH_TIMEOUT_S:g} s") from e
@@ -134,24 +123,6 @@ class WorkerStore:
             raise KeyError(f"no stored object under key {key!r} (never stored, or lost with the worker that "
                            "held it, until the deployment stores it again)")
         return value
-
-    async def _get_data(self, holder: str, dkey: str) -> dict:
-        """dask's ``get_data_from_worker`` (its two-step handshake), but dialling ``holder`` with
-        ``CONNECT_TIMEOUT_S``: dask's own dials with the 30 s default. Raises ``OSError`` when
-        ``holder`` cannot be reached or the connection breaks."""
-        from distributed.core import send_recv
-
-        rpc = self.worker.rpc
-        comm = await rpc.connect(holder, timeout=CONNECT_TIMEOUT_S)
-        comm.name = "flowkit stored-object fetch"
-        try:
-            resp = await send_recv(comm, serializers=rpc.serializers, deserializers=rpc.deserializers,
-                                   op="get_data", keys=[dkey], who=self.worker.address)
-            if resp.get("status") == "OK":
-                await comm.write("OK")
-            return resp
-        finally:
-            rpc.reuse(holder, comm)
 
 
 class RequestStore:
