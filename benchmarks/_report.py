@@ -44,14 +44,89 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, payload: dict, markdown: str) -> Path:
-    """Write ``results/<name>.json`` and ``.md`` with the date and machine; returns the JSON path."""
+PACKAGES = ("torch", "numpy", "dask", "distributed", "uvicorn", "starlette", "fastapi", "ray", "litserve",
+            "nvidia-pytriton", "bentoml", "torchserve")
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _versions(site: Path | None = None) -> dict:
+    """Installed versions of the serving packages that matter here: this environment's, or those of
+    another environment's site-packages (the peers' venv), read from its dist-info folders."""
+    import importlib.metadata as md
+
+    found = {}
+    if site is None:
+        for name in PACKAGES:
+            try:
+                found[name] = md.version(name)
+            except md.PackageNotFoundError:
+                pass
+        return found
+    for dist in md.distributions(path=[str(site)]):
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in PACKAGES:
+            found[name] = dist.version
+    return found
+
+
+def machine() -> dict:
+    """What the run ran on: CPU model and count, memory, OS, Python."""
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "os": platform.platform(terse=True)}
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    return info
+
+
+def metadata(config: dict | None = None) -> dict:
+    """The record every result carries: date, commit (and whether the tree had changes), the
+    command, configuration, package versions here and in the peers' venv (where there is one),
+    and the machine."""
+    import sys
+
+    root = RESULTS.parent.parent
+    peers_site = sorted((root / ".venv-peers" / "lib").glob("python*/site-packages"))
+    meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": _git("rev-parse", "HEAD"),
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "flowkit", "benchmarks")),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None,
+            "config": config or {}, "versions": _versions(),
+            "peer_versions": _versions(peers_site[0]) if peers_site else {}}
+    meta.update(machine())
+    return meta
+
+
+def save(name: str, payload: dict, markdown: str, config: dict | None = None) -> Path:
+    """Write ``results/<name>.json`` and ``.md`` with the run's record (``metadata``: date, commit,
+    versions, ``config``, machine); returns the JSON path. ``benchmarks/report.py`` turns the JSON
+    into the docs' tables."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version()}
+    meta = metadata(config if config is not None else payload.get("config"))
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"meta": meta, **payload}, indent=2, default=str))
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{meta}\n\n{markdown}\n")
+    short = {k: meta[k] for k in ("date", "commit", "dirty", "cpu_model", "cpus", "python") if k in meta}
+    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{short}\n\n{markdown}\n")
     return path
 
 
