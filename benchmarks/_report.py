@@ -13,6 +13,7 @@ from pathlib import Path
 from flowkit.runtime.stats import percentile  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def summarize(seconds) -> dict:
@@ -52,7 +53,7 @@ def _git(*args: str) -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -106,8 +107,7 @@ def metadata(config: dict | None = None) -> dict:
     and the machine."""
     import sys
 
-    root = RESULTS.parent.parent
-    peers_site = sorted((root / ".venv-peers" / "lib").glob("python*/site-packages"))
+    peers_site = sorted((ROOT / ".venv-peers" / "lib").glob("python*/site-packages"))
     meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": _git("rev-parse", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "flowkit", "benchmarks")),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None,
