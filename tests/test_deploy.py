@@ -508,7 +508,8 @@ def _leave(client, dep, address: str) -> None:
 
 def test_a_request_routed_to_a_connection_as_it_breaks_is_sent_elsewhere(client):
     """The race behind a lost request: the router picks a worker's session, the connection
-    breaks, then the send runs. The request must go to the other worker, not vanish."""
+    breaks, then the send runs. The request must go to the other worker, not vanish nor be
+    sent twice."""
     import asyncio
 
     from flowkit.runtime.router import Request
@@ -525,8 +526,8 @@ def test_a_request_routed_to_a_connection_as_it_breaks_is_sent_elsewhere(client)
             fut = concurrent.futures.Future()
             fut.set_running_or_notify_cancel()
             req = Request("run", dumps(as_table(data, flow.plan.source.schema)), fut, id=next(router.ids))
-            await router._lost(session)      # the connection breaks ...
-            await session.send(req)          # ... just as a request routed to it is sent
+            session.assign(req)              # routed to it (counted there, its send under way) ...
+            await router._lost(session)      # ... as the connection breaks
             await router._lost(session)      # and the broken session is reported twice
             return fut, session.address
 

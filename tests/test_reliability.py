@@ -118,6 +118,22 @@ def test_an_abandoned_request_keeps_its_worker_busy_until_its_thread_is_free(cli
         wait_until(lambda: dep._router.inflight() == 0, "the worker to say the abandoned request's thread is free")
 
 
+def test_a_burst_of_requests_is_spread_over_the_workers(client, tmp_path):
+    """Requests routed in one pass of the router's loop each see the ones routed before them:
+    four sent at once onto two single-threaded workers start on both."""
+    with fk.deploy(_flow("burst"), cluster=client) as dep:
+        wait_until(lambda: len(dep.workers) == 2, "both workers to connect")
+        gates = [tmp_path / f"gate{i}" for i in range(4)]
+        futures = [dep.submit(one(-1, str(g))) for g in gates]
+        try:
+            pids = lambda: {Path(str(g) + ".started").read_text() for g in gates if Path(str(g) + ".started").exists()}
+            wait_until(lambda: len(pids()) == 2, "requests to run on both workers")
+        finally:
+            for g in gates:
+                g.write_text("open")
+        assert [f.result(60).column("y") for f in futures] == [[-1]] * 4
+
+
 def _post(conn, body: dict) -> tuple[int, dict]:
     conn.request("POST", "/v1/flows/http-abandon/predict", json.dumps(body).encode(), {"Content-Type": "application/json"})
     r = conn.getresponse()

@@ -40,6 +40,8 @@ def connect(cluster: Any, n_workers: int | None, timeout: float) -> tuple:
             raise FlowError(f"{cluster!r} is not a scheduler address (like tcp://host:8786): {e}") from e
         except (OSError, TimeoutError) as e:
             raise FlowError(f"no dask scheduler answered at {cluster!r} within {timeout:g} s: {e}") from e
+        except Exception as e:   # (under heavy load, dask's client thread can fail to start: an AssertionError)
+            raise FlowError(f"connecting to the dask scheduler at {cluster!r} failed: {type(e).__name__}: {e}") from e
         return client, None, [client]
     if hasattr(cluster, "scheduler_address"):
         client = Client(cluster)

@@ -27,6 +27,7 @@ from .ingress import http_counts, serve_http, unserve_http
 from .compat import worker_resources, worker_threads
 from .peers import Peers
 from .router import WorkerGone
+from .reference import evaluate
 from .semantics import apply, callable_for, run_batched
 from .stats import SERVED, STORE, StageStats
 from .store_worker import RequestStore, WorkerStore, store_key
@@ -192,11 +193,9 @@ class WorkerDeployment:
         return await asyncio.wrap_future(work)
 
     def _run_all(self, table, token: Token | None = None):
-        env = {self.source: table}
-        ctx = RequestStore(self.store)
-        for op in self.ops:
-            env[op.name] = self.apply(op, [env[i] for i in op.inputs], ctx, token)
-        return env[self.plan.output]
+        """The whole plan in this thread, by the reference executor's own evaluation."""
+        return evaluate(self.ops, {self.source: table}, self.plan.output, RequestStore(self.store),
+                        apply=lambda op, inputs, ctx: self.apply(op, inputs, ctx, token))
 
     def apply(self, op, inputs, ctx, token: Token | None = None, batched: bool = False):
         """``op`` over ``inputs`` (with ``batched``: a batching stage over several requests' tables,
@@ -375,6 +374,7 @@ class _Execution:
                     for p in pending:
                         tasks[p][2].cancel("a competing replica won")
                         p.cancel()
+                        p.add_done_callback(_retrieved)   # (a loser that raised Cancelled: not news)
                     stats.count(f"wins {rep.name}")
                     if hedged:
                         self.dep.hedge_wins[op.name].append(rep is not replicas[0])
@@ -409,6 +409,12 @@ class _Execution:
                 errors.append(d.exception())
         stats.record(time.perf_counter() - t0, ok=False)
         raise errors[0]
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a finished task's outcome as seen (asyncio logs exceptions nobody retrieved)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _done(loop, value) -> asyncio.Future:

@@ -21,8 +21,9 @@ class Peers:
 
         self.worker = worker
         self.ttl = ttl
+        # A peer that cannot be reached is not waited for: the stage runs here instead (WorkerGone).
         self.router = Router(deployment, worker.security.get_connection_args("worker"), retries=0,
-                             wait_for_workers=5.0)
+                             wait_for_workers=5.0, connect_timeout=2.0, connect_attempts=1)
         self._identity: dict = {}
         self._identity_at = 0.0
 

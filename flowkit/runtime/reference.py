@@ -28,22 +28,25 @@ def run_plan(plan: Plan, data: Any, store: Mapping[str, Any] | None = None) -> T
     return evaluate(plan.nodes[1:], {source.name: table}, plan.output, DictStore(store))
 
 
-def evaluate(nodes: tuple[Op, ...], env: dict[str, Any], output: str, ctx) -> Any:
-    """Evaluate ``nodes`` (topologically ordered) given the tables already in ``env``."""
+def evaluate(nodes: tuple[Op, ...], env: dict[str, Any], output: str, ctx, apply=apply) -> Any:
+    """Evaluate ``nodes`` (topologically ordered) given the tables already in ``env``;
+    ``apply(op, inputs, ctx)`` computes one operator (``semantics.apply``; a worker passes its
+    own, which also times each stage and honours its request's cancellation)."""
     if not any(isinstance(op, AnyOf) for op in nodes):
         for op in nodes:
             checkpoint()
             env[op.name] = apply(op, [env[i] for i in op.inputs], ctx)
         return env[output]
-    return _Racing(nodes, env, ctx).value(output)
+    return _Racing(nodes, env, ctx, apply).value(output)
 
 
 class _Racing:
     """Demand-driven evaluation where the inputs of each ``anyof`` race in threads."""
 
-    def __init__(self, nodes, env: dict[str, Any], ctx):
+    def __init__(self, nodes, env: dict[str, Any], ctx, apply=apply):
         self.ops = {op.name: op for op in nodes}
         self.ctx = ctx
+        self.apply = apply
         self.lock = threading.Lock()
         self.futures: dict[str, Future] = {}
         for name, value in env.items():
@@ -63,7 +66,7 @@ class _Racing:
                 if isinstance(op, AnyOf):
                     fut.set_result(self._race(op))
                 else:
-                    fut.set_result(apply(op, [self.value(i) for i in op.inputs], self.ctx))
+                    fut.set_result(self.apply(op, [self.value(i) for i in op.inputs], self.ctx))
             except BaseException as e:  # delivered to every waiter through the future
                 fut.set_exception(e)
         return fut.result()

@@ -79,13 +79,24 @@ class Session:
         """Requests occupying the worker, per worker thread."""
         return self.busy / self.nthreads
 
+    def assign(self, req: Request) -> None:
+        """Count ``req`` against this worker now (so the next routing decision, even in the same
+        pass of the loop, sees it) and send it."""
+        self.inflight[req.id] = req
+        self.router._spawn(self.send(req))
+
     async def send(self, req: Request) -> None:
-        if req.future.cancelled():   # abandoned before it left
+        if req.future.cancelled():   # abandoned before it left: it never reaches the worker
+            if self.inflight.get(req.id) is req:
+                del self.inflight[req.id]
+            self.abandoned.discard(req.id)
             return
-        if not self.accepting:   # it went away between the routing decision and this send
+        if self.inflight.get(req.id) is not req:   # its connection broke meanwhile: re-sent elsewhere
+            return
+        if not self.accepting:   # its worker is leaving
+            del self.inflight[req.id]
             self.router._dispatch(req)
             return
-        self.inflight[req.id] = req
         try:
             async with self.lock:
                 await self.comm.write(p.encode(p.Call(req.kind, req.id, req.payload)))
@@ -123,8 +134,10 @@ class Router:
 
     def __init__(self, deployment: str, connection_args: dict | None = None, retries: int = 2,
                  wait_for_workers: float = 60.0, on_done: Callable[[Request, bool], None] | None = None,
-                 framed: bool | None = None):
+                 framed: bool | None = None, connect_timeout: float = 10.0, connect_attempts: int = 3):
         self.deployment = deployment
+        self.connect_timeout = connect_timeout    # per dial of a worker (a dead one refuses until then)
+        self.connect_attempts = connect_attempts  # dials of a worker a request is meant for
         self.connection_args = connection_args or {}
         # sessions over the workers' framed TCP listeners where the cluster is plain TCP (see framed.py)
         self.framed = os.environ.get("FLOWKIT_FRAMED", "1") != "0" if framed is None else framed
@@ -178,7 +191,7 @@ class Router:
                 fut.set_running_or_notify_cancel()
                 req = Request(kind, payload, fut, id=next(self.ids), attempts=self.retries)
                 futs.append(fut)
-                await s.send(req)
+                s.assign(req)
             return futs
 
         futs = asyncio.run_coroutine_threadsafe(gather(), self.loop).result(timeout)
@@ -266,7 +279,7 @@ class Router:
         try:
             for i in range(attempts):
                 try:
-                    comm = await connect(address, timeout=10, **self.connection_args)
+                    comm = await connect(address, timeout=self.connect_timeout, **self.connection_args)
                     await comm.write({"op": "flowkit_session", "reply": False, **p.encode(p.Hello(self.deployment))})
                     welcome = p.Welcome(**await comm.read())
                 except Exception as e:
@@ -337,15 +350,15 @@ class Router:
         if preferred is not None and preferred.load <= session.load + 1:
             session = preferred
         req.workers.append(session.address)
-        self._spawn(session.send(req))
+        session.assign(req)
 
     async def _send_to(self, req: Request) -> None:
-        session = await self._session_for(req.target)
+        session = await self._session_for(req.target, self.connect_attempts)
         if session is None:
             self._fail(req, WorkerGone(f"worker {req.target} is not reachable"))
         else:
             req.workers.append(session.address)
-            await session.send(req)
+            session.assign(req)
 
     def _resolve(self, req: Request, answer: p.Answer) -> None:
         if req.future.done():
