@@ -154,14 +154,10 @@ def main() -> None:
     md += ("\n\nheld_rps: the highest offered rate (Poisson, from 100 req/s up) with 99% of requests within "
            "50 ms, the lowest over the repetitions. Open-loop rows: see the JSON.")
     print(md)
-    import flowkit as fk
-
     save("http_vs_fastapi", {"summary": summary, "runs": runs, "quick": a.quick,
-                             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                      text=True, cwd=HERE).stdout.strip(),
-                             "config": {"processes": 2, "torch_threads": 1, "closed": closed, "seconds": seconds},
-                             "load_average_at_end": os.getloadavg(),   # (a shared machine: how busy it was)
-                             "versions": {"flowkit": fk.__version__}},
+                             "config": {"processes": 2, "torch_threads": 1, "closed": closed, "seconds": seconds,
+                                        "reps": a.reps, "systems": systems},
+                             "load_average_at_end": os.getloadavg()},   # (a shared machine: how busy it was)
          md)
 
 

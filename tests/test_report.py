@@ -104,7 +104,7 @@ def test_the_highest_rate_held_stops_at_the_first_failing_rate(report):
 
 def test_a_missing_result_says_not_measured(report, monkeypatch, tmp_path):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
-    assert report.render("http").startswith("Not measured: `benchmarks/results/http.json`")
+    assert report.render("http").startswith("Not measured: `benchmarks/results/http_vs_fastapi.json`")
 
 
 def test_save_records_commit_versions_configuration_and_machine(monkeypatch, tmp_path):
