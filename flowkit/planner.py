@@ -58,7 +58,7 @@ from .flow import Flow
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "SLOPlan",
-           "SLOUnreachable", "stage_specs", "predict", "erlang_c", "plan_slo", "apply_knobs", "shed_limit",
+           "SLOUnreachable", "stage_specs", "predict", "erlang_c", "plan_slo", "apply_knobs", "shed_limit", "reasons_for",
            "BATCHES", "WAITS_MS", "RACE_WIDTHS"]
 
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -316,6 +316,11 @@ class SLOPlan:
     planning_s: float = 0.0
     evaluated: int = 0
     measured: Any = None      # dep.stats() when attached by a deployment
+    specs: tuple = ()         # the model's view of the planned stages (for re-planning: runtime/replanner.py)
+    overheads: Overheads = Overheads()
+    rows: int = 1
+    calibration: float = 1.0  # measured p99 / predicted p99 seen live (>= 1); the objective planned is slo_ms / this
+    replans: tuple = ()       # runtime.replanner.Replan records, oldest first
 
     @property
     def workers(self) -> int:
@@ -326,7 +331,7 @@ class SLOPlan:
         return self.flow.plan
 
     def explain(self) -> list[str]:
-        return list(self.reasons)
+        return list(self.reasons) + [str(r) for r in self.replans]
 
     def with_measured(self, stats) -> "SLOPlan":
         return replace(self, measured=stats)
@@ -359,9 +364,10 @@ class SLOPlan:
 
     def __repr__(self) -> str:
         pr = self.prediction
+        again = f"; re-planned {len(self.replans)}x" if self.replans else ""
         return (f"<SLOPlan {self.plan.name!r}: p99 <= {self.slo_ms:g} ms at {self.rate:g} req/s on {self.workers} "
                 f"worker{'s' if self.workers != 1 else ''}; predicted p99 {pr.p99_ms:.3g} ms, utilization "
-                f"{pr.utilization:.0%}>")
+                f"{pr.utilization:.0%}{again}>")
 
 
 def _esc(s: str) -> str:
@@ -510,7 +516,12 @@ def _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, 
     shed = shed_limit(pred, slo_ms)
     reasons = _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed)
     return SLOPlan(slo_ms, rate, knobs, pred, planned, resources, tuple(reasons), shed,
-                   time.perf_counter() - t0, counter[0])
+                   time.perf_counter() - t0, counter[0], specs=tuple(specs), overheads=overheads, rows=rows)
+
+
+def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer=()) -> list[str]:
+    """``explain()``'s lines for a plan; ``fewer``: the predictions on one worker fewer."""
+    return _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, list(fewer), shed)
 
 
 def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed) -> list[str]:

@@ -16,6 +16,9 @@ import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
                              plan_slo, predict, stage_specs, _candidate)
 from flowkit.profiling import OpProfile, Profile, flow_version
+from flowkit.runtime.replanner import Replan, decide
+
+from .waiting import wait_until
 
 NO_OVERHEAD = Overheads(0.0, 0.0)
 
@@ -292,6 +295,7 @@ def test_deploy_with_an_objective_applies_the_plan_and_reports_predicted_against
     flow = live_flow()
     prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
     with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof) as dep:
+        dep.replanner.stop()   # the plan as deployed (re-planning: below)
         assert dep.plan.stages() and dep.plan.source.name == "input"   # dep.plan is still the Plan
         out = dep.map([{"x": [i]} for i in range(30)], progress=False)
         assert [t.column("z")[0] for t in out] == [i * 10 + 1 for i in range(30)]
@@ -327,3 +331,101 @@ def test_an_objective_needs_a_profile_and_both_numbers(client):
         fk.deploy(f, cluster=client, slo_ms=50)
     with pytest.raises(fk.FlowError, match="optimizer's rules"):
         fk.deploy(f, cluster=client, slo_ms=50, rate=10, optimize={"compete": 2})
+
+
+# -- keeping the objective live (runtime/replanner.py) ------------------------------------------
+
+
+def single_plan(rate: float = 150, slo: float = 30, workers: int = 4):
+    f, prof = single(10.0)
+    return plan_slo(f, prof, slo, rate, Resources(max_workers=workers))
+
+
+def test_a_steady_rate_within_the_objective_keeps_the_plan():
+    plan = single_plan()
+    for rate in (60, 150, 400):   # under x3 either way
+        new, why = decide(plan, rate, p99_ms=plan.slo_ms * 0.9)
+        assert new is None and why.startswith("within the objective")
+    assert decide(plan, 0.0, 5.0) == (None, "no measured rate")
+
+
+def test_a_threefold_rate_change_replans_workers_and_shedding_both_ways():
+    plan = single_plan(rate=60)
+    up, why = decide(plan, 180, p99_ms=10, now=123.0)
+    assert why.startswith("the rate changed x3") and up.rate == 180 and up.workers > plan.workers
+    assert up.prediction.p99_ms <= plan.slo_ms and up.prediction.holds
+    rec = up.replans[-1]
+    assert isinstance(rec, Replan) and rec.at == 123.0 and rec.rate == 180
+    assert ("workers", plan.workers, up.workers) in rec.changes
+    assert up.knobs.fusion == plan.knobs.fusion and up.flow is plan.flow   # the deployed operators stay
+    down, why = decide(up, 30, p99_ms=10)
+    assert why.startswith("the rate changed x0.17") and down.workers < up.workers
+    assert len(down.replans) == 2 and down.replans[0] == rec
+    assert any(line.startswith("re-planned at") for line in down.explain())
+    assert "re-planned 2x" in repr(down)
+
+
+def test_a_p99_above_the_objective_calibrates_the_model_and_adds_workers():
+    plan = single_plan(rate=150)
+    new, why = decide(plan, 150, p99_ms=40)
+    assert why == "p99 40 ms measured, above the objective of 30 ms"
+    assert new.calibration == pytest.approx(40 / plan.prediction.p99_ms, rel=0.05)
+    assert new.workers > plan.workers and new.shed_inflight < plan.shed_inflight
+    assert any(line.startswith("calibration:") for line in new.explain())
+    # already on every worker: only earlier shedding is left
+    capped = single_plan(rate=150, workers=3)
+    new, why = decide(capped, 150, p99_ms=60)
+    assert new.workers == 3 and "no plan holds it on 3 workers" in why
+    assert new.replans[-1].changes == (("max_inflight", capped.shed_inflight, new.shed_inflight),)
+
+
+def test_a_replan_that_changes_nothing_is_none_and_decide_is_pure():
+    plan = single_plan(rate=150, workers=3)
+    first = decide(plan, 150, p99_ms=60, now=1.0)
+    assert decide(plan, 150, p99_ms=60, now=1.0) == first   # the same inputs, the same answer
+    assert plan.replans == () and plan.calibration == 1.0   # the plan given is untouched
+    assert decide(plan, 160, p99_ms=31)[0].workers == 3
+    new = first[0]
+    again, why = decide(new, new.rate, p99_ms=new.slo_ms * 0.5)
+    assert again is None
+
+
+def test_the_replanner_applies_a_new_rate_and_never_drops_a_request(client):
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof, max_inflight=500) as dep:
+        dep.replanner.stop()   # driven by hand here: no timing in the test
+        first = dep.slo_plan
+        futures = []
+        for i, rate in enumerate((300, 20, 2000, 20)):
+            futures += [(j, dep.submit({"x": [j]})) for j in range(i * 10, i * 10 + 10)]
+            assert dep.replanner.step(rate=rate, p99_ms=5.0) is not None
+            assert dep.max_inflight == min(500, dep.slo_plan.shed_inflight)
+        assert [f.result(timeout=60).column("z")[0] for _, f in futures] == [j * 10 + 1 for j, _ in futures]
+        slo = dep.slo_plan
+        assert len(slo.replans) == 4 and [r.rate for r in slo.replans] == [300, 20, 2000, 20]
+        assert slo.replans[0].changes[0] == ("workers", first.workers, 2)
+        assert slo.replans[0].applied[0].startswith("max_inflight")
+        assert "not flowkit's to scale" in " ".join(slo.replans[1].applied)   # 1 wanted of the 2 given: not scaled
+        assert "no plan holds it" in slo.replans[2].reason   # 2000 req/s: beyond 2 workers, it sheds
+        e2e = slo.table().set_index("stage").loc["(end to end)"]
+        assert e2e["requests"] == 40
+        assert dep.replanner.step(rate=20, p99_ms=5.0) is None   # steady: nothing to do
+
+
+def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
+    cluster = make_cluster(n_workers=1, client=False)
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=cluster, slo_ms=200, rate=20, profile=prof, max_workers=2) as dep:
+        dep.replanner.stop()
+        assert dep.slo_plan.workers == 1
+        dep.adapt(minimum=1, maximum=2)
+        new = dep.replanner.step(rate=300, p99_ms=5.0)
+        assert new.workers == 2 and dep.adaptive.minimum == 2
+        assert "adaptive minimum 1 -> 2" in new.replans[-1].applied
+        wait_until(lambda: len(dep.workers) == 2, "the second worker")
+        out = dep.map([{"x": [i]} for i in range(20)], progress=False)
+        assert [t.column("z")[0] for t in out] == [i * 10 + 1 for i in range(20)]
+        back = dep.replanner.step(rate=20, p99_ms=5.0)
+        assert back.workers == 1 and dep.adaptive.minimum == 1

@@ -82,6 +82,7 @@ class Deployment:
         if not isinstance(flow, Flow):
             raise FlowError(f"deploy needs a Flow, not {type(flow).__name__}")
         self._slo_plan = None   # the latency objective's plan (see slo_plan), once planned
+        self.replanner = None   # with an objective: the thread re-planning it live (runtime/replanner.py)
         objective = check_request(slo_ms, rate, optimize, profile, sample)
         if objective:
             optimize = False   # the planner chooses the rules, once it has the cluster's resources
@@ -132,6 +133,10 @@ class Deployment:
             self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_malloc is None else tune_malloc)
             if self._owned and self.cluster in self._owned:
                 self.adapt(minimum=minimum, maximum=max(os.cpu_count() or 1, n_workers or 1, max_workers or 1))
+            if objective:   # keeps the objective live: re-plans on a x3 rate change or a p99 above it
+                from .replanner import Replanner
+
+                self.replanner = Replanner(self, max_inflight=max_inflight).start()
         except BaseException:
             self.close()
             raise
@@ -376,8 +381,9 @@ class Deployment:
     def slo_plan(self):
         """The latency objective's plan (None without ``slo_ms``): a ``planner.SLOPlan`` with
         this deployment's statistics attached — ``.table()`` is predicted against measured p50
-        and p99 per stage, ``.explain()`` says why each choice was made. (``dep.plan`` stays
-        the deployed ``Plan``.)"""
+        and p99 per stage, ``.explain()`` says why each choice was made, ending with the
+        re-plans made live (``.replans``: when, why, what changed). (``dep.plan`` stays the
+        deployed ``Plan``.)"""
         if self._slo_plan is None:
             return None
         return self._slo_plan.with_measured(self.stats())
@@ -412,6 +418,8 @@ class Deployment:
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "replanner", None) is not None:
+            self.replanner.stop()
         for server in getattr(self, "_servers", []):
             server.stop(timeout=5)
         router = getattr(self, "_router", None)

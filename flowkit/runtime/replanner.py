@@ -1,0 +1,210 @@
+"""Client: keeping a deployment's latency objective live (docs/slo.md, "Re-planning").
+
+``decide`` is the decision, a pure function: given the deployed ``SLOPlan``, the measured
+request rate and p99 and the objective, it says whether to re-plan and returns the new plan
+with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
+measured p99 is above the objective. The new plan keeps the deployed operators and knobs
+(fusion, batch windows, race widths: changing them means installing another plan on every
+worker) and chooses again what can change live: the workers (the fewest that hold the
+objective at the measured rate, up to the resources' maximum) and the shedding limit. A p99
+above the objective that the model did not predict also calibrates it: the objective the model
+must meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimism is paid
+for with workers, and, once they run out, with earlier shedding.
+
+``Replanner`` is the thread (one per deployment with an objective) that measures every
+``interval`` seconds and applies a new plan: the adaptive minimum (and, if needed, maximum)
+workers of ``dep.adaptive`` and ``dep.max_inflight`` (never above the ``max_inflight`` the
+user asked for). Neither loses a request: admission only refuses new requests, and dask
+retires a worker gracefully (requests in flight on it are sent again).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from ..planner import SLOPlan, predict, reasons_for, shed_limit
+
+__all__ = ["Replan", "decide", "Replanner", "RATE_FACTOR"]
+
+RATE_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class Replan:
+    """One re-plan: when (``time.time()``), why, what was measured, and what changed
+    (``(what, old, new)``); ``applied``: what the deployment could do about it."""
+
+    at: float
+    reason: str
+    rate: float
+    p99_ms: float
+    changes: tuple[tuple[str, object, object], ...] = ()
+    applied: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(self.at)) if self.at else "-"
+        what = ", ".join(f"{w} {a} -> {b}" for w, a, b in self.changes) or "nothing to change"
+        done = f"; {'; '.join(self.applied)}" if self.applied else ""
+        return f"re-planned at {when}: {self.reason}: {what}{done}"
+
+
+def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = None, *, now: float = 0.0,
+           rate_factor: float = RATE_FACTOR) -> tuple[SLOPlan | None, str]:
+    """``(new plan, why)`` when the measurements call for a re-plan that changes something,
+    else ``(None, why not)``. ``rate``: measured requests/s; ``p99_ms``: measured end-to-end
+    p99 (nan: too few requests to say); ``slo_ms``: the objective (default: the plan's).
+
+    >>> import flowkit as fk
+    >>> from flowkit.planner import Resources, plan_slo
+    >>> from flowkit.profiling import Profile
+    >>> f = fk.Flow("f", {"x": int})
+    >>> _ = f.map(abs, names=["y"])
+    >>> plan = plan_slo(f, Profile.from_latencies({"abs": {1: [10.0] * 50}}), 30, 150, Resources(max_workers=4))
+    >>> plan.workers
+    3
+    >>> decide(plan, rate=160, p99_ms=20)
+    (None, 'within the objective: p99 20 ms <= 30 ms at 160 req/s (planned for 150 req/s)')
+    >>> new, why = decide(plan, rate=40, p99_ms=15)
+    >>> why, new.workers, new.rate
+    ('the rate changed x0.27: 40 req/s measured, 150 planned', 2, 40.0)
+    >>> new, why = decide(plan, rate=150, p99_ms=40)   # the model said ~21 ms: it is calibrated, x1.9
+    >>> why, new.workers, round(new.calibration, 1)
+    ('p99 40 ms measured, above the objective of 30 ms', 4, 1.9)
+    >>> new.replans[-1].changes
+    (('workers', 3, 4), ('max_inflight', 12, 10))
+    """
+    slo_ms = plan.slo_ms if slo_ms is None else slo_ms
+    if not (rate > 0 and math.isfinite(rate)):
+        return None, "no measured rate"
+    ratio = rate / plan.rate
+    calibration = plan.calibration
+    if ratio >= rate_factor or ratio <= 1 / rate_factor:
+        reason = f"the rate changed x{ratio:.2g}: {rate:.3g} req/s measured, {plan.rate:.3g} planned"
+    elif p99_ms > slo_ms:
+        reason = f"p99 {p99_ms:.3g} ms measured, above the objective of {slo_ms:g} ms"
+        predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
+        if math.isfinite(predicted) and predicted > 0:
+            calibration = max(calibration, p99_ms / predicted)
+    else:
+        return None, (f"within the objective: p99 {p99_ms:.3g} ms <= {slo_ms:g} ms at {rate:.3g} req/s "
+                      f"(planned for {plan.rate:.3g} req/s)")
+    target = slo_ms / calibration
+    chosen, fewer = None, []
+    for w in range(1, plan.resources.max_workers + 1):
+        knobs = replace(plan.knobs, workers=w)
+        pred = predict(plan.specs, knobs, rate, plan.resources, plan.overheads, plan.rows)
+        if pred.p99_ms <= target:
+            chosen = (knobs, pred)
+            break
+        fewer = [pred]
+    held = chosen is not None
+    if chosen is None:   # even every worker cannot hold it: all of them, and shedding keeps the rest in time
+        chosen = (knobs, pred)
+    knobs, pred = chosen
+    shed = shed_limit(pred, target)
+    changes = tuple((what, old, new) for what, old, new in
+                    (("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed))
+                    if old != new)
+    if not changes:
+        return None, f"{reason}; re-planned: nothing to change"
+    if not held:
+        reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
+    reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed, fewer)
+    if calibration > 1:
+        reasons.append(f"calibration: measured p99s ran {calibration:.2g}x the model's, so the plan holds "
+                       f"{target:.3g} ms as the model predicts")
+    record = Replan(now, reason, float(rate), float(p99_ms), changes)
+    new = replace(plan, rate=float(rate), knobs=knobs, prediction=pred, shed_inflight=shed, reasons=tuple(reasons),
+                  calibration=calibration, replans=plan.replans + (record,), measured=None)
+    return new, reason
+
+
+class Replanner:
+    """Measures the deployment every ``interval`` seconds over the last ``window`` seconds and
+    applies what ``decide`` re-plans (needs ``min_requests`` finished requests in the window to
+    judge at all: an idle deployment keeps its plan)."""
+
+    def __init__(self, dep, interval: float = 1.0, window: float = 5.0, min_requests: int = 20,
+                 max_inflight: int | None = None):
+        self.dep = dep
+        self.interval = interval
+        self.window = window
+        self.min_requests = min_requests
+        self.max_inflight = max_inflight if max_inflight is not None else dep.max_inflight   # the user's cap
+        self.last_reason = "not yet measured"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name=f"flowkit-replanner-{dep.id}", daemon=True)
+
+    def start(self) -> "Replanner":
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def measure(self) -> tuple[float, float, int]:
+        """(requests/s, p99 ms, requests) over the last ``window`` seconds."""
+        now = time.perf_counter()
+        span = max(1e-3, min(self.window, now - self._started))
+        recent = sorted(s for t, s in list(self.dep._recent) if now - t <= span)
+        if not recent:
+            return 0.0, math.nan, 0
+        p99 = recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)] * 1000
+        return len(recent) / span, p99, len(recent)
+
+    def step(self, rate: float | None = None, p99_ms: float | None = None) -> SLOPlan | None:
+        """Measure (or take ``rate`` / ``p99_ms`` as measured), decide, apply; the new plan or None."""
+        with self._lock:
+            if rate is None or p99_ms is None:
+                m_rate, m_p99, n = self.measure()
+                if n < self.min_requests and rate is None and p99_ms is None:
+                    self.last_reason = f"{n} requests in the last {self.window:g} s: too few to judge"
+                    return None
+                rate = m_rate if rate is None else rate
+                p99_ms = m_p99 if p99_ms is None else p99_ms
+            plan = self.dep._slo_plan
+            new, self.last_reason = decide(plan, rate, p99_ms, now=time.time())
+            if new is None:
+                return None
+            applied = self._apply(new)
+            last = replace(new.replans[-1], applied=tuple(applied))
+            new = replace(new, replans=new.replans[:-1] + (last,))
+            self.dep._slo_plan = new
+            return new
+
+    def _apply(self, plan: SLOPlan) -> list[str]:
+        dep, done = self.dep, []
+        limit = min(self.max_inflight, plan.shed_inflight or self.max_inflight)
+        if limit != dep.max_inflight:
+            done.append(f"max_inflight {dep.max_inflight} -> {limit}")
+            dep.max_inflight = limit
+        adaptive = dep.adaptive
+        if adaptive is None:
+            if len(dep.workers) != plan.workers:
+                done.append(f"workers: {plan.workers} wanted, {len(dep.workers)} there (the cluster was given, "
+                            f"not flowkit's to scale: call dep.adapt() to let it)")
+        else:
+            if adaptive.maximum < plan.workers:
+                done.append(f"adaptive maximum {adaptive.maximum} -> {plan.workers}")
+                adaptive.maximum = plan.workers
+            if adaptive.minimum != plan.workers:
+                done.append(f"adaptive minimum {adaptive.minimum} -> {plan.workers}")
+                adaptive.minimum = plan.workers
+        return done
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if getattr(self.dep, "_closed", True):
+                return
+            try:
+                self.step()
+            except Exception as e:   # a failed measurement (a closing deployment) must not end the loop
+                self.last_reason = f"error: {type(e).__name__}: {e}"
