@@ -164,3 +164,42 @@ def test_deployment_dashboard_shows_live_stage_figures(make_cluster):
         assert figures["(end to end)"]["requests"] == 20
         assert "20 requests" in view.header.value and "p50" in view.graph.value
         assert "dask dashboard" in view.link.value and "<polyline" in view.chart.value
+
+
+def test_line_chart_marks_an_objective_as_a_horizontal_line_kept_in_view():
+    svg = line_chart_svg({"p99": [(0, 5.0), (1, 8.0)]}, title="latency", unit=" ms", hlines={"objective 50 ms": 50})
+    lines = re.findall(r'<line class="hline" x1="([\d.]+)" x2="([\d.]+)" y1="([\d.]+)" y2="([\d.]+)"', svg)
+    assert len(lines) == 1 and "objective 50 ms" in svg
+    x1, x2, y1, y2 = map(float, lines[0])
+    assert y1 == y2 and x2 > x1   # horizontal, across the plot
+    top = re.search(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"', svg)
+    assert float(top.group(1)) <= y1 <= float(top.group(1)) + float(top.group(2))   # inside the plot
+    assert 'class="hline"' not in line_chart_svg({"p99": [(0, 5.0)]})
+
+
+def test_the_dashboard_marks_the_objective_on_its_latency_chart(make_cluster):
+    from flowkit.profiling import Profile
+
+    flow = fk.Flow("slo_live", {"x": int})
+    flow.map(preprocess_x, names=["y"])
+    client = make_cluster(n_workers=1, processes=False)
+    prof = Profile.from_latencies({"preprocess_x": {1: [1.0] * 20}})
+    with fk.deploy(flow, cluster=client, slo_ms=250, rate=5, profile=prof) as dep:
+        dep.replanner.stop()
+        view = dep.dashboard(interval=60)
+        try:
+            for i in range(5):
+                dep.run({"x": [i]})
+            view.refresh()
+        finally:
+            view.stop()
+        assert "<polyline" in view.latency.value and 'class="hline"' in view.latency.value
+        assert "objective 250 ms" in view.latency.value
+    with fk.deploy(flow, cluster=client) as plain:
+        view = plain.dashboard(interval=60)
+        view.stop()
+        assert "latency (end to end)" in view.latency.value and 'class="hline"' not in view.latency.value
+
+
+def preprocess_x(row) -> int:
+    return row["x"] + 1

@@ -11,20 +11,27 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 
 def line_chart_svg(series: Mapping[str, Iterable[tuple[float, float]]], title: str = "", unit: str = "",
-                   width: int = 460, height: int = 180, ymax: float | None = None) -> str:
-    """An SVG line chart of ``{label: [(x, y), ...]}`` with axes, a legend and the last values.
+                   width: int = 460, height: int = 180, ymax: float | None = None,
+                   hlines: Mapping[str, float] | None = None) -> str:
+    """An SVG line chart of ``{label: [(x, y), ...]}`` with axes, a legend and the last values;
+    ``hlines``: ``{label: y}`` marks drawn across the chart as dashed lines (an objective), kept
+    in view (the y axis grows to show them).
 
     >>> svg = line_chart_svg({"util": [(0, 10), (1, 50)]}, title="GPU", unit="%")
     >>> svg.startswith("<svg") and "util" in svg and "50" in svg
     True
+    >>> 'class="hline"' in line_chart_svg({"p99": [(0, 5)]}, hlines={"objective 50 ms": 50})
+    True
     """
+    hlines = {k: float(v) for k, v in (hlines or {}).items()}
     pad_l, pad_r, pad_t, pad_b = 44, 10, 22, 34
     pts = {k: [(float(x), float(y)) for x, y in v] for k, v in series.items()}
     xs = [x for v in pts.values() for x, _ in v]
     ys = [y for v in pts.values() for _, y in v]
     x0, x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
     x1 = x1 if x1 > x0 else x0 + 1
-    top = ymax if ymax is not None else (max(ys) * 1.1 if ys and max(ys) > 0 else 1.0)
+    top = ymax if ymax is not None else (max(ys + list(hlines.values())) * 1.1 if ys + list(hlines.values())
+                                         and max(ys + list(hlines.values())) > 0 else 1.0)
     iw, ih = width - pad_l - pad_r, height - pad_t - pad_b
 
     def sx(x):
@@ -42,6 +49,11 @@ def line_chart_svg(series: Mapping[str, Iterable[tuple[float, float]]], title: s
         out.append(f'<line x1="{pad_l}" x2="{pad_l + iw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eeeeee"/>')
     out.append(f'<text x="{pad_l}" y="{height - 20}">{x0:.3g}</text>')
     out.append(f'<text x="{pad_l + iw}" y="{height - 20}" text-anchor="end">{x1:.3g} s</text>')
+    for label, y in hlines.items():
+        out.append(f'<line class="hline" x1="{pad_l}" x2="{pad_l + iw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
+                   f'stroke="#d62728" stroke-width="1.2" stroke-dasharray="5,3"><title>{html.escape(label)}</title></line>')
+        out.append(f'<text x="{pad_l + iw - 2}" y="{sy(y) - 3:.1f}" text-anchor="end" fill="#d62728">'
+                   f'{html.escape(label)}</text>')
     for i, (label, v) in enumerate(pts.items()):
         color = PALETTE[i % len(PALETTE)]
         if v:

@@ -12,7 +12,13 @@ import ipywidgets as w
 from .charts import line_chart_svg
 from .render import plan_to_svg
 
-__all__ = ["DeploymentView", "stage_rates"]
+__all__ = ["DeploymentView", "stage_rates", "objective_ms"]
+
+
+def objective_ms(dep) -> float | None:
+    """The deployment's latency objective (p99, ms), or None without one."""
+    plan = getattr(dep, "_slo_plan", None)
+    return float(plan.slo_ms) if plan is not None else None
 
 
 def stage_rates(previous: dict, current: dict, seconds: float) -> dict:
@@ -43,13 +49,15 @@ class DeploymentView(w.VBox):
         self.link = w.HTML(f'<a href="{html.escape(link)}" target="_blank">dask dashboard</a>' if link else "")
         self.graph = w.HTML()
         self.chart = w.HTML()
+        self.latency = w.HTML()   # end-to-end p50/p99 over time, with the objective (slo_ms) when there is one
         self._last: dict = {}
         self._last_t = time.monotonic()
         self._history: dict[str, list] = {}
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        super().__init__([w.HBox([self.header, self.link]), self.graph, self.chart])
+        self._latency: dict[str, list] = {}
+        super().__init__([w.HBox([self.header, self.link]), self.graph, self.chart, self.latency])
         self.refresh()
 
     def refresh(self) -> dict:
@@ -71,6 +79,15 @@ class DeploymentView(w.VBox):
         hist.append((now - self._t0, e2e.get("rate", 0.0)))
         del hist[:-300]
         self.chart.value = line_chart_svg(self._history, title="throughput (end to end)", unit="")
+        for key in ("p50_ms", "p99_ms"):
+            value = e2e.get(key, float("nan"))
+            series = self._latency.setdefault(key[:3], [])
+            if value == value:   # not nan: no requests yet
+                series.append((now - self._t0, value))
+            del series[:-300]
+        slo = objective_ms(self.dep)
+        self.latency.value = line_chart_svg(self._latency, title="latency (end to end)", unit=" ms",
+                                            hlines={f"objective {slo:g} ms": slo} if slo else None)
         return figures
 
     def start(self) -> "DeploymentView":
