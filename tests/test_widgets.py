@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from html import escape as html_escape
 
+import numpy as np
 import pytest
 
 import flowkit as fk
@@ -203,3 +205,37 @@ def test_the_dashboard_marks_the_objective_on_its_latency_chart(make_cluster):
 
 def preprocess_x(row) -> int:
     return row["x"] + 1
+
+
+def batched_model(t) -> list[float]:
+    return [1.0] * len(t)
+
+
+def test_the_inspector_labels_nodes_with_a_plans_predicted_latency_batch_and_replicas():
+    from flowkit.planner import Resources, plan_slo
+    from flowkit.profiling import Profile
+    from flowkit_widgets.inspector import slo_labels
+
+    f = fk.Flow("planned", {"user": str})
+    f.map(preprocess, names=["x"]).map(batched_model, names=["m"], batching=True) \
+        .map(translate, names=["t"], high_variance=True)
+    prof = Profile.from_latencies({"preprocess": {1: [0.5] * 50},
+                                   "batched_model": {b: [3 + 0.4 * b] * 50 for b in (1, 2, 4, 8, 16, 32)},
+                                   "translate": {1: list(np.random.default_rng(0).lognormal(1, 0.9, 400))}},
+                                  batching=["batched_model"], high_variance=["translate"])
+    slo = plan_slo(f, prof, slo_ms=40, rate=300, resources=Resources(max_workers=3))
+    labels = slo_labels(slo)
+    assert set(labels) == {s.name for s in slo.prediction.stages}
+    assert all(text.startswith("predicted p50") and "p99" in text for text in labels.values())
+    batched = [s for s in slo.prediction.stages if s.max_batch > 1]
+    raced = [s for s in slo.prediction.stages if s.replicas > 1]
+    assert batched and all(f"batch ≤ {s.max_batch}" in labels[s.name] for s in batched)
+    assert all(f"{s.replicas} replicas race" in labels[s.name] for s in raced)
+    dot = plan_to_dot(slo.plan, labels=labels, legend=False)
+    assert all(html_escape(text) in dot for text in labels.values())   # each stage carries its prediction
+    assert "predicted" not in plan_to_dot(slo.plan, legend=False)
+    view = Inspector(f, slo_plan=slo)
+    assert "planned for p99 &lt;= 40 ms" in view.after.value or "planned for p99 <= 40 ms" in view.after.value
+    assert "predicted p50" in view.after.value and "objective" in view.explain.value
+    plain = Inspector(f, labels={"preprocess": "a note from the caller"})   # an operator inside a fused stage
+    assert "a note from the caller" in plain.after.value and "a note from the caller" not in plain.before.value

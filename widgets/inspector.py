@@ -16,7 +16,21 @@ from flowkit.optimize import resolve_rules
 
 from .render import plan_to_svg, problem_html
 
-__all__ = ["Inspector", "explain_html"]
+__all__ = ["Inspector", "explain_html", "slo_labels"]
+
+
+def slo_labels(slo_plan) -> dict[str, str]:
+    """``{stage: "predicted p50/p99 · batch · replicas"}`` from a ``planner.SLOPlan`` (pure),
+    for ``plan_to_svg(labels=...)`` and ``Inspector(labels=...)``."""
+    out = {}
+    for s in slo_plan.prediction.stages:
+        parts = [f"predicted p50 {s.p50_ms:.3g} ms · p99 {s.p99_ms:.3g} ms"]
+        if s.max_batch > 1:
+            parts.append(f"batch ≤ {s.max_batch} / {s.max_wait_ms:g} ms (~{s.batch_rows:.2g} rows)")
+        if s.replicas > 1:
+            parts.append(f"{s.replicas} replicas race")
+        out[s.name] = " · ".join(parts)
+    return out
 
 
 def explain_html(lines: list[str]) -> str:
@@ -30,9 +44,16 @@ def explain_html(lines: list[str]) -> str:
 
 
 class Inspector(w.VBox):
-    """``flow.inspect(**rules)``: before/after tabs, rule toggles, and the explanation."""
+    """``flow.inspect(**rules)``: before/after tabs, rule toggles, and the explanation.
+    ``labels``: ``{stage or operator name: text}`` added to the optimized drawing's nodes (a
+    latency objective's plan: ``slo_labels(dep.slo_plan)``); ``slo_plan``: draw that plan,
+    labelled with its predictions, as the optimized view."""
 
-    def __init__(self, flow: fk.Flow, **rules):
+    def __init__(self, flow: fk.Flow, *, labels=None, slo_plan=None, **rules):
+        self.labels = dict(labels or {})
+        self.slo_plan = slo_plan
+        if slo_plan is not None:
+            self.labels = {**slo_labels(slo_plan), **self.labels}
         self.flow = flow.original
         start = resolve_rules(rules)  # as fk.optimize reads them (compete=True is 2); unknown rules fail here
         self.toggles = {name: w.Checkbox(value=bool(start[name]), description=name, indent=False,
@@ -76,9 +97,16 @@ class Inspector(w.VBox):
             self.explain.value = "<p><i>The optimizer runs once the flow has one output.</i></p>"
             self.tabs.selected_index = 1   # the drawing of what there is
             return
+        if self.slo_plan is not None:
+            p = self.slo_plan
+            self.after.value = plan_to_svg(p.plan, title=f"{self.flow.name}: planned for p99 <= {p.slo_ms:g} ms at "
+                                           f"{p.rate:g} req/s on {p.workers} worker{'s' if p.workers != 1 else ''}",
+                                           labels=self.labels)
+            self.explain.value = explain_html(p.explain())
+            return
         opt = self.optimized
         on = ", ".join(f"{k}={v}" for k, v in self.rules.items() if k in self.toggles)
-        self.after.value = plan_to_svg(opt.plan, title=f"{self.flow.name}: optimized ({on})")
+        self.after.value = plan_to_svg(opt.plan, title=f"{self.flow.name}: optimized ({on})", labels=self.labels)
         self.explain.value = explain_html(opt.explain())
 
     def _changed(self, change) -> None:

@@ -37,7 +37,7 @@ def _id(*parts: str) -> str:
     return '"' + "/".join(p.replace('"', "'") for p in parts) + '"'
 
 
-def _label(op: Op, stats: Mapping[str, Any] | None) -> str:
+def _label(op: Op, stats: Mapping[str, Any] | None, note: str = "") -> str:
     name = html.escape(op.name)
     cols = "<BR/>".join(f"{html.escape(n)}: {html.escape(type_name(t))}" for n, t in op.schema.items())
     rows = [f'<TR><TD><B>{name}</B> <FONT POINT-SIZE="9" COLOR="#555555">{op.kind}</FONT></TD></TR>',
@@ -50,6 +50,8 @@ def _label(op: Op, stats: Mapping[str, Any] | None) -> str:
     line = _stats_line(stats, op.name)
     if line:
         rows.append(f'<TR><TD><FONT POINT-SIZE="9" COLOR="#1a5e20">{html.escape(line)}</FONT></TD></TR>')
+    if note:
+        rows.append(f'<TR><TD><FONT POINT-SIZE="9" COLOR="#1f3f8f">{html.escape(note)}</FONT></TD></TR>')
     return '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0">' + "".join(rows) + "</TABLE>>"
 
 
@@ -69,14 +71,15 @@ def _stats_line(stats: Mapping[str, Any] | None, name: str) -> str:
     return " · ".join(parts)
 
 
-def _node(node_id: str, op: Op, stats) -> str:
+def _node(node_id: str, op: Op, stats, note: str = "") -> str:
     kind = "gpu" if op.is_gpu and op.kind == "map" else op.kind
     fill = COLORS.get(kind, "#ffffff")
     style = "filled" if op.shape != "box" else "rounded,filled"
     if isinstance(op, AnyOf):
-        label = f'"{html.escape(("race " if op.race else "anyof ") + op.name)}"'
+        text = ("race " if op.race else "anyof ") + op.name + (f"\n{note}" if note else "")
+        label = f'"{html.escape(text)}"'
     else:
-        label = _label(op, stats)
+        label = _label(op, stats, note)
     return f"  {node_id} [shape={op.shape}, style=\"{style}\", fillcolor=\"{fill}\", label={label}];"
 
 
@@ -99,8 +102,10 @@ def _outputs(plan: Plan) -> dict[str, str]:
 
 
 def plan_to_dot(plan: Plan, stats: Mapping[str, Any] | None = None, title: str | None = None,
-                legend: bool = True) -> str:
+                legend: bool = True, labels: Mapping[str, str] | None = None) -> str:
     """The DOT source for ``plan``: nodes per operator, clusters per stage, a legend.
+    ``labels``: ``{stage or operator name: text}`` the caller adds to that node (a plan's
+    predicted latency, batch and replicas: ``inspector.slo_labels``).
 
     >>> import flowkit as fk
     >>> f = fk.Flow("f", {"x": int})
@@ -108,7 +113,10 @@ def plan_to_dot(plan: Plan, stats: Mapping[str, Any] | None = None, title: str |
     >>> dot = plan_to_dot(f.plan, legend=False)
     >>> '"abs"' in dot and "GPU" in dot and '"input" -> "abs"' in dot
     True
+    >>> "predicted p99 3 ms" in plan_to_dot(f.plan, legend=False, labels={"abs": "predicted p99 3 ms"})
+    True
     """
+    labels = labels or {}
     out = _outputs(plan)
     replicas = {}
     for op in plan.nodes:
@@ -124,18 +132,18 @@ def plan_to_dot(plan: Plan, stats: Mapping[str, Any] | None = None, title: str |
         if isinstance(op, Stage):
             label, fill = _stage_title(op, replicas.get(op.replica_of, 0))
             line = _stats_line(stats, op.name)
-            label = label + (f"\n{line}" if line else "")
+            label = label + (f"\n{line}" if line else "") + (f"\n{labels[op.name]}" if labels.get(op.name) else "")
             lines.append(f"  subgraph {_id('cluster_' + op.name)} {{")
             lines.append(f'    label="{html.escape(label)}"; style="rounded,filled"; fillcolor="{fill}"; color="#7a8ca5";')
             inside = {m.name for m in op.members}
             for m in op.members:
-                lines.append("  " + _node(_id(op.name, m.name), m, None))
+                lines.append("  " + _node(_id(op.name, m.name), m, None, labels.get(m.name, "")))
                 for i in m.inputs:
                     src = _id(op.name, i) if i in inside else out[i]
                     edges.append(f"  {src} -> {_id(op.name, m.name)};")
             lines.append("  }")
         else:
-            lines.append(_node(_id(op.name), op, stats))
+            lines.append(_node(_id(op.name), op, stats, labels.get(op.name, "")))
             for i in op.inputs:
                 style = ' [style=dashed, color="#b8860b"]' if isinstance(op, AnyOf) else ""
                 edges.append(f"  {out[i]} -> {_id(op.name)}{style};")
@@ -204,9 +212,10 @@ def _scalable(svg: str) -> str:
                   lambda m: f'<svg width="100%" style="max-width:{m.group(1)}pt; height:auto"', svg, count=1)
 
 
-def plan_to_svg(plan: Plan, stats=None, title: str | None = None) -> str:
-    """SVG markup for ``plan``, or the DOT text in a <pre> with the reason it could not be drawn."""
-    dot = plan_to_dot(plan, stats, title)
+def plan_to_svg(plan: Plan, stats=None, title: str | None = None, labels: Mapping[str, str] | None = None) -> str:
+    """SVG markup for ``plan``, or the DOT text in a <pre> with the reason it could not be drawn.
+    ``labels``: per-node text from the caller (see ``plan_to_dot``)."""
+    dot = plan_to_dot(plan, stats, title, labels=labels)
     svg, how = dot_to_svg(dot)
     if svg is None:
         return (f'<div><p><b>Could not draw the plan</b> ({html.escape(how)}); install pygraphviz or Graphviz. '
