@@ -26,6 +26,7 @@ __all__ = ["TorchModel"]
 
 _local_lock = threading.Lock()
 _local = None
+_tenants_lock = threading.Lock()   # one model built per tenant, whatever the threads asking
 
 
 def local_choice() -> tuple[str, str]:
@@ -87,7 +88,9 @@ class TorchModel:
         table = Table._make(data.schema, [data.values], [data.qid]) if isinstance(data, Row) else data
         sched = _scheduler()
         if self.tenant not in sched.tenants:
-            sched.add_tenant(self.tenant, self.build(), self.slo_ms)
+            with _tenants_lock:   # concurrent first requests build the model once
+                if self.tenant not in sched.tenants:
+                    sched.add_tenant(self.tenant, self.build(), self.slo_ms)
         y = _wait(sched.submit(self.tenant, self.inputs(table)))
         out = self.outputs(y.cpu() if hasattr(y, "cpu") else y, table)
         return out[0] if isinstance(data, Row) else out
