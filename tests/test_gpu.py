@@ -16,7 +16,7 @@ from flowkit.gpu import (CPUBackend, Gemm, SimBackend, SpaceTimeScheduler, Torch
                          plan_launch)
 from flowkit.gpu.backends import power_of_two
 from flowkit.gpu.profiles import PROFILES
-from flowkit.gpu.scheduler import Request, Tenant, find_stragglers
+from flowkit.gpu.policy import Request, Tenant, find_stragglers
 
 from .waiting import wait_until
 

@@ -11,7 +11,8 @@ from .backends import CPUBackend, CUDABackend, SimBackend, make_backend
 from .costmodel import Gemm, gflops, policy_seconds
 from .model import TorchModel
 from .profiles import PROFILES, DeviceProfile
-from .scheduler import POLICIES, SpaceTimeScheduler, plan_launch
+from .policy import POLICIES, plan_launch
+from .scheduler import SpaceTimeScheduler
 
 __all__ = ["GPUPlugin", "GPU_TOPIC", "SpaceTimeScheduler", "plan_launch", "POLICIES", "TorchModel", "make_backend",
            "CPUBackend", "CUDABackend", "SimBackend", "PROFILES", "DeviceProfile", "Gemm", "gflops", "policy_seconds"]

@@ -14,7 +14,8 @@ from __future__ import annotations
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .backends import check_backend, make_backend
-from .scheduler import POLICIES, SpaceTimeScheduler, install
+from .policy import POLICIES
+from .scheduler import SpaceTimeScheduler, install
 
 __all__ = ["GPUPlugin", "GPU_TOPIC"]
 
