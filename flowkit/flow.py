@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import typing
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import FlowError, SchemaError
 from .plan import (AGGREGATES, JOIN_KINDS, QID, Agg, AnyOf, Combine, Filter, GroupBy, Join, Lookup, Map, Op,
                    Plan, Source, Union, cull, toposort)
-from .schema import Schema, compatible, type_name
+from .repeats import repeated
+from .schema import Schema, compatible, declared_types, merged_type, type_name
 from .table import Table
 
 __all__ = ["Flow", "Node", "RepeatWarning", "function_name"]
@@ -80,7 +80,7 @@ class Node:
             raise FlowError(f"map needs a function or class, not {fn!r}")
         name = self.flow._unique(fn)
         names = (names,) if isinstance(names, str) else (tuple(names) if names is not None else None)
-        declared = _declared_types(fn, batching=batching)
+        declared = declared_types(fn, batching=batching)
         src = self.schema
         if col is not None:
             if col not in src:
@@ -227,7 +227,7 @@ class Node:
                 if not compatible(cols[i][1], t):
                     raise SchemaError(f"{what}: column {n!r} is {type_name(cols[i][1])} in {self.op_name!r} and "
                                       f"{type_name(t)} in {o.op_name!r}", column=n)
-                cols[i] = (n, _merged_type(cols[i][1], t))
+                cols[i] = (n, merged_type(cols[i][1], t))
         return self.flow._add(cls(name=self.flow._unique_name(what), inputs=tuple(n.op_name for n in nodes),
                                   schema=Schema(cols)))
 
@@ -368,11 +368,11 @@ class Flow(Node):
     # -- building ---------------------------------------------------------------------------
     def _add(self, op: Op) -> Node:
         level, caller = _caller()
-        repeated = _repeated(op, self._ops.values(), self._same_as)
+        repeat = repeated(op, self._ops.values(), self._same_as)
         self._ops[op.name] = op
         self._callers[op.name] = caller
-        if repeated is not None:
-            twin, how = repeated
+        if repeat is not None:
+            twin, how = repeat
             if how == "input":
                 self._same_as[op.name] = twin
             first = self._callers.get(twin, ())
@@ -412,58 +412,6 @@ class Flow(Node):
         return f"{base}#{i}"
 
 
-def _repeated(op: Op, ops: Iterable[Op], same_as: Mapping[str, str]) -> tuple[str, str] | None:
-    """The operator that ``op`` repeats and how: ``"input"`` (the same work on the same input,
-    counting repeats as the operator they repeat) or ``"result"`` (the same work again on that
-    operator's own result); None when ``op`` repeats nothing.
-
-    >>> from flowkit.plan import Source, Map
-    >>> s = Schema({"x": int})
-    >>> ops = [Source(name="input", schema=s), Map(name="abs", inputs=("input",), schema=s, fn=abs, col="x")]
-    >>> again = Map(name="abs#2", inputs=("input",), schema=s, fn=abs, col="x")
-    >>> _repeated(again, ops, {}), _repeated(dataclasses.replace(again, inputs=("abs",)), ops, {})
-    (('abs', 'input'), ('abs', 'result'))
-    >>> _repeated(dataclasses.replace(again, fn=round), ops, {}) is None
-    True
-    """
-    def canon(names):
-        return tuple(same_as.get(n, n) for n in names)
-
-    found = None
-    for old in ops:
-        if type(old) is not type(op) or not _same_work(op, old):
-            continue
-        if op.inputs == (old.name,):
-            return old.name, "result"
-        if found is None and canon(op.inputs) == canon(old.inputs):
-            found = (same_as.get(old.name, old.name), "input")
-    return found
-
-
-def _same_work(a: Op, b: Op) -> bool:
-    """Do two specs of one class describe the same work, whatever their names and inputs? A
-    function counts as the same when it is, or has the same code (a cell that defines it ran again)."""
-    for f in dataclasses.fields(a):
-        if f.name in ("name", "inputs"):
-            continue
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if f.name == "fn" and callable(x):
-            if not _same_function(x, y):
-                return False
-        elif not (x is y or x == y):
-            return False
-    return True
-
-
-def _same_function(f: Any, g: Any) -> bool:
-    if f is g:
-        return True
-    if isinstance(f, type) and isinstance(g, type):
-        return (f.__module__, f.__qualname__) == (g.__module__, g.__qualname__)
-    code_f, code_g = getattr(f, "__code__", None), getattr(g, "__code__", None)
-    return code_f is not None and code_f == code_g and getattr(f, "__qualname__", None) == getattr(g, "__qualname__", None)
-
-
 def _caller() -> tuple[int, tuple]:
     """The ``stacklevel`` of the first caller outside this module (for a warning) and the code
     objects of the calling stack from there on: a cell run again is other code, a loop is not."""
@@ -476,61 +424,3 @@ def _caller() -> tuple[int, tuple]:
         codes.append(frame.f_code)
         frame = frame.f_back
     return level, tuple(codes)
-
-
-def _merged_type(a: Any, b: Any) -> Any:
-    """The column type of a union of compatible columns: ``object`` if either is, int+float is float.
-
-    >>> _merged_type(int, float), _merged_type(str, object), _merged_type(str, str)
-    (<class 'float'>, <class 'object'>, <class 'str'>)
-    """
-    if a is b:
-        return a
-    if object in (a, b):
-        return object
-    return float if {a, b} == {int, float} else a
-
-
-def _declared_types(fn: Callable, batching: bool) -> tuple[Any, ...] | None:
-    """Output types from the return annotation: ``T`` -> (T,), ``tuple[A, B]`` -> (A, B).
-
-    Batching maps return a list per table, so ``list[T]`` is read as ``T``. ``None`` when absent.
-    """
-    target = fn.__call__ if isinstance(fn, type) else fn
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:
-        try:
-            hints = getattr(target, "__annotations__", {}) or {}
-        except Exception:
-            return None
-    if "return" not in hints:
-        return None
-    ann = hints["return"]
-    if batching:
-        if typing.get_origin(ann) in (list, tuple, typing.Sequence) and typing.get_args(ann):
-            args = typing.get_args(ann)
-            ann = args[0]
-        else:
-            return None
-    if typing.get_origin(ann) is tuple:
-        args = typing.get_args(ann)
-        if not args or Ellipsis in args:
-            return None
-        return tuple(_as_type(a) for a in args)
-    return (_as_type(ann),)
-
-
-def _as_type(ann: Any) -> Any:
-    if ann is None or ann is type(None) or ann is typing.Any:
-        return object
-    if isinstance(ann, type):
-        return ann
-    origin = typing.get_origin(ann)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        return _as_type(args[0]) if len(args) == 1 else object
-    if isinstance(origin, type):
-        return origin
-    return object
-

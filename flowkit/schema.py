@@ -10,13 +10,14 @@ Column types are Python classes: ``int``, ``float``, ``str``, ``bool``, ``bytes`
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable, Mapping
+import typing
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from .errors import SchemaError
 
-__all__ = ["Schema", "type_name", "fits", "check_type", "is_null", "short"]
+__all__ = ["Schema", "type_name", "fits", "check_type", "is_null", "short", "declared_types", "merged_type", "as_type"]
 
 
 def type_name(t: Any) -> str:
@@ -174,3 +175,62 @@ def short(v: Any, limit: int = 40) -> str:
     """
     r = repr(v)
     return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+# -- types declared by annotations, and merged by union ----------------------------------------------
+def merged_type(a: Any, b: Any) -> Any:
+    """The column type of a union of compatible columns: ``object`` if either is, int+float is float.
+
+    >>> merged_type(int, float), merged_type(str, object), merged_type(str, str)
+    (<class 'float'>, <class 'object'>, <class 'str'>)
+    """
+    if a is b:
+        return a
+    if object in (a, b):
+        return object
+    return float if {a, b} == {int, float} else a
+
+
+def declared_types(fn: Callable, batching: bool) -> tuple[Any, ...] | None:
+    """Output types from the return annotation: ``T`` -> (T,), ``tuple[A, B]`` -> (A, B).
+
+    Batching maps return a list per table, so ``list[T]`` is read as ``T``. ``None`` when absent.
+    """
+    target = fn.__call__ if isinstance(fn, type) else fn
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:
+        try:
+            hints = getattr(target, "__annotations__", {}) or {}
+        except Exception:
+            return None
+    if "return" not in hints:
+        return None
+    ann = hints["return"]
+    if batching:
+        if typing.get_origin(ann) in (list, tuple, typing.Sequence) and typing.get_args(ann):
+            args = typing.get_args(ann)
+            ann = args[0]
+        else:
+            return None
+    if typing.get_origin(ann) is tuple:
+        args = typing.get_args(ann)
+        if not args or Ellipsis in args:
+            return None
+        return tuple(as_type(a) for a in args)
+    return (as_type(ann),)
+
+
+def as_type(ann: Any) -> Any:
+    if ann is None or ann is type(None) or ann is typing.Any:
+        return object
+    if isinstance(ann, type):
+        return ann
+    origin = typing.get_origin(ann)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return as_type(args[0]) if len(args) == 1 else object
+    if isinstance(origin, type):
+        return origin
+    return object
+
