@@ -1,0 +1,259 @@
+"""The latency model behind latency objectives: a deployment's latency predicted from stage
+profiles (``flowkit.profiling``), a knob setting and a request rate. Pure functions; the planner
+(``flowkit.planner``) searches knob settings with it.
+
+**The model** (``predict``). A request runs its stages one after another on the worker it
+lands on (``runtime/executor.py``), so its service time is the sum of its stages' latencies,
+drawn from their profiled distributions (a Monte Carlo sample, fixed seed):
+
+- a *batching* stage with ``(max_batch b, max_wait w)`` at ``λ/W`` requests/s per worker
+  closes batches of ``n = min(b, r·(1 + λ/W·w'))`` rows (``w'``: the wait, shortened when
+  ``b`` rows arrive sooner); a request waits ``U(0, w')`` for its batch, then the batch's
+  latency at ``n`` rows, and occupies the worker for its share ``r/n`` of the batch;
+- a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
+  workers until it finishes; a CPU-bound one is hedged (``runtime/racing.py``): the others
+  start only after the first has run for the stage's p95;
+- every other stage takes one draw, at the request's ``r`` rows.
+
+Requests then queue for the cluster's servers, an M/G/c queue (least-loaded routing is close
+to one shared queue): ``c`` is the workers' threads, or the CPU cores when the CPU is the
+tighter limit (each stage's CPU share from its profile). The waiting time is Erlang C's
+probability of waiting times an exponential tail stretched by the service time's variability
+(Allen–Cunneen's ``(1 + cs²)/2``); the predicted p99 is that of the sampled sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .plan import AnyOf, Map, Plan, Stage
+
+__all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
+           "erlang_c", "HEDGE_CPU_SHARE", "BATCHES"]
+
+HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
+BATCHES = (1, 2, 4, 8, 16, 32)   # the batch sizes a batching stage may be planned with
+
+
+# -- inputs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resources:
+    """What the planner may use: up to ``max_workers`` workers of ``threads_per_worker`` threads,
+    sharing ``cores`` CPU cores (None: one core per thread)."""
+
+    max_workers: int = 1
+    threads_per_worker: int = 1
+    cores: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.max_workers, int) and self.max_workers >= 1):
+            raise FlowError(f"max_workers must be a whole number >= 1, not {self.max_workers!r}")
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Costs outside the operators: ``request_ms`` per request (client to worker and back),
+    ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races)."""
+
+    request_ms: float = 1.0
+    stage_ms: float = 0.15
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One candidate: fusion, ``(max_batch, max_wait_ms)`` per batching stage, race width per
+    high-variance stage, and the number of workers."""
+
+    fusion: bool = True
+    batch: tuple[tuple[str, int, float], ...] = ()
+    race: tuple[tuple[str, int], ...] = ()
+    workers: int = 1
+
+    def batch_of(self, stage: str) -> tuple[int, float]:
+        return next(((b, w) for s, b, w in self.batch if s == stage), (1, 0.0))
+
+    def race_of(self, stage: str) -> int:
+        return next((k for s, k in self.race if s == stage), 1)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage of a candidate plan as the model sees it: its members' latency samples."""
+
+    name: str
+    members: tuple[Any, ...]          # OpProfile of each profiled member
+    batching: bool = False
+    max_batch: int = 32               # the operator's own cap on the batch
+    high_variance: bool = False
+    missing: tuple[str, ...] = ()     # members the profile lacks (costed as zero)
+
+    @property
+    def cpu_share(self) -> float:
+        w = [m.mean(1) for m in self.members]
+        total = sum(w)
+        return sum(m.cpu_share * x for m, x in zip(self.members, w)) / total if total > 0 else 1.0
+
+    def draw(self, rng, rows: float, n: int) -> np.ndarray:
+        """``n`` latency samples (ms) of the stage over ``rows`` rows: its members' summed."""
+        out = np.zeros(n)
+        for m in self.members:
+            s = m.samples(rows)
+            out += s[rng.integers(0, len(s), n)]
+        return out
+
+    def p95(self, rows: float) -> float:
+        return float(sum(np.percentile(m.samples(rows), 95) for m in self.members))
+
+
+def stage_specs(plan: Plan, profile) -> list[StageSpec]:
+    """The model's view of an optimized plan's stages (before racing: race width is a knob)."""
+    specs = []
+    for op in plan.stages():
+        if isinstance(op, AnyOf):
+            continue   # a user's anyof costs nothing itself (its branches are costed, summed)
+        members = op.operators
+        have = tuple(profile.ops[m.name] for m in members if m.name in profile.ops)
+        missing = tuple(m.name for m in members if m.name not in profile.ops)
+        batching = isinstance(op, Stage) and op.batching is not None
+        caps = [m.max_batch for m in members if isinstance(m, Map) and m.batching and m.max_batch]
+        hv = any(isinstance(m, Map) and m.high_variance for m in members)
+        specs.append(StageSpec(op.name, have, batching, min(caps) if caps else max(BATCHES), hv, missing))
+    return specs
+
+
+# -- the model ----------------------------------------------------------------------------------
+def erlang_c(c: int, a: float) -> float:
+    """The probability an arrival waits in an M/M/c queue with offered load ``a`` (< c).
+
+    >>> round(erlang_c(1, 0.5), 3), round(erlang_c(2, 1.0), 3), erlang_c(2, 2.0)
+    (0.5, 0.333, 1.0)
+    """
+    if a >= c:
+        return 1.0
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    rho = a / c
+    return b / (1 - rho * (1 - b))
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    name: str
+    p50_ms: float            # the stage's latency as dep.stats() measures it (a batch's run; a race's winner)
+    p99_ms: float
+    wait_p99_ms: float = 0.0  # waiting for a batch to close (batching stages)
+    batch_rows: float = 1.0   # expected rows per batch
+    max_batch: int = 1
+    max_wait_ms: float = 0.0
+    replicas: int = 1
+    demand_ms: float = 0.0    # mean worker time a request takes from this stage
+    cpu_share: float = 1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    p50_ms: float
+    p99_ms: float
+    utilization: float        # of the bottleneck (threads or CPU); >= 1: it cannot keep up
+    bottleneck: str           # "threads" or "cpu"
+    servers: int
+    wait_probability: float
+    queue_p99_ms: float
+    service_p99_ms: float
+    overhead_ms: float
+    demand_ms: float          # mean worker time per request
+    stages: tuple[StagePrediction, ...] = ()
+
+    @property
+    def holds(self) -> bool:
+        return bool(self.utilization < 1)
+
+
+def _simple(specs: Sequence[StageSpec], knobs: Knobs) -> bool:
+    return not any((s.batching and knobs.batch_of(s.name)[0] > 1) or knobs.race_of(s.name) > 1 for s in specs)
+
+
+def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources,
+            overheads: Overheads = Overheads(), rows: int = 1, n: int = 4000, seed: int = 0) -> Prediction:
+    """The predicted latency of a plan (``specs`` with ``knobs``) at ``rate`` requests/s (see
+    the module docstring).
+
+    >>> from flowkit.profiling import Profile
+    >>> prof = Profile.from_latencies({"m": {1: [4.0] * 20, 8: [8.0] * 20}}, batching=["m"])
+    >>> spec = StageSpec("m", (prof["m"],), batching=True)
+    >>> one = predict([spec], Knobs(batch=(("m", 1, 0.0),)), 200, Resources(1), Overheads(0, 0))
+    >>> eight = predict([spec], Knobs(batch=(("m", 8, 20.0),)), 200, Resources(1), Overheads(0, 0))
+    >>> one.utilization, one.holds, round(eight.stages[0].batch_rows, 1), eight.holds
+    (0.8, True, 5.0, True)
+    """
+    rng = np.random.default_rng(seed)
+    W = knobs.workers
+    lam_w = rate / W
+    simple = _simple(specs, knobs)
+    lat = np.zeros(n)
+    wall = np.zeros(n)
+    cpu = np.zeros(n)
+    stages = []
+    for s in specs:
+        b, w_ms = knobs.batch_of(s.name) if s.batching else (1, 0.0)
+        k = min(knobs.race_of(s.name), W) if s.high_variance else 1
+        share = s.cpu_share
+        wait = np.zeros(n)
+        rows_in = float(rows)
+        if s.batching and b > 1:
+            fill_s = (b / rows - 1) / lam_w if lam_w > 0 else math.inf
+            w_eff = min(w_ms / 1000, fill_s)
+            rows_in = min(float(b), rows * (1 + lam_w * w_eff))
+            wait = rng.uniform(0, w_eff * 1000, n)
+            svc = s.draw(rng, rows_in, n)
+            busy = svc * rows / rows_in
+        elif k > 1:
+            draws = np.stack([s.draw(rng, rows, n) for _ in range(k)])
+            if share >= HEDGE_CPU_SHARE:
+                h = s.p95(rows)
+                first, others = draws[0], draws[1:].min(axis=0)
+                svc = np.where(first <= h, first, np.minimum(first, h + others))
+                busy = svc + np.where(first > h, (k - 1) * (svc - h), 0.0)
+            else:
+                svc = draws.min(axis=0)
+                busy = k * svc
+        else:
+            svc = s.draw(rng, rows, n)
+            busy = svc
+        if not simple:
+            busy = busy + overheads.stage_ms
+        lat += wait + svc
+        wall += busy
+        cpu += busy * share
+        stages.append(StagePrediction(s.name, float(np.percentile(svc, 50)), float(np.percentile(svc, 99)),
+                                      float(np.percentile(wait, 99)), rows_in, b, w_ms if b > 1 else 0.0, k,
+                                      float(busy.mean()), share))
+    overhead = overheads.request_ms + (0.0 if simple else overheads.stage_ms * len(specs))
+    threads = W * resources.threads_per_worker * (1 if simple else 8)   # (the executor's pool: see executor.py)
+    cores = min(resources.cores or W * resources.threads_per_worker, W * resources.threads_per_worker)
+    rho_t = rate * wall.mean() / 1000 / threads
+    rho_c = rate * cpu.mean() / 1000 / cores
+    if rho_c >= rho_t:
+        util, c, demand, bottleneck = float(rho_c), int(cores), cpu, "cpu"
+    else:
+        util, c, demand, bottleneck = float(rho_t), threads, wall, "threads"
+    service = lat + overhead
+    if util >= 1:
+        return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
+                          overhead, float(wall.mean()), tuple(stages))
+    mean_d = float(demand.mean())
+    cs2 = float(demand.var() / mean_d ** 2) if mean_d > 0 else 0.0
+    pw = erlang_c(c, util * c)
+    mean_wait = mean_d / (c * (1 - util)) * (1 + cs2) / 2 if mean_d > 0 else 0.0
+    queue = np.where(rng.random(n) < pw, rng.exponential(mean_wait, n), 0.0) if mean_wait > 0 else np.zeros(n)
+    total = service + queue
+    return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
+                      float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(wall.mean()),
+                      tuple(stages))
+
+
