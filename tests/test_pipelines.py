@@ -9,6 +9,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # (a hang guard: the first run also creates the peers' venv, and a loaded machine is slow)
 def test_every_system_answers_every_pipeline_like_the_in_process_floor(processes):
     """The benchmark's quick mode: flowkit, dask, the floor, and the peers in their own venv."""
     import subprocess
