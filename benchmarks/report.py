@@ -112,13 +112,23 @@ def block_models() -> str:
 
 def block_pipelines_closed() -> str:
     name, d = _pipelines()
-    rows = [[r["pipeline"], r["system"], r["n"], num(r["p50_ms"]), num(r["p99_ms"]),
-             num(r["p50 vs floor"]), num(r.get("cpu_ms_per_request"))] for r in d["closed"]]
     n = sorted({r["n"] for r in d["closed"]})
     note = (f"Closed loop, one request at a time, {n[0]}" + (f"–{n[-1]}" if len(n) > 1 else "")
             + " requests per system. A p99 needs at least 2,000 requests to be more than a few samples"
             + (" — this run has fewer, so read its p99 as a rough tail." if n[0] < 2000 else "."))
-    return "\n".join([note, "", table(["pipeline", "system", "n", "p50 ms", "p99 ms", "p50 / floor", "CPU ms / req"], rows),
+    if "reps" not in d["closed"][0]:   # results written before repetitions, CPU utilization and memory
+        rows = [[r["pipeline"], r["system"], r["n"], num(r["p50_ms"]), num(r["p99_ms"]),
+                 num(r["p50 vs floor"]), num(r.get("cpu_ms_per_request"))] for r in d["closed"]]
+        return "\n".join([note, "", table(["pipeline", "system", "n", "p50 ms", "p99 ms", "p50 / floor", "CPU ms / req"],
+                                          rows), "", provenance(name, d)])
+    reps = sorted({r["reps"] for r in d["closed"]})
+    note += (f" Each value is the median over {reps[-1]} repetitions (the range across them beside it); CPU is the "
+             "system's own processes, in cores busy while measured (of 2), and memory their summed peak RSS.")
+    rows = [[r["pipeline"], r["system"], r["n"], num(r["p50_ms"]), r["p50 spread"], num(r["p99_ms"]), r["p99 spread"],
+             num(r["p50 vs floor"]), num(r.get("cpu_ms_per_request")), num(r.get("cpu_util_cores")),
+             num(r.get("peak_rss_mb"))] for r in d["closed"]]
+    return "\n".join([note, "", table(["pipeline", "system", "n per rep", "p50 ms", "p50 range", "p99 ms", "p99 range",
+                                       "p50 / floor", "CPU ms / req", "CPU cores", "peak RSS MB"], rows),
                       "", provenance(name, d)])
 
 
@@ -145,9 +155,13 @@ def block_pipelines_open() -> str:
             best = held(runs) if runs else None
             cells.append("—" if not runs else "none" if best is None else num(best))
         rows.append([f"{p} ({num(target)} ms; {num(rates[0])}–{num(rates[-1])}/s)"] + cells)
-    secs = sorted({round(r["sent"] / r["rate"]) for r in d["open"] if r["rate"]})
+    secs = sorted({r.get("seconds") or round(r["sent"] / r["rate"]) for r in d["open"] if r["rate"]})
+    per_rate = f"{num(secs[0])} s per rate" if len(secs) == 1 else f"{num(secs[0])}–{num(secs[-1])} s per rate"
+    if "reps" in d["open"][0]:
+        per_rate += (", long enough for 2,000 requests per rate over the repetitions together; held in every "
+                     "repetition; the load generator a process of its own")
     return "\n".join([
-        f"Open loop (Poisson arrivals, latency from the scheduled send time, {num(secs[0])} s per rate): the highest "
+        f"Open loop (Poisson arrivals, latency from the scheduled send time, {per_rate}): the highest "
         "rate held — 99% of requests within the pipeline's target, no failures — counting up from the lowest rate and "
         "stopping at the first rate that fails.", "",
         table(["pipeline (target; rates tried)"] + systems, rows), "", provenance(name, d)])

@@ -9,6 +9,9 @@ socket as the fix does (``IPPROTO_TCP``, plus TCP_NODELAY on the listener, which
 sockets inherit) and hands it to uvicorn's own ``Multiprocess`` supervisor.
 
     python fastapi_serve.py PORT [WORKERS]
+
+``serve(app, port, workers, factory)`` does the same for another app (benchmarks/peers/servers.py
+serves the pipelines with it).
 """
 
 import os
@@ -21,13 +24,17 @@ from uvicorn.supervisors import Multiprocess
 
 def main() -> None:
     port, workers = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    serve("fastapi_pipeline:app", port, workers)
+
+
+def serve(app: str, port: int, workers: int, factory: bool = False) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     sock.set_inheritable(True)
-    config = uvicorn.Config("fastapi_pipeline:app", workers=workers, access_log=False, log_level="warning")
+    config = uvicorn.Config(app, workers=workers, access_log=False, log_level="warning", factory=factory)
     Multiprocess(config, sockets=[sock]).run()
 
 

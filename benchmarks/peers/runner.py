@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import queue
 import socket
 import subprocess
@@ -51,13 +52,14 @@ def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
     ready, the wait was interrupted) it is stopped, with every process it started, before the
     error propagates."""
     port = free_port()
-    log_path = ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + args[-1] if args else ''}.log"
+    log_path = ROOT / "benchmarks" / "results" / f"peer_{system}{'_' + '_'.join(a for a in args if not a.startswith('-')) if args else ''}.log"
     # In this session, not a new one: with the kernel's autogroup scheduling a session is a
     # scheduling group, so a peer in its own session got half the CPU against the whole benchmark
     # (flowkit's client and workers) whenever it was busy. stop() ends its children by walking them.
     with open(log_path, "w") as log:   # the server writes through its own copy of the descriptor
         proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))   # 1 torch thread
     started: list = []   # what it started, seen while waiting: stopped too if it exits first
     try:
         deadline = time.time() + timeout
@@ -117,10 +119,11 @@ def stop(proc, timeout: float = 30.0, others=()) -> None:
         pass
 
 
-def ray_ready(pipelines) -> callable:
+def ray_ready(pipelines, variants=("fused", "graph")) -> callable:
+    """Ready when Ray Serve routes every pipeline's variants (/<pipeline>/<variant>)."""
     def check(body: bytes) -> bool:
         routes = json.loads(body)
-        return all(f"/{p}/{v}" in routes for p in pipelines for v in ("fused", "graph"))
+        return all(f"/{p}/{v}" in routes for p in pipelines for v in variants)
     return check
 
 

@@ -69,3 +69,25 @@ def dask_pipeline(client, row, stored):
     category = sum(int(i) for i in row["recent"].split(",")) % CATEGORIES
     uv = client.submit(d_user, row, shard, pure=False)
     return client.submit(d_score, uv, stored[f"category-{category}"], pure=False)
+
+
+# -- the lookups as Ray Serve deployments hold them (benchmarks/peers/servers.py, the Ray graph) -----------
+class _RayUsers:
+    """The user shards: a request's user vector and category."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __call__(self, row):
+        user, recent, shard = route(row)
+        return user_vector({"user": user, "recent": recent, "shard_value": self.store[shard]})
+
+
+class _RayItems:
+    """The categories' item matrices: a user vector's top 5 in its category."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __call__(self, row) -> str:
+        return top5({"vec": row["vec"], "category_value": self.store[row["category"]]})

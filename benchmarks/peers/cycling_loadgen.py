@@ -1,0 +1,59 @@
+"""benchmarks/loadgen.py with a set of request bodies sent in turn instead of one body: a pipeline's
+requests differ (the cascade's photos decide whether its second model runs), so every system gets
+the same mix in the same order. Same options and output as loadgen.py, except ``--bodies``: a JSON
+file holding a list of request bodies (strings). It runs in its own process.
+
+    python benchmarks/peers/cycling_loadgen.py --url URL --bodies bodies.json --closed 2000
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import loadgen  # noqa: E402
+
+
+class CyclingEndpoint(loadgen.Endpoint):
+    def __init__(self, url: str, bodies: list[bytes], timeout: float):
+        super().__init__(url, bodies[0], timeout)
+        self._next, self._lock = itertools.cycle(bodies), threading.Lock()
+
+    @property
+    def body(self) -> bytes:
+        with self._lock:
+            return next(self._next)
+
+    @body.setter
+    def body(self, value) -> None:   # Endpoint.__init__ sets it; the cycle replaces it
+        pass
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--bodies", required=True)
+    ap.add_argument("--closed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=0)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=128)
+    ap.add_argument("--timeout", type=float, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    bodies = [b.encode() for b in json.loads(Path(a.bodies).read_text())]
+    ep = CyclingEndpoint(a.url, bodies, a.timeout)
+    out = (loadgen.closed_loop(ep, a.closed, a.warmup) if a.closed
+           else loadgen.open_loop(ep, a.rate, a.seconds, a.connections, a.seed))
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
