@@ -4,6 +4,7 @@ slow neighbours, batched qids, hostile operators, failed and closed deployments,
 from __future__ import annotations
 
 import _thread
+import concurrent.futures
 import http.client
 import json
 import os
@@ -344,3 +345,31 @@ def test_a_request_no_worker_takes_fails_with_no_workers():
 def test_the_embedded_cluster_returns_with_every_worker_asked_for():
     with fk.deploy(_flow("two"), n_workers=2) as dep:
         assert len(dep.workers) == 2
+
+
+# -- a cancel racing with its answer ------------------------------------------------------------
+class _CancelledAsChecked(concurrent.futures.Future):
+    """A request's future that its caller cancels just after the router looked at it."""
+
+    def done(self):
+        return False
+
+
+def test_an_answer_arriving_as_its_request_is_cancelled_is_dropped_quietly():
+    """The caller's thread may cancel a request between the router's check and its setting of
+    the answer: the answer is dropped (the cancellation accounts for the request), and the
+    session reading it lives on (an exception there dropped a healthy worker's session)."""
+    from flowkit.runtime import protocol
+    from flowkit.runtime.router import Request, Router
+    from flowkit.runtime.wire import dumps
+
+    done = []
+    router = Router("test", on_done=lambda req, ok: done.append(ok))
+    try:
+        for answer in (protocol.Answer(1, True, payload=dumps(7)), protocol.Answer(1, False, error=dumps(ValueError()))):
+            fut = _CancelledAsChecked()
+            fut.cancel()
+            router._resolve(Request("run", None, fut, id=1), answer)   # raises nothing
+        assert done == []
+    finally:
+        router.close()

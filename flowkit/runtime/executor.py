@@ -329,6 +329,7 @@ class _Execution:
             for task, (_, _, token) in tasks.items():
                 token.cancel("the request was cancelled")
                 task.cancel()
+                task.add_done_callback(_retrieved)
             raise
         finally:
             self.dep.racing -= 1

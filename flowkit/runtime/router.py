@@ -21,8 +21,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from distributed.comm import connect
@@ -361,20 +361,30 @@ class Router:
             session.assign(req)
 
     def _resolve(self, req: Request, answer: p.Answer) -> None:
-        if req.future.done():
-            return
         try:
             if answer.ok:
-                value = loads(answer.payload) if answer.payload is not None else \
+                outcome = loads(answer.payload) if answer.payload is not None else \
                     (answer.stats if answer.stats is not None else True)
-                req.future.set_result(value)
             else:
                 err = answer.error
-                req.future.set_exception(loads(err) if isinstance(err, bytes) else FlowError(str(err)))
-        except BaseException as e:
-            req.future.set_exception(e)
+                outcome = loads(err) if isinstance(err, bytes) else FlowError(str(err))
+        except BaseException as e:   # an answer that cannot be read fails its request
+            outcome, answer = e, replace(answer, ok=False)
+        self._settle(req, outcome, answer.ok)
+
+    def _settle(self, req: Request, outcome, ok: bool) -> None:
+        """Give ``req``'s Future its result (``ok``) or exception, unless it is already done —
+        its caller may cancel it at any moment, also between a check and the setting, from
+        another thread: then its abandonment (``_abandon``) accounts for it instead."""
+        try:
+            if ok:
+                req.future.set_result(outcome)
+            else:
+                req.future.set_exception(outcome)
+        except InvalidStateError:
+            return
         if self.on_done is not None:
-            self.on_done(req, answer.ok)
+            self.on_done(req, ok)
 
     def _abandon(self, req: Request) -> None:
         """``req``'s Future was cancelled: its worker, if it has it, stops it."""
@@ -400,10 +410,7 @@ class Router:
         return True
 
     def _fail(self, req: Request, exc: BaseException) -> None:
-        if not req.future.done():
-            req.future.set_exception(exc)
-            if self.on_done is not None:
-                self.on_done(req, False)
+        self._settle(req, exc, False)
 
     async def _lost(self, session: Session) -> None:
         """Drop a broken session and send its requests again elsewhere.
