@@ -37,7 +37,8 @@ CONFIG = {
                  "batching (heavy)": {"max_batch_size": MAX_BATCH, "batch_timeout": BATCH_WAIT_S}},
     "Ray Serve": {"num_replicas": WORKERS, "max_ongoing_requests (model replicas)": 2,
                   "max_ongoing_requests (graph ingress)": 32, "max_ongoing_requests (batching)": 2 * MAX_BATCH,
-                  "access_log": False, "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+                  "access_log": False, "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                                                  "RAY_SERVE_ENABLE_HA_PROXY": "1 where haproxy is installed"},
                   "@serve.batch (heavy)": {"max_batch_size": MAX_BATCH, "batch_wait_timeout_s": BATCH_WAIT_S}},
     "torch_threads": 1,
 }
@@ -151,8 +152,12 @@ def serve_litserve(port: int, pipeline: str, workers: int = WORKERS) -> None:
 def serve_ray(port: int, pipeline: str, variant: str, replicas: int = WORKERS) -> None:
     # The high-throughput settings Ray documents (Ray >= 2.56): HAProxy ingress and the
     # throughput-optimized request path (gRPC between replicas, no separate user-code thread).
+    # HAProxy ingress needs the haproxy binary: without it Serve's proxy actor dies at start.
+    import shutil
+
+    haproxy = "1" if shutil.which("haproxy") else "0"
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-           "RAY_SERVE_ENABLE_HA_PROXY": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1")}
+           "RAY_SERVE_ENABLE_HA_PROXY": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", haproxy)}
     # HAProxy's files and ports are fixed by default (/tmp/haproxy-serve, 8404, 9101): one set per
     # server, so a second Ray Serve on the machine (another run, another test) does not collide.
     base = f"/tmp/haproxy-serve-{port}"
