@@ -35,9 +35,11 @@ def _get(port: int, path: str, timeout: float = 2.0):
     return r.status, r.read()
 
 
-def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 240.0, tries: int = 2):
+def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 600.0, tries: int = 2):
     """Start a peer server; returns (process, port) once it answers ``ready_path`` (one retry:
-    Ray's start-up on 2 busy cores occasionally loses its proxy actor)."""
+    Ray's start-up on 2 busy cores occasionally loses its proxy actor). ``timeout`` guards a
+    start that hangs; it is long because a loaded 2-core machine starting three peers at once
+    took over 240 s to bring Ray Serve up."""
     for attempt in range(1, tries + 1):
         try:
             return _start(system, args, ready_path, ready, timeout)
