@@ -285,7 +285,6 @@ def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
         assert op.batch_sizes == (1, 4) and all(len(v) >= 3 for v in op.latencies.values())
         assert op.p50(4) > op.p50(1) > 0   # row-wise: four rows take longer than one
         assert op.out_bytes_per_row > 0
-    assert prof["slow"].cpu_share < 0.5   # sleeping computes little
     assert prof["slow"].cpu_share < prof["spin"].cpu_share
     again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
     assert again is prof   # the same flow version: from the cache

@@ -71,10 +71,9 @@ def flow():
 
 def requests(n: int, seed: int = 0) -> list[dict]:
     """``n`` requests cycling over crops of the real photographs (see ``photos.views``)."""
-    from .photos import views
+    from . import photos
 
-    imgs = views(SIZE, seed=seed)
-    return [{"img": imgs[i % len(imgs)]} for i in range(n)]
+    return photos.requests(SIZE, n, seed)
 
 
 def store() -> dict:

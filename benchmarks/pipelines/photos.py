@@ -43,3 +43,9 @@ def names(count: int = VIEWS) -> list[str]:
 
     pics = photos()
     return [pics[i % len(pics)].name for i in range(count)]
+
+
+def requests(size: int, n: int, seed: int = 0) -> list[dict]:
+    """``n`` image requests cycling over ``views(size)``: ``{"img": <size x size RGB bytes>}``."""
+    imgs = views(size, seed=seed)
+    return [{"img": imgs[i % len(imgs)]} for i in range(n)]
