@@ -22,6 +22,7 @@ from ..table import Table
 from . import protocol as p
 from . import racing
 from .batcher import Batcher
+from .demand import Demand, retrieved
 from .cancel import Cancelled, Token, running_under
 from .ingress import http_counts, serve_http, unserve_http
 from .compat import worker_resources, worker_threads
@@ -177,7 +178,7 @@ class WorkerDeployment:
     async def run(self, table, token: Token | None = None):
         if self.simple:
             return await self.in_thread(self._run_all, table, token)
-        return await _Execution(self, table, asyncio.get_running_loop(), token).value(self.plan.output)
+        return await _Execution(self, table, token).value(self.plan.output)
 
     async def in_thread(self, fn, *args):
         """``fn(*args)`` in the deployment's threads, counted among the threads its request holds
@@ -269,34 +270,29 @@ class WorkerDeployment:
         return {"worker": self.worker.address, "stages": snap}
 
 
-class _Execution:
-    """One request on the coordinating worker: stages computed on demand, races run concurrently."""
+class _Execution(Demand):
+    """One request on the coordinating worker: the shared evaluator (``demand``), each stage
+    placed by ``WorkerDeployment.execute``, replicas of a high-variance stage raced (``_race``)."""
 
-    def __init__(self, dep: WorkerDeployment, table, loop, token: Token | None = None):
+    def __init__(self, dep: WorkerDeployment, table, token: Token | None = None):
+        # token: the request's, set when its client abandons it
+        super().__init__(dep.by_name, {dep.source: table}, lambda op, inputs: dep.execute(op, inputs, token))
         self.dep = dep
-        self.loop = loop
-        self.token = token   # the request's: set when its client abandons it
-        self.memo: dict[str, asyncio.Future] = {dep.source: _done(loop, table)}
 
-    async def value(self, name: str):
-        fut = self.memo.get(name)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = self.memo[name] = self.loop.create_future()
+    async def anyof(self, op: AnyOf):
+        """Replicas race (``_race``); a user's anyof takes whichever input finishes first (its
+        stage statistics count the wait for it and, as ``wins <branch>``, which branch it was)."""
+        if op.race:
+            return await self._race(op)
+        t0, stats = time.perf_counter(), self.dep.stats[op.name]
         try:
-            op = self.dep.by_name[name]
-            if isinstance(op, AnyOf):
-                result = await (self._race(op) if op.race else self._first(op))
-            else:
-                inputs = [await self.value(i) for i in op.inputs]
-                result = await self.dep.execute(op, inputs, self.token)
-            fut.set_result(result)
-        except BaseException as e:
-            if not fut.done():
-                fut.set_exception(e)
-                fut.exception()  # the caller raises it; mark it retrieved
+            branch, table = await self.first(op)
+        except Exception:
+            stats.record(time.perf_counter() - t0, ok=False)
             raise
-        return result
+        stats.count(f"wins {branch}")
+        stats.record(time.perf_counter() - t0)
+        return table
 
     async def _race(self, op: AnyOf):
         """Competitive replicas: on distinct workers where possible; the first result wins.
@@ -329,7 +325,7 @@ class _Execution:
             for task, (_, _, token) in tasks.items():
                 token.cancel("the request was cancelled")
                 task.cancel()
-                task.add_done_callback(_retrieved)
+                task.add_done_callback(retrieved)
             raise
         finally:
             self.dep.racing -= 1
@@ -375,7 +371,7 @@ class _Execution:
                     for p in pending:
                         tasks[p][2].cancel("a competing replica won")
                         p.cancel()
-                        p.add_done_callback(_retrieved)   # (a loser that raised Cancelled: not news)
+                        p.add_done_callback(retrieved)   # (a loser that raised Cancelled: not news)
                     stats.count(f"wins {rep.name}")
                     if hedged:
                         self.dep.hedge_wins[op.name].append(rep is not replicas[0])
@@ -392,33 +388,3 @@ class _Execution:
                 errors.append(d.exception())
         stats.record(time.perf_counter() - t0, ok=False)
         raise errors[0]
-
-    async def _first(self, op: AnyOf):
-        """A user's anyof: whichever input finishes first (its stage statistics count the wait
-        for it and, as ``wins <branch>``, which branch it was)."""
-        t0, stats = time.perf_counter(), self.dep.stats[op.name]
-        branches = {asyncio.ensure_future(self.value(i)): i for i in op.inputs}
-        pending, errors = set(branches), []
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for d in done:
-                if d.exception() is None:
-                    stats.count(f"wins {branches[d]}")
-                    stats.record(time.perf_counter() - t0)
-                    t = d.result()
-                    return Table._make(op.schema, t.rows, t.qids)
-                errors.append(d.exception())
-        stats.record(time.perf_counter() - t0, ok=False)
-        raise errors[0]
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    """Mark a finished task's outcome as seen (asyncio logs exceptions nobody retrieved)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _done(loop, value) -> asyncio.Future:
-    f = loop.create_future()
-    f.set_result(value)
-    return f

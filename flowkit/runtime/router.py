@@ -22,7 +22,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 from distributed.comm import connect
@@ -30,6 +30,7 @@ from distributed.comm import connect
 from ..errors import DeploymentClosed, FlowError, NoWorkers, WorkerLost
 from . import framed
 from . import protocol as p
+from .channel import Request, Session
 from .protocol import CANCELLABLE
 from .wire import loads
 
@@ -41,92 +42,6 @@ logger = logging.getLogger("flowkit.router")
 class WorkerGone(WorkerLost):
     """A request for one particular worker could not run there: the worker is unreachable,
     was lost, or is leaving. The sender may run the work elsewhere."""
-
-
-@dataclass(eq=False)
-class Request:
-    kind: str
-    payload: bytes | None
-    future: Future
-    id: int = 0
-    attempts: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    workers: list = field(default_factory=list)
-    waited_since: float | None = None
-    target: str | None = None     # a request for one particular worker (not re-routed if it is lost)
-    prefer: str | None = None     # a worker to send it to unless that one is busier than the others
-
-
-class Session:
-    def __init__(self, router: "Router", address: str, comm, nthreads: int):
-        self.router = router
-        self.address = address
-        self.comm = comm
-        self.nthreads = nthreads
-        self.inflight: dict[int, Request] = {}
-        self.abandoned: set[int] = set()   # ids of abandoned requests whose threads are still busy
-        self.lock = asyncio.Lock()
-        self.closed = False     # closed by the router on purpose
-        self.accepting = True   # False once its connection broke or its worker is leaving
-
-    @property
-    def busy(self) -> int:
-        """Requests occupying the worker: in flight, or abandoned but still running there."""
-        return len(self.inflight) + len(self.abandoned)
-
-    @property
-    def load(self) -> float:
-        """Requests occupying the worker, per worker thread."""
-        return self.busy / self.nthreads
-
-    def assign(self, req: Request) -> None:
-        """Count ``req`` against this worker now (so the next routing decision, even in the same
-        pass of the loop, sees it) and send it."""
-        self.inflight[req.id] = req
-        self.router._spawn(self.send(req))
-
-    async def send(self, req: Request) -> None:
-        if req.future.cancelled():   # abandoned before it left: it never reaches the worker
-            if self.inflight.get(req.id) is req:
-                del self.inflight[req.id]
-            self.abandoned.discard(req.id)
-            return
-        if self.inflight.get(req.id) is not req:   # its connection broke meanwhile: re-sent elsewhere
-            return
-        if not self.accepting:   # its worker is leaving
-            del self.inflight[req.id]
-            self.router._dispatch(req)
-            return
-        try:
-            async with self.lock:
-                await self.comm.write(p.encode(p.Call(req.kind, req.id, req.payload)))
-        except Exception:
-            await self.router._lost(self)
-
-    async def tell(self, msg) -> None:
-        """Send a protocol message (``Abandon``, ``Close``) that is not answered as a call is."""
-        try:
-            async with self.lock:
-                await self.comm.write(p.encode(msg))
-        except Exception:
-            pass   # a broken connection is noticed by its reader
-
-    async def read_forever(self) -> None:
-        try:
-            while True:
-                msg = p.decode(await self.comm.read())
-                req = self.inflight.pop(msg.id, None)
-                if req is None:   # an abandoned request's last word: its threads are free
-                    self.abandoned.discard(msg.id)
-                    continue
-                if msg.leaving:   # its worker is retiring: no more requests go there
-                    self.router._drain(self, req)
-                else:
-                    self.router._resolve(req, msg)
-                if self.router._close_if_drained(self):   # a leaving worker's last answer
-                    return
-        except Exception:
-            await self.router._lost(self)
 
 
 class Router:
