@@ -87,6 +87,7 @@ class SLOPlan:
     rows: int = 1
     calibration: float = 1.0  # measured p99 / predicted p99 seen live (>= 1); the objective planned is slo_ms / this
     replans: tuple = ()       # runtime.replanner.Replan records, oldest first
+    profile: Any = None       # the profile it was planned from (to plan again: the notebook's sliders)
 
     @property
     def workers(self) -> int:
@@ -232,7 +233,7 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
             tail = f"the objective holds at no rate (the stages alone take {floor:.2g} ms at p99)"
         at = (f"{best_p99:.2g} ms at {rate:g} req/s ({knobs.workers} workers)" if math.isfinite(best_p99) else
               f"unbounded: at {rate:g} req/s even {W} workers run at {pred.utilization:.0%} of their capacity")
-        best_plan = _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, [])
+        best_plan = _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, [])
         raise SLOUnreachable(f"no plan holds p99 <= {slo_ms:g} ms at {rate:g} req/s on up to {W} worker"
                              f"{'s' if W != 1 else ''}: the best predicted p99 is {at}; {tail}",
                              best_p99_ms=best_p99, holds_rate=holds, best=best_plan)
@@ -242,7 +243,7 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         for fusion, sp in candidates:
             k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, counter)
             fewer.append(p)
-    return _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
+    return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
 
 
 def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter) -> float:
@@ -277,12 +278,13 @@ def shed_limit(pred: Prediction, slo_ms: float) -> int:
     return int(pred.servers + slo_ms / per_request)
 
 
-def _finish(flow, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer) -> SLOPlan:
+def _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer) -> SLOPlan:
     planned = Flow.from_plan(apply_knobs(_candidate(flow, knobs.fusion), knobs), original=flow)
     shed = shed_limit(pred, slo_ms)
     reasons = _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed)
     return SLOPlan(slo_ms, rate, knobs, pred, planned, resources, tuple(reasons), shed,
-                   time.perf_counter() - t0, counter[0], specs=tuple(specs), overheads=overheads, rows=rows)
+                   time.perf_counter() - t0, counter[0], specs=tuple(specs), overheads=overheads, rows=rows,
+                   profile=profile)
 
 
 def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer=()) -> list[str]:

@@ -428,3 +428,27 @@ def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
         assert [t.column("z")[0] for t in out] == [i * 10 + 1 for i in range(20)]
         back = dep.replanner.step(rate=20, p99_ms=5.0)
         assert back.workers == 1 and dep.adaptive.minimum == 1
+
+
+def test_set_objective_replans_a_live_deployment_at_once(client):
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof, max_inflight=500) as dep:
+        dep.replanner.stop()
+        first = dep.slo_plan
+        faster = dep.set_objective(rate=300)   # more than one worker holds
+        assert faster.rate == 300 and faster.slo_ms == 200 and faster.workers > first.workers
+        assert faster.replans[-1].reason == "asked: p99 <= 200 ms at 300 req/s"
+        assert dep.max_inflight == min(500, faster.shed_inflight)
+        tight = dep.set_objective(slo_ms=3)    # below the stages' own latency: every worker, and shedding
+        assert tight.slo_ms == 3 and "no plan holds it" in tight.replans[-1].reason
+        assert dep.max_inflight == tight.shed_inflight < faster.shed_inflight
+        assert [r.rate for r in dep.slo_plan.replans] == [300, 300]
+        assert dep.run({"x": [4]}).column("z")[0] == 41   # it still serves
+        with pytest.raises(fk.FlowError):
+            dep.set_objective(slo_ms=-1)
+        assert dep.slo_plan.slo_ms == 3   # a refused objective changed nothing
+    with pytest.raises(fk.DeploymentClosed):
+        dep.set_objective(rate=10)
+    with fk.deploy(flow, cluster=client) as plain, pytest.raises(fk.FlowError, match="no latency objective"):
+        plain.set_objective(slo_ms=50)

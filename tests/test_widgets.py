@@ -239,3 +239,33 @@ def test_the_inspector_labels_nodes_with_a_plans_predicted_latency_batch_and_rep
     assert "predicted p50" in view.after.value and "objective" in view.explain.value
     plain = Inspector(f, labels={"preprocess": "a note from the caller"})   # an operator inside a fused stage
     assert "a note from the caller" in plain.after.value and "a note from the caller" not in plain.before.value
+
+
+def test_the_slo_sliders_replan_the_drawing_and_apply_to_a_live_deployment(make_cluster):
+    from flowkit.planner import Resources
+    from flowkit.profiling import Profile
+    from flowkit_widgets import explore_slo
+
+    f = fk.Flow("sliders", {"x": int})
+    f.map(preprocess_x, names=["y"])
+    prof = Profile.from_latencies({"preprocess_x": {1: [10.0] * 50}})
+    view = explore_slo(f, prof, slo_ms=30, rate=10, resources=Resources(max_workers=4))
+    assert "on 1 worker " in view.title and "predicted p50" in view.drawing.value
+    view.rate.value = 150   # what a user's drag does: the plan follows
+    assert "at 150 req/s on 3 workers" in view.title and "3 workers" in view.drawing.value
+    view.slo.value = 5      # below the stage's own 10 ms: no plan, and why
+    assert view.title == "unreachable" and "no plan holds p99" in view.drawing.value
+    with pytest.raises(fk.FlowError, match="needs a profile"):
+        explore_slo(f, slo_ms=30, rate=40)
+
+    client = make_cluster(n_workers=1, processes=False)
+    with fk.deploy(f, cluster=client, slo_ms=250, rate=5, profile=prof) as dep:
+        dep.replanner.stop()
+        live = explore_slo(dep)
+        assert live.slo.value == pytest.approx(250) and live.rate.value == pytest.approx(5)
+        live.slo.value, live.rate.value = 100, 50
+        live.apply.click()
+        assert dep.slo_plan.slo_ms == pytest.approx(100) and dep.slo_plan.rate == pytest.approx(50)
+        assert "asked: p99 &lt;= 100 ms at 50 req/s" in live.status.value
+    with fk.deploy(f, cluster=client) as plain, pytest.raises(fk.FlowError, match="no latency objective"):
+        explore_slo(plain)

@@ -388,6 +388,16 @@ class Deployment:
             return None
         return self._slo_plan.with_measured(self.stats())
 
+    def set_objective(self, *, slo_ms: float | None = None, rate: float | None = None):
+        """Hold a new latency objective (``slo_ms``) and/or plan for a new ``rate`` from now on:
+        re-planned at once (workers and shedding; the deployed plan's fusion, batch windows and
+        races stay) and applied; returns the new ``slo_plan``. A slider can call it (docs/slo.md)."""
+        self._check_open("set_objective")
+        if self.replanner is None:
+            raise FlowError(f"deployment {self.id!r} has no latency objective: deploy with slo_ms= and rate=")
+        self.replanner.retarget(slo_ms, rate)
+        return self.slo_plan
+
     @property
     def workers(self) -> list[str]:
         """Addresses of the workers this deployment is connected to."""

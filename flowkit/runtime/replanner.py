@@ -25,9 +25,10 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+from ..errors import FlowError
 from ..planner import SLOPlan, predict, reasons_for, shed_limit
 
-__all__ = ["Replan", "decide", "Replanner", "RATE_FACTOR"]
+__all__ = ["Replan", "decide", "retarget", "Replanner", "RATE_FACTOR"]
 
 RATE_FACTOR = 3.0
 
@@ -91,6 +92,42 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     else:
         return None, (f"within the objective: p99 {p99_ms:.3g} ms <= {slo_ms:g} ms at {rate:.3g} req/s "
                       f"(planned for {plan.rate:.3g} req/s)")
+    return _replan(plan, rate, p99_ms, slo_ms, calibration, reason, now)
+
+
+def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = None, *, now: float = 0.0) -> SLOPlan:
+    """``plan`` re-planned for a new objective (``slo_ms``) and/or rate (``rate``), what a
+    slider or ``dep.set_objective`` asks: the same live choices as ``decide`` (workers and
+    shedding), whether or not they change; the plan's calibration is kept.
+
+    >>> import flowkit as fk
+    >>> from flowkit.planner import Resources, plan_slo
+    >>> from flowkit.profiling import Profile
+    >>> f = fk.Flow("f", {"x": int})
+    >>> _ = f.map(abs, names=["y"])
+    >>> plan = plan_slo(f, Profile.from_latencies({"abs": {1: [10.0] * 50}}), 30, 150, Resources(max_workers=4))
+    >>> new = retarget(plan, rate=40)
+    >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
+    (2, 30, 40.0, 'asked: p99 <= 30 ms at 40 req/s')
+    >>> retarget(plan, slo_ms=20).replans[-1].changes
+    (('workers', 3, 4),)
+    >>> retarget(plan, slo_ms=12).replans[-1].reason
+    'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
+    """
+    slo_ms = plan.slo_ms if slo_ms is None else slo_ms
+    rate = plan.rate if rate is None else rate
+    for what, v in (("slo_ms", slo_ms), ("rate", rate)):
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise FlowError(f"{what} must be a number > 0, not {v!r}")
+    reason = f"asked: p99 <= {slo_ms:g} ms at {rate:g} req/s"
+    new, _ = _replan(replace(plan, slo_ms=slo_ms), rate, math.nan, slo_ms, plan.calibration, reason, now, always=True)
+    return new
+
+
+def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibration: float, reason: str, now: float,
+            always: bool = False) -> tuple[SLOPlan | None, str]:
+    """The fewest workers (and the shedding limit) that hold ``slo_ms / calibration`` at ``rate``
+    with the plan's other knobs; ``(None, why)`` when nothing changes, unless ``always``."""
     target = slo_ms / calibration
     chosen, fewer = None, []
     for w in range(1, plan.resources.max_workers + 1):
@@ -108,7 +145,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     changes = tuple((what, old, new) for what, old, new in
                     (("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed))
                     if old != new)
-    if not changes:
+    if not changes and not always:
         return None, f"{reason}; re-planned: nothing to change"
     if not held:
         reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
@@ -170,15 +207,21 @@ class Replanner:
                     return None
                 rate = m_rate if rate is None else rate
                 p99_ms = m_p99 if p99_ms is None else p99_ms
-            plan = self.dep._slo_plan
-            new, self.last_reason = decide(plan, rate, p99_ms, now=time.time())
-            if new is None:
-                return None
-            applied = self._apply(new)
-            last = replace(new.replans[-1], applied=tuple(applied))
-            new = replace(new, replans=new.replans[:-1] + (last,))
-            self.dep._slo_plan = new
+            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, now=time.time())
+            return None if new is None else self._adopt(new)
+
+    def retarget(self, slo_ms: float | None = None, rate: float | None = None) -> SLOPlan:
+        """Re-plan now for a new objective and/or rate (``retarget``), apply it, and return it."""
+        with self._lock:
+            new = self._adopt(retarget(self.dep._slo_plan, slo_ms, rate, now=time.time()))
+            self.last_reason = new.replans[-1].reason
             return new
+
+    def _adopt(self, new: SLOPlan) -> SLOPlan:
+        """Apply ``new``, note what was done in its last re-plan record, and make it the plan."""
+        last = replace(new.replans[-1], applied=tuple(self._apply(new)))
+        new = self.dep._slo_plan = replace(new, replans=new.replans[:-1] + (last,))
+        return new
 
     def _apply(self, plan: SLOPlan) -> list[str]:
         dep, done = self.dep, []
