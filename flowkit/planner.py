@@ -41,7 +41,7 @@ from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, St
                             stage_specs)
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
-__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "apply_knobs", "shed_limit", "reasons_for", "BATCHES", "WAITS_MS",
+__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "BATCHES", "WAITS_MS",
            "RACE_WIDTHS",
            # the model's records and functions, for the planner's callers
            "Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
@@ -150,8 +150,19 @@ def _candidate(flow: Flow, fusion: bool) -> Plan:
 def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources, overheads: Overheads,
             rows: int, slo_ms: float, n: int, counter: list) -> tuple[Knobs, Prediction]:
     """The knobs minimizing the predicted p99 on ``workers`` workers (a coordinate search)."""
-    knobs = Knobs(fusion, tuple((s.name, 1, 0.0) for s in specs if s.batching),
+    start = Knobs(fusion, tuple((s.name, 1, 0.0) for s in specs if s.batching),
                   tuple((s.name, 1) for s in specs if s.high_variance), workers)
+    return search_knobs(specs, start, rate, resources, overheads, rows, slo_ms, n, counter)
+
+
+def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overheads: Overheads, rows: int,
+                 slo_ms: float, n: int = 2000, counter: list | None = None, *, windows=None,
+                 race: bool = True) -> tuple[Knobs, Prediction]:
+    """From ``start``, a coordinate search for the batch windows and race widths minimizing the
+    predicted p99 (``start``'s fusion and workers stay). ``windows``: the stages whose batch
+    window may change (default: every batching stage); ``race``: whether race widths may."""
+    counter = [0] if counter is None else counter
+    knobs = start
 
     def score(k: Knobs) -> tuple:
         counter[0] += 1
@@ -162,7 +173,7 @@ def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources
     for _ in range(2):
         changed = False
         for s in specs:
-            if s.batching:
+            if s.batching and (windows is None or s.name in windows):
                 options = [(1, 0.0)] + [(b, w) for b in BATCHES if 1 < b <= s.max_batch for w in WAITS_MS
                                         if w < slo_ms / 2]
                 cur = knobs.batch_of(s.name)
@@ -174,9 +185,9 @@ def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources
                     sc, p = score(k)
                     if sc < best:
                         best, pred, knobs, changed = sc, p, k, True
-            if s.high_variance:
+            if s.high_variance and race:
                 for width in RACE_WIDTHS:
-                    if width > workers or width == knobs.race_of(s.name):
+                    if width > knobs.workers or width == knobs.race_of(s.name):
                         continue
                     k = replace(knobs, race=tuple((x, width if x == s.name else kk) for x, kk in knobs.race))
                     sc, p = score(k)

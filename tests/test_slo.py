@@ -452,3 +452,44 @@ def test_set_objective_replans_a_live_deployment_at_once(client):
         dep.set_objective(rate=10)
     with fk.deploy(flow, cluster=client) as plain, pytest.raises(fk.FlowError, match="no latency objective"):
         plain.set_objective(slo_ms=50)
+
+
+def pre_w(row):
+    return row["x"] + 1
+
+
+def model_w(t):
+    return [float(r["y"]) * 2 for r in t]
+
+
+def test_a_replan_resizes_batch_windows_on_every_worker_and_on_one_that_joins(make_cluster):
+    cluster = make_cluster(n_workers=1, client=False)
+    f = fk.Flow("windows", {"x": int})
+    f.map(pre_w, names=["y"]).map(model_w, names=["m"], batching=True)
+    prof = Profile.from_latencies({"pre_w": {1: [0.5] * 50},
+                                   "model_w": {b: [3 + 0.4 * b] * 50 for b in (1, 2, 4, 8, 16, 32)}},
+                                  batching=["model_w"])
+
+    def windows_on_workers() -> dict:
+        return {s["worker"]: s["windows"] for s in dep._router.broadcast("stats")}
+
+    with fk.deploy(f, cluster=cluster, slo_ms=60, rate=300, profile=prof, max_workers=2) as dep:
+        dep.replanner.stop()
+        first = dep.slo_plan
+        (stage,) = [s for s, b, _ in first.knobs.batch if b > 1]   # deployed batching
+        assert list(windows_on_workers().values()) == [{stage: first.knobs.batch_of(stage)}]
+        dep.adapt(minimum=1, maximum=2)
+        busier = dep.replanner.step(rate=1000, p99_ms=5.0)   # x3.3: more workers and a wider window
+        wider = busier.knobs.batch_of(stage)
+        assert busier.workers == 2 and wider != first.knobs.batch_of(stage)
+        assert f"batch window {stage}: up to {wider[0]} rows" in " ".join(busier.replans[-1].applied)
+        wait_until(lambda: len(dep.workers) == 2, "the second worker")
+        wait_until(lambda: windows_on_workers() == {w: {stage: wider} for w in dep.workers},
+                   "the resized window on both workers, the one that joined included")
+        quieter = dep.replanner.step(rate=20, p99_ms=5.0)
+        narrow = quieter.knobs.batch_of(stage)
+        assert narrow != wider
+        wait_until(lambda: set(map(str, windows_on_workers().values())) == {str({stage: narrow})},
+                   "the narrower window")
+        out = dep.map([{"x": [i]} for i in range(30)], progress=False)
+        assert [t.column("m")[0] for t in out] == [2.0 * (i + 1) for i in range(30)]

@@ -5,7 +5,7 @@ the sliders' values — the optimized plan with each stage's predicted latency, 
 replicas, the workers it needs and why (``explain``), or, where no plan holds, what the best one
 reaches. Given a live deployment (``SLOExplorer(dep)``), it starts at
 the deployment's objective and an **apply** button re-plans the deployment itself
-(``dep.set_objective``): its workers and shedding follow at once.
+(``dep.set_objective``): its workers, batch windows and shedding follow at once.
 """
 
 from __future__ import annotations

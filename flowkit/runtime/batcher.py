@@ -31,6 +31,13 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.waits: list[float] = []  # how long each request waited for its batch to close (recent)
 
+    def resize(self, max_batch: int, max_wait_ms: float) -> None:
+        """A new window from now on (a live re-plan: ``windows``); the batch forming now closes
+        by the new rule."""
+        self.max_batch, self.max_wait = max(1, int(max_batch)), max(0.0, max_wait_ms) / 1000
+        if self.wakeup is not None:
+            self.wakeup.set()
+
     def close(self) -> None:
         """Stop batching; requests still queued are cancelled (their worker answers "leaving")."""
         if self.task is not None:
@@ -61,9 +68,8 @@ class Batcher:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            deadline = self.queue[0][2] + self.max_wait
             while sum(len(t) for t, _, _ in self.queue) < self.max_batch:
-                remaining = deadline - time.perf_counter()
+                remaining = self.queue[0][2] + self.max_wait - time.perf_counter()
                 if remaining <= 0:
                     break
                 self.wakeup.clear()

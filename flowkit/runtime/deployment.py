@@ -28,6 +28,7 @@ from .router import Request, Router
 from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile, stats_frame
 from .store_client import StoredObjects, routing_column
+from .windows import BatchWindows
 from .wire import dumps, dumps_plan, operator_needing
 
 __all__ = ["deploy", "Deployment"]
@@ -146,6 +147,7 @@ class Deployment:
         security = getattr(self.client, "security", None)
         args = security.get_connection_args("client") if security is not None else {}
         self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
+        self.windows = BatchWindows(self._router)   # batch windows a live re-plan resizes
         # a request whose dynamic-lookup key is an input column starts on the key's worker
         self._stored = StoredObjects(self.id, self.client, self._router, routing_column(self.plan))
         self.client.subscribe_topic(ready_topic(self.id), self._on_ready)
@@ -164,6 +166,7 @@ class Deployment:
         known = list(self.client.scheduler_info().get("workers", {}))
         for address in known:
             self._router.add_worker(address)
+            self.windows.joined(address)
         if not self._router.ready.wait(timeout):
             raise FlowError(f"no worker of the cluster took deployment {self.id!r} within {timeout:g} s")
         self._await_workers(max(len(known), n_workers or 0), timeout)
@@ -182,6 +185,7 @@ class Deployment:
         msg = event[1] if isinstance(event, tuple) else event
         if isinstance(msg, dict) and msg.get("deployment") == self.id:
             self._router.add_worker(msg["worker"])
+            self.windows.joined(msg["worker"])
             for server in self._servers:   # a worker that joined serves HTTP too where the workers do
                 if hasattr(server, "add_worker"):
                     server.add_worker(msg["worker"])
@@ -390,7 +394,7 @@ class Deployment:
 
     def set_objective(self, *, slo_ms: float | None = None, rate: float | None = None):
         """Hold a new latency objective (``slo_ms``) and/or plan for a new ``rate`` from now on:
-        re-planned at once (workers and shedding; the deployed plan's fusion, batch windows and
+        re-planned at once (workers, batch windows and shedding; the deployed plan's fusion and
         races stay) and applied; returns the new ``slo_plan``. A slider can call it (docs/slo.md)."""
         self._check_open("set_objective")
         if self.replanner is None:

@@ -77,6 +77,7 @@ class WorkerDeployment:
         self.working: set = set()   # pool work submitted and not finished (abandoned requests' included)
         self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
+        self.windows_version = 0   # of the batch windows last set live (resize_batches)
         self.closed = False
 
     @property
@@ -123,6 +124,15 @@ class WorkerDeployment:
                         logger.warning("deployment %s: creating %s for operator %r failed: %r",
                                        self.id, fn.__name__, m.name, e)
 
+    def resize_batches(self, version: int, windows: dict) -> None:
+        """Set ``{stage: (max_batch, max_wait_ms)}`` unless a later version was set already."""
+        if version <= self.windows_version:
+            return
+        self.windows_version = version
+        for name, (b, w) in windows.items():
+            if name in self.batchers:
+                self.batchers[name].resize(b, w)
+
     def close(self) -> None:
         self.closed = True
         unserve_http(self)
@@ -156,6 +166,9 @@ class WorkerDeployment:
                 return p.Answer(rid, True, payload=dumps(http_counts(self)))
             if kind == "unserve":
                 unserve_http(self, loads(call.payload))
+                return p.Answer(rid, True)
+            if kind == "window":   # a live re-plan resized batch windows (see windows)
+                self.resize_batches(*loads(call.payload))
                 return p.Answer(rid, True)
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
                 self.store.forget(loads(call.payload))
@@ -267,7 +280,8 @@ class WorkerDeployment:
         snap = {name: s.snapshot() for name, s in self.stats.items()}
         snap[STORE] = self.store.stats.snapshot()
         snap[SERVED] = self.served.snapshot()
-        return {"worker": self.worker.address, "stages": snap}
+        windows = {name: (b.max_batch, b.max_wait * 1000) for name, b in self.batchers.items()}
+        return {"worker": self.worker.address, "stages": snap, "windows": windows}
 
 
 class _Execution(Demand):

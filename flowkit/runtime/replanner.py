@@ -3,19 +3,21 @@
 ``decide`` is the decision, a pure function: given the deployed ``SLOPlan``, the measured
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
-measured p99 is above the objective. The new plan keeps the deployed operators and knobs
-(fusion, batch windows, race widths: changing them means installing another plan on every
-worker) and chooses again what can change live: the workers (the fewest that hold the
-objective at the measured rate, up to the resources' maximum) and the shedding limit. A p99
+measured p99 is above the objective. The new plan keeps the deployed operators (fusion and race
+widths: changing them means installing another plan on every worker) and chooses again what
+can change live: the workers (the fewest that hold the objective at the measured rate, up to
+the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
+and wait the model finds best at that rate on those workers), and the shedding limit. A p99
 above the objective that the model did not predict also calibrates it: the objective the model
 must meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimism is paid
 for with workers, and, once they run out, with earlier shedding.
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan: the adaptive minimum (and, if needed, maximum)
-workers of ``dep.adaptive`` and ``dep.max_inflight`` (never above the ``max_inflight`` the
-user asked for). Neither loses a request: admission only refuses new requests, and dask
-retires a worker gracefully (requests in flight on it are sent again).
+workers of ``dep.adaptive``, the batch windows on every worker (``dep.windows``) and
+``dep.max_inflight`` (never above the ``max_inflight`` the user asked for). None loses a
+request: admission only refuses new requests, a resized batch queue keeps what it holds, and
+dask retires a worker gracefully (requests in flight on it are sent again).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import time
 from dataclasses import dataclass, replace
 
 from ..errors import FlowError
-from ..planner import SLOPlan, predict, reasons_for, shed_limit
+from ..plan import Stage
+from ..planner import SLOPlan, predict, reasons_for, search_knobs, shed_limit
 
 __all__ = ["Replan", "decide", "retarget", "Replanner", "RATE_FACTOR"]
 
@@ -124,15 +127,22 @@ def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = No
     return new
 
 
+def resizable(plan: SLOPlan) -> set[str]:
+    """The stages whose batch window a live re-plan may change: those deployed batching (a
+    stage deployed unbatched has no batch queue on the workers to resize)."""
+    return {op.name for op in plan.plan.nodes if isinstance(op, Stage) and op.batching is not None}
+
+
 def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibration: float, reason: str, now: float,
             always: bool = False) -> tuple[SLOPlan | None, str]:
     """The fewest workers (and the shedding limit) that hold ``slo_ms / calibration`` at ``rate``
     with the plan's other knobs; ``(None, why)`` when nothing changes, unless ``always``."""
     target = slo_ms / calibration
+    windows = resizable(plan)
     chosen, fewer = None, []
     for w in range(1, plan.resources.max_workers + 1):
-        knobs = replace(plan.knobs, workers=w)
-        pred = predict(plan.specs, knobs, rate, plan.resources, plan.overheads, plan.rows)
+        knobs, pred = search_knobs(plan.specs, replace(plan.knobs, workers=w), rate, plan.resources, plan.overheads,
+                                   plan.rows, target, windows=windows, race=False)
         if pred.p99_ms <= target:
             chosen = (knobs, pred)
             break
@@ -143,7 +153,8 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     knobs, pred = chosen
     shed = shed_limit(pred, target)
     changes = tuple((what, old, new) for what, old, new in
-                    (("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed))
+                    [("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed)]
+                    + [(f"batch window {s}", plan.knobs.batch_of(s), knobs.batch_of(s)) for s in sorted(windows)]
                     if old != new)
     if not changes and not always:
         return None, f"{reason}; re-planned: nothing to change"
@@ -225,6 +236,11 @@ class Replanner:
 
     def _apply(self, plan: SLOPlan) -> list[str]:
         dep, done = self.dep, []
+        windows = {s: plan.knobs.batch_of(s) for s in resizable(plan)}
+        resized = {s: bw for s, bw in windows.items() if bw != dep._slo_plan.knobs.batch_of(s)}
+        if resized:
+            dep.windows.resize(resized)
+            done += [f"batch window {s}: up to {b} rows, waiting at most {w:g} ms" for s, (b, w) in resized.items()]
         limit = min(self.max_inflight, plan.shed_inflight or self.max_inflight)
         if limit != dep.max_inflight:
             done.append(f"max_inflight {dep.max_inflight} -> {limit}")
