@@ -56,9 +56,23 @@ class Session:
 
     def assign(self, req: Request) -> None:
         """Count ``req`` against this worker now (so the next routing decision, even in the same
-        pass of the loop, sees it) and send it."""
+        pass of the loop, sees it) and send it: at once where the connection can take it without
+        waiting (``framed``'s ``write_now``), else from a task of its own (``send``)."""
         self.inflight[req.id] = req
-        self.router._spawn(self.send(req))
+        if not (self.accepting and not req.future.cancelled() and not self.lock.locked() and self._write_now(req)):
+            self.router._spawn(self.send(req))
+
+    def _write_now(self, req: Request) -> bool:
+        """Whether ``req`` is dealt with here: written now, or its connection found broken (the
+        router then sends it again elsewhere, with everything else in flight on it)."""
+        write_now = getattr(self.comm, "write_now", None)
+        if write_now is None:
+            return False
+        try:
+            return write_now(p.encode(p.Call(req.kind, req.id, req.payload)))
+        except Exception:
+            self.router._spawn(self.router._lost(self))
+            return True
 
     async def send(self, req: Request) -> None:
         if req.future.cancelled():   # abandoned before it left: it never reaches the worker

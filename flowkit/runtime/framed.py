@@ -48,6 +48,24 @@ class FramedComm:
         return msg
 
     async def write(self, msg: dict) -> None:
+        self._put(msg)
+        try:
+            await self.writer.drain()
+        except ConnectionError:
+            self._closed = True
+            raise
+
+    def write_now(self, msg: dict) -> bool:
+        """Write ``msg`` at once, without yielding to the event loop, when the connection's
+        buffer has room (nothing waits to drain); False, writing nothing, when it has not: then
+        ``await write(msg)``. (The request path's common case: one send, no task to schedule.)"""
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > 0:
+            return False
+        self._put(msg)
+        return True
+
+    def _put(self, msg: dict) -> None:
         if self.closed():
             raise ConnectionError("connection closed")
         payload = msg.get("payload")
@@ -62,11 +80,6 @@ class FramedComm:
         else:                    # a large payload goes as it is, not copied into one buffer first
             self.writer.write(head)
             self.writer.write(payload)
-        try:
-            await self.writer.drain()
-        except ConnectionError:
-            self._closed = True
-            raise
 
     def closed(self) -> bool:
         return self._closed or self.writer.is_closing()

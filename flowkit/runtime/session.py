@@ -31,15 +31,18 @@ async def serve_session(worker, comm, deployment: str):
     tasks: set = set()
     running: dict = {}   # call id -> (token, task) of work its sender may abandon
 
+    write_now = getattr(comm, "write_now", None)
+
     async def answer(call: p.Call) -> None:
+        """Run ``call`` in this task and send its answer. An ``Abandon`` cancels the task (one
+        that comes before the task started finds nothing to cancel: the call is answered)."""
         token = Token() if call.kind in p.CANCELLABLE else None
-        threads: set = set()
-        request_threads.set(threads)   # (the work's task below shares this set)
-        work = asyncio.ensure_future(dep.handle(call, token))
         if token is not None:
-            running[call.id] = (token, work)
+            running[call.id] = (token, asyncio.current_task())
+        threads: set = set()
+        request_threads.set(threads)   # the pool threads its work occupies (see executor)
         try:
-            reply = await work
+            reply = await dep.handle(call, token)
         except asyncio.CancelledError:   # abandoned: answered once the threads it held are free
             if token is None or not token.is_cancelled:
                 raise
@@ -48,8 +51,11 @@ async def serve_session(worker, comm, deployment: str):
             reply = p.Answer(call.id, ok=False, abandoned=True)
         finally:
             running.pop(call.id, None)
+        msg = p.encode(reply)
+        if write_now is not None and not lock.locked() and write_now(msg):
+            return
         async with lock:
-            await comm.write(p.encode(reply))
+            await comm.write(msg)
 
     try:
         while not comm.closed():
