@@ -5,7 +5,7 @@
   ``sklearn.datasets.load_sample_images()`` (china, flower). Both are in flowkit's ``dev`` extra;
   a missing one is skipped, and nothing is downloaded.
 - **Labels** (:data:`CATEGORIES`): torchvision's ImageNet-1k category names (see
-  ``flowkit/_imagenet_classes.py`` for their source).
+  ``flowkit/imagenet_classes.txt`` for their source).
 - **Model** (:func:`mobilenet_v2`): MobileNetV2 (Sandler et al. 2018) written with torchvision's
   module names, loading torchvision's ImageNet weights ``mobilenet_v2-b0353104.pth``
   (``IMAGENET1K_V1``: 71.878% top-1, 0.301 GFLOPs at 224x224 as torchvision's metadata states)
@@ -27,14 +27,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
-from ._imagenet_classes import CATEGORIES
 
 __all__ = ["CATEGORIES", "MEAN", "STD", "Photo", "photos", "resize_crop", "normalize", "top_k", "softmax",
            "weights_path", "mobilenet_v2", "MobileNetV2", "WEIGHTS_FILE"]
 
+def _categories() -> tuple[str, ...]:
+    text = resources.files("flowkit").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+CATEGORIES = _categories()
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"

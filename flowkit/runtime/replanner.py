@@ -79,6 +79,14 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     ('p99 40 ms measured, above the objective of 30 ms', 4, 1.9)
     >>> new.replans[-1].changes
     (('workers', 3, 4), ('max_inflight', 12, 10))
+    >>> # asked for rather than measured (dep.set_objective):
+    >>> new = retarget(plan, rate=40)
+    >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
+    (2, 30, 40.0, 'asked: p99 <= 30 ms at 40 req/s')
+    >>> retarget(plan, slo_ms=20).replans[-1].changes
+    (('workers', 3, 4),)
+    >>> retarget(plan, slo_ms=12).replans[-1].reason
+    'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
     """
     slo_ms = plan.slo_ms if slo_ms is None else slo_ms
     if not (rate > 0 and math.isfinite(rate)):
@@ -101,21 +109,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
 def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = None, *, now: float = 0.0) -> SLOPlan:
     """``plan`` re-planned for a new objective (``slo_ms``) and/or rate (``rate``), what a
     slider or ``dep.set_objective`` asks: the same live choices as ``decide`` (workers and
-    shedding), whether or not they change; the plan's calibration is kept.
-
-    >>> import flowkit as fk
-    >>> from flowkit.planner import Resources, plan_slo
-    >>> from flowkit.profiling import Profile
-    >>> f = fk.Flow("f", {"x": int})
-    >>> _ = f.map(abs, names=["y"])
-    >>> plan = plan_slo(f, Profile.from_latencies({"abs": {1: [10.0] * 50}}), 30, 150, Resources(max_workers=4))
-    >>> new = retarget(plan, rate=40)
-    >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
-    (2, 30, 40.0, 'asked: p99 <= 30 ms at 40 req/s')
-    >>> retarget(plan, slo_ms=20).replans[-1].changes
-    (('workers', 3, 4),)
-    >>> retarget(plan, slo_ms=12).replans[-1].reason
-    'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
+    shedding), whether or not they change; the plan's calibration is kept (examples: ``decide``).
     """
     slo_ms = plan.slo_ms if slo_ms is None else slo_ms
     rate = plan.rate if rate is None else rate
