@@ -1,153 +1,486 @@
-"""Latency objectives, predicted against measured (issue 18; a first slice of the benchmark).
+"""Latency objectives: the planned deployment against defaults, an exhaustive grid search and
+Ray Serve's autoscaling, and a ×3 rate step (issue 18, item 5).
 
-A synthetic cascade — a CPU-bound preprocessing step, a batching model whose batch costs a
-fixed part plus a part per row, a high-variance (lognormal) remote call, a small CPU-bound
-post-processing step — is profiled on a worker (``fk.profile``), planned for each objective
-and rate (``fk.deploy(flow, slo_ms=..., rate=...)``), and driven by open-loop Poisson arrivals
-at that rate (each latency counted from its scheduled time, so a backlog is not hidden). It
-reports, per case: the plan (workers, batch, wait, race width), planning time, predicted and
-measured end-to-end p99, the share of requests within the objective, and per stage the
-predicted and measured p99. An objective the planner refuses is reported with its message.
+Two synthetic pipelines (benchmarks/slo_pipelines.py: sleeps and spins, so they run anywhere):
+``cascade`` (a CPU step, a batching model, a high-variance remote call, a small post step) and
+``recommender`` (a CPU-light step, two dynamic lookups of objects stored with ``dep.put``, a
+small batching top-k). Each is profiled once (``fk.profile`` on a one-worker LocalCluster; its
+time is reported apart from planning), then for every case (objective ``slo_ms`` : ``rate``):
 
-Not yet here (see docs/slo.md): the defaults and grid-search baselines, Ray Serve, a ×3 rate
-step, the recommender pipeline. The load runs in the client's process (not a separate one as
-benchmarks/loadgen.py does), which adds its own scheduling noise on a 2-core machine.
+- **planned**: ``fk.deploy(flow, slo_ms=, rate=, profile=, max_workers=W)`` on the embedded
+  cluster, which flowkit scales to the planned workers (and, under load, may scale past them:
+  the workers used are sampled every 0.5 s while driven). Reported: the plan, its planning time
+  (``slo_plan.planning_s``), predicted against measured p99 (and per stage), the share of
+  requests within the objective, the workers used; a refused objective with its message.
+- **defaults**: ``fk.deploy(flow, cluster=client)`` with no objective (the default optimizer)
+  on a LocalCluster of all W workers.
+- **grid search**: every combination of the knobs the planner chooses — workers 1..W, fusion on
+  and off (one candidate when nothing fuses), each batching stage's ``(max_batch, max_wait_ms)``
+  from ``--grid-batches`` × ``--grid-waits`` (batch 1: not batched), race width 1..2 for each
+  high-variance stage (at most the workers) — each applied as ``plan_slo`` applies a plan
+  (``apply_knobs`` on the optimizer's candidate), deployed with ``optimize=False`` on a
+  LocalCluster of exactly that many workers, warmed up and driven for ``--grid-seconds``. The
+  configurations are measured once per rate and judged for each objective at that rate. Best:
+  the fewest workers with >= 99% of requests within the objective, ties by p99 (misses as
+  infinitely late). Its search time is the sum of its configurations' deploy + warm-up +
+  measure + close times (``grid_search_s``; ``grid_search_to_best_s``: the same sum through the
+  best's worker count, what a search stopping at the first worker count that holds would cost;
+  cluster starts are not counted in either).
+- **Ray Serve** (``--ray``, not in the default run: Ray's start-up on a busy 2-core machine takes
+  minutes): the same stages fused in one deployment (``@serve.batch`` for the batching stage) with
+  Ray's autoscaling (1..W replicas, ``target_ongoing_requests`` 2), started from .venv-peers by
+  benchmarks/slo_ray.py and driven over HTTP by benchmarks/loadgen.py in its own process.
 
-    python benchmarks/slo.py [--seconds 10] [--cases 60:40,60:120,15:40]
+And per pipeline a **×3 rate step** (``--step slo:rate``): the planned deployment (its
+re-planner running every 1 s) driven at the rate for ``--step-before`` seconds, then at 3× for
+``--step-after`` seconds; per 1-s window (of scheduled send time) the p99 (misses as infinitely
+late), the share within the objective and the workers; the time from the step until a window's
+p99 is back within the objective and stays there (None: never within the run); and each
+re-plan (``dep.slo_plan.replans``) with its time relative to the step.
+
+The load: open-loop Poisson arrivals (benchmarks/slo_drive.py), each latency from its scheduled
+send time; a request refused (``fk.Overloaded``), failed or unanswered counts as a miss (it stays
+in the denominator). For flowkit the load runs in the client's process (``dep.submit``: the
+re-planner measures the requests the client sees), which adds its own scheduling noise on a
+2-core machine; Ray Serve's load runs in its own process over HTTP, so the two are not driven
+the same way (flowkit's figures carry no HTTP, Ray's do).
+
+Not yet: flowkit over HTTP with the load in its own process (the re-planner measures only
+requests sent through ``dep.submit``; ``dep.serve(where="client")`` would route HTTP through it).
+
+    python benchmarks/slo.py --ray                # the full run: about 25 min on 2 cores (20 without --ray)
+    python benchmarks/slo.py --quick              # a smoke run: tiny durations, writes nothing to results/
+    python benchmarks/slo.py --only cascade --cases 60:40 --no-grid --no-step
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import random
-import threading
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import flowkit as fk
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).parent / "results"
+import flowkit as fk  # noqa: E402
+import slo_drive  # noqa: E402
+import slo_pipelines as P  # noqa: E402
+from flowkit.planner import Knobs, apply_knobs, stage_specs  # noqa: E402
 
-
-def prep(row):
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < 0.0005:
-        pass
-    return row["x"] + 1
-
-
-def model(table):
-    time.sleep(0.004 + 0.0004 * len(table))
-    return [r["y"] * 2 for r in table]
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
 
 
-def remote(row):
-    time.sleep(min(0.05, random.lognormvariate(np.log(0.003), 0.7)))
-    return row["m"] - 1
+# -- deploying and measuring --------------------------------------------------------------------
+def _put_store(dep, name: str) -> None:
+    for k, v in P.PIPELINES[name]["store"]().items():
+        dep.put(k, v)
 
 
-def post(row):
-    return row["t"]
+def _warm(dep, name: str, n: int = 20) -> None:
+    dep.map([P.PIPELINES[name]["request"](i) for i in range(n)], progress=False, return_exceptions=True)
 
 
-def cascade() -> fk.Flow:
-    f = fk.Flow("slo_cascade", {"x": int})
-    f.map(prep, names=["y"]).map(model, names=["m"], batching=True) \
-        .map(remote, names=["t"], high_variance=True).map(post, names=["z"])
-    return f
+def measure(make_dep, name: str, phases, seed: int = 0) -> tuple[dict, "slo_drive.Run", object]:
+    """Deploy (``make_dep()``), store the pipeline's objects, warm up, drive ``phases``; returns
+    (times, run, the deployment's slo_plan or None) with the deployment closed."""
+    t0 = time.perf_counter()
+    dep = make_dep()
+    times = {}
+    try:
+        _put_store(dep, name)
+        times["deploy_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        _warm(dep, name)
+        times["warm_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        run = slo_drive.drive(dep, P.PIPELINES[name]["request"], phases, seed)
+        times["measure_s"] = time.perf_counter() - t2
+        plan = dep.slo_plan
+    finally:
+        t3 = time.perf_counter()
+        dep.close()
+        times["close_s"] = time.perf_counter() - t3
+    times["total_s"] = time.perf_counter() - t0
+    return times, run, plan
 
 
-def drive(dep, rate: float, seconds: float, seed: int = 0) -> tuple[list[float], int]:
-    """Poisson arrivals at ``rate`` for ``seconds``; latencies (ms, from the scheduled time) and
-    the number refused (fk.Overloaded) or failed."""
-    rng = random.Random(seed)
-    lat, failed, lock, done = [], [0], threading.Lock(), threading.Event()
-    pending = [0]
-    start = time.perf_counter()
-    t = 0.0
-    while t < seconds:
-        t += rng.expovariate(rate)
-        delay = start + t - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        scheduled = start + t
+def grid_configs(flow, prof, workers: int, batches, waits, races):
+    """(knobs, flow to deploy) for every combination on ``workers`` workers."""
+    seen = set()
+    for fusion in (True, False):
+        cand = fk.optimize(flow, fusion=fusion, compete=1, batching=True).plan
+        specs = stage_specs(cand, prof)
+        names = tuple(s.name for s in specs)
+        if names in seen:
+            continue   # nothing to fuse: one candidate (as plan_slo)
+        seen.add(names)
+        bopts = [[(s.name, 1, 0.0)] + [(s.name, b, w) for b in batches if 1 < b <= s.max_batch for w in waits]
+                 for s in specs if s.batching]
+        ropts = [[(s.name, k) for k in races if k <= workers] for s in specs if s.high_variance]
+        for bs in itertools.product(*bopts):
+            for rs in itertools.product(*ropts):
+                knobs = Knobs(fusion, tuple(bs), tuple(rs), workers)
+                yield knobs, fk.Flow.from_plan(apply_knobs(cand, knobs), original=flow)
 
-        def finished(fut, scheduled=scheduled):
-            with lock:
-                if fut.exception() is None:
-                    lat.append((time.perf_counter() - scheduled) * 1000)
-                else:
-                    failed[0] += 1
-                pending[0] -= 1
-                if pending[0] == 0:
-                    done.set()
 
-        try:
-            with lock:
-                pending[0] += 1
-            dep.submit({"x": [int(t * 1000)]}).add_done_callback(finished)
-        except fk.Overloaded:
-            with lock:
-                pending[0] -= 1
-                failed[0] += 1
-    with lock:
-        if pending[0] == 0:
-            done.set()
-    done.wait(60)
-    return lat, failed[0]
+def describe(knobs: Knobs) -> str:
+    parts = [f"{knobs.workers}w", "fused" if knobs.fusion else "unfused"]
+    parts += [f"{s} b{b}/{w:g}ms" if b > 1 else f"{s} b1" for s, b, w in knobs.batch]
+    parts += [f"{s} race{k}" for s, k in knobs.race if k > 1]
+    return ", ".join(parts)
+
+
+def grid_best(configs: list[dict], slo: float) -> tuple[dict | None, float, float]:
+    """(best configuration for ``slo``, total search s, search s through the best's workers)."""
+    total = sum(c["times"]["total_s"] for c in configs)
+    held = [c for c in configs if c["by_slo"][slo]["within_slo"] >= 0.99]
+    if not held:
+        return None, total, total
+    best = min(held, key=lambda c: (c["workers"], c["by_slo"][slo]["p99_all_ms"]))
+    to_best = sum(c["times"]["total_s"] for c in configs if c["workers"] <= best["workers"])
+    return best, total, to_best
+
+
+# -- Ray Serve ----------------------------------------------------------------------------------
+def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict:
+    """Ray Serve with autoscaling (benchmarks/slo_ray.py in .venv-peers), warmed up by 50
+    requests one after another, then driven at ``rate`` by benchmarks/loadgen.py (its own process)."""
+    from peers import runner
+
+    if not runner.available():
+        return {"skipped": ".venv-peers is missing (benchmarks/peers/setup.sh)"}
+    tmp = Path(tempfile.mkdtemp(prefix="slo_ray_"))
+    port = runner.free_port()
+    log = open(tmp / "ray.log", "w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(runner.PEERS_PY), str(HERE / "slo_ray.py"), "--port", str(port), "--pipeline", name,
+                             "--max-replicas", str(workers), "--replicas-file", str(tmp / "replicas.json")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 600
+        while True:   # ready once its route is served
+            if proc.poll() is not None:
+                raise RuntimeError(f"slo_ray.py exited with {proc.returncode}; see {log.name}")
+            if time.time() > deadline:
+                raise RuntimeError(f"slo_ray.py not ready within 600 s; see {log.name}")
+            try:
+                status, body = runner._get(port, "/-/routes")
+                if status == 200 and f"/{name}" in json.loads(body):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+        start_s = time.perf_counter() - t0
+        body = tmp / "body.json"
+        body.write_text(json.dumps({"row": {k: v[0] for k, v in P.PIPELINES[name]["request"](1).items()}}))
+        gen = [sys.executable, str(HERE / "loadgen.py"), "--url", f"http://127.0.0.1:{port}/{name}",
+               "--body", str(body)]
+        subprocess.run(gen + ["--closed", "50", "--warmup", "0"], capture_output=True, timeout=300)
+        at = json.loads((tmp / "replicas.json").read_text())[-1][0] if (tmp / "replicas.json").exists() else 0
+        r = subprocess.run(gen + ["--rate", str(rate), "--seconds", str(seconds), "--connections", "64",
+                                  "--timeout", "20"], capture_output=True, text=True, timeout=seconds + 120)
+        lat = np.array([math.nan if x is None else x for x in json.loads(r.stdout)["latencies_ms"]])
+        seen = json.loads((tmp / "replicas.json").read_text()) if (tmp / "replicas.json").exists() else []
+        during = [n for t, n in seen if t >= at and n is not None] or [0]
+        out = {"by_slo": {s: slo_drive.summarize(lat, s) for s in slos}, "start_s": start_s,
+               "workers_mean": float(np.mean(during)), "workers_max": int(max(during))}
+    finally:
+        runner.stop(proc)
+        log.close()
+    shutil.rmtree(tmp, ignore_errors=True)   # (kept, with Ray's log, when it failed)
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------
+def parse_cases(text: str) -> list[tuple[float, float]]:
+    return [tuple(map(float, c.split(":"))) for c in text.split(",") if c]
+
+
+def meta(args) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "args": vars(args),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load": "open-loop Poisson from the client's process (dep.submit); latency from the scheduled time; "
+                    "refused, failed and unanswered requests count as misses"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--cases", default="60:40,60:120,15:40", help="slo_ms:rate, comma separated")
-    ap.add_argument("--workers", type=int, default=2, help="the cluster's workers (the planner's maximum)")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--only", default="cascade,recommender")
+    ap.add_argument("--cases", default="25:30,25:60,25:120,60:30,60:60,60:120", help="slo_ms:rate, comma separated")
+    ap.add_argument("--workers", type=int, default=2, help="W: the most workers any system may use")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds each planned / defaults / Ray case is driven")
+    ap.add_argument("--grid-seconds", type=float, default=5.0, help="seconds each grid configuration is driven")
+    ap.add_argument("--grid-batches", default="1,4,16")
+    ap.add_argument("--grid-waits", default="1,5", help="max_wait_ms values of the grid")
+    ap.add_argument("--no-grid", action="store_true")
+    ap.add_argument("--no-step", action="store_true")
+    ap.add_argument("--step", default="60:30", help="slo_ms:rate of the x3 rate step")
+    ap.add_argument("--step-before", type=float, default=5.0)
+    ap.add_argument("--step-after", type=float, default=15.0)
+    ap.add_argument("--ray", action="store_true", help="also Ray Serve with autoscaling (.venv-peers)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny durations, nothing written to results/")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.grid_seconds = min(args.seconds, 1.5), min(args.grid_seconds, 1.0)
+        args.grid_batches, args.grid_waits = "1,8", "2"
+        args.step_before, args.step_after = min(args.step_before, 2.0), min(args.step_after, 4.0)
+        if args.cases == ap.get_default("cases"):   # loose: a 10-repeat profile on a busy machine has long tails
+            args.cases = "200:40"
+        if args.step == ap.get_default("step"):
+            args.step = "200:20"
+    names = [n for n in args.only.split(",") if n]
+    for n in names:
+        if n not in P.PIPELINES:
+            ap.error(f"--only: no pipeline {n!r} (there are {', '.join(P.PIPELINES)})")
+    cases = parse_cases(args.cases)
+    slos = sorted({s for s, _ in cases})
+    rates = sorted({r for _, r in cases})
+    W = args.workers
+    batches = [int(b) for b in args.grid_batches.split(",")]
+    waits = [float(w) for w in args.grid_waits.split(",")]
+    out: dict = {"meta": meta(args), "pipelines": {}}
+    flows = {n: P.PIPELINES[n]["flow"]() for n in names}
+    profiles, grid, defaults, cluster_s = {}, {n: {r: [] for r in rates} for n in names}, {n: {} for n in names}, {}
     from distributed import Client, LocalCluster
 
-    flow = cascade()
-    out = {"cases": [], "seconds": args.seconds, "date": time.strftime("%Y-%m-%d %H:%M")}
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    started = time.perf_counter()
+    for w in range(1, W + 1):
+        if w not in (1, W) and args.no_grid:
+            continue
         t0 = time.perf_counter()
-        prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 2, 4, 8, 16), repeats=30)
-        out["profile_s"] = time.perf_counter() - t0
-        print(prof.table().to_string(index=False))
-        for case in args.cases.split(","):
-            slo, rate = map(float, case.split(":"))
+        with LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            cluster_s[w] = time.perf_counter() - t0
+            if w == 1:
+                for n in names:
+                    t1 = time.perf_counter()
+                    profiles[n] = fk.profile(flows[n], P.sample(n), cluster=client, batch_sizes=(1, 2, 4, 8, 16),
+                                             repeats=10 if args.quick else 30, store=P.PIPELINES[n]["store"]())
+                    out["pipelines"].setdefault(n, {})["profile_s"] = time.perf_counter() - t1
+                    print(f"== {n}: profiled in {time.perf_counter() - t1:.1f} s")
+                    print(profiles[n].table().to_string(index=False))
+                if not args.no_grid:   # what the grid will cost, before it starts
+                    k = sum(1 for n in names for ww in range(1, W + 1)
+                            for _ in grid_configs(flows[n], profiles[n], ww, batches, waits, (1, 2))) * len(rates)
+                    print(f"== grid: {k} configurations x ({args.grid_seconds:g} s + ~1.5 s to deploy, warm up and "
+                          f"close) = about {k * (args.grid_seconds + 1.5) / 60:.0f} min")
+            if not args.no_grid:
+                for n in names:
+                    for rate in rates:
+                        for knobs, planned in grid_configs(flows[n], profiles[n], w, batches, waits, (1, 2)):
+                            times, run, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False), n,
+                                                    [(args.grid_seconds, rate)])
+                            grid[n][rate].append({"knobs": repr(knobs), "config": describe(knobs), "workers": w,
+                                                  "times": times,
+                                                  "by_slo": {s: run.summary(s) for s in slos}})
+                            s0 = grid[n][rate][-1]["by_slo"][slos[0]]
+                            print(f"   grid {n} @ {rate:g}/s: {describe(knobs)}: p99 {s0['p99_all_ms']:.3g} ms, "
+                                  + ", ".join(f"{g['within_slo']:.1%} within {s:g} ms" for s, g in
+                                              grid[n][rate][-1]["by_slo"].items()) + f" ({times['total_s']:.1f} s)")
+            if w == W:
+                for n in names:
+                    for rate in rates:
+                        times, run, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)])
+                        defaults[n][rate] = {"workers": W, "times": times, "by_slo": {s: run.summary(s) for s in slos}}
+                        print(f"   defaults {n} @ {rate:g}/s on {W} workers: p99 "
+                              f"{defaults[n][rate]['by_slo'][slos[0]]['p99_all_ms']:.3g} ms")
+    out["meta"]["cluster_start_s"] = cluster_s
+
+    for n in names:
+        rows = out["pipelines"][n].setdefault("cases", [])
+        for slo, rate in cases:
             row = {"slo_ms": slo, "rate": rate}
             try:
-                dep = fk.deploy(flow, cluster=client, slo_ms=slo, rate=rate, profile=prof)
-            except fk.SLOUnreachable as e:
-                row["refused"] = str(e)
-                print(f"\n== {slo:g} ms at {rate:g} req/s: refused: {e}")
-                out["cases"].append(row)
-                continue
-            with dep:
-                dep.map([{"x": [i]} for i in range(20)], progress=False)   # warm-up
-                lat, failed = drive(dep, rate, args.seconds)
-                plan = dep.slo_plan
+                times, run, plan = measure(lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n],
+                                                             max_workers=W), n, [(args.seconds, rate)])
                 table = plan.table()
-            lat_a = np.array(lat)
-            row.update(workers=plan.workers, knobs=repr(plan.knobs), planning_s=plan.planning_s,
-                       evaluated=plan.evaluated, predicted_p99_ms=plan.prediction.p99_ms,
-                       measured_p99_ms=float(np.percentile(lat_a, 99)) if len(lat_a) else None,
-                       measured_p50_ms=float(np.percentile(lat_a, 50)) if len(lat_a) else None,
-                       within_slo=float((lat_a <= slo).mean()) if len(lat_a) else 0.0, requests=len(lat),
-                       refused_or_failed=failed, explain=plan.explain(),
-                       stages=table.drop(columns=[c for c in table.columns if c == "utilization"])
-                       .to_dict(orient="records"))
-            print(f"\n== {slo:g} ms at {rate:g} req/s: {plan.workers} workers; predicted p99 "
-                  f"{row['predicted_p99_ms']:.3g} ms, measured (open loop) {row['measured_p99_ms']:.3g} ms; "
-                  f"{row['within_slo']:.1%} within; planned in {plan.planning_s:.2f} s")
-            print("\n".join(plan.explain()))
-            print(table.to_string(index=False))
-            out["cases"].append(row)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "slo.json").write_text(json.dumps(out, indent=1, default=str))
+                s = run.summary(slo)
+                row["planned"] = {
+                    "workers": plan.workers, **run.workers_used(), "knobs": repr(plan.knobs),
+                    "planning_s": plan.planning_s, "evaluated": plan.evaluated, "times": times,
+                    "predicted_p99_ms": plan.prediction.p99_ms, **s,
+                    "p99_error": plan.prediction.p99_ms / s["p99_all_ms"] - 1 if s["p99_all_ms"] else None,
+                    "replans": [str(r) for r in plan.replans], "explain": plan.explain(),
+                    "stages": table.drop(columns=[c for c in table.columns if c == "utilization"]).to_dict("records")}
+            except fk.SLOUnreachable as e:
+                row["planned"] = {"refused": str(e), "holds_rate": e.holds_rate, "best_p99_ms": e.best_p99_ms}
+            if rate in defaults[n]:
+                d = defaults[n][rate]
+                row["defaults"] = {"workers": d["workers"], **d["by_slo"][slo], "times": d["times"]}
+            if not args.no_grid:
+                best, total, to_best = grid_best(grid[n][rate], slo)
+                row["grid"] = {"configs": len(grid[n][rate]), "grid_search_s": total, "grid_search_to_best_s": to_best,
+                               "best": None if best is None else {"config": best["config"], "knobs": best["knobs"],
+                                                                  "workers": best["workers"], **best["by_slo"][slo]}}
+            if args.ray:
+                row["ray"] = ray_for(n, rate, args, slos, W)[slo]
+            row["goals"] = goals(row)
+            rows.append(row)
+            print_case(n, row)
+        if not args.no_grid:
+            out["pipelines"][n]["grid"] = {str(r): cs for r, cs in grid[n].items()}
+        if not args.no_step:
+            out["pipelines"][n]["step"] = step(n, flows[n], profiles[n], args, W)
+    out["meta"]["wall_s"] = time.perf_counter() - started
+    if args.quick:
+        dest = Path(tempfile.gettempdir()) / "slo_quick"
+        print(f"\n(--quick: nothing written to {RESULTS}; the JSON and table are in {dest})")
+    else:
+        dest = RESULTS
+    dest.mkdir(exist_ok=True)
+    (dest / "slo.json").write_text(json.dumps(out, indent=1, default=str))
+    md = markdown(out)
+    (dest / "slo.md").write_text(md)
+    print("\n" + md)
+
+
+_RAY_CACHE: dict = {}
+
+
+def ray_for(name, rate, args, slos, W) -> dict:
+    key = (name, rate)
+    if key not in _RAY_CACHE:
+        try:
+            r = ray_case(name, rate, args.seconds, slos, W)
+        except Exception as e:   # a peer that does not start is reported, not fatal
+            r = {"skipped": f"{type(e).__name__}: {e}"}
+        _RAY_CACHE[key] = r
+    r = _RAY_CACHE[key]
+    return {s: ({"skipped": r["skipped"]} if "skipped" in r else
+                {**r["by_slo"][s], "workers_mean": r["workers_mean"], "workers_max": r["workers_max"],
+                 "start_s": r["start_s"]}) for s in slos}
+
+
+def step(name, flow, prof, args, W) -> dict:
+    slo, rate = parse_cases(args.step)[0]
+    S1, S2 = args.step_before, args.step_after
+    try:
+        times, run, plan = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W), name,
+                                   [(S1, rate), (S2, 3 * rate)])
+    except fk.SLOUnreachable as e:
+        return {"slo_ms": slo, "rate": rate, "refused": str(e)}
+    wins = slo_drive.windows(run, slo)
+    rec = slo_drive.recovery_s(wins, S1, slo)
+    step_wall = run.wall_start + S1
+    out = {"slo_ms": slo, "rate": rate, "after_rate": 3 * rate, "before_s": S1, "after_s": S2,
+           "recovery_s": rec, "before": run.summary(slo, 0, S1), "after": run.summary(slo, S1),
+           "windows": wins, "workers_planned_final": plan.workers, "times": times,
+           "replans": [{"at_s": r.at - step_wall, "reason": r.reason, "changes": [list(map(str, c)) for c in r.changes],
+                        "applied": list(r.applied)} for r in plan.replans]}
+    print(f"\n== {name}: x3 rate step {rate:g} -> {3 * rate:g} req/s at p99 <= {slo:g} ms: "
+          + (f"back within the objective after {rec:.0f} s" if rec is not None else "never back within") +
+          f" ({out['after']['within_slo']:.1%} within after the step)")
+    for w in wins:
+        print(f"   t={w['t'] - S1:+5.0f} s  {w['requests']:4d} req  p99 {w['p99_ms']:8.3g} ms  "
+              f"{w['within_slo']:6.1%} within  workers {w['workers']}")
+    for r in out["replans"]:
+        print(f"   re-plan at {r['at_s']:+.1f} s: {r['reason']}; {'; '.join(r['applied'])}")
+    return out
+
+
+def goals(row) -> dict:
+    p, g = row.get("planned", {}), (row.get("grid") or {}).get("best")
+    if "refused" in p or not p:
+        return {"refused": True}
+    out = {"within_99": p["within_slo"] >= 0.99,
+           "p99_within_20pct": p["p99_error"] is not None and abs(p["p99_error"]) <= 0.2}
+    if g is not None:
+        out["workers_le_grid"] = p["workers_max"] <= g["workers"]
+        out["planning_lt_tenth_grid"] = p["planning_s"] < row["grid"]["grid_search_s"] / 10
+    return out
+
+
+def _f(v, fmt=".3g") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def print_case(name, row) -> None:
+    slo, rate = row["slo_ms"], row["rate"]
+    p = row["planned"]
+    print(f"\n== {name}: p99 <= {slo:g} ms at {rate:g} req/s")
+    if "refused" in p:
+        print(f"   planned: refused: {p['refused']}")
+    else:
+        print(f"   planned: {p['workers']} workers planned (used: mean {p['workers_mean']:.2g}, "
+              f"max {p['workers_max']}); "
+              f"predicted p99 {p['predicted_p99_ms']:.3g} ms, measured {_f(p['p99_all_ms'])} ms; "
+              f"{p['within_slo']:.1%} within; planned in {p['planning_s']:.2f} s")
+    if "defaults" in row:
+        d = row["defaults"]
+        print(f"   defaults: {d['workers']} workers; p99 {_f(d['p99_all_ms'])} ms; {d['within_slo']:.1%} within")
+    if "grid" in row:
+        g = row["grid"]
+        b = g["best"]
+        print(f"   grid: {g['configs']} configurations in {g['grid_search_s']:.1f} s: "
+              + (f"best {b['config']}: p99 {_f(b['p99_all_ms'])} ms, {b['within_slo']:.1%} within" if b else
+                 "none holds 99% within the objective"))
+    if "ray" in row:
+        r = row["ray"]
+        print("   Ray Serve: " + (r["skipped"] if "skipped" in r else
+                                  f"p99 {_f(r['p99_all_ms'])} ms; {r['within_slo']:.1%} within; replicas mean "
+                                  f"{r['workers_mean']:.2g}, max {r['workers_max']}"))
+    print(f"   goals: {row['goals']}")
+
+
+def markdown(out) -> str:
+    m = out["meta"]
+    lines = [f"# benchmarks/slo.py — {m['date']}, commit {str(m['commit'])[:10]}, {m['cpu_count']} cores",
+             "", f"Arguments: `{json.dumps({k: v for k, v in m['args'].items()})}`", "",
+             "| pipeline | objective | rate | system | workers | within objective | p99 (misses: inf) | predicted p99 "
+             "| planning / search s |", "|---|---|---|---|---|---|---|---|---|"]
+    steps = []
+    for n, pipe in out["pipelines"].items():
+        for row in pipe.get("cases", []):
+            head = f"| {n} | {row['slo_ms']:g} ms | {row['rate']:g}/s"
+            p = row["planned"]
+            if "refused" in p:
+                lines.append(f"{head} | planned | refused | | | | |")
+            else:
+                lines.append(f"{head} | planned | {p['workers']} (max {p['workers_max']}) | {p['within_slo']:.1%} | "
+                             f"{_f(p['p99_all_ms'])} | {p['predicted_p99_ms']:.3g} | {p['planning_s']:.2f} "
+                             f"(+ profile {pipe.get('profile_s', 0):.1f}) |")
+            if "defaults" in row:
+                d = row["defaults"]
+                lines.append(f"{head} | defaults | {d['workers']} | {d['within_slo']:.1%} | "
+                             f"{_f(d['p99_all_ms'])} | | |")
+            if "grid" in row:
+                g, b = row["grid"], row["grid"]["best"]
+                lines.append(f"{head} | grid best ({b['config'] if b else '-'}) | {b['workers'] if b else '-'} | "
+                             f"{b['within_slo']:.1%} | {_f(b['p99_all_ms'])} | | {g['grid_search_s']:.1f} "
+                             f"({g['configs']} configs; {g['grid_search_to_best_s']:.1f} to the best's workers) |"
+                             if b else f"{head} | grid best (none holds) | - | | | | {g['grid_search_s']:.1f} |")
+            if "ray" in row:
+                r = row["ray"]
+                lines.append(f"{head} | Ray Serve autoscaling | {r.get('workers_mean', 0):.2g} "
+                             f"(max {r.get('workers_max')}) | "
+                             f"{_f(r.get('within_slo'), '.1%')} | {_f(r.get('p99_all_ms'))} | | |"
+                             if "skipped" not in r else f"{head} | Ray Serve | skipped: {r['skipped']} | | | | |")
+        st = pipe.get("step")
+        if st and "refused" not in st:
+            rec = "never" if st["recovery_s"] is None else f"{st['recovery_s']:.0f} s"
+            steps += [f"- {n}: ×3 rate step {st['rate']:g} → {st['after_rate']:g} req/s "
+                      f"at p99 <= {st['slo_ms']:g} ms: "
+                          f"back within after {rec}; {st['after']['within_slo']:.1%} within after the step; "
+                          f"{len(st['replans'])} re-plans "
+                          + ", ".join(f"{r['at_s']:+.1f} s" for r in st["replans"]) + " from the step"]
+    return "\n".join(lines + ([""] + steps if steps else [])) + "\n"
 
 
 if __name__ == "__main__":

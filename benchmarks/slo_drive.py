@@ -1,0 +1,164 @@
+"""The load of benchmarks/slo.py: open-loop Poisson arrivals sent with ``dep.submit`` from the
+client's process, and the figures taken from them.
+
+Every latency counts from the request's *scheduled* send time (a backlog in the sender or the
+deployment is not hidden). A request refused (``fk.Overloaded``), failed, or unanswered by the
+end is a miss: it stays in the denominator, with latency ``nan`` (``inf`` for percentiles).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import flowkit as fk
+
+
+@dataclass
+class Run:
+    """One drive: per request its scheduled time (s from the start) and latency (ms; nan: a
+    miss), the workers seen (t, count) every half second, and the wall-clock start."""
+
+    sched: np.ndarray
+    lat_ms: np.ndarray
+    refused: int
+    failed: int
+    workers: list = field(default_factory=list)
+    wall_start: float = 0.0
+
+    def summary(self, slo_ms: float | None = None, lo: float = 0.0, hi: float = math.inf) -> dict:
+        keep = (self.sched >= lo) & (self.sched < hi)
+        return summarize(self.lat_ms[keep], slo_ms)
+
+    def workers_used(self) -> dict:
+        counts = [n for _, n in self.workers] or [0]
+        return {"workers_mean": float(np.mean(counts)), "workers_max": int(max(counts))}
+
+
+def p99_all(lat_ms: np.ndarray) -> float:
+    """The p99 over every request, a miss counting as infinitely late (nearest rank)."""
+    if len(lat_ms) == 0:
+        return math.nan
+    v = np.sort(np.where(np.isnan(lat_ms), np.inf, lat_ms))
+    return float(v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)])
+
+
+def summarize(lat_ms: np.ndarray, slo_ms: float | None) -> dict:
+    done = lat_ms[~np.isnan(lat_ms)]
+    out = {"requests": int(len(lat_ms)), "misses": int(np.isnan(lat_ms).sum()),
+           "p50_ms": float(np.percentile(done, 50)) if len(done) else None,
+           "p99_ms": float(np.percentile(done, 99)) if len(done) else None,   # of the answered requests
+           "p99_all_ms": p99_all(lat_ms)}                                      # misses as infinitely late
+    if slo_ms is not None:
+        out["within_slo"] = float((done <= slo_ms).sum() / len(lat_ms)) if len(lat_ms) else 0.0
+    return out
+
+
+def schedule(phases: list[tuple[float, float]], seed: int) -> np.ndarray:
+    """Poisson arrival times for consecutive ``(seconds, rate)`` phases."""
+    rng = random.Random(seed)
+    times, start = [], 0.0
+    for seconds, rate in phases:
+        t = start
+        while True:
+            t += rng.expovariate(rate)
+            if t >= start + seconds:
+                break
+            times.append(t)
+        start += seconds
+    return np.array(times)
+
+
+def drive(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_s: float = 20.0) -> Run:
+    """Send ``request(i)`` at Poisson times over ``phases`` (``[(seconds, rate), ...]``) from this
+    process; wait up to ``drain_s`` after the last for the answers."""
+    sched = schedule(phases, seed)
+    lat = np.full(len(sched), np.nan)
+    refused, failed = [0], [0]
+    lock = threading.Lock()
+    pending = [0]
+    cond = threading.Condition(lock)
+    workers: list = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                workers.append((time.perf_counter() - start, len(dep.workers)))
+            except Exception:
+                pass
+            stop.wait(0.5)
+
+    start = time.perf_counter() + 0.05
+    wall_start = time.time() + 0.05
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    futures = []
+    for i, at in enumerate(sched):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+        def finished(fut, i=i, at=start + at):
+            with lock:
+                if not fut.cancelled() and fut.exception() is None:
+                    lat[i] = (time.perf_counter() - at) * 1000
+                else:
+                    failed[0] += 1
+                pending[0] -= 1
+                cond.notify_all()
+
+        try:
+            with lock:
+                pending[0] += 1
+            fut = dep.submit(request(i))
+        except fk.Overloaded:
+            with lock:
+                pending[0] -= 1
+                refused[0] += 1
+            continue
+        except Exception:
+            with lock:
+                pending[0] -= 1
+                failed[0] += 1
+            continue
+        futures.append(fut)
+        fut.add_done_callback(finished)
+    with cond:   # answers still due: wait for them, up to drain_s
+        cond.wait_for(lambda: pending[0] == 0, drain_s)
+    for f in futures:   # unanswered by now: a miss (nan), and abandoned
+        f.cancel()
+    stop.set()
+    watcher.join(2)
+    with lock:
+        return Run(sched, lat.copy(), refused[0], failed[0], workers, wall_start)
+
+
+def windows(run: Run, slo_ms: float, width: float = 1.0) -> list[dict]:
+    """Per ``width``-second window of scheduled time: requests, p99 (misses as infinitely late),
+    the share within the objective, and the workers seen."""
+    out = []
+    end = float(run.sched[-1]) if len(run.sched) else 0.0
+    t = 0.0
+    while t <= end:
+        s = run.summary(slo_ms, t, t + width)
+        ws = [n for at, n in run.workers if t <= at < t + width]
+        out.append({"t": t, "requests": s["requests"], "p99_ms": s["p99_all_ms"], "within_slo": s["within_slo"],
+                    "workers": max(ws) if ws else None})
+        t += width
+    return out
+
+
+def recovery_s(wins: list[dict], step_at: float, slo_ms: float) -> float | None:
+    """Seconds from ``step_at`` to the start of the first 1-s window after which every window's
+    p99 is within ``slo_ms`` to the end (0: it never left); None: never within the run."""
+    after = [w for w in wins if w["t"] >= step_at - 1e-9 and w["requests"]]
+    for k, w in enumerate(after):
+        if all(x["p99_ms"] <= slo_ms for x in after[k:]):
+            return w["t"] - step_at
+    return None
