@@ -84,13 +84,13 @@ def _watch_the_worker():
     the scheduler were slow to notice a worker die."""
     import distributed.core as core
 
-    import flowkit.runtime.router as router
+    import flowkit.runtime.dial as dial
     import flowkit.runtime.store_worker as store
 
     store.HOLDERS_TTL_S = 3600.0
     if not hasattr(core, "flowkit_dials"):
         dials = core.flowkit_dials = []
-        for module in (core, router):
+        for module in (core, dial):
             def recording(connect):
                 async def recording_connect(addr, timeout=None, **kwargs):
                     dials.append((addr, timeout))

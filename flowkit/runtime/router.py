@@ -13,7 +13,6 @@ the threads it held are free: routing never sends new work to a worker still bus
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -22,15 +21,12 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from distributed.comm import connect
-
 from ..errors import DeploymentClosed, FlowError, NoWorkers, WorkerLost
-from . import framed
 from . import protocol as p
-from .channel import Request, Session
+from .dial import dial
 from .protocol import CANCELLABLE
 from .wire import loads
 
@@ -42,6 +38,106 @@ logger = logging.getLogger("flowkit.router")
 class WorkerGone(WorkerLost):
     """A request for one particular worker could not run there: the worker is unreachable,
     was lost, or is leaving. The sender may run the work elsewhere."""
+
+
+@dataclass(eq=False)
+class Request:
+    kind: str
+    payload: bytes | None
+    future: Future
+    id: int = 0
+    attempts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    workers: list = field(default_factory=list)
+    waited_since: float | None = None
+    target: str | None = None     # a request for one particular worker (not re-routed if it is lost)
+    prefer: str | None = None     # a worker to send it to unless that one is busier than the others
+
+
+class Session:
+    def __init__(self, router: "Router", address: str, comm, nthreads: int):
+        self.router = router
+        self.address = address
+        self.comm = comm
+        self.nthreads = nthreads
+        self.inflight: dict[int, Request] = {}
+        self.abandoned: set[int] = set()   # ids of abandoned requests whose threads are still busy
+        self.lock = asyncio.Lock()
+        self.closed = False     # closed by the router on purpose
+        self.accepting = True   # False once its connection broke or its worker is leaving
+
+    @property
+    def busy(self) -> int:
+        """Requests occupying the worker: in flight, or abandoned but still running there."""
+        return len(self.inflight) + len(self.abandoned)
+
+    @property
+    def load(self) -> float:
+        """Requests occupying the worker, per worker thread."""
+        return self.busy / self.nthreads
+
+    def assign(self, req: Request) -> None:
+        """Count ``req`` against this worker now (so the next routing decision, even in the same
+        pass of the loop, sees it) and send it: at once where the connection can take it without
+        waiting (``framed``'s ``write_now``), else from a task of its own (``send``)."""
+        self.inflight[req.id] = req
+        if not (self.accepting and not req.future.cancelled() and not self.lock.locked() and self._write_now(req)):
+            self.router._spawn(self.send(req))
+
+    def _write_now(self, req: Request) -> bool:
+        """Whether ``req`` is dealt with here: written now, or its connection found broken (the
+        router then sends it again elsewhere, with everything else in flight on it)."""
+        write_now = getattr(self.comm, "write_now", None)
+        if write_now is None:
+            return False
+        try:
+            return write_now(p.encode(p.Call(req.kind, req.id, req.payload)))
+        except Exception:
+            self.router._spawn(self.router._lost(self))
+            return True
+
+    async def send(self, req: Request) -> None:
+        if req.future.cancelled():   # abandoned before it left: it never reaches the worker
+            if self.inflight.get(req.id) is req:
+                del self.inflight[req.id]
+            self.abandoned.discard(req.id)
+            return
+        if self.inflight.get(req.id) is not req:   # its connection broke meanwhile: re-sent elsewhere
+            return
+        if not self.accepting:   # its worker is leaving
+            del self.inflight[req.id]
+            self.router._dispatch(req)
+            return
+        try:
+            async with self.lock:
+                await self.comm.write(p.encode(p.Call(req.kind, req.id, req.payload)))
+        except Exception:
+            await self.router._lost(self)
+
+    async def tell(self, msg) -> None:
+        """Send a protocol message (``Abandon``, ``Close``) that is not answered as a call is."""
+        try:
+            async with self.lock:
+                await self.comm.write(p.encode(msg))
+        except Exception:
+            pass   # a broken connection is noticed by its reader
+
+    async def read_forever(self) -> None:
+        try:
+            while True:
+                msg = p.decode(await self.comm.read())
+                req = self.inflight.pop(msg.id, None)
+                if req is None:   # an abandoned request's last word: its threads are free
+                    self.abandoned.discard(msg.id)
+                    continue
+                if msg.leaving:   # its worker is retiring: no more requests go there
+                    self.router._drain(self, req)
+                else:
+                    self.router._resolve(req, msg)
+                if self.router._close_if_drained(self):   # a leaving worker's last answer
+                    return
+        except Exception:
+            await self.router._lost(self)
 
 
 class Router:
@@ -193,15 +289,9 @@ class Router:
     async def _connect(self, address: str, attempts: int = 20) -> None:
         try:
             for i in range(attempts):
-                try:
-                    comm = await connect(address, timeout=self.connect_timeout, **self.connection_args)
-                    await comm.write({"op": "flowkit_session", "reply": False, **p.encode(p.Hello(self.deployment))})
-                    welcome = p.Welcome(**await comm.read())
-                except Exception as e:
-                    logger.debug("connect to %s failed: %s", address, e)
-                    welcome, comm = p.Welcome(False, error=str(e)), None
+                comm, welcome = await dial(address, self.deployment, self.connection_args, self.connect_timeout,
+                                           self.framed)
                 if welcome.ok:
-                    comm = await self._framed(address, welcome, comm)
                     session = Session(self, address, comm, welcome.nthreads)
                     self.sessions[address] = session
                     self._spawn(session.read_forever())
@@ -210,43 +300,11 @@ class Router:
                     for req in waiting:
                         self._dispatch(req)
                     return
-                if comm is not None:
-                    comm.abort()
                 if "is not set up" not in welcome.error and i >= 2:
                     return  # the worker is gone
                 await asyncio.sleep(min(0.05 * 2 ** i, 1.0))
         finally:
             self.connecting.pop(address, None)
-
-    async def _framed(self, address: str, welcome: p.Welcome, comm):
-        """The session's connection: the worker's framed TCP listener when it has one and this
-        connection is plain TCP (no TLS); else the dask comm it said hello on."""
-        where = welcome.framed
-        if not (where and self.framed and address.startswith("tcp://") and not self.connection_args.get("ssl_context")):
-            return comm
-
-        async def handshake():
-            fast = await framed.connect(*where)
-            try:
-                await fast.write(p.encode(p.Hello(self.deployment)))
-                if p.Welcome(**await fast.read()).ok:
-                    return fast
-            except OSError:
-                pass
-            fast.abort()
-            return None
-
-        try:
-            fast = await asyncio.wait_for(handshake(), 5)   # a filtered port must not stall the session
-            if fast is None:
-                return comm
-        except OSError as e:   # unreachable from here (a firewall, NAT): stay on dask's comm
-            logger.debug("framed session to %s at %s failed: %s", address, where, e)
-            return comm
-        with contextlib.suppress(Exception):
-            await comm.write(p.encode(p.Close()))
-            await comm.close()
-        return fast
 
     def _dispatch(self, req: Request) -> None:
         if req.future.cancelled():

@@ -52,10 +52,13 @@ async def serve_session(worker, comm, deployment: str):
         finally:
             running.pop(call.id, None)
         msg = p.encode(reply)
-        if write_now is not None and not lock.locked() and write_now(msg):
-            return
-        async with lock:
-            await comm.write(msg)
+        try:
+            if write_now is not None and not lock.locked() and write_now(msg):
+                return
+            async with lock:
+                await comm.write(msg)
+        except OSError:   # the client went away (its connection closed): no one to answer
+            pass
 
     try:
         while not comm.closed():
