@@ -362,7 +362,8 @@ def _run_rep(name, mod, reqs, expected, bodies, systems, shared, rep, reps, quic
         with systems[sys_name]() as s:
             if "url" in s:   # every system answers correctly (and warms up)
                 port, path = s["url"].split("//")[1].split("/", 1)
-                client = peers.HTTPSystem(int(port.split(":")[1]), "/" + path, connections=1)
+                # (not timed: a first request may warm a model up on a loaded machine for long)
+                client = peers.HTTPSystem(int(port.split(":")[1]), "/" + path, connections=1, timeout=300)
                 call = client.call
             else:
                 call = s["call"]

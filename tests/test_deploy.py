@@ -387,10 +387,19 @@ def test_cancellations_from_many_threads_and_a_killed_worker_lose_and_leak_nothi
         assert sum(isinstance(y, int) for _, y in answers) >= len(answers) - 6
         assert all(y == 2 * x for x, y in answers if isinstance(y, int))
         wait_until(lambda: not dep._inflight and not dep._router.inflight(),
-                   "every request to leave the in-flight count (an abandoned one once its thread is free)")
+                   lambda: "every request to leave the in-flight count (an abandoned one once its thread is free): "
+                           + _inflight_state(dep))
         assert dep._inflight == 0 and dep._router.inflight() == 0
         assert dep.stats().loc["(end to end)", "cancelled"] == sum(c for _, c in runs) > 0
     client.wait_for_workers(2, timeout=60)
+
+
+def _inflight_state(dep) -> str:
+    """What a deployment still counts in flight, and where (for a failing test's message)."""
+    r = dep._router
+    sessions = {a: (sorted(s.inflight), sorted(s.abandoned)) for a, s in list(r.sessions.items())}
+    draining = [(s.address, sorted(s.inflight), sorted(s.abandoned)) for s in list(r.draining)]
+    return f"client count {dep._inflight}; sessions {sessions}; draining {draining}; waiting {len(r.waiting)}"
 
 
 def _stored_total(row) -> float:

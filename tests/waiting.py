@@ -14,15 +14,16 @@ T = TypeVar("T")
 DEADLINE_S = 60.0
 
 
-def wait_until(predicate: Callable[[], T], what: str = "the condition", timeout: float = DEADLINE_S,
-               interval: float = 0.01) -> T:
+def wait_until(predicate: Callable[[], T], what: str | Callable[[], str] = "the condition",
+               timeout: float = DEADLINE_S, interval: float = 0.01) -> T:
     """Call ``predicate`` until it returns something true and return that; fail the test with
-    ``what`` if it has not within ``timeout`` seconds. Exceptions from ``predicate`` propagate."""
+    ``what`` (or what ``what()`` says then) if it has not within ``timeout`` seconds. Exceptions
+    from ``predicate`` propagate."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}; it never held")
+            raise AssertionError(f"waited {timeout:g} s for {what() if callable(what) else what}; it never held")
         time.sleep(interval)

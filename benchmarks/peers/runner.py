@@ -136,11 +136,11 @@ def encode_row(row: dict) -> dict:
 class HTTPSystem:
     """One HTTP endpoint: ``call(row)`` for closed loop, ``send(row, done)`` for open loop."""
 
-    def __init__(self, port: int, path: str, connections: int = 32):
+    def __init__(self, port: int, path: str, connections: int = 32, timeout: float = 10.0):
         self.port, self.path = port, path
         self.pool: queue.Queue = queue.Queue()
         for _ in range(connections):
-            self.pool.put(http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+            self.pool.put(http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
         self.executor = ThreadPoolExecutor(connections)
 
     def call(self, row: dict) -> dict:
