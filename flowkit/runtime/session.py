@@ -9,6 +9,7 @@ only once the threads it occupied are free, so its client counts the worker busy
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from . import protocol as p
 from .cancel import Token
@@ -46,11 +47,18 @@ async def serve_session(worker, comm, deployment: str):
         except asyncio.CancelledError:   # abandoned: answered once the threads it held are free
             if token is None or not token.is_cancelled:
                 raise
-            if threads:
-                await asyncio.wait([asyncio.wrap_future(f) for f in list(threads)])
-            reply = p.Answer(call.id, ok=False, abandoned=True)
+            when_free(list(threads), lambda: spawn(send(p.Answer(call.id, ok=False, abandoned=True))))
+            return
         finally:
             running.pop(call.id, None)
+        await send(reply)
+
+    def spawn(coro) -> None:   # a task held until it ends (asyncio holds tasks only weakly)
+        t = asyncio.ensure_future(coro)
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    async def send(reply: p.Answer) -> None:
         msg = p.encode(reply)
         try:
             if write_now is not None and not lock.locked() and write_now(msg):
@@ -71,12 +79,36 @@ async def serve_session(worker, comm, deployment: str):
                     token.cancel("the client cancelled this request")
                     task.cancel()
                 continue
-            t = asyncio.ensure_future(answer(msg))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
+            spawn(answer(msg))
     except (OSError, asyncio.CancelledError):
         pass  # the client went away; in-flight answers are dropped with the connection
     finally:
         for t in tasks:
             t.cancel()
     return DONT_REPLY
+
+
+def when_free(work: list, then) -> None:
+    """Call ``then()`` on the running event loop once every future in ``work`` (pool work) is
+    done. Callbacks, not a task awaiting them: nothing that happens to the abandoned call's task
+    afterwards can lose its answer."""
+    loop = asyncio.get_running_loop()
+    left = [f for f in work if not f.done()]
+    if not left:
+        then()
+        return
+    count = [len(left)]
+    lock = threading.Lock()
+
+    def one_done(_) -> None:
+        with lock:
+            count[0] -= 1
+            last = count[0] == 0
+        if last:
+            try:
+                loop.call_soon_threadsafe(then)
+            except RuntimeError:   # the worker's loop is closed: it is going away
+                pass
+
+    for f in left:
+        f.add_done_callback(one_done)
