@@ -130,3 +130,27 @@ def test_the_models_result_names_a_real_model_for_each_random_one(report):
     heavy = next(m for m in mobilenet if m["pipeline"] == "heavy")
     assert heavy["gflops"] == pytest.approx(0.6015, rel=0.01)   # torchvision states 0.301 GMACs at 224
     assert all(m["sized_as"] for m in models)
+
+
+def test_pipeline_tables_take_each_pipeline_from_its_newest_run_by_the_current_harness(report, tmp_path,
+                                                                                       monkeypatch):
+    def run(date, pipelines, reps=True, p50=1.0):
+        rows = [{"pipeline": p, "system": "flowkit optimized, HTTP", "p50_ms": p50, "p99_ms": 2 * p50, "n": 2000,
+                 **({"reps": 3} if reps else {})} for p in pipelines]
+        return {"meta": {"date": date, "commit": "c" * 40}, "closed": rows,
+                "open": [{**r, "rate": 10, "sent": 100, "completed": 100, "within_target": 1.0} for r in rows]}
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "pipelines.json").write_text(json.dumps(run("2026-11-29T01:00", ["cascade", "video"], p50=5.0)))
+    (tmp_path / "pipelines_recommender_video.json").write_text(json.dumps(run("2026-11-30T01:00", ["video", "recommender"])))
+    (tmp_path / "pipelines_heavy.json").write_text(json.dumps(run("2026-11-30T02:00", ["heavy"], reps=False)))   # old harness
+    assert report.pipeline_files() == ("pipelines_recommender_video", "pipelines")
+    used, merged = report._pipelines()
+    assert used == ("pipelines_recommender_video", "pipelines")
+    assert [(r["pipeline"], r["p50_ms"]) for r in merged["closed"]] == [("cascade", 5.0), ("video", 1.0),
+                                                                       ("recommender", 1.0)]
+    assert report.provenance(used).count("*Source:") == 2
+    for name in ("pipelines.json", "pipelines_recommender_video.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(report.Missing):
+        report._pipelines()
