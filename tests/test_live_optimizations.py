@@ -157,6 +157,28 @@ def test_batches_never_exceed_max_batch_even_for_large_requests(client):
     assert max(out.column("n")) <= 8 and out.qids == list(range(20))
 
 
+def batch_size(table) -> list[int]:
+    return [len(table)] * len(table)
+
+
+def test_a_window_shrunk_live_lets_a_larger_queued_request_through_and_bounds_new_batches(client):
+    """A request queued before its batch window shrank below its size still runs (as a batch of
+    its own: it once spun the worker's event loop for ever); new ones respect the new window."""
+    from flowkit.plan import Stage
+
+    flow = fk.Flow("shrink", SCHEMA)
+    flow.map(batch_size, names=["n"], batching=True, max_batch=8, max_wait_ms=600_000)
+    with fk.deploy(flow, cluster=client) as dep:
+        (stage,) = [op.name for op in dep.plan.nodes if isinstance(op, Stage) and op.batching]
+        queued = dep.submit({"x": list(range(6))})   # 6 < 8 rows: it waits for the window (ten minutes)
+        wait_until(lambda: _queued_for_batches(client, dep) == 1, "the request to wait in its batch queue")
+        dep.windows.resize({stage: (2, 0.0)})
+        assert queued.result(60).column("n") == [6] * 6
+        out = dep.run({"x": list(range(5))}, timeout=60)
+        assert max(out.column("n")) <= 2 and out.qids == list(range(5))
+        assert dep.run({"x": [7]}, timeout=60).column("n") == [1]   # no wait: the new window's is 0 ms
+
+
 def test_batching_stage_gives_the_reference_results_with_fused_row_members(client):
     def pre(row) -> int:
         return row["x"] * 2

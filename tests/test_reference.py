@@ -210,6 +210,34 @@ def test_anyof_branches_really_run_concurrently():
     assert len(set(started)) == 2
 
 
+def test_anyof_runs_under_a_running_event_loop_and_tells_the_loser_to_stop():
+    """flow.run in a notebook cell (an event loop already runs in the thread): the first branch
+    wins, and the losing one, still running, is told to stop (fk.cancelled()) once it is over."""
+    import asyncio
+
+    flow = fk.Flow("notebook", SCHEMA)
+    stopped = threading.Event()
+
+    def quick(row) -> str:
+        return "quick"
+
+    def until_told(row) -> str:
+        while not fk.cancelled():
+            if stopped.wait(0.001):   # (never set here: a pause between checks)
+                break
+        stopped.set()
+        return "told"
+
+    flow.map(quick, names=["v"]).anyof(flow.map(until_told, names=["v"]))
+
+    async def cell():
+        asyncio.get_running_loop()   # as in a kernel: a loop runs in this thread
+        return flow.run({"x": [1], "s": ["a"]})
+
+    assert asyncio.run(cell()).column("v") == ["quick"]
+    assert stopped.wait(60), "the losing branch was never told to stop"
+
+
 def test_join_null_keys_never_match_and_duplicates_multiply():
     flow = fk.Flow("keys", {"k": str, "v": int})
     right = flow.map(lambda r: (r["k"], r["v"] * 10), names=["k", "w"])

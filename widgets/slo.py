@@ -11,6 +11,7 @@ the deployment's objective and an **apply** button re-plans the deployment itsel
 from __future__ import annotations
 
 import html
+import math
 
 import ipywidgets as w
 
@@ -60,10 +61,8 @@ class SLOExplorer(w.VBox):
             resources = plan.resources if resources is None else resources
         self.profile = profile
         self.resources = resources or Resources()
-        self.slo = w.FloatLogSlider(value=slo_ms, base=10, min=0, max=4, step=0.01, description="p99 ≤ (ms)",
-                                    continuous_update=False, style={"description_width": "initial"})
-        self.rate = w.FloatLogSlider(value=rate, base=10, min=0, max=4, step=0.01, description="rate (req/s)",
-                                     continuous_update=False, style={"description_width": "initial"})
+        self.slo = _log_slider(slo_ms, "p99 ≤ (ms)")
+        self.rate = _log_slider(rate, "rate (req/s)")
         self.drawing = w.HTML(layout=w.Layout(width="68%", overflow="hidden"))
         self.explain = w.HTML(layout=w.Layout(width="32%", overflow="auto"))
         self.status = w.HTML()
@@ -87,3 +86,11 @@ class SLOExplorer(w.VBox):
         plan = self.dep.set_objective(slo_ms=self.slo.value, rate=self.rate.value)
         self.status.value = f"<p style='font-family:Helvetica,Arial,sans-serif'>{html.escape(plan.explain()[-1])}</p>"
         return plan
+
+
+def _log_slider(value: float, label: str) -> w.FloatLogSlider:
+    """A slider over 1..10^4, widened to hold ``value`` a decade inside (never clamped)."""
+    decade = math.log10(value)
+    return w.FloatLogSlider(value=value, base=10, min=min(0, math.floor(decade) - 1), max=max(4, math.ceil(decade) + 1),
+                            step=0.01, description=label, continuous_update=False,
+                            style={"description_width": "initial"})

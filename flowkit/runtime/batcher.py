@@ -33,7 +33,8 @@ class Batcher:
 
     def resize(self, max_batch: int, max_wait_ms: float) -> None:
         """A new window from now on (a live re-plan: ``windows``); the batch forming now closes
-        by the new rule."""
+        by the new rule. Requests queued before a shrink keep their size (one larger than the
+        new ``max_batch`` forms a batch of its own)."""
         self.max_batch, self.max_wait = max(1, int(max_batch)), max(0.0, max_wait_ms) / 1000
         if self.wakeup is not None:
             self.wakeup.set()
@@ -78,7 +79,8 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             batch, rows = [], 0
-            while self.queue and rows + len(self.queue[0][0]) <= self.max_batch:
+            # (the first request always goes: one queued before the window shrank may be larger)
+            while self.queue and (not batch or rows + len(self.queue[0][0]) <= self.max_batch):
                 item = self.queue.pop(0)
                 if item[1].cancelled():   # its request was abandoned while it waited
                     continue

@@ -239,7 +239,9 @@ class WorkerDeployment:
             self.busy -= 1
 
     async def execute(self, op, inputs, token: Token | None = None):
-        """Run one stage where it belongs (see the class docstring)."""
+        """Run one stage where it belongs (see the class docstring); none of a request abandoned."""
+        if token is not None and token.is_cancelled:
+            raise Cancelled(token.reason)
         if op.name in self.batchers and not (op.is_gpu and not self.has_gpu):   # (a GPU one batches on its GPU)
             return await self.batchers[op.name].submit(inputs[0])
         target = await self.place(op, inputs)
@@ -301,7 +303,9 @@ class _Execution(Demand):
         t0, stats = time.perf_counter(), self.dep.stats[op.name]
         try:
             branch, table = await self.first(op)
-        except Exception:
+        except asyncio.CancelledError:   # the request was abandoned: not a failure of the stage
+            raise
+        except BaseException:
             stats.record(time.perf_counter() - t0, ok=False)
             raise
         stats.count(f"wins {branch}")

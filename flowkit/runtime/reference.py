@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from ..plan import AnyOf, Op, Plan
 from ..table import Table, as_table
-from .cancel import checkpoint
+from .cancel import Token, checkpoint
 from .demand import Demand, run_in_thread, run_to_end
 from .semantics import DictStore, apply
 
@@ -35,5 +35,7 @@ def evaluate(nodes: tuple[Op, ...], env: dict[str, Any], output: str, ctx, apply
             checkpoint()
             env[op.name] = apply(op, [env[i] for i in op.inputs], ctx)
         return env[output]
-    demand = Demand({op.name: op for op in nodes}, env, lambda op, inputs: run_in_thread(apply, op, inputs, ctx))
-    return run_to_end(demand.value(output))
+    token = Token()   # set when the evaluation ends: losing branches stop at their next check
+    demand = Demand({op.name: op for op in nodes}, env,
+                    lambda op, inputs: run_in_thread(apply, op, inputs, ctx, token=token))
+    return run_to_end(demand.value(output), token)

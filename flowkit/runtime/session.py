@@ -30,19 +30,20 @@ async def serve_session(worker, comm, deployment: str):
                                         (listener.host, listener.port) if listener else None)))
     lock = asyncio.Lock()
     tasks: set = set()
-    running: dict = {}   # call id -> (token, task) of work its sender may abandon
+    running: dict = {}   # call id -> (token, task, [started]) of work its sender may abandon
 
     write_now = getattr(comm, "write_now", None)
 
-    async def answer(call: p.Call) -> None:
-        """Run ``call`` in this task and send its answer. An ``Abandon`` cancels the task (one
-        that comes before the task started finds nothing to cancel: the call is answered)."""
-        token = Token() if call.kind in p.CANCELLABLE else None
-        if token is not None:
-            running[call.id] = (token, asyncio.current_task())
+    async def answer(call: p.Call, token: Token | None, started: list) -> None:
+        """Run ``call`` in this task and send its answer. An ``Abandon`` sets ``token`` and, once
+        the task has started (``started``), cancels it; one that came before it started is
+        answered ``abandoned`` at once."""
+        started[0] = True
         threads: set = set()
         request_threads.set(threads)   # the pool threads its work occupies (see executor)
         try:
+            if token is not None and token.is_cancelled:
+                raise asyncio.CancelledError
             reply = await dep.handle(call, token)
         except asyncio.CancelledError:   # abandoned: answered once the threads it held are free
             if token is None or not token.is_cancelled:
@@ -53,10 +54,11 @@ async def serve_session(worker, comm, deployment: str):
             running.pop(call.id, None)
         await send(reply)
 
-    def spawn(coro) -> None:   # a task held until it ends (asyncio holds tasks only weakly)
+    def spawn(coro) -> asyncio.Task:   # a task held until it ends (asyncio holds tasks only weakly)
         t = asyncio.ensure_future(coro)
         tasks.add(t)
         t.add_done_callback(tasks.discard)
+        return t
 
     async def send(reply: p.Answer) -> None:
         msg = p.encode(reply)
@@ -74,12 +76,16 @@ async def serve_session(worker, comm, deployment: str):
             if isinstance(msg, p.Close):
                 break
             if isinstance(msg, p.Abandon):   # the client cancelled a call: stop its work
-                token, task = running.pop(msg.request, (None, None))
+                token, task, started = running.pop(msg.request, (None, None, None))
                 if token is not None:
                     token.cancel("the client cancelled this request")
-                    task.cancel()
+                    if started[0]:   # (a task cancelled before it starts never runs: no answer)
+                        task.cancel()
                 continue
-            spawn(answer(msg))
+            token, started = (Token() if msg.kind in p.CANCELLABLE else None), [False]
+            task = spawn(answer(msg, token, started))
+            if token is not None:
+                running[msg.id] = (token, task, started)
     except (OSError, asyncio.CancelledError):
         pass  # the client went away; in-flight answers are dropped with the connection
     finally:

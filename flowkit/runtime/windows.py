@@ -26,7 +26,7 @@ class BatchWindows:
         self.windows: dict[str, tuple[int, float]] = {}
         self.version = 0
         self.workers: set[str] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()   # (a done callback may run at once, in the thread holding it)
 
     def joined(self, address: str) -> None:
         """A worker that took the deployment: it gets the windows set so far."""
@@ -45,4 +45,10 @@ class BatchWindows:
 
     def _send(self, address: str) -> None:
         fut = self.router.submit("window", dumps((self.version, dict(self.windows))), worker=address)
-        fut.add_done_callback(lambda f: f.exception() and logger.debug("windows for %s: %s", address, f.exception()))
+        fut.add_done_callback(lambda f: f.exception() is not None and self._gone(address, f.exception()))
+
+    def _gone(self, address: str, error: BaseException) -> None:
+        """A worker that could not be told is forgotten (one that comes back joins again)."""
+        logger.debug("windows for %s: %s", address, error)
+        with self.lock:
+            self.workers.discard(address)
