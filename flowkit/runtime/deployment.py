@@ -23,7 +23,7 @@ from ..flow import Flow
 from ..table import Table, as_table
 from .clusters import connect
 from .plugin import DeploymentPlugin, ready_topic
-from .progress import Progress
+from .progress import score_many
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive
 from .stats import StageStats, percentile, stats_frame
@@ -246,46 +246,9 @@ class Deployment:
         still in flight are then cancelled); with ``return_exceptions=True`` the error takes that
         input's place in the results instead."""
         self._check_open("map")
-        inputs = list(inputs)
-        window = max(1, self.max_inflight // 2)
-        futures: list[Future] = []
-        results: list = []
-        bar = Progress(len(inputs), f"{self.name}") if progress else None
-
-        def failed(i: int, e: Exception) -> Exception:
-            if not return_exceptions:
-                e.add_note(f"dep.map: input {i} of {len(inputs)} failed")
-                raise e
-            return e
-
-        def collect() -> None:   # the oldest outstanding input's result
-            i = len(results)
-            try:
-                results.append(futures[i].result(timeout))
-            except Exception as e:
-                results.append(failed(i, e))
-            if bar:
-                bar.update(len(results))
-
-        try:
-            for x in inputs:
-                while len(futures) - len(results) >= window:
-                    collect()
-                try:
-                    futures.append(self.submit(x))
-                except Exception as e:   # refused before it ran (bad input, overloaded)
-                    futures.append(Future())
-                    futures[-1].set_exception(failed(len(futures) - 1, e))
-            while len(results) < len(futures):
-                collect()
-        except BaseException:   # the caller gets no results: the inputs still in flight are abandoned
-            for f in futures[len(results):]:
-                f.cancel()
-            raise
-        finally:
-            if bar:
-                bar.close()
-        return results
+        return score_many(self.submit, list(inputs), window=max(1, self.max_inflight // 2),
+                          progress=self.name if progress else None, timeout=timeout,
+                          return_exceptions=return_exceptions)
 
     # -- scaling ----------------------------------------------------------------------------
     def adapt(self, minimum: int = 1, maximum: int | None = None, *, interval: float = 0.5, wait_count: int = 6):
