@@ -106,20 +106,25 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     return {"rate": rate, "sent": len(schedule), "latencies_ms": [None if x is None else x * 1000 for x in latencies]}
 
 
-def main() -> None:
+def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> None:
+    """The command line: ``body_option`` names the file holding what to send, ``endpoint(url,
+    file, timeout)`` makes the ``Endpoint`` from it (default: one body, sent every time)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
-    ap.add_argument("--body", required=True, help="a file holding the request body")
+    ap.add_argument(body_option, required=True, dest="body_file", help="the file holding the request body(ies)")
     ap.add_argument("--closed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--rate", type=float, default=0)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=128)
-    ap.add_argument("--timeout", type=float, default=30)
+    ap.add_argument("--timeout", type=float, default=timeout)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    with open(a.body, "rb") as f:
-        ep = Endpoint(a.url, f.read(), a.timeout)
+    if endpoint is None:
+        with open(a.body_file, "rb") as f:
+            ep = Endpoint(a.url, f.read(), a.timeout)
+    else:
+        ep = endpoint(a.url, a.body_file, a.timeout)
     out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed)
     json.dump(out, sys.stdout)
 

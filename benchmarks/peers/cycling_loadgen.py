@@ -34,26 +34,9 @@ class CyclingEndpoint(loadgen.Endpoint):
         pass
 
 
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True)
-    ap.add_argument("--bodies", required=True)
-    ap.add_argument("--closed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--rate", type=float, default=0)
-    ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--connections", type=int, default=128)
-    ap.add_argument("--timeout", type=float, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    bodies = [b.encode() for b in json.loads(Path(a.bodies).read_text())]
-    ep = CyclingEndpoint(a.url, bodies, a.timeout)
-    out = (loadgen.closed_loop(ep, a.closed, a.warmup) if a.closed
-           else loadgen.open_loop(ep, a.rate, a.seconds, a.connections, a.seed))
-    json.dump(out, sys.stdout)
+def cycling(url: str, bodies_file: str, timeout: float) -> CyclingEndpoint:
+    return CyclingEndpoint(url, [b.encode() for b in json.loads(Path(bodies_file).read_text())], timeout)
 
 
 if __name__ == "__main__":
-    main()
+    loadgen.main("--bodies", cycling, timeout=10)
