@@ -271,7 +271,7 @@ def flowkit_group(name: str, mod, reqs: list, shared: SharedCluster):
             # tune_malloc: as flowkit does on clusters it starts (see http_vs_fastapi.py)
             with fk.deploy(mod.flow(), cluster=client, optimize=optimize, tune_malloc=True) as dep:
                 for k, v in store.items():
-                    dep.put(k, v)
+                    dep.put(k, v, broadcast=True)   # as every peer process loads the whole store
                 if not http:
                     yield {"call": lambda r: dep.run([r]).records()[0], "procs": _this_tree()}
                     return
@@ -282,7 +282,7 @@ def flowkit_group(name: str, mod, reqs: list, shared: SharedCluster):
     @contextlib.contextmanager
     def dask():
         client = shared.get()
-        stored = {k: client.scatter(v, hash=False) for k, v in store.items()}
+        stored = {k: client.scatter(v, hash=False, broadcast=True) for k, v in store.items()}
         yield {"call": lambda r: mod.dask_pipeline(client, r, stored).result(), "procs": _this_tree()}
 
     return {"in-process floor": floor, "flowkit optimized": deployment(mod.RULES or True, False),

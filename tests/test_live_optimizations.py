@@ -249,6 +249,85 @@ def test_a_request_keyed_by_an_input_column_starts_where_its_object_lives(client
     assert sent == {"keyed": 0, "computed": sent["computed"]} and sent["computed"] > 0
 
 
+def test_many_requests_crossing_between_workers_at_once_all_finish(client):
+    """A computed key's request waits in one of its worker's threads while its lookup stage runs
+    on the other worker; with requests crossing both ways and far more of them than threads,
+    neither worker may end up with every thread waiting for the other."""
+    flow = fk.Flow("crossing", {"key": str})
+    flow.map(_same_key, names=["key"]).lookup("key", dynamic=True).map(_total, names=["total"])
+    with fk.deploy(flow, cluster=client) as dep:
+        for i in range(6):
+            dep.put(f"k{i}", np.full(1000, float(i)))
+        assert len({w for ws in client.who_has().values() for w in ws}) == 2   # objects on both workers
+        keys = np.random.default_rng(0).integers(0, 6, 200)   # (not in step with the router's turns)
+        futures = [dep.submit({"key": [f"k{k}"]}) for k in keys]
+        assert [f.result(timeout=120).column("total") for f in futures] == [[1000.0 * k] for k in keys]
+        stats = dep.stats()
+        assert _count(stats.loc[stats["stage"].str.startswith("lookup_key")].iloc[0], "sent to another worker") > 0
+
+
+def _key_and_mark(row) -> tuple[str, str]:
+    return row["key"], row["mark"]
+
+
+def _until_cancelled(row) -> float:
+    """Runs until its request is cancelled (with a mark to write), or returns at once (without)."""
+    if not row["mark"]:
+        return float(row["key_value"].sum())
+    with open(row["mark"], "a") as f:
+        f.write("x")   # running
+    deadline = time.monotonic() + 60
+    while not fk.cancelled() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return float(row["key_value"].sum())
+
+
+def test_abandoned_requests_stop_their_stages_here_and_on_the_other_worker(client, tmp_path):
+    """Requests whose lookup stage runs where they landed and requests whose stage runs on the
+    other worker (while their thread waits for it): abandoning them stops every stage."""
+    flow = fk.Flow("abandon_crossing", {"key": str, "mark": str})
+    flow.map(_key_and_mark, names=["key", "mark"]).lookup("key", dynamic=True).map(_until_cancelled, names=["total"])
+    mark = str(tmp_path / "running")
+    with fk.deploy(flow, cluster=client) as dep:
+        for i in range(2):
+            dep.put(f"k{i}", np.full(10, float(i)))
+        assert len({w for ws in client.who_has().values() for w in ws}) == 2   # one object on each worker
+        futures = [dep.submit({"key": [k], "mark": [mark]}) for k in ("k0", "k0", "k1", "k1")]
+        wait_until(lambda: os.path.exists(mark) and len(open(mark).read()) == 4, "all four stages to run")
+        assert all(f.cancel() for f in futures)
+
+        def stage_counts():
+            stats = dep.stats()
+            return stats.loc[stats["stage"].str.startswith("lookup_key")].iloc[0]
+
+        wait_until(lambda: _count(stage_counts(), "cancelled") == 4,
+                   lambda: f"every stage to stop (stats: {stage_counts().to_dict()})")
+        assert _count(stage_counts(), "sent to another worker") >= 1   # (requests land on both, objects too)
+
+        def working(dask_worker, deployment=dep.id):
+            return len(dask_worker._flowkit[deployment].working)
+
+        wait_until(lambda: sum(client.run(working).values()) == 0, "no thread to stay held")
+        assert dep.run({"key": ["k1"], "mark": [""]}, timeout=30).column("total") == [10.0]   # serving on
+
+
+def test_objects_put_with_broadcast_are_read_locally_everywhere(client):
+    flow = fk.Flow("broadcast", {"key": str})
+    flow.map(_same_key, names=["key"]).lookup("key", dynamic=True).map(_total, names=["total"])
+    with fk.deploy(flow, cluster=client) as dep:
+        for i in range(6):
+            dep.put(f"k{i}", np.full(1000, float(i)), broadcast=True)
+        assert all(len(holders) == 2 for holders in client.who_has().values())
+        for n in range(24):
+            assert dep.run({"key": [f"k{n % 6}"]}, timeout=30).column("total") == [1000.0 * (n % 6)]
+        dep.put("k0", np.full(1000, 7.0), broadcast=True)   # stored again: every copy replaced
+        assert [dep.run({"key": ["k0"]}, timeout=30).column("total") for _ in range(6)] == [[7000.0]] * 6
+        stats = dep.stats()
+        lookup = stats.loc[stats["stage"].str.startswith("lookup_key")].iloc[0]
+        assert _count(lookup, "sent to another worker") == 0
+        assert _count(lookup, "local lookups") == 30 and _count(lookup, "remote lookups") == 0
+
+
 def test_fast_remote_lookups_never_block_the_worker(client):
     """Many fast requests without locality: the worker would start running the plan on its own
     event loop, where a remote lookup (which waits on that loop) would hang it for good."""

@@ -7,9 +7,11 @@ of work runs under a ``Token``; executors check it between operators and between
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import CancelledError
 
-__all__ = ["Token", "Cancelled", "cancelled", "checkpoint", "running_under"]
+__all__ = ["Token", "Cancelled", "cancelled", "checkpoint", "running_under", "wait_from_thread"]
 
 _local = threading.local()
 
@@ -67,3 +69,17 @@ def checkpoint() -> None:
     token = getattr(_local, "token", None)
     if token is not None and token.event.is_set():
         raise Cancelled(token.reason or "cancelled")
+
+
+def wait_from_thread(loop: asyncio.AbstractEventLoop, coro, pending: set):
+    """``coro``'s result, run on the event ``loop`` and waited for in this (another) thread;
+    ``pending`` holds its future meanwhile, for whoever abandons the work to cancel it (this then
+    raises ``Cancelled``)."""
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    pending.add(fut)
+    try:
+        return fut.result()
+    except CancelledError:
+        raise Cancelled("the request was cancelled") from None
+    finally:
+        pending.discard(fut)

@@ -277,19 +277,22 @@ class Deployment:
                     p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
 
     # -- store ------------------------------------------------------------------------------
-    def put(self, key: Any, obj: Any, *, restore: bool = True) -> None:
+    def put(self, key: Any, obj: Any, *, restore: bool = True, broadcast: bool = False) -> None:
         """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data.
 
-        It lives in one worker's memory. With ``restore`` (the default) the deployment keeps a
-        reference to ``obj`` and stores it again if that worker dies (dask cannot recompute
-        scattered data); ``restore=False`` keeps no reference here. See ``store_client``."""
+        It lives in one worker's memory, or with ``broadcast`` in every worker's (dask's
+        ``scatter(broadcast=True)``: each lookup of it is local, at the cost of a copy per
+        worker; a worker that joins later reads it from one that holds it). With ``restore``
+        (the default) the deployment keeps a reference to ``obj`` and stores it again if it is
+        lost with its workers (dask cannot recompute scattered data); ``restore=False`` keeps no
+        reference here. See ``store_client``."""
         self._check_open("put")
         try:
             hash(key)
         except TypeError:
             raise FlowError(f"dep.put: a key must be hashable (a str, a number, a tuple ...), not "
                             f"{type(key).__name__}") from None
-        self._stored.put(key, obj, restore)
+        self._stored.put(key, obj, restore, broadcast)
 
     # -- observability ----------------------------------------------------------------------
     def stats(self):

@@ -23,7 +23,7 @@ from . import protocol as p
 from . import racing
 from .batcher import Batcher
 from .demand import Demand, retrieved
-from .cancel import Cancelled, Token, running_under
+from .cancel import Cancelled, Token, running_under, wait_from_thread
 from .ingress import http_counts, serve_http, unserve_http
 from .compat import worker_resources, worker_threads
 from .peers import Peers
@@ -31,7 +31,7 @@ from .router import WorkerGone
 from .reference import evaluate
 from .semantics import apply, callable_for, run_batched
 from .stats import SERVED, STORE, StageStats
-from .store_worker import RequestStore, WorkerStore, store_key
+from .store_worker import RequestStore, WorkerStore, holder_of_most, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
 __all__ = ["WorkerDeployment", "request_threads"]
@@ -47,7 +47,8 @@ class WorkerDeployment:
     """One deployment's plan on one worker: its threads, batchers, peers and statistics.
 
     A request runs here stage by stage. A plan with nothing to place or race runs in one hop to
-    the deployment's threads. Otherwise each stage is placed: a batching stage joins this
+    the deployment's threads; so does one whose only placed stages are ``lookup_split`` ones
+    (the thread waits for such a stage run elsewhere). Otherwise each stage is placed: a batching stage joins this
     worker's batch queue; a ``lookup_split`` stage goes to the worker holding most of its keys;
     a GPU stage goes to a worker with a ``GPU`` resource when this one has none; replicas of a
     high-variance stage run on distinct workers, the first result wins and the others are
@@ -65,6 +66,10 @@ class WorkerDeployment:
         self.served = StageStats()   # requests this worker's own HTTP endpoint served, end to end
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
+        # whether only lookup_split stages are placed: then a request runs in one of the threads,
+        # which waits for a stage that belongs on another worker (see _run_placed)
+        self.one_thread = not self.simple and not any(isinstance(op, AnyOf) or op.is_gpu or
+                                                      (isinstance(op, Stage) and op.batching) for op in self.ops)
         threads = self.threads = max(1, worker_threads(worker))
         self.busy = 0     # stage executions running or queued in this deployment's threads
         self.racing = 0   # races this worker is coordinating
@@ -72,6 +77,11 @@ class WorkerDeployment:
         self.hedges_held = {op.name: 0 for op in self.ops if isinstance(op, AnyOf)}
         # Racing replicas, remote stages and batches must not queue behind each other.
         self.pool = ThreadPoolExecutor(threads if self.simple else threads * 8, thread_name_prefix=f"flowkit-{deployment}")
+        # A one_thread request may wait in its thread for a stage on another worker; such stages
+        # run in ``pool``, whose threads never wait for another worker: two workers' requests
+        # cannot end up waiting for each other's threads.
+        self.requests = ThreadPoolExecutor(threads * 8, thread_name_prefix=f"flowkit-{deployment}-requests") \
+            if self.one_thread else self.pool
         self.store = WorkerStore(deployment, worker)
         self._peers: Peers | None = None
         self.working: set = set()   # pool work submitted and not finished (abandoned requests' included)
@@ -140,7 +150,8 @@ class WorkerDeployment:
             b.close()
         if self._peers is not None:
             self._peers.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in {self.pool, self.requests}:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the session protocol ----------------------------------------------------------------
     async def handle(self, call: p.Call, token: Token | None = None) -> p.Answer:
@@ -191,13 +202,22 @@ class WorkerDeployment:
     async def run(self, table, token: Token | None = None):
         if self.simple:
             return await self.in_thread(self._run_all, table, token)
+        if self.one_thread:
+            elsewhere: set = set()   # the stage running on another worker for this request, if any
+            try:
+                return await self.in_thread(self._run_placed, table, token, asyncio.get_running_loop(), elsewhere,
+                                            pool=self.requests)
+            except asyncio.CancelledError:   # abandoned: so is that stage (the thread stops at its token)
+                for fut in list(elsewhere):
+                    fut.cancel()
+                raise
         return await _Execution(self, table, token).value(self.plan.output)
 
-    async def in_thread(self, fn, *args):
-        """``fn(*args)`` in the deployment's threads, counted among the threads its request holds
-        (see ``session``): user code never runs on the worker's event loop, whose other sessions,
-        deployments and heartbeats it would hold up for as long as it ran."""
-        work = self.pool.submit(fn, *args)
+    async def in_thread(self, fn, *args, pool: ThreadPoolExecutor | None = None):
+        """``fn(*args)`` in the deployment's threads (``pool``), counted among the threads its
+        request holds (see ``session``): user code never runs on the worker's event loop, whose
+        other sessions, deployments and heartbeats it would hold up for as long as it ran."""
+        work = (pool or self.pool).submit(fn, *args)
         self.working.add(work)
         work.add_done_callback(self.working.discard)
         held = request_threads.get(None)
@@ -210,6 +230,25 @@ class WorkerDeployment:
         """The whole plan in this thread, by the reference executor's own evaluation."""
         return evaluate(self.ops, {self.source: table}, self.plan.output, RequestStore(self.store),
                         apply=lambda op, inputs, ctx: self.apply(op, inputs, ctx, token))
+
+    def _run_placed(self, table, token: Token | None, loop, elsewhere: set):
+        """The whole plan in this thread, like ``_run_all``, except that a ``lookup_split`` stage
+        whose keys another worker holds runs there (one hop for the request, not one per stage):
+        this thread waits for it, and runs it here after all when that worker has gone."""
+        def apply(op, inputs, ctx):
+            dkeys = self._stored_keys(op, inputs)
+            if dkeys:
+                holders = self.store.known_holders(dkeys) or wait_from_thread(loop, self.store.holders(dkeys), elsewhere)
+                target = holder_of_most(holders.values(), self.worker.address)
+                if target is not None:
+                    self.stats[op.name].count("sent to another worker")
+                    try:
+                        return wait_from_thread(loop, self.remote(target, op, inputs), elsewhere)
+                    except WorkerGone:
+                        pass
+            return self.apply(op, inputs, ctx, token)
+
+        return evaluate(self.ops, {self.source: table}, self.plan.output, RequestStore(self.store), apply=apply)
 
     def apply(self, op, inputs, ctx, token: Token | None = None, batched: bool = False):
         """``op`` over ``inputs`` (with ``batched``: a batching stage over several requests' tables,
@@ -255,23 +294,21 @@ class WorkerDeployment:
 
     async def place(self, op, inputs) -> str | None:
         """The worker that should run ``op`` (None: this one)."""
-        if isinstance(op, Stage) and op.lookup_split and inputs and isinstance(inputs[0], Table):
-            lookup = op.members[0]
-            keys = {k for k in inputs[0].column(lookup.key) if k is not None}
-            if not keys:
-                return None
-            counts: dict[str, int] = {}
-            for holders in (await self.store.holders([store_key(self.id, k) for k in keys])).values():
-                for w in holders:
-                    counts[w] = counts.get(w, 0) + 1
-            if not counts or counts.get(self.worker.address, 0) == max(counts.values()):
-                return None
-            return max(counts, key=counts.get)
+        dkeys = self._stored_keys(op, inputs)
+        if dkeys:
+            return holder_of_most((await self.store.holders(dkeys)).values(), self.worker.address)
         if op.is_gpu and not self.has_gpu:
             gpus = [a for a, w in (await self.peers.workers()).items()
                     if (w.get("resources") or {}).get("GPU", 0) > 0 and a != self.worker.address]
             return gpus[0] if gpus else None
         return None
+
+    def _stored_keys(self, op, inputs) -> list[str]:
+        """The dask keys of the stored objects a ``lookup_split`` stage reads (none for another stage)."""
+        if not (isinstance(op, Stage) and op.lookup_split and inputs and isinstance(inputs[0], Table)):
+            return []
+        keys = {k for k in inputs[0].column(op.members[0].key) if k is not None}
+        return [store_key(self.id, k) for k in keys]
 
     async def remote(self, target: str, op, inputs):
         """Run ``op`` on worker ``target``. Cancelling this (a lost race, an abandoned request)

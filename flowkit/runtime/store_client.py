@@ -75,6 +75,7 @@ class StoredObjects:
         self.route_by = route_by      # the input column requests are routed by, if any
         self.futures: dict[Any, Any] = {}   # key -> the dask future holding it
         self.kept: dict[Any, Any] = {}      # key -> the object, to store again if its worker dies
+        self.broadcast: dict[Any, bool] = {}   # key -> whether every worker holds it
         self.where: dict[Any, str] = {}     # key -> a worker holding it (for routing)
         self._where_at = 0.0
         self._routed = False                # whether requests were routed since the last ask
@@ -85,7 +86,7 @@ class StoredObjects:
     def __len__(self) -> int:
         return len(self.futures)
 
-    def put(self, key: Any, obj: Any, restore: bool = True) -> None:
+    def put(self, key: Any, obj: Any, restore: bool = True, broadcast: bool = False) -> None:
         self._check_sendable(key, obj)
         dkey = store_key(self.deployment, key)
         old = self.futures.pop(key, None)
@@ -97,8 +98,9 @@ class StoredObjects:
             while task_known(self.client, dkey) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.router.broadcast("forget", dumps(key))
-        self.futures[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
+        self.futures[key] = self.client.scatter({dkey: obj}, hash=False, broadcast=broadcast)[dkey]
         self.kept[key] = obj if restore else None
+        self.broadcast[key] = broadcast
         if self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"flowkit-stored-{self.deployment}")
             self._watcher.start()
@@ -173,7 +175,7 @@ class StoredObjects:
         the new one exists, so the client never tells the scheduler it no longer wants the key (a
         release racing the new data to the scheduler would drop it)."""
         dkey = store_key(self.deployment, key)
-        new = self.client.scatter({dkey: self.kept[key]}, hash=False)[dkey]
+        new = self.client.scatter({dkey: self.kept[key]}, hash=False, broadcast=self.broadcast[key])[dkey]
         lost, self.futures[key] = self.futures[key], new
         lost.release()
         self.router.broadcast("forget", dumps(key))
@@ -189,3 +191,4 @@ class StoredObjects:
                 pass
         self.futures.clear()
         self.kept.clear()
+        self.broadcast.clear()

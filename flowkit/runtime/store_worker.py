@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from .compat import fetch_data, on_worker_removed, run_on_worker_loop, scheduler_who_has, stored_data
 from .stats import StageStats
 
-__all__ = ["WorkerStore", "RequestStore", "store_key", "removed_workers"]
+__all__ = ["WorkerStore", "RequestStore", "holder_of_most", "store_key", "removed_workers"]
 
 FETCH_TIMEOUT_S = 60.0
 HOLDERS_TTL_S = 1.0
@@ -32,6 +32,26 @@ CONNECT_TIMEOUT_S = 2.0   # dialling a holder (with dask's default, 30 s, a dead
 def store_key(deployment: str, key: Any) -> str:
     """The dask key under which ``dep.put(key, obj)`` holds ``obj``."""
     return f"flowkit-store/{deployment}/{key!r}"
+
+
+def holder_of_most(holders: Iterable[list[str]], me: str) -> str | None:
+    """The worker holding the most of a stage's stored objects (``holders``: each object's
+    holders), or None when that is ``me`` (as much as any other) or nobody holds them.
+
+    >>> holder_of_most([["a"], ["b"], ["b"]], "a")
+    'b'
+    >>> holder_of_most([["a", "b"], ["a"], ["b"]], "a") is None   # as many here as there: run here
+    True
+    >>> holder_of_most([[], []], "a") is None   # nobody holds them (lost): run here, the lookup says so
+    True
+    """
+    counts: dict[str, int] = {}
+    for held_by in holders:
+        for w in held_by:
+            counts[w] = counts.get(w, 0) + 1
+    if not counts or counts.get(me, 0) == max(counts.values()):
+        return None
+    return max(counts, key=counts.get)
 
 
 def removed_workers(worker) -> dict[str, float]:
@@ -66,6 +86,13 @@ class WorkerStore:
             who = await scheduler_who_has(self.worker, missing)
             for k in missing:
                 self._holders[k] = (now, list(who.get(k, [])))
+        return {k: self._holders[k][1] for k in dkeys}
+
+    def known_holders(self, dkeys: list[str]) -> dict[str, list] | None:
+        """``holders(dkeys)`` without asking the scheduler: None unless every answer is fresh."""
+        now = time.monotonic()
+        if any(self._outdated(k, now) for k in dkeys):
+            return None
         return {k: self._holders[k][1] for k in dkeys}
 
     def _outdated(self, dkey: str, now: float) -> bool:
