@@ -18,6 +18,7 @@ import http.client
 import json
 import queue
 import random
+import select
 import socket
 import sys
 import threading
@@ -45,7 +46,15 @@ class Endpoint:
         return Connection(self.host, self.port, timeout=self.timeout)
 
     def send(self, conn) -> tuple[bool, http.client.HTTPConnection]:
-        """One request on ``conn``: whether it got a 200, and the connection to use next."""
+        """One request on ``conn``: whether it got a 200, and the connection to use next.
+
+        A keep-alive connection the server closed while it sat idle (uvicorn closes one after 5 s,
+        which at a low open-loop rate over many connections is most of them) is replaced before
+        the request, as urllib3's pool does (``is_connection_dropped``): that is not the
+        request's failure."""
+        if conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:   # readable while idle: closed
+            conn.close()
+            conn = self.connect()
         try:
             conn.request("POST", self.path, self.body, {"Content-Type": "application/json"})
             r = conn.getresponse()

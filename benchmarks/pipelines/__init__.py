@@ -8,3 +8,12 @@ Each module defines the stages as plain functions (``stages``), a flowkit flow b
 
 PIPELINES = ("cascade", "video", "translation", "recommender")
 EXTRA = ("heavy",)   # MobileNetV2 at 224x224 with batching: where compute dominates
+
+
+def once(instances: dict, name: str, make):
+    """``instances[name]``, made by ``make()`` on first use: a floor builds each model once per
+    process, as flowkit does (``dict.setdefault`` would build one per call to throw away)."""
+    found = instances.get(name)
+    if found is None:
+        found = instances[name] = make()
+    return found

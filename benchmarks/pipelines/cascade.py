@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import once
+
 from flowkit.imagenet import CATEGORIES, MEAN, STD
 
 SIZE = 96
@@ -80,17 +82,17 @@ def store() -> dict:
     return {}
 
 
-_models: dict = {}
+_models: dict = {}   # this process's instances (see pipelines.once)
 
 
 def floor(row: dict, store: dict) -> dict:
     """All stages called in one process (the floor)."""
-    small = _models.setdefault("small", MobileNet())
+    small = once(_models, "small", MobileNet)
     x = preprocess(row)
     label, conf = small({"x": x})
     r = {"label": label, "conf": conf, "label2": None, "conf2": None}
     if conf < THRESHOLD:
-        r["label2"], r["conf2"] = _models.setdefault("large", LargeCNN())({"x": x})
+        r["label2"], r["conf2"] = once(_models, "large", LargeCNN)({"x": x})
     label, conf = pick(r)
     return {"label": label, "conf": conf}
 

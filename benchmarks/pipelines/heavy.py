@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import once
+
 from flowkit.imagenet import CATEGORIES, MEAN, STD
 
 SIZE = 224
@@ -64,18 +66,18 @@ def store() -> dict:
     return {}
 
 
-_models: dict = {}
+_models: dict = {}   # this process's instances (see pipelines.once)
 
 
 def floor(row: dict, store: dict) -> dict:
     """All stages called in one process (the floor), one request at a time."""
-    label, conf = _models.setdefault("m", MobileNet224())([{"x": preprocess(row)}])[0]
+    label, conf = once(_models, "m", MobileNet224)([{"x": preprocess(row)}])[0]
     return {"label": label, "conf": conf}
 
 
 def floor_batch(rows: list[dict], store: dict) -> list[dict]:
     """The floor for peers that batch (LitServe, Ray's ``@serve.batch``, Triton): one forward pass."""
-    out = _models.setdefault("m", MobileNet224())([{"x": preprocess(r)} for r in rows])
+    out = once(_models, "m", MobileNet224)([{"x": preprocess(r)} for r in rows])
     return [{"label": label, "conf": conf} for label, conf in out]
 
 

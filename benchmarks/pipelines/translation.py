@@ -7,6 +7,8 @@ import zlib
 
 import numpy as np
 
+from . import once
+
 try:   # flowkit's cooperative cancellation (peers' environments run these stages without flowkit)
     from flowkit import cancelled as _cancelled
 except ImportError:
@@ -88,13 +90,13 @@ def store() -> dict:
     return {}
 
 
-_models: dict = {}
+_models: dict = {}   # this process's instances (see pipelines.once)
 
 
 def floor(row: dict, store: dict) -> dict:
-    lang, ids = _models.setdefault("lang", LanguageClassifier())(row)
+    lang, ids = once(_models, "lang", LanguageClassifier)(row)
     out = {"fr": None, "de": None}
-    model = _models.setdefault(lang, TranslateFr() if lang == "fr" else TranslateDe())
+    model = once(_models, lang, TranslateFr if lang == "fr" else TranslateDe)
     out[lang] = model({"ids": ids})
     return out
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import once
+
 FRAMES, SIZE = 30, 32
 PERSON, CAR = 0, 1
 TARGET_MS = 250.0
@@ -88,18 +90,18 @@ def store() -> dict:
     return {}
 
 
-_models: dict = {}
+_models: dict = {}   # this process's instances (see pipelines.once)
 
 
 def floor(row: dict, store: dict) -> dict:
     frames = decode(row)
-    persons, cars, classes = _models.setdefault("det", Detector())({"frames": frames})
+    persons, cars, classes = once(_models, "det", Detector)({"frames": frames})
     r = {"frames": frames, "classes": classes}
     out = {"person_label": None, "car_label": None}
     if persons:
-        out["person_label"] = _models.setdefault("p", PersonClassifier())(r)
+        out["person_label"] = once(_models, "p", PersonClassifier)(r)
     if cars:
-        out["car_label"] = _models.setdefault("c", CarClassifier())(r)
+        out["car_label"] = once(_models, "c", CarClassifier)(r)
     return out
 
 
