@@ -311,13 +311,21 @@ def test_abandoned_requests_stop_their_stages_here_and_on_the_other_worker(clien
         assert dep.run({"key": ["k1"], "mark": [""]}, timeout=30).column("total") == [10.0]   # serving on
 
 
+def _copies(client, dep) -> dict:
+    """How many objects put with broadcast each worker holds a copy of."""
+    def copies(dask_worker, deployment=dep.id):
+        return len(dask_worker._flowkit[deployment].store.copies)
+
+    return client.run(copies)
+
+
 def test_objects_put_with_broadcast_are_read_locally_everywhere(client):
     flow = fk.Flow("broadcast", {"key": str})
     flow.map(_same_key, names=["key"]).lookup("key", dynamic=True).map(_total, names=["total"])
     with fk.deploy(flow, cluster=client) as dep:
         for i in range(6):
             dep.put(f"k{i}", np.full(1000, float(i)), broadcast=True)
-        assert all(len(holders) == 2 for holders in client.who_has().values())
+        assert _copies(client, dep) == {w: 6 for w in client.scheduler_info()["workers"]}
         for n in range(24):
             assert dep.run({"key": [f"k{n % 6}"]}, timeout=30).column("total") == [1000.0 * (n % 6)]
         dep.put("k0", np.full(1000, 7.0), broadcast=True)   # stored again: every copy replaced
@@ -326,6 +334,7 @@ def test_objects_put_with_broadcast_are_read_locally_everywhere(client):
         lookup = stats.loc[stats["stage"].str.startswith("lookup_key")].iloc[0]
         assert _count(lookup, "sent to another worker") == 0
         assert _count(lookup, "local lookups") == 30 and _count(lookup, "remote lookups") == 0
+        assert _count(lookup, "holders asked of the scheduler") == 0   # held here: nobody holds more
 
 
 def test_fast_remote_lookups_never_block_the_worker(client):
@@ -389,6 +398,24 @@ def test_gpu_stages_run_on_workers_with_a_gpu_resource(client, tmp_path, process
 def _slow_square(row) -> int:
     time.sleep(0.05)
     return row["x"] ** 2
+
+
+def test_a_worker_that_joins_gets_its_copies_of_objects_put_with_broadcast(make_cluster):
+    cluster = make_cluster(n_workers=1, client=False)
+    flow = fk.Flow("broadcast_join", {"key": str})
+    flow.map(_same_key, names=["key"]).lookup("key", dynamic=True).map(_total, names=["total"])
+    with fk.deploy(flow, cluster=cluster) as dep:
+        for i in range(3):
+            dep.put(f"k{i}", np.full(10, float(i)), broadcast=True)
+        cluster.scale(2)
+        dep.client.wait_for_workers(2, timeout=60)
+        wait_until(lambda: sorted(_copies(dep.client, dep).values()) == [3, 3], "the new worker to get its copies")
+        futures = [dep.submit({"key": [f"k{n % 3}"]}) for n in range(12)]   # at once: on both workers
+        assert [f.result(timeout=60).column("total") for f in futures] == [[10.0 * (n % 3)] for n in range(12)]
+        stats = dep.stats()
+        lookup = stats.loc[stats["stage"].str.startswith("lookup_key")].iloc[0]
+        assert len(lookup["workers"].split(", ")) == 2   # both served ...
+        assert _count(lookup, "sent to another worker") == 0 and _count(lookup, "remote lookups") == 0   # ... locally
 
 
 def test_autoscaling_grows_under_load_shrinks_when_idle_and_loses_no_stored_object(make_cluster):

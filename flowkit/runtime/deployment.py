@@ -167,6 +167,7 @@ class Deployment:
         for address in known:
             self._router.add_worker(address)
             self.windows.joined(address)
+            self._stored.joined(address)
         if not self._router.ready.wait(timeout):
             raise FlowError(f"no worker of the cluster took deployment {self.id!r} within {timeout:g} s")
         self._await_workers(max(len(known), n_workers or 0), timeout)
@@ -186,6 +187,7 @@ class Deployment:
         if isinstance(msg, dict) and msg.get("deployment") == self.id:
             self._router.add_worker(msg["worker"])
             self.windows.joined(msg["worker"])
+            self._stored.joined(msg["worker"])
             for server in self._servers:   # a worker that joined serves HTTP too where the workers do
                 if hasattr(server, "add_worker"):
                     server.add_worker(msg["worker"])
@@ -280,12 +282,12 @@ class Deployment:
     def put(self, key: Any, obj: Any, *, restore: bool = True, broadcast: bool = False) -> None:
         """Store ``obj`` on the cluster under ``key`` (for ``lookup``), held as dask data.
 
-        It lives in one worker's memory, or with ``broadcast`` in every worker's (dask's
-        ``scatter(broadcast=True)``: each lookup of it is local, at the cost of a copy per
-        worker; a worker that joins later reads it from one that holds it). With ``restore``
-        (the default) the deployment keeps a reference to ``obj`` and stores it again if it is
-        lost with its workers (dask cannot recompute scattered data); ``restore=False`` keeps no
-        reference here. See ``store_client``."""
+        It lives in one worker's memory; with ``broadcast`` every worker also keeps a copy of its
+        own (each lookup of it is then local, at the cost of a copy per worker; a worker that
+        joins gets its copy as it joins, and the deployment keeps a reference for that). With
+        ``restore`` (the default) the deployment keeps a reference to ``obj`` and stores it
+        again if its worker dies (dask cannot recompute scattered data); ``restore=False``
+        keeps no reference here. See ``store_client``."""
         self._check_open("put")
         try:
             hash(key)
@@ -300,8 +302,9 @@ class Deployment:
         client: requests, errors, p50_ms, p99_ms, workers (where the stage ran), and what the
         stage did: ``batch_sizes`` (rows per batch -> count), ``wins <replica>`` and
         ``cancelled losers`` for races, ``cancelled`` for a replica's stopped work, ``local
-        lookups`` / ``remote lookups`` for stages with dynamic lookups, and ``sent to another
-        worker`` where a worker placed the stage elsewhere (with its object, on a GPU worker)."""
+        lookups`` / ``remote lookups`` and ``holders asked of the scheduler`` for stages with
+        dynamic lookups, and ``sent to another worker`` where a worker placed the stage elsewhere
+        (with its object, on a GPU worker)."""
         self._check_open("stats")
         return stats_frame(self.plan, self._router.broadcast("stats"), self._e2e.snapshot())
 

@@ -184,6 +184,9 @@ class WorkerDeployment:
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
                 self.store.forget(loads(call.payload))
                 return p.Answer(rid, True)
+            if kind == "keep":     # dep.put(..., broadcast=True): a copy for this worker
+                self.store.keep(*loads(call.payload))
+                return p.Answer(rid, True)
             raise ValueError(f"unknown request kind {kind!r}")
         except asyncio.CancelledError:
             if self.closed and not asyncio.current_task().cancelling():
@@ -237,7 +240,7 @@ class WorkerDeployment:
         this thread waits for it, and runs it here after all when that worker has gone."""
         def apply(op, inputs, ctx):
             dkeys = self._stored_keys(op, inputs)
-            if dkeys:
+            if dkeys and not self.store.held_here(dkeys):
                 holders = self.store.known_holders(dkeys) or wait_from_thread(loop, self.store.holders(dkeys), elsewhere)
                 target = holder_of_most(holders.values(), self.worker.address)
                 if target is not None:
@@ -296,6 +299,8 @@ class WorkerDeployment:
         """The worker that should run ``op`` (None: this one)."""
         dkeys = self._stored_keys(op, inputs)
         if dkeys:
+            if self.store.held_here(dkeys):
+                return None
             return holder_of_most((await self.store.holders(dkeys)).values(), self.worker.address)
         if op.is_gpu and not self.has_gpu:
             gpus = [a for a, w in (await self.peers.workers()).items()

@@ -46,8 +46,9 @@ class Welcome:
 class Call:
     """Client -> worker: ``run`` a request (payload: its input Table), run one ``stage``
     (payload: ``(stage name, input tables)``), send ``stats``, ``forget`` where a stored key
-    lived (payload: the key), ``serve`` HTTP on the worker (payload: the options; answered with
-    the port) or ``unserve`` it."""
+    lived (payload: the key), ``keep`` a copy of an object put with ``broadcast`` (payload:
+    ``(key, object)``), resize batch ``window``s, ``serve`` HTTP on the worker (payload: the
+    options; answered with the port) or ``unserve`` it."""
 
     kind: str
     id: int

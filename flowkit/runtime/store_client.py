@@ -1,7 +1,9 @@
 """The client side of ``dep.put``: objects stored on workers as dask data.
 
-Each object lives in one worker's memory (scattered, so dask cannot recompute it). The client
-keeps what it needs to look after them:
+Each object lives in one worker's memory (scattered, so dask cannot recompute it); one put with
+``broadcast`` is also copied into every worker's own memory (``WorkerStore.keep``: not dask data,
+whose active memory manager drops extra replicas within seconds), and a worker that joins gets
+its copies when it does. The client keeps what it needs to look after them:
 
 - a reference to each object (unless put with ``restore=False``), to store it again when its
   worker dies — noticed from its future, which turns "cancelled" at once;
@@ -33,6 +35,7 @@ __all__ = ["StoredObjects", "routing_column"]
 logger = logging.getLogger("flowkit.deploy")
 
 CHECK_EVERY_S = 0.25   # how often lost objects are looked for (no scheduler call: a future says so)
+BROADCAST_TIMEOUT_S = 60.0   # for every worker to take its copy of an object put with broadcast
 WHERE_EVERY_S = 2.0    # how often, while requests are routed, the scheduler is asked where objects live
 
 
@@ -75,7 +78,7 @@ class StoredObjects:
         self.route_by = route_by      # the input column requests are routed by, if any
         self.futures: dict[Any, Any] = {}   # key -> the dask future holding it
         self.kept: dict[Any, Any] = {}      # key -> the object, to store again if its worker dies
-        self.broadcast: dict[Any, bool] = {}   # key -> whether every worker holds it
+        self.everywhere: dict[Any, Any] = {}   # key -> an object put with broadcast, copied to every worker
         self.where: dict[Any, str] = {}     # key -> a worker holding it (for routing)
         self._where_at = 0.0
         self._routed = False                # whether requests were routed since the last ask
@@ -98,9 +101,13 @@ class StoredObjects:
             while task_known(self.client, dkey) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.router.broadcast("forget", dumps(key))
-        self.futures[key] = self.client.scatter({dkey: obj}, hash=False, broadcast=broadcast)[dkey]
+        self.futures[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
         self.kept[key] = obj if restore else None
-        self.broadcast[key] = broadcast
+        if broadcast:   # a copy in every worker's own memory too (see WorkerStore.keep)
+            self.everywhere[key] = obj
+            self.router.broadcast("keep", dumps((key, obj)), timeout=BROADCAST_TIMEOUT_S)
+        else:
+            self.everywhere.pop(key, None)   # (its copies went with the "forget" above)
         if self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"flowkit-stored-{self.deployment}")
             self._watcher.start()
@@ -175,10 +182,18 @@ class StoredObjects:
         the new one exists, so the client never tells the scheduler it no longer wants the key (a
         release racing the new data to the scheduler would drop it)."""
         dkey = store_key(self.deployment, key)
-        new = self.client.scatter({dkey: self.kept[key]}, hash=False, broadcast=self.broadcast[key])[dkey]
+        new = self.client.scatter({dkey: self.kept[key]}, hash=False)[dkey]
         lost, self.futures[key] = self.futures[key], new
         lost.release()
         self.router.broadcast("forget", dumps(key))
+        if key in self.everywhere:
+            self.router.broadcast("keep", dumps((key, self.everywhere[key])), timeout=BROADCAST_TIMEOUT_S)
+
+    def joined(self, address: str) -> None:
+        """A worker that took the deployment: it gets a copy of every object put with
+        ``broadcast`` (until it has, its lookups of them read the dask copy, as any lookup)."""
+        for key, obj in list(self.everywhere.items()):
+            self.router.submit("keep", dumps((key, obj)), worker=address)
 
     def release(self) -> None:
         """Let dask drop every stored object (the deployment is closing)."""
@@ -191,4 +206,4 @@ class StoredObjects:
                 pass
         self.futures.clear()
         self.kept.clear()
-        self.broadcast.clear()
+        self.everywhere.clear()

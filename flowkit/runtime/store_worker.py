@@ -74,6 +74,7 @@ class WorkerStore:
         self.worker = worker
         self.stats = StageStats()
         self._holders: dict[str, tuple[float, list]] = {}   # dask key -> (when asked, holders)
+        self.copies: dict[str, Any] = {}   # dask key -> this worker's copy of an object put with broadcast
         self._removed = removed_workers(worker)
 
     async def holders(self, dkeys: list[str], fresh: bool = False) -> dict[str, list]:
@@ -83,10 +84,21 @@ class WorkerStore:
         now = time.monotonic()
         missing = [k for k in dkeys if fresh or self._outdated(k, now)]
         if missing:
+            self.stats.count("holders asked of the scheduler")
             who = await scheduler_who_has(self.worker, missing)
             for k in missing:
                 self._holders[k] = (now, list(who.get(k, [])))
         return {k: self._holders[k][1] for k in dkeys}
+
+    def held_here(self, dkeys: list[str]) -> bool:
+        """Whether this worker holds every one of ``dkeys`` (then no other holds more: nothing to
+        ask; so for objects put with ``broadcast``, once copied here)."""
+        data = stored_data(self.worker)
+        return all(k in self.copies or k in data for k in dkeys)
+
+    def keep(self, key: Any, obj: Any) -> None:
+        """Hold this worker's own copy of ``obj``, put under ``key`` with ``broadcast``."""
+        self.copies[store_key(self.deployment, key)] = obj
 
     def known_holders(self, dkeys: list[str]) -> dict[str, list] | None:
         """``holders(dkeys)`` without asking the scheduler: None unless every answer is fresh."""
@@ -101,12 +113,13 @@ class WorkerStore:
             any(self._removed.get(w, -1.0) >= asked for w in holders)
 
     def forget(self, key: Any) -> None:
-        """``key`` was stored again: where it lived is no longer known."""
+        """``key`` was stored again: where it lived is no longer known, and a copy is outdated."""
         self._holders.pop(store_key(self.deployment, key), None)
+        self.copies.pop(store_key(self.deployment, key), None)
 
     def lookup(self, key: Any) -> Any:
         dkey = store_key(self.deployment, key)
-        data = stored_data(self.worker)
+        data = self.copies if dkey in self.copies else stored_data(self.worker)
         if dkey in data:
             self.stats.count("local lookups")
             return data[dkey]
