@@ -52,7 +52,7 @@ class Endpoint:
         which at a low open-loop rate over many connections is most of them) is replaced before
         the request, as urllib3's pool does (``is_connection_dropped``): that is not the
         request's failure."""
-        if conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:   # readable while idle: closed
+        if conn.sock is not None and _readable(conn.sock):   # readable while idle: closed
             conn.close()
             conn = self.connect()
         try:
@@ -63,6 +63,13 @@ class Endpoint:
         except (OSError, http.client.HTTPException):
             conn.close()
             return False, self.connect()
+
+
+def _readable(sock) -> bool:
+    """Whether ``sock`` has something to read now (``poll``: any descriptor number, unlike select)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def closed_loop(ep: Endpoint, n: int, warmup: int) -> dict:

@@ -400,6 +400,29 @@ def _slow_square(row) -> int:
     return row["x"] ** 2
 
 
+def test_a_late_copy_of_an_earlier_put_never_replaces_a_later_one(client):
+    """Copies travel beside other messages (a joining worker's, a re-put's "forget"): each carries
+    its put's number, and a worker keeps the latest it heard of."""
+    def sequence(dask_worker):
+        from flowkit.runtime.store_worker import WorkerStore
+
+        store, seen = WorkerStore("versions", dask_worker), []
+        store.keep("k", 2, "two")
+        store.keep("k", 1, "one")   # a late copy of put 1
+        seen.append(list(store.copies.values()))
+        store.forget("k", 3)        # put 3, not broadcast ...
+        store.keep("k", 2, "two")   # ... then a late copy of put 2
+        seen.append(list(store.copies.values()))
+        store.keep("k", 4, "four")  # a joining worker's copy of put 4, before put 4's "forget"
+        store.forget("k", 4)
+        store.forget("k", 0)        # the dask copy stored again after its worker died: the copy stays
+        seen.append(list(store.copies.values()))
+        return seen
+
+    for seen in client.run(sequence).values():
+        assert seen == [["two"], [], ["four"]]
+
+
 def test_a_worker_that_joins_gets_its_copies_of_objects_put_with_broadcast(make_cluster):
     cluster = make_cluster(n_workers=1, client=False)
     flow = fk.Flow("broadcast_join", {"key": str})

@@ -71,15 +71,23 @@ def checkpoint() -> None:
         raise Cancelled(token.reason or "cancelled")
 
 
-def wait_from_thread(loop: asyncio.AbstractEventLoop, coro, pending: set):
+def wait_from_thread(loop: asyncio.AbstractEventLoop, coro, pending: set, token: Token):
     """``coro``'s result, run on the event ``loop`` and waited for in this (another) thread;
-    ``pending`` holds its future meanwhile, for whoever abandons the work to cancel it (this then
-    raises ``Cancelled``)."""
+    ``pending`` holds its future meanwhile, for whoever abandons the work: they set ``token``,
+    then cancel what ``pending`` holds (this then raises ``Cancelled``). A loop that stops (its
+    worker is closing) ends the wait too."""
     fut = asyncio.run_coroutine_threadsafe(coro, loop)
     pending.add(fut)
+    if token.is_cancelled:   # abandoned before it was held: nobody else will cancel it
+        fut.cancel()
     try:
-        return fut.result()
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except TimeoutError:
+                if not loop.is_running():
+                    fut.cancel()
     except CancelledError:
-        raise Cancelled("the request was cancelled") from None
+        raise Cancelled(token.reason or "the request was cancelled") from None
     finally:
         pending.discard(fut)

@@ -284,10 +284,11 @@ class Deployment:
 
         It lives in one worker's memory; with ``broadcast`` every worker also keeps a copy of its
         own (each lookup of it is then local, at the cost of a copy per worker; a worker that
-        joins gets its copy as it joins, and the deployment keeps a reference for that). With
-        ``restore`` (the default) the deployment keeps a reference to ``obj`` and stores it
-        again if its worker dies (dask cannot recompute scattered data); ``restore=False``
-        keeps no reference here. See ``store_client``."""
+        joins gets its copy as it joins). With ``restore`` (the default) the deployment keeps a
+        reference to ``obj`` and stores it again if its worker dies (dask cannot recompute
+        scattered data); ``restore=False`` keeps no reference here, except for an object put
+        with ``broadcast``, which the deployment keeps (pickled) for workers that join. See
+        ``store_client``."""
         self._check_open("put")
         try:
             hash(key)
@@ -302,9 +303,10 @@ class Deployment:
         client: requests, errors, p50_ms, p99_ms, workers (where the stage ran), and what the
         stage did: ``batch_sizes`` (rows per batch -> count), ``wins <replica>`` and
         ``cancelled losers`` for races, ``cancelled`` for a replica's stopped work, ``local
-        lookups`` / ``remote lookups`` and ``holders asked of the scheduler`` for stages with
-        dynamic lookups, and ``sent to another worker`` where a worker placed the stage elsewhere
-        (with its object, on a GPU worker)."""
+        lookups`` / ``remote lookups`` and ``holders asked of the scheduler`` (to place a
+        stage or read an object from another worker) for stages with dynamic lookups, and
+        ``sent to another worker`` where a worker placed the stage elsewhere (with its object,
+        on a GPU worker)."""
         self._check_open("stats")
         return stats_frame(self.plan, self._router.broadcast("stats"), self._e2e.snapshot())
 

@@ -5,7 +5,7 @@ the worker's event loop: one deployment's slow request must not delay another's)
 each stage where it belongs: a batching stage joins this worker's batch queue, a
 ``lookup_split`` stage goes to the worker holding most of its keys, a GPU stage to a worker with
 a ``GPU`` resource, and the replicas of a high-variance stage race on distinct workers
-(``_Execution._race``, deciding with ``racing``). The session (``session``) hands it calls.
+(``execution``, deciding with ``racing``). The session (``session``) hands it calls.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..plan import AnyOf, Plan, Stage
 from ..table import Table
 from . import protocol as p
-from . import racing
 from .batcher import Batcher
-from .demand import Demand, retrieved
+from .execution import Execution
 from .cancel import Cancelled, Token, running_under, wait_from_thread
 from .ingress import http_counts, serve_http, unserve_http
 from .compat import worker_resources, worker_threads
@@ -182,10 +181,10 @@ class WorkerDeployment:
                 self.resize_batches(*loads(call.payload))
                 return p.Answer(rid, True)
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
-                self.store.forget(loads(call.payload))
+                self.store.forget(*loads(call.payload))
                 return p.Answer(rid, True)
-            if kind == "keep":     # dep.put(..., broadcast=True): a copy for this worker
-                self.store.keep(*loads(call.payload))
+            if kind == "keep":     # dep.put(..., broadcast=True): a copy for this worker (unpickled off the loop)
+                self.store.keep(*await asyncio.to_thread(loads, call.payload))
                 return p.Answer(rid, True)
             raise ValueError(f"unknown request kind {kind!r}")
         except asyncio.CancelledError:
@@ -206,15 +205,17 @@ class WorkerDeployment:
         if self.simple:
             return await self.in_thread(self._run_all, table, token)
         if self.one_thread:
+            token = token or Token()
             elsewhere: set = set()   # the stage running on another worker for this request, if any
             try:
                 return await self.in_thread(self._run_placed, table, token, asyncio.get_running_loop(), elsewhere,
                                             pool=self.requests)
             except asyncio.CancelledError:   # abandoned: so is that stage (the thread stops at its token)
+                token.cancel("the request was cancelled")   # (first: see wait_from_thread)
                 for fut in list(elsewhere):
                     fut.cancel()
                 raise
-        return await _Execution(self, table, token).value(self.plan.output)
+        return await Execution(self, table, token).value(self.plan.output)
 
     async def in_thread(self, fn, *args, pool: ThreadPoolExecutor | None = None):
         """``fn(*args)`` in the deployment's threads (``pool``), counted among the threads its
@@ -239,16 +240,14 @@ class WorkerDeployment:
         whose keys another worker holds runs there (one hop for the request, not one per stage):
         this thread waits for it, and runs it here after all when that worker has gone."""
         def apply(op, inputs, ctx):
-            dkeys = self._stored_keys(op, inputs)
-            if dkeys and not self.store.held_here(dkeys):
-                holders = self.store.known_holders(dkeys) or wait_from_thread(loop, self.store.holders(dkeys), elsewhere)
-                target = holder_of_most(holders.values(), self.worker.address)
+            if token.is_cancelled:   # (before sending a stage elsewhere)
+                raise Cancelled(token.reason)
+            if not self._here_for_sure(op, inputs):
+                target = wait_from_thread(loop, self.place(op, inputs), elsewhere, token)
                 if target is not None:
-                    self.stats[op.name].count("sent to another worker")
-                    try:
-                        return wait_from_thread(loop, self.remote(target, op, inputs), elsewhere)
-                    except WorkerGone:
-                        pass
+                    sent, out = wait_from_thread(loop, self._send(target, op, inputs), elsewhere, token)
+                    if sent:
+                        return out
             return self.apply(op, inputs, ctx, token)
 
         return evaluate(self.ops, {self.source: table}, self.plan.output, RequestStore(self.store), apply=apply)
@@ -288,19 +287,32 @@ class WorkerDeployment:
             return await self.batchers[op.name].submit(inputs[0])
         target = await self.place(op, inputs)
         if target is not None:
-            self.stats[op.name].count("sent to another worker")
-            try:
-                return await self.remote(target, op, inputs)
-            except WorkerGone:  # the chosen worker went away: run here instead
-                pass
+            sent, out = await self._send(target, op, inputs)
+            if sent:
+                return out
         return await self.local(op, inputs, token)
+
+    async def _send(self, target: str, op, inputs) -> tuple[bool, object]:
+        """``(True, output)`` of ``op`` run on ``target``; ``(False, None)`` when that worker has
+        gone (the caller runs it here instead)."""
+        self.stats[op.name].count("sent to another worker")
+        try:
+            return True, await self.remote(target, op, inputs)
+        except WorkerGone:
+            return False, None
+
+    def _here_for_sure(self, op, inputs) -> bool:
+        """Whether ``op`` runs here without asking anyone: it is no ``lookup_split`` or GPU stage
+        to place, or this worker holds every object it reads."""
+        dkeys = self._stored_keys(op, inputs)
+        return self.store.held_here(dkeys) if dkeys else not (op.is_gpu and not self.has_gpu)
 
     async def place(self, op, inputs) -> str | None:
         """The worker that should run ``op`` (None: this one)."""
+        if self._here_for_sure(op, inputs):
+            return None
         dkeys = self._stored_keys(op, inputs)
         if dkeys:
-            if self.store.held_here(dkeys):
-                return None
             return holder_of_most((await self.store.holders(dkeys)).values(), self.worker.address)
         if op.is_gpu and not self.has_gpu:
             gpus = [a for a, w in (await self.peers.workers()).items()
@@ -326,125 +338,3 @@ class WorkerDeployment:
         snap[SERVED] = self.served.snapshot()
         windows = {name: (b.max_batch, b.max_wait * 1000) for name, b in self.batchers.items()}
         return {"worker": self.worker.address, "stages": snap, "windows": windows}
-
-
-class _Execution(Demand):
-    """One request on the coordinating worker: the shared evaluator (``demand``), each stage
-    placed by ``WorkerDeployment.execute``, replicas of a high-variance stage raced (``_race``)."""
-
-    def __init__(self, dep: WorkerDeployment, table, token: Token | None = None):
-        # token: the request's, set when its client abandons it
-        super().__init__(dep.by_name, {dep.source: table}, lambda op, inputs: dep.execute(op, inputs, token))
-        self.dep = dep
-
-    async def anyof(self, op: AnyOf):
-        """Replicas race (``_race``); a user's anyof takes whichever input finishes first (its
-        stage statistics count the wait for it and, as ``wins <branch>``, which branch it was)."""
-        if op.race:
-            return await self._race(op)
-        t0, stats = time.perf_counter(), self.dep.stats[op.name]
-        try:
-            branch, table = await self.first(op)
-        except asyncio.CancelledError:   # the request was abandoned: not a failure of the stage
-            raise
-        except BaseException:
-            stats.record(time.perf_counter() - t0, ok=False)
-            raise
-        stats.count(f"wins {branch}")
-        stats.record(time.perf_counter() - t0)
-        return table
-
-    async def _race(self, op: AnyOf):
-        """Competitive replicas: on distinct workers where possible; the first result wins.
-
-        Replicas only use capacity that would otherwise idle. When this worker's threads are
-        busy, the first replica runs alone (measured: a compute-bound race on 2 cores lost three
-        quarters of the translation pipeline's capacity). A stage measured to be CPU-bound is
-        *hedged* instead of raced from the start: the other replicas start only if the first has
-        not finished by the race's recent p95 ("The Tail at Scale"), because racing a computation
-        from the start doubles its demand for cores and cannot shorten variance that comes from
-        the input itself (``racing.hedge_after``). Stages that mostly wait (sleep, I/O, a device, a remote call) race at once.
-        Hedges that keep losing (a slow input is slow on every replica) stop: see ``_hedge_futile``.
-        """
-        replicas = [self.dep.by_name[r] for r in op.inputs]
-        inputs = [await self.value(i) for i in replicas[0].inputs]
-        t0 = time.perf_counter()
-        stats = self.dep.stats[op.name]
-        if self.dep.busy + self.dep.racing >= self.dep.threads:
-            stats.count("races skipped (busy)")
-            replicas = replicas[:1]
-        hedge_after = racing.hedge_after(self.dep.stats[replicas[0].name].cpu_share(), stats.latencies)
-        if len(replicas) > 1 and hedge_after is not None and self._hedge_futile(op.name):
-            stats.count("hedges held (they lost)")
-            replicas = replicas[:1]
-        self.dep.racing += 1   # counted before any await, so a burst of requests sees it
-        tasks: dict = {}   # each replica's task -> (replica, where, token)
-        try:
-            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after, tasks)
-        except asyncio.CancelledError:   # the request was abandoned: so are its replicas
-            for task, (_, _, token) in tasks.items():
-                token.cancel("the request was cancelled")
-                task.cancel()
-                task.add_done_callback(retrieved)
-            raise
-        finally:
-            self.dep.racing -= 1
-
-    def _hedge_futile(self, name: str) -> bool:
-        """Whether this race should not hedge: its stage's hedges keep losing (``hedges_losing``);
-        one race in ``HEDGE_PROBE`` hedges anyway, to notice when they would win again."""
-        if not racing.hedges_losing(self.dep.hedge_wins[name]):
-            return False
-        self.dep.hedges_held[name] += 1
-        return self.dep.hedges_held[name] % racing.HEDGE_PROBE != 0
-
-    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after, tasks: dict):
-        def start(rep, where, token):
-            coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs)
-            tasks[asyncio.ensure_future(coro)] = (rep, where, token)
-
-        start(replicas[0], None, Token())
-        pending = set(tasks)
-        hedged = False
-        if len(replicas) > 1 and hedge_after is not None:
-            done, pending = await asyncio.wait(pending, timeout=hedge_after)
-            if done:
-                stats.count("hedges not needed")
-                replicas = replicas[:1]
-                pending = done   # handled below, like any finished replica
-            else:
-                stats.count("hedged")
-                hedged = True
-        if len(replicas) > 1:
-            others = await self.dep.peers.others()
-            places = others[: len(replicas) - 1]
-            places += [None] * (len(replicas) - 1 - len(places))
-            for rep, where in zip(replicas[1:], places):
-                start(rep, where, Token())
-            pending = set(tasks)
-        errors = []
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for d in done:
-                if d.exception() is None:
-                    rep = tasks[d][0]
-                    for p in pending:
-                        tasks[p][2].cancel("a competing replica won")
-                        p.cancel()
-                        p.add_done_callback(retrieved)   # (a loser that raised Cancelled: not news)
-                    stats.count(f"wins {rep.name}")
-                    if hedged:
-                        self.dep.hedge_wins[op.name].append(rep is not replicas[0])
-                    stats.count("cancelled losers", len(pending))
-                    stats.record(time.perf_counter() - t0)
-                    t = d.result()
-                    return Table._make(op.schema, t.rows, t.qids)
-                if isinstance(d.exception(), WorkerGone):  # its worker left: run that replica here
-                    rep, _, token = tasks.pop(d)
-                    retry = asyncio.ensure_future(self.dep.local(rep, inputs, token))
-                    tasks[retry] = (rep, None, token)
-                    pending.add(retry)
-                    continue
-                errors.append(d.exception())
-        stats.record(time.perf_counter() - t0, ok=False)
-        raise errors[0]

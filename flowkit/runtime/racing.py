@@ -1,5 +1,5 @@
 """Competitive execution's decisions, as pure functions: when a race hedges instead of racing
-at once, and when hedging stops paying. The executor (``executor._Execution._race``) runs the
+at once, and when hedging stops paying. The executor (``execution.Execution._race``) runs the
 replicas; it asks these.
 """
 

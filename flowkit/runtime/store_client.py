@@ -78,7 +78,8 @@ class StoredObjects:
         self.route_by = route_by      # the input column requests are routed by, if any
         self.futures: dict[Any, Any] = {}   # key -> the dask future holding it
         self.kept: dict[Any, Any] = {}      # key -> the object, to store again if its worker dies
-        self.everywhere: dict[Any, Any] = {}   # key -> an object put with broadcast, copied to every worker
+        self.everywhere: dict[Any, bytes] = {}   # key -> (key, put number, object) pickled, of a put with broadcast
+        self._version = 0                   # puts so far
         self.where: dict[Any, str] = {}     # key -> a worker holding it (for routing)
         self._where_at = 0.0
         self._routed = False                # whether requests were routed since the last ask
@@ -92,6 +93,7 @@ class StoredObjects:
     def put(self, key: Any, obj: Any, restore: bool = True, broadcast: bool = False) -> None:
         self._check_sendable(key, obj)
         dkey = store_key(self.deployment, key)
+        version = self._version = self._version + 1   # (a late copy of an older put is then ignored)
         old = self.futures.pop(key, None)
         if old is not None:
             # The new object takes the same dask key once the scheduler has forgotten the old one
@@ -100,18 +102,18 @@ class StoredObjects:
             deadline = time.monotonic() + 10
             while task_known(self.client, dkey) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            self.router.broadcast("forget", dumps(key))
+            self._tell_all("forget", dumps((key, version)))
         self.futures[key] = self.client.scatter({dkey: obj}, hash=False)[dkey]
-        self.kept[key] = obj if restore else None
+        self.kept[key] = obj if restore or broadcast else None
         if broadcast:   # a copy in every worker's own memory too (see WorkerStore.keep)
-            self.everywhere[key] = obj
-            self.router.broadcast("keep", dumps((key, obj)), timeout=BROADCAST_TIMEOUT_S)
+            self.everywhere[key] = dumps((key, version, obj))   # (pickled once, for every worker)
+            self._tell_all("keep", self.everywhere[key])
         else:
             self.everywhere.pop(key, None)   # (its copies went with the "forget" above)
         if self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"flowkit-stored-{self.deployment}")
             self._watcher.start()
-        if self.route_by is not None:
+        if self.route_by is not None and not broadcast:   # (one put with broadcast is everywhere)
             holders = self.client.who_has([self.futures[key]]).get(dkey) or ()
             if holders:
                 self.where[key] = holders[0]
@@ -164,7 +166,7 @@ class StoredObjects:
             lost = [k for k, fut in futures.items() if fut.status != "finished"]
             if self.route_by is not None and self._routed and time.monotonic() - self._where_at > WHERE_EVERY_S:
                 self._routed = False
-                alive = {k: f for k, f in futures.items() if k not in lost}
+                alive = {k: f for k, f in futures.items() if k not in lost and k not in self.everywhere}
                 who = self.client.who_has(list(alive.values())) if alive else {}
                 by_dkey = {fut.key: key for key, fut in alive.items()}
                 self.where = {by_dkey[k]: holders[0] for k, holders in who.items() if holders and k in by_dkey}
@@ -185,15 +187,27 @@ class StoredObjects:
         new = self.client.scatter({dkey: self.kept[key]}, hash=False)[dkey]
         lost, self.futures[key] = self.futures[key], new
         lost.release()
-        self.router.broadcast("forget", dumps(key))
-        if key in self.everywhere:
-            self.router.broadcast("keep", dumps((key, self.everywhere[key])), timeout=BROADCAST_TIMEOUT_S)
+        self.router.broadcast("forget", dumps((key, 0)))   # (where it lived: its copies stay)
 
     def joined(self, address: str) -> None:
         """A worker that took the deployment: it gets a copy of every object put with
         ``broadcast`` (until it has, its lookups of them read the dask copy, as any lookup)."""
-        for key, obj in list(self.everywhere.items()):
-            self.router.submit("keep", dumps((key, obj)), worker=address)
+        for payload in list(self.everywhere.values()):
+            self.router.submit("keep", payload, worker=address)
+
+    def _tell_all(self, kind: str, payload: bytes) -> None:
+        """Send ``kind`` to every worker of the deployment, waiting for the connected ones' answers;
+        a worker still connecting gets it after what ``joined`` sent it (a later put wins: each
+        carries its number, see ``WorkerStore.keep``)."""
+        for _ in range(3):   # (the router's loop may add a worker while this reads the dict)
+            try:
+                connecting = [a for a in self.router.connecting if a not in self.router.sessions]
+                break
+            except RuntimeError:
+                connecting = []
+        for address in connecting:
+            self.router.submit(kind, payload, worker=address)
+        self.router.broadcast(kind, payload, timeout=BROADCAST_TIMEOUT_S)
 
     def release(self) -> None:
         """Let dask drop every stored object (the deployment is closing)."""

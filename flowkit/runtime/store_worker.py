@@ -75,6 +75,7 @@ class WorkerStore:
         self.stats = StageStats()
         self._holders: dict[str, tuple[float, list]] = {}   # dask key -> (when asked, holders)
         self.copies: dict[str, Any] = {}   # dask key -> this worker's copy of an object put with broadcast
+        self._put_versions: dict[str, int] = {}   # dask key -> the latest put heard of (a later one wins)
         self._removed = removed_workers(worker)
 
     async def holders(self, dkeys: list[str], fresh: bool = False) -> dict[str, list]:
@@ -96,26 +97,28 @@ class WorkerStore:
         data = stored_data(self.worker)
         return all(k in self.copies or k in data for k in dkeys)
 
-    def keep(self, key: Any, obj: Any) -> None:
-        """Hold this worker's own copy of ``obj``, put under ``key`` with ``broadcast``."""
-        self.copies[store_key(self.deployment, key)] = obj
-
-    def known_holders(self, dkeys: list[str]) -> dict[str, list] | None:
-        """``holders(dkeys)`` without asking the scheduler: None unless every answer is fresh."""
-        now = time.monotonic()
-        if any(self._outdated(k, now) for k in dkeys):
-            return None
-        return {k: self._holders[k][1] for k in dkeys}
+    def keep(self, key: Any, version: int, obj: Any) -> None:
+        """Hold this worker's own copy of ``obj``, put under ``key`` with ``broadcast`` (the
+        deployment's ``version``-th put: a copy of an earlier put that arrives late is ignored)."""
+        dkey = store_key(self.deployment, key)
+        if version >= self._put_versions.get(dkey, 0):
+            self._put_versions[dkey] = version
+            self.copies[dkey] = obj
 
     def _outdated(self, dkey: str, now: float) -> bool:
         asked, holders = self._holders.get(dkey, (None, ()))
         return asked is None or now - asked > HOLDERS_TTL_S or \
             any(self._removed.get(w, -1.0) >= asked for w in holders)
 
-    def forget(self, key: Any) -> None:
-        """``key`` was stored again: where it lived is no longer known, and a copy is outdated."""
-        self._holders.pop(store_key(self.deployment, key), None)
-        self.copies.pop(store_key(self.deployment, key), None)
+    def forget(self, key: Any, version: int) -> None:
+        """``key`` was stored again (its ``version``-th put; 0: the same object, stored again after
+        its worker died): where it lived is no longer known, and a copy of an earlier put is
+        outdated."""
+        dkey = store_key(self.deployment, key)
+        self._holders.pop(dkey, None)
+        if version > self._put_versions.get(dkey, 0):
+            self._put_versions[dkey] = version
+            self.copies.pop(dkey, None)
 
     def lookup(self, key: Any) -> Any:
         dkey = store_key(self.deployment, key)
