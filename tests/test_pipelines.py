@@ -47,3 +47,19 @@ def test_mobilenet_v2_loads_the_pretrained_weights_when_the_wheel_is_installed()
     missing = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
     assert sum(p.numel() for p in model.parameters()) == 3_504_872   # torchvision's MobileNetV2
+
+
+def test_peers_start_without_the_malloc_setting_a_local_cluster_leaves_in_this_process(client):
+    """dask's nanny leaves ``MALLOC_TRIM_THRESHOLD_`` in the environment of the process that
+    started the cluster; a peer started from it would mmap every tensor buffer per call."""
+    import os
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from peers import runner
+    finally:
+        sys.path.remove(str(BENCH))
+    assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536"   # (the test's cluster put it here)
+    env = runner.peer_env()
+    assert "MALLOC_TRIM_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "1"
+    assert env["PATH"] == os.environ["PATH"]

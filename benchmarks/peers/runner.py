@@ -35,6 +35,21 @@ def _get(port: int, path: str, timeout: float = 2.0):
     return r.status, r.read()
 
 
+#: what dask's nanny puts into the environment of the process that starts a LocalCluster (this
+#: benchmark's own, for flowkit's systems) and leaves there: a peer started afterwards inherited
+#: it. MALLOC_TRIM_THRESHOLD_ fixes glibc's mmap threshold, so every tensor buffer of a peer
+#: was mmap'd and unmapped per call (flowkit undoes it on its workers: ``plugin.tune_malloc``).
+DASK_NANNY_ENV = ("MALLOC_TRIM_THRESHOLD_",)
+
+
+def peer_env() -> dict:
+    """A peer server's environment: this process's, without what dask's nanny left in it
+    (``DASK_NANNY_ENV``: the peers run with glibc's defaults, as in their own deployments), and
+    one torch thread."""
+    env = {k: v for k, v in os.environ.items() if k not in DASK_NANNY_ENV}
+    return dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
 def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 600.0, tries: int = 2):
     """Start a peer server; returns (process, port) once it answers ``ready_path`` (one retry:
     Ray's start-up on 2 busy cores occasionally loses its proxy actor). ``timeout`` guards a
@@ -61,7 +76,7 @@ def _start(system: str, args: tuple, ready_path: str, ready, timeout: float):
     with open(log_path, "w") as log:   # the server writes through its own copy of the descriptor
         proc = subprocess.Popen([str(PEERS_PY), str(SERVERS), system, "--port", str(port), *args],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))   # 1 torch thread
+                                env=peer_env())
     started: list = []   # what it started, seen while waiting: stopped too if it exits first
     try:
         deadline = time.time() + timeout
