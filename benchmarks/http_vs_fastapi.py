@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _report import percentile, save, table  # noqa: E402
-from peers.runner import free_port  # noqa: E402
+from peers.runner import free_port, peer_env  # noqa: E402
 
 RATES = [100, 200, 300, 400, 500, 600, 800]
 
@@ -70,7 +70,8 @@ def measure(name: str, url: str, body: Path, closed: int, seconds: float) -> dic
 
 def fastapi(body: Path, closed: int, seconds: float) -> dict:
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    # (without what a LocalCluster started here left in this process's environment: peer_env)
+    env = dict(peer_env(), PYTHONPATH=str(HERE.parent))
     # uvicorn --workers 2, with its TCP_NODELAY bug corrected (see peers/fastapi_serve.py)
     proc = subprocess.Popen([sys.executable, str(HERE / "peers" / "fastapi_serve.py"), str(port), "2"], env=env)
     try:

@@ -168,7 +168,7 @@ def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(runner.PEERS_PY), str(HERE / "slo_ray.py"), "--port", str(port), "--pipeline", name,
                              "--max-replicas", str(workers), "--replicas-file", str(tmp / "replicas.json")],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=runner.peer_env())
     try:
         deadline = time.time() + 600
         while True:   # ready once its route is served
