@@ -276,7 +276,7 @@ def _until_cancelled(row) -> float:
         return float(row["key_value"].sum())
     with open(row["mark"], "a") as f:
         f.write("x")   # running
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300   # (a guard: a stage that is never told to stop ends)
     while not fk.cancelled() and time.monotonic() < deadline:
         time.sleep(0.005)
     return float(row["key_value"].sum())

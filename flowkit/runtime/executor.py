@@ -46,12 +46,13 @@ class WorkerDeployment:
     """One deployment's plan on one worker: its threads, batchers, peers and statistics.
 
     A request runs here stage by stage. A plan with nothing to place or race runs in one hop to
-    the deployment's threads; so does one whose only placed stages are ``lookup_split`` ones
-    (the thread waits for such a stage run elsewhere). Otherwise each stage is placed: a batching stage joins this
-    worker's batch queue; a ``lookup_split`` stage goes to the worker holding most of its keys;
-    a GPU stage goes to a worker with a ``GPU`` resource when this one has none; replicas of a
-    high-variance stage run on distinct workers, the first result wins and the others are
-    cancelled (their tokens are set; remote ones are abandoned, as a client abandons a request).
+    the deployment's threads; so does one whose only placed stages are ``lookup_split`` ones (the
+    thread waits for such a stage run elsewhere). Otherwise each stage is placed: a batching stage
+    joins this worker's batch queue; a ``lookup_split`` stage goes to the worker holding most of
+    its keys; a GPU stage goes to a worker with a ``GPU`` resource when this one has none;
+    replicas of a high-variance stage run on distinct workers, the first result wins and the
+    others are cancelled (their tokens are set; remote ones are abandoned, as a client abandons
+    a request).
     """
 
     def __init__(self, deployment: str, plan: Plan, worker, options: dict):
@@ -235,7 +236,7 @@ class WorkerDeployment:
         return evaluate(self.ops, {self.source: table}, self.plan.output, RequestStore(self.store),
                         apply=lambda op, inputs, ctx: self.apply(op, inputs, ctx, token))
 
-    def _run_placed(self, table, token: Token | None, loop, elsewhere: set):
+    def _run_placed(self, table, token: Token, loop, elsewhere: set):
         """The whole plan in this thread, like ``_run_all``, except that a ``lookup_split`` stage
         whose keys another worker holds runs there (one hop for the request, not one per stage):
         this thread waits for it, and runs it here after all when that worker has gone."""
@@ -309,10 +310,10 @@ class WorkerDeployment:
 
     async def place(self, op, inputs) -> str | None:
         """The worker that should run ``op`` (None: this one)."""
-        if self._here_for_sure(op, inputs):
-            return None
         dkeys = self._stored_keys(op, inputs)
         if dkeys:
+            if self.store.held_here(dkeys):   # (nobody holds more: nothing to ask)
+                return None
             return holder_of_most((await self.store.holders(dkeys)).values(), self.worker.address)
         if op.is_gpu and not self.has_gpu:
             gpus = [a for a, w in (await self.peers.workers()).items()

@@ -199,12 +199,10 @@ class StoredObjects:
         """Send ``kind`` to every worker of the deployment, waiting for the connected ones' answers;
         a worker still connecting gets it after what ``joined`` sent it (a later put wins: each
         carries its number, see ``WorkerStore.keep``)."""
-        for _ in range(3):   # (the router's loop may add a worker while this reads the dict)
-            try:
-                connecting = [a for a in self.router.connecting if a not in self.router.sessions]
-                break
-            except RuntimeError:
-                connecting = []
+        try:
+            connecting = set(self.router.connecting) - set(self.router.sessions)
+        except RuntimeError:   # (the router's loop changed the dict while this read it: once more)
+            connecting = set(self.router.connecting) - set(self.router.sessions)
         for address in connecting:
             self.router.submit(kind, payload, worker=address)
         self.router.broadcast(kind, payload, timeout=BROADCAST_TIMEOUT_S)
