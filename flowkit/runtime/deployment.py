@@ -39,7 +39,7 @@ logger = logging.getLogger("flowkit.deploy")
 def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *, slo_ms: float | None = None,
            rate: float | None = None, profile=None, sample: Any = None, max_workers: int | None = None,
            max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0, n_workers: int | None = None,
-           tune_malloc: bool | None = None) -> "Deployment":
+           tune_workers: bool | None = None) -> "Deployment":
     """Deploy ``flow`` on ``cluster`` and return the running ``Deployment`` (a context manager).
 
     ``cluster``: ``None`` starts the embedded default (an adaptive ``LocalCluster`` with worker
@@ -49,9 +49,11 @@ def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] =
     ``max_inflight``: requests admitted at once (beyond: ``fk.Overloaded``); ``retries``: times a
     request whose worker died is sent again (then ``fk.WorkerLost``); ``timeout``: seconds to
     wait for workers (at deploy, and for a request no worker takes: ``fk.NoWorkers``).
-    ``tune_malloc``: raise glibc's mmap threshold in the worker processes (model code runs up to
-    3x faster under dask's nanny settings; see ``plugin.tune_malloc``); by default only on the
-    embedded cluster, which flowkit owns — it changes the whole worker process.
+    ``tune_workers``: tune the worker processes for serving — raise glibc's mmap threshold
+    (model code runs up to 3x faster under dask's nanny settings; ``plugin.tune_malloc``) and
+    freeze the garbage collector's heap once the models are in (a full collection of a dask
+    worker's heap paused its event loop for 110-140 ms; ``plugin.freeze_heap``); by default only
+    on the embedded cluster, which flowkit owns — it changes the whole worker process.
     Returns once every worker of the cluster (or the ``n_workers`` asked for) holds the flow,
     or after ``timeout`` with at least one.
 
@@ -67,7 +69,7 @@ def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] =
     """
     return Deployment(flow, cluster=cluster, optimize=optimize, slo_ms=slo_ms, rate=rate, profile=profile,
                       sample=sample, max_workers=max_workers, max_inflight=max_inflight, retries=retries,
-                      timeout=timeout, n_workers=n_workers, tune_malloc=tune_malloc)
+                      timeout=timeout, n_workers=n_workers, tune_workers=tune_workers)
 
 
 class Deployment:
@@ -76,7 +78,7 @@ class Deployment:
     def __init__(self, flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] = True, *,
                  slo_ms: float | None = None, rate: float | None = None, profile=None, sample: Any = None,
                  max_workers: int | None = None, max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0,
-                 n_workers: int | None = None, tune_malloc: bool | None = None):
+                 n_workers: int | None = None, tune_workers: bool | None = None):
         from ..optimize import optimize as _optimize
         from .objective import check_request
 
@@ -131,7 +133,7 @@ class Deployment:
                     self.cluster.scale(max(minimum, n_workers or 0))
                     n_workers = max(minimum, n_workers or 0)
                     max_workers = slo.resources.max_workers
-            self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_malloc is None else tune_malloc)
+            self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_workers is None else tune_workers)
             if self._owned and self.cluster in self._owned:
                 self.adapt(minimum=minimum, maximum=max(os.cpu_count() or 1, n_workers or 1, max_workers or 1))
             if objective:   # keeps the objective live: re-plans on a x3 rate change or a p99 above it
@@ -143,7 +145,7 @@ class Deployment:
             raise
 
     # -- set-up -----------------------------------------------------------------------------
-    def _start(self, retries: int, timeout: float, n_workers: int | None, tune_malloc: bool) -> None:
+    def _start(self, retries: int, timeout: float, n_workers: int | None, tune_workers: bool) -> None:
         security = getattr(self.client, "security", None)
         args = security.get_connection_args("client") if security is not None else {}
         self._router = Router(self.id, args, retries=retries, wait_for_workers=timeout, on_done=self._done)
@@ -155,7 +157,7 @@ class Deployment:
         # must remove it (else every later worker start runs the failing set-up again)
         self._plugin_name = f"flowkit-{self.id}"
         try:
-            self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes, tune_malloc=tune_malloc),
+            self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes, tune_workers=tune_workers),
                                         name=self._plugin_name)
         except ImportError as e:   # the workers lack a module the plan's functions need
             op = operator_needing(self.plan, e.name) if e.name else None
