@@ -110,7 +110,7 @@ def flowkit(body: Path, closed: int, seconds: float) -> list[dict]:
         client.run(one_torch_thread)
         # tune_malloc: as flowkit does on clusters it starts (dask's nanny sets MALLOC_TRIM_THRESHOLD_, which
         # makes torch map and unmap its buffers per call; the FastAPI processes run without it)
-        with fk.deploy(image_flow(), cluster=client, tune_malloc=True) as dep:
+        with fk.deploy(image_flow(), cluster=client, tune_workers=True) as dep:
             for where in ("workers", "client"):
                 with dep.serve(where=where) as server:
                     out.append(measure(f"flowkit dep.serve(where={where!r})", server.url + "/v1/flows/classify/predict",

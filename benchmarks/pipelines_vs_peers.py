@@ -80,10 +80,12 @@ def same(a: dict, b: dict) -> bool:
 # -- CPU and memory of a system's processes ---------------------------------------------------------------
 class Monitor:
     """Samples ``procs()`` (psutil processes) every 0.25 s: CPU seconds used (so utilization, in
-    cores) and the peak of their summed RSS."""
+    cores) and the peak of their summed RSS, less ``baseline()`` bytes (what this benchmark's own
+    process held before the system started: the floor's models, the expected answers)."""
 
-    def __init__(self, procs):
+    def __init__(self, procs, baseline=None):
         self.procs, self.cpu, self.peak, self.seen = procs, 0.0, 0, {}
+        self.baseline = baseline or (lambda: 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -104,7 +106,7 @@ class Monitor:
             self.seen[p.pid] = used
             if before is not None:
                 self.cpu += max(0.0, used - before)
-        self.peak = max(self.peak, rss)
+        self.peak = max(self.peak, rss - self.baseline())
 
     def _run(self) -> None:
         while not self._stop.wait(0.25):
@@ -157,9 +159,10 @@ def seconds_for(rate: float, reps: int, quick: bool) -> float:
     return 0.5 if quick else max(MIN_SECONDS, math.ceil(OPEN_REQUESTS / (rate * reps)))
 
 
-def measure_http(name: str, sys_name: str, url: str, bodies: Path, procs, mod, reps: int, quick: bool) -> dict:
+def measure_http(name: str, sys_name: str, url: str, bodies: Path, procs, mod, reps: int, quick: bool,
+                 baseline=None) -> dict:
     closed_n, warmup = (10, 2) if quick else (CLOSED, WARMUP)
-    with Monitor(procs) as mon:
+    with Monitor(procs, baseline) as mon:
         c = loadgen(url, bodies, "--closed", str(closed_n), "--warmup", str(warmup))
         t_closed = time.perf_counter() - mon.t0
         cpu_closed = mon.cpu
@@ -179,14 +182,17 @@ def measure_http(name: str, sys_name: str, url: str, bodies: Path, procs, mod, r
                        "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99) if not c["failures"] else float("inf"),
                        "p99.9_ms": percentile(ms, 99.9) if len(ms) >= 10_000 else None,
                        "cpu_ms_per_request": cpu_closed * 1000 / max(1, closed_n + warmup),
-                       "closed_seconds": t_closed, **mon.result()},
+                       "closed_seconds": t_closed, **mon.result(),
+                       # (the closed loop's alone: a system whose sweep stops early is not averaged
+                       # over fewer, lighter rates than another's)
+                       "cpu_util_cores": cpu_closed / t_closed if t_closed else None},
             "open": sweep}
 
 
-def measure_api(name: str, sys_name: str, call, reqs: list, procs, quick: bool) -> dict:
+def measure_api(name: str, sys_name: str, call, reqs: list, procs, quick: bool, baseline=None) -> dict:
     n = 10 if quick else CLOSED
     lat = []
-    with Monitor(procs) as mon:
+    with Monitor(procs, baseline) as mon:
         for i in range(n):
             t0 = time.perf_counter()
             call(reqs[i % len(reqs)])
@@ -238,9 +244,13 @@ class SharedCluster:
 
     def __init__(self, keep: bool = False):
         self.stack, self.client, self.keep = None, None, keep
+        self.rss_before = 0   # this process's RSS before the cluster (its scheduler, client) started
 
     def get(self):
         if self.client is None:
+            import psutil
+
+            self.rss_before = psutil.Process().memory_info().rss
             self.stack = contextlib.ExitStack()
             self.client = self.stack.enter_context(cluster())
         return self.client
@@ -254,8 +264,13 @@ class SharedCluster:
 
 
 def flowkit_group(name: str, mod, reqs: list, shared: SharedCluster):
-    """The in-process floor and the systems on a dask cluster (``shared``)."""
+    """The in-process floor and the systems on a dask cluster (``shared``). The memory of the
+    systems on the cluster counts this process's growth since the cluster started (its scheduler
+    and client), not what it held before (``baseline``)."""
     store = mod.store()
+
+    def baseline():
+        return shared.rss_before
 
     @contextlib.contextmanager
     def floor():
@@ -268,22 +283,23 @@ def flowkit_group(name: str, mod, reqs: list, shared: SharedCluster):
         @contextlib.contextmanager
         def system():
             client = shared.get()
-            # tune_malloc: as flowkit does on clusters it starts (see http_vs_fastapi.py)
-            with fk.deploy(mod.flow(), cluster=client, optimize=optimize, tune_malloc=True) as dep:
+            # tune_workers: as flowkit does on clusters it starts (see http_vs_fastapi.py)
+            with fk.deploy(mod.flow(), cluster=client, optimize=optimize, tune_workers=True) as dep:
                 for k, v in store.items():
                     dep.put(k, v, broadcast=True)   # as every peer process loads the whole store
                 if not http:
-                    yield {"call": lambda r: dep.run([r]).records()[0], "procs": _this_tree()}
+                    yield {"call": lambda r: dep.run([r]).records()[0], "procs": _this_tree(), "baseline": baseline}
                     return
                 with dep.serve() as server:
-                    yield {"url": server.url + f"/v1/flows/{name}/predict", "procs": _this_tree()}
+                    yield {"url": server.url + f"/v1/flows/{name}/predict", "procs": _this_tree(), "baseline": baseline}
         return system
 
     @contextlib.contextmanager
     def dask():
         client = shared.get()
         stored = {k: client.scatter(v, hash=False, broadcast=True) for k, v in store.items()}
-        yield {"call": lambda r: mod.dask_pipeline(client, r, stored).result(), "procs": _this_tree()}
+        yield {"call": lambda r: mod.dask_pipeline(client, r, stored).result(), "procs": _this_tree(),
+               "baseline": baseline}
 
     return {"in-process floor": floor, "flowkit optimized": deployment(mod.RULES or True, False),
             "flowkit unoptimized": deployment(False, False), "dask chained futures": dask,
@@ -376,9 +392,9 @@ def _run_rep(name, mod, reqs, expected, bodies, systems, shared, rep, reps, quic
                 got = {"closed": {"pipeline": name, "system": sys_name, "n": 0, "failures": 0, "p50_ms": None,
                                   "p99_ms": None, "cpu_util_cores": None, "peak_rss_mb": 0.0}, "open": []}
             elif "url" in s:
-                got = measure_http(name, sys_name, s["url"], bodies, s["procs"], mod, reps, quick)
+                got = measure_http(name, sys_name, s["url"], bodies, s["procs"], mod, reps, quick, s.get("baseline"))
             else:
-                got = measure_api(name, sys_name, call, reqs, s["procs"], quick)
+                got = measure_api(name, sys_name, call, reqs, s["procs"], quick, s.get("baseline"))
         got["rep"] = rep
         runs.append(got)
         c = got["closed"]

@@ -47,7 +47,7 @@ def main(quick: bool) -> None:
             deps = {}
             for transport, flag in (("framed", "1"), ("dask comm", "0")):
                 os.environ["FLOWKIT_FRAMED"] = flag
-                deps[transport] = fk.deploy(build(), cluster=client, tune_malloc=True)
+                deps[transport] = fk.deploy(build(), cluster=client, tune_workers=True)
             os.environ.pop("FLOWKIT_FRAMED")
             samples = {t: [] for t in deps}
             for _ in range(rounds):

@@ -49,9 +49,10 @@ def test_mobilenet_v2_loads_the_pretrained_weights_when_the_wheel_is_installed()
     assert sum(p.numel() for p in model.parameters()) == 3_504_872   # torchvision's MobileNetV2
 
 
-def test_peers_start_without_the_malloc_setting_a_local_cluster_leaves_in_this_process(client):
-    """dask's nanny leaves ``MALLOC_TRIM_THRESHOLD_`` in the environment of the process that
-    started the cluster; a peer started from it would mmap every tensor buffer per call."""
+def test_peers_start_with_the_allocator_settings_of_flowkits_workers_not_what_a_local_cluster_left(client):
+    """dask's nanny leaves ``MALLOC_TRIM_THRESHOLD_=65536`` in the environment of the process
+    that started the cluster; a peer started from it would mmap every tensor buffer per call.
+    Every peer gets the allocator flowkit's tuned workers have instead (``plugin.tune_malloc``)."""
     import os
 
     sys.path.insert(0, str(BENCH))
@@ -61,5 +62,6 @@ def test_peers_start_without_the_malloc_setting_a_local_cluster_leaves_in_this_p
         sys.path.remove(str(BENCH))
     assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536"   # (the test's cluster put it here)
     env = runner.peer_env()
-    assert "MALLOC_TRIM_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "1"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == str(64 * 2 ** 20) and env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2 ** 20)
+    assert env["OMP_NUM_THREADS"] == "1"
     assert env["PATH"] == os.environ["PATH"]

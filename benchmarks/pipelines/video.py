@@ -91,17 +91,18 @@ def store() -> dict:
 
 
 _models: dict = {}   # this process's instances (see pipelines.once)
+MODELS = (Detector, PersonClassifier, CarClassifier)
 
 
 def floor(row: dict, store: dict) -> dict:
     frames = decode(row)
-    persons, cars, classes = once(_models, "det", Detector)({"frames": frames})
+    persons, cars, classes = once(_models, Detector)({"frames": frames})
     r = {"frames": frames, "classes": classes}
     out = {"person_label": None, "car_label": None}
     if persons:
-        out["person_label"] = once(_models, "p", PersonClassifier)(r)
+        out["person_label"] = once(_models, PersonClassifier)(r)
     if cars:
-        out["car_label"] = once(_models, "c", CarClassifier)(r)
+        out["car_label"] = once(_models, CarClassifier)(r)
     return out
 
 
