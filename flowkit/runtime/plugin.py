@@ -102,10 +102,9 @@ def freeze_heap() -> None:
     models, dask's own state) out of the garbage collector's later full collections.
 
     A full (generation 2) collection walks every tracked object; a dask worker with torch and a
-    model holds about 200,000, and measured here each such collection held the worker's event
-    loop for 110-140 ms — every HTTP request and session answer on that worker waited, and at
-    500 requests/s over 5% of them missed a 50 ms target. Frozen, later full collections walk
-    only what was made since. (An object frozen here that later becomes cyclic garbage is never
+    model holds about 210,000, and each such collection held the worker's event loop for over
+    a hundred milliseconds — every HTTP request and session answer on that worker waited
+    (``benchmarks/gc_pauses.py``). Frozen, later full collections walk only what was made since. (An object frozen here that later becomes cyclic garbage is never
     freed: it changes the whole worker process, so flowkit does it only where it tunes workers.)
     """
     import gc
