@@ -88,6 +88,7 @@ class WorkerDeployment:
         self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.windows_version = 0   # of the batch windows last set live (resize_batches)
+        self.tuned = False         # whether its set-up froze the worker's heap (plugin.freeze_heap)
         self.closed = False
 
     @property
@@ -154,18 +155,16 @@ class WorkerDeployment:
             pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the session protocol ----------------------------------------------------------------
-    async def handle(self, call: p.Call, token: Token | None = None, reply=None) -> p.Answer | None:
+    async def handle(self, call: p.Call, token: Token | None = None) -> p.Answer:
         """Answer one call of the session protocol; a ``run`` or ``stage`` runs under ``token``,
-        which the session sets when its sender abandons it. With ``reply`` (a function sending
-        an ``Answer`` from any thread), a ``run`` may be answered by the thread that ran it:
-        then this returns None."""
+        which the session sets when its sender abandons it."""
         kind, rid = call.kind, call.id
         if self.closed:
             return self._leaving(rid)
         try:
             if kind == "run":
-                out = await self.run(loads(call.payload), token, (rid, reply) if reply is not None else None)
-                return None if reply is not None and out is None else p.Answer(rid, True, payload=dumps_table(out))
+                out = await self.run(loads(call.payload), token)
+                return p.Answer(rid, True, payload=dumps_table(out))
             if kind == "stage":   # a peer placed this stage here: batched here if it batches
                 name, inputs = loads(call.payload)
                 out = await (self.batchers[name].submit(inputs[0]) if name in self.batchers
@@ -195,29 +194,24 @@ class WorkerDeployment:
                 return self._leaving(rid)   # its queued work was dropped as the worker left
             raise
         except BaseException as e:  # every failure goes back to the requester; the session lives on
-            return self._failed(rid, e)
-
-    def _failed(self, rid, e: BaseException) -> p.Answer:
-        if self.closed:   # it failed because this worker is leaving: not the request's fault
-            return self._leaving(rid)
-        return p.Answer(rid, False, error=dumps_error(e))
+            if self.closed:         # it failed because this worker is leaving: not the request's fault
+                return self._leaving(rid)
+            return p.Answer(rid, False, error=dumps_error(e))
 
     def _leaving(self, rid) -> p.Answer:
         """The answer of a worker leaving the deployment: the router sends the request elsewhere."""
         return p.Answer(rid, False, leaving=True, error=f"worker {self.worker.address} is leaving deployment {self.id!r}")
 
     # -- running a request -------------------------------------------------------------------
-    async def run(self, table, token: Token | None = None, replying: tuple | None = None):
-        """``table``'s request run here. With ``replying`` (``(call id, reply)``, see ``handle``),
-        a plan run in one thread answers from that thread, and this returns None."""
+    async def run(self, table, token: Token | None = None):
         if self.simple:
-            return await self.in_thread(self._answering(self._run_all, token, replying), table, token)
+            return await self.in_thread(self._run_all, table, token)
         if self.one_thread:
             token = token or Token()
             elsewhere: set = set()   # the stage running on another worker for this request, if any
             try:
-                return await self.in_thread(self._answering(self._run_placed, token, replying), table, token,
-                                            asyncio.get_running_loop(), elsewhere, pool=self.requests)
+                return await self.in_thread(self._run_placed, table, token, asyncio.get_running_loop(), elsewhere,
+                                            pool=self.requests)
             except asyncio.CancelledError:   # abandoned: so is that stage (the thread stops at its token)
                 token.cancel("the request was cancelled")   # (first: see wait_from_thread)
                 for fut in list(elsewhere):
@@ -237,28 +231,6 @@ class WorkerDeployment:
             held.add(work)
             work.add_done_callback(held.discard)
         return await asyncio.wrap_future(work)
-
-    def _answering(self, fn, token: Token | None, replying: tuple | None):
-        """``fn`` (which runs a whole request in its thread), made to send the request's answer
-        itself as soon as it has it — no hop back to the event loop first — and return None;
-        ``fn`` itself without ``replying``. An abandoned request is left for the session to
-        answer."""
-        if replying is None:
-            return fn
-        rid, reply = replying
-
-        def run_and_answer(*args) -> None:
-            try:
-                answer = p.Answer(rid, True, payload=dumps_table(fn(*args)))
-            except BaseException as e:
-                if token is not None and token.is_cancelled:
-                    raise
-                answer = self._failed(rid, e)
-            if token is not None and token.is_cancelled:
-                raise Cancelled(token.reason)
-            reply(answer)
-
-        return run_and_answer
 
     def _run_all(self, table, token: Token | None = None):
         """The whole plan in this thread, by the reference executor's own evaluation."""

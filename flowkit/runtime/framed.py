@@ -7,21 +7,15 @@ own connection would be plain TCP too (no TLS), so it is exactly as trusting as 
 already is; with TLS they stay on dask's comm. ``FramedComm`` offers the part of dask's comm
 interface that sessions use (``read``, ``write``, ``closed``, ``close``, ``abort``), and raises
 ``ConnectionError`` (an ``OSError``, as dask's ``CommClosedError`` is) when the peer is gone.
-
-A worker's thread that has just computed an answer sends it itself (``write_from_thread``)
-rather than handing it to the event loop first: on a loaded machine that hand-off (a wake-up of
-the loop, a task step) is a good part of a small request's round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pickle
 import socket
 import struct
-import threading
 from typing import Awaitable, Callable
 
 __all__ = ["FramedComm", "connect", "serve"]
@@ -38,14 +32,7 @@ class FramedComm:
         self.reader = reader
         self.writer = writer
         self._closed = False
-        self._loop = asyncio.get_running_loop()
-        # Frames are written whole and in order, from the loop or from any thread: ``_lock``
-        # guards every write; ``_queued`` counts frames handed to the loop and not yet written
-        # (while there are any, every later frame queues behind them).
-        self._lock = threading.Lock()
-        self._queued = 0
         sock = writer.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -72,52 +59,27 @@ class FramedComm:
         """Write ``msg`` at once, without yielding to the event loop, when the connection's
         buffer has room (nothing waits to drain); False, writing nothing, when it has not: then
         ``await write(msg)``. (The request path's common case: one send, no task to schedule.)"""
-        if self._queued or self.writer.transport.get_write_buffer_size() > 0:
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > 0:
             return False
         self._put(msg)
         return True
 
-    def write_from_thread(self, msg: dict) -> None:
-        """Write ``msg`` from any thread: straight to the socket when nothing waits to be
-        written before it and the socket takes it whole, else (the rest of it) through the event
-        loop, in order. ``ConnectionError`` when the connection is closed."""
-        parts = _frame(msg)
-        with self._lock:
-            if self.closed():
-                raise ConnectionError("connection closed")
-            if not self._queued and self._fd is not None and self.writer.transport.get_write_buffer_size() == 0:
-                try:
-                    sent = os.writev(self._fd, parts)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as e:   # (the loop's reader sees the broken connection too)
-                    self._closed = True
-                    raise ConnectionError(f"connection closed: {e}") from e
-                parts = _after(parts, sent)
-                if not parts:
-                    return
-            self._queued += 1
-        self._loop.call_soon_threadsafe(self._write_queued, parts)
-
-    def _write_queued(self, parts: list) -> None:
-        with self._lock:
-            self._queued -= 1
-            if not self.writer.is_closing():
-                for part in parts:
-                    self.writer.write(part)
-
     def _put(self, msg: dict) -> None:
-        """Write ``msg`` from the event loop (behind any frame queued before it)."""
-        parts = _frame(msg)
-        with self._lock:
-            if self.closed():
-                raise ConnectionError("connection closed")
-            if self._queued:
-                self._queued += 1
-                self._loop.call_soon(self._write_queued, parts)
-                return
-            for part in parts:
-                self.writer.write(part)
+        if self.closed():
+            raise ConnectionError("connection closed")
+        payload = msg.get("payload")
+        if isinstance(payload, bytes) and payload:
+            msg = {k: v for k, v in msg.items() if k != "payload"}
+        else:
+            payload = b""
+        meta = pickle.dumps(msg, protocol=5)
+        head = _HEADER.pack(len(meta), len(payload)) + meta
+        if len(payload) < 65536:
+            self.writer.write(head + payload)
+        else:                    # a large payload goes as it is, not copied into one buffer first
+            self.writer.write(head)
+            self.writer.write(payload)
 
     def closed(self) -> bool:
         return self._closed or self.writer.is_closing()
@@ -131,36 +93,6 @@ class FramedComm:
     def abort(self) -> None:
         self._closed = True
         self.writer.transport.abort()
-
-
-def _frame(msg: dict) -> list:
-    """``msg`` as the bytes that travel: its header and pickled metadata, then its payload."""
-    payload = msg.get("payload")
-    if isinstance(payload, bytes) and payload:
-        msg = {k: v for k, v in msg.items() if k != "payload"}
-    else:
-        payload = b""
-    meta = pickle.dumps(msg, protocol=5)
-    head = _HEADER.pack(len(meta), len(payload)) + meta
-    if len(payload) < 65536:
-        return [head + payload]
-    return [head, payload]   # a large payload goes as it is, not copied into one buffer first
-
-
-def _after(parts: list, sent: int) -> list:
-    """What of ``parts`` is left to write once their first ``sent`` bytes are written.
-
-    >>> [bytes(p) for p in _after([b"abc", b"de"], 4)], _after([b"abc"], 3)
-    ([b'e'], [])
-    """
-    rest = []
-    for part in parts:
-        if sent >= len(part):
-            sent -= len(part)
-        else:
-            rest.append(memoryview(part)[sent:])
-            sent = 0
-    return rest
 
 
 async def connect(host: str, port: int, timeout: float = 10.0) -> FramedComm:

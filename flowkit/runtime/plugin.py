@@ -26,7 +26,7 @@ from .executor import WorkerDeployment
 from .session import serve_session
 from .wire import loads
 
-__all__ = ["DeploymentPlugin", "ready_topic", "tune_malloc", "freeze_heap"]
+__all__ = ["DeploymentPlugin", "ready_topic", "tune_malloc", "freeze_heap", "thaw_heap"]
 
 logger = logging.getLogger("flowkit.worker")
 
@@ -60,6 +60,7 @@ class DeploymentPlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(dep.pool, dep.load_models)
         if self.tune_workers:
             freeze_heap()
+            dep.tuned = True
         deployments[self.deployment] = dep
         worker.log_event(ready_topic(self.deployment), {"deployment": self.deployment, "worker": worker.address})
 
@@ -67,6 +68,8 @@ class DeploymentPlugin(WorkerPlugin):
         dep = getattr(worker, "_flowkit", {}).pop(self.deployment, None)
         if dep is not None:
             dep.close()
+            if self.tune_workers:   # frozen with the heap, its objects would never be collected
+                thaw_heap(refreeze=any(d.tuned for d in worker._flowkit.values()))
         listener = getattr(worker, "_flowkit_framed", None)
         if listener is not None and not getattr(worker, "_flowkit", None):   # its last deployment went
             listener.server.close()
@@ -81,7 +84,7 @@ def tune_malloc() -> None:
     32x32 conv ran in 286 µs in a worker against 81 µs in a plain process, and the demo model
     took 1.44 ms against 0.49 ms. Raising the mmap threshold (glibc only) brings it back to 81 µs.
     It changes the whole worker process, so flowkit does it only on clusters it started (the
-    embedded default); ``fk.deploy(..., tune_malloc=True)`` asks for it on any cluster.
+    embedded default); ``fk.deploy(..., tune_workers=True)`` asks for it on any cluster.
     """
     import ctypes
     import ctypes.util
@@ -104,13 +107,27 @@ def freeze_heap() -> None:
     A full (generation 2) collection walks every tracked object; a dask worker with torch and a
     model holds about 210,000, and each such collection held the worker's event loop for over
     a hundred milliseconds — every HTTP request and session answer on that worker waited
-    (``benchmarks/gc_pauses.py``). Frozen, later full collections walk only what was made since. (An object frozen here that later becomes cyclic garbage is never
-    freed: it changes the whole worker process, so flowkit does it only where it tunes workers.)
+    (``benchmarks/gc_pauses.py``). Frozen, later full collections walk only what was made
+    since. An object frozen here that becomes cyclic garbage is not freed until the heap thaws
+    (``thaw_heap``, when a tuned deployment leaves the worker). It changes the whole worker
+    process, so flowkit does it only where it tunes workers.
     """
     import gc
 
     gc.collect()
     gc.freeze()
+
+
+def thaw_heap(refreeze: bool) -> None:
+    """Give every frozen object back to the garbage collector and collect (a closed deployment's
+    cycles are freed); freeze again when ``refreeze`` (other tuned deployments remain)."""
+    import gc
+
+    gc.unfreeze()
+    if refreeze:
+        freeze_heap()
+    else:
+        gc.collect()
 
 
 def _install(worker) -> dict:

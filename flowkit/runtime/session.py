@@ -4,8 +4,6 @@ A client (``router``) opens one session per worker and streams ``Call``s over it
 its own task in the deployment's executor and its ``Answer`` goes back as soon as it is ready.
 An ``Abandon`` cancels a call's token and task; the call is still answered (``abandoned``), but
 only once the threads it occupied are free, so its client counts the worker busy until then.
-Over a ``framed`` connection, the thread that ran a request sends its answer itself (see
-``WorkerDeployment.run``); each call is answered exactly once either way.
 """
 
 from __future__ import annotations
@@ -32,39 +30,29 @@ async def serve_session(worker, comm, deployment: str):
                                         (listener.host, listener.port) if listener else None)))
     lock = asyncio.Lock()
     tasks: set = set()
-    running: dict = {}   # call id -> (token, task, state) of work its sender may abandon
+    running: dict = {}   # call id -> (token, task, [started]) of work its sender may abandon
 
     write_now = getattr(comm, "write_now", None)
-    write_from_thread = getattr(comm, "write_from_thread", None)
 
-    async def answer(call: p.Call, token: Token | None, state: _CallState) -> None:
-        """Run ``call`` in this task and send its answer (unless the thread that ran it sent it).
-        An ``Abandon`` sets ``token`` and, once the task has started (``state.started``),
-        cancels it; one that came before it started is answered ``abandoned`` at once."""
-        state.started = True
+    async def answer(call: p.Call, token: Token | None, started: list) -> None:
+        """Run ``call`` in this task and send its answer. An ``Abandon`` sets ``token`` and, once
+        the task has started (``started``), cancels it; one that came before it started is
+        answered ``abandoned`` at once."""
+        started[0] = True
         threads: set = set()
         request_threads.set(threads)   # the pool threads its work occupies (see executor)
-        reply_here = None if write_from_thread is None else (lambda answer: send_from_thread(answer, state))
         try:
             if token is not None and token.is_cancelled:
                 raise asyncio.CancelledError
-            reply = await dep.handle(call, token, reply_here)
+            reply = await dep.handle(call, token)
         except asyncio.CancelledError:   # abandoned: answered once the threads it held are free
             if token is None or not token.is_cancelled:
                 raise
-            when_free(list(threads), lambda: state.answered or spawn(send(p.Answer(call.id, ok=False, abandoned=True))))
+            when_free(list(threads), lambda: spawn(send(p.Answer(call.id, ok=False, abandoned=True))))
             return
         finally:
             running.pop(call.id, None)
-        if reply is not None:   # (None: its thread sent it)
-            await send(reply)
-
-    def send_from_thread(reply: p.Answer, state: _CallState) -> None:
-        state.answered = True   # (before the thread's work is done: see when_free above)
-        try:
-            write_from_thread(p.encode(reply))
-        except OSError:   # the client went away: no one to answer
-            pass
+        await send(reply)
 
     def spawn(coro) -> asyncio.Task:   # a task held until it ends (asyncio holds tasks only weakly)
         t = asyncio.ensure_future(coro)
@@ -88,33 +76,22 @@ async def serve_session(worker, comm, deployment: str):
             if isinstance(msg, p.Close):
                 break
             if isinstance(msg, p.Abandon):   # the client cancelled a call: stop its work
-                token, task, state = running.pop(msg.request, (None, None, None))
+                token, task, started = running.pop(msg.request, (None, None, None))
                 if token is not None:
                     token.cancel("the client cancelled this request")
-                    if state.started:   # (a task cancelled before it starts never runs: no answer)
+                    if started[0]:   # (a task cancelled before it starts never runs: no answer)
                         task.cancel()
                 continue
-            token, state = (Token() if msg.kind in p.CANCELLABLE else None), _CallState()
-            task = spawn(answer(msg, token, state))
+            token, started = (Token() if msg.kind in p.CANCELLABLE else None), [False]
+            task = spawn(answer(msg, token, started))
             if token is not None:
-                running[msg.id] = (token, task, state)
+                running[msg.id] = (token, task, started)
     except (OSError, asyncio.CancelledError):
         pass  # the client went away; in-flight answers are dropped with the connection
     finally:
         for t in tasks:
             t.cancel()
     return DONT_REPLY
-
-
-class _CallState:
-    """Where one call stands: its task has ``started``; its answer was sent (``answered``) by
-    the thread that ran it."""
-
-    __slots__ = ("started", "answered")
-
-    def __init__(self):
-        self.started = False
-        self.answered = False
 
 
 def when_free(work: list, then) -> None:
