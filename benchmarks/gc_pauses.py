@@ -20,7 +20,6 @@ import argparse
 import base64
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _report import percentile, save, table  # noqa: E402
-
-
-def loadgen(url: str, body: Path, *args: str) -> dict:
-    out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), "--url", url, "--body", str(body), *args],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+from http_vs_fastapi import loadgen  # noqa: E402
 
 
 def collect_every(dask_worker, frozen: bool, every: float, runs: int) -> int:
