@@ -4,14 +4,17 @@ profiles (``flowkit.profiling``), a knob setting and a request rate. Pure functi
 
 **The model** (``predict``). A request runs its stages one after another on the worker it
 lands on (``runtime/executor.py``), so its service time is the sum of its stages' latencies,
-drawn from their profiled distributions (a Monte Carlo sample, fixed seed):
+drawn from their profiled distributions (a Monte Carlo sample, fixed seed), one input per request
+for all its stages:
 
 - a *batching* stage with ``(max_batch b, max_wait w)`` at ``λ/W`` requests/s per worker
   closes batches of ``n = min(b, r·(1 + λ/W·w'))`` rows (``w'``: the wait, shortened when
   ``b`` rows arrive sooner); a request waits ``U(0, w')`` for its batch, then the batch's
   latency at ``n`` rows, and occupies the worker for its share ``r/n`` of the batch;
 - a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
-  workers until it finishes; a CPU-bound one is hedged (``runtime/racing.py``): the others
+  workers until it finishes; the draws share the request's input and differ only by the noise
+  the profile saw around each input's own cost (``OpProfile.by_input``): a stage whose latency
+  follows its input gains nothing from a race; a CPU-bound one is hedged (``runtime/racing.py``): the others
   start only after the first has run for the stage's p95;
 - every other stage takes one draw, at the request's ``r`` rows.
 
@@ -97,12 +100,21 @@ class StageSpec:
         total = sum(w)
         return sum(m.cpu_share * x for m, x in zip(self.members, w)) / total if total > 0 else 1.0
 
-    def draw(self, rng, rows: float, n: int) -> np.ndarray:
-        """``n`` latency samples (ms) of the stage over ``rows`` rows: its members' summed."""
+    def draw(self, rng, rows: float, n: int, inputs: np.ndarray | None = None) -> np.ndarray:
+        """``n`` latency samples (ms) of the stage over ``rows`` rows: its members' summed.
+        ``inputs`` (one number in [0, 1) per request, the same for every stage a request runs)
+        picks each request's input where the profile knows which input each one-row run took:
+        that input's own cost times a draw of the noise (``OpProfile.by_input``), so the stages
+        of one request see the same input and replicas racing it differ only by the noise."""
         out = np.zeros(n)
         for m in self.members:
-            s = m.samples(rows)
-            out += s[rng.integers(0, len(s), n)]
+            split = m.by_input() if inputs is not None and rows == 1 else None
+            if split is not None:
+                means, noise = split
+                out += means[(inputs * len(means)).astype(int)] * noise[rng.integers(0, len(noise), n)]
+            else:
+                s = m.samples(rows)
+                out += s[rng.integers(0, len(s), n)]
         return out
 
     def p95(self, rows: float) -> float:
@@ -195,6 +207,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     W = knobs.workers
     lam_w = rate / W
     simple = _simple(specs, knobs)
+    inputs = np.random.default_rng([seed, 1]).random(n)   # each request's input, for all its stages (StageSpec.draw)
     lat = np.zeros(n)
     wall = np.zeros(n)
     cpu = np.zeros(n)
@@ -210,10 +223,10 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             w_eff = min(w_ms / 1000, fill_s)
             rows_in = min(float(b), rows * (1 + lam_w * w_eff))
             wait = rng.uniform(0, w_eff * 1000, n)
-            svc = s.draw(rng, rows_in, n)
+            svc = s.draw(rng, rows_in, n, inputs)
             busy = svc * rows / rows_in
         elif k > 1:
-            draws = np.stack([s.draw(rng, rows, n) for _ in range(k)])
+            draws = np.stack([s.draw(rng, rows, n, inputs) for _ in range(k)])
             if share >= HEDGE_CPU_SHARE:
                 h = s.p95(rows)
                 first, others = draws[0], draws[1:].min(axis=0)
@@ -223,7 +236,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
                 svc = draws.min(axis=0)
                 busy = k * svc
         else:
-            svc = s.draw(rng, rows, n)
+            svc = s.draw(rng, rows, n, inputs)
             busy = svc
         if not simple:
             busy = busy + overheads.stage_ms

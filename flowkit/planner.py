@@ -49,6 +49,7 @@ __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs
 
 WAITS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 RACE_WIDTHS = (1, 2, 3)
+RACE_GAIN = 0.05        # a race must cut the predicted p99 by this share: it costs its width in work
 
 
 class SLOUnreachable(FlowError):
@@ -191,11 +192,21 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                         continue
                     k = replace(knobs, race=tuple((x, width if x == s.name else kk) for x, kk in knobs.race))
                     sc, p = score(k)
-                    if sc < best:
+                    if _race_pays(sc[0], best[0], wider=width > knobs.race_of(s.name)):
                         best, pred, knobs, changed = sc, p, k, True
         if not changed:
             break
     return knobs, pred
+
+
+def _race_pays(p99: float, before: float, *, wider: bool) -> bool:
+    """A wider race must cut the predicted p99 by ``RACE_GAIN`` (it costs its width in work);
+    a narrower one may raise it by no more than that.
+
+    >>> _race_pays(9.0, 10.0, wider=True), _race_pays(9.8, 10.0, wider=True), _race_pays(10.2, 10.0, wider=False)
+    (True, False, True)
+    """
+    return p99 < before * (1 - RACE_GAIN) if wider else p99 * (1 - RACE_GAIN) <= before
 
 
 def _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter, workers_range):
@@ -335,7 +346,8 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
                 line += "; not batched: at this rate batches would not fill before the wait cost more than they save"
         if s.high_variance:
             line += (f"; {sp.replicas} replicas race (latency cv {s.members[0].cv(1) if s.members else 0:.2f})"
-                     if sp.replicas > 1 else "; no race: racing predicted no lower p99 (or too few workers)")
+                     if sp.replicas > 1 else "; no race: racing predicted no lower p99 (its latency follows its input, "
+                     "which every replica gets alike, or too few workers)")
         if s.missing:
             line += f"; not profiled: {', '.join(s.missing)} (costed as 0)"
         out.append(line)

@@ -2,8 +2,10 @@
 
 ``fk.profile(flow, sample)`` runs the flow's operators on one worker of a dask cluster (the
 embedded one by default: one worker process, started for the measurement and stopped after),
-each operator over tables of 1, 2, 4 ... ``max_batch`` rows cut from ``sample``, and records per
-operator and batch size its latency distribution, the share of it spent computing (CPU time
+each operator over tables of 1, 2, 4 ... ``max_batch`` rows cut from ``sample`` (one row at a
+time over several of its rows, each about twice, so that the cost that follows the input can be
+told from the noise that does not), and records per operator and batch size its latency
+distribution, the share of it spent computing (CPU time
 over wall time: 1 is CPU-bound, near 0 waits on sleep, I/O or a device) and its output size.
 The planner (``flowkit.planner``) predicts a deployment's latency from these.
 
@@ -56,6 +58,7 @@ class OpProfile:
     batching: bool = False
     high_variance: bool = False
     gpu: bool = False
+    input_rows: tuple[int, ...] = ()   # the sample row each one-row run took (parallel to latencies[1])
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -94,6 +97,28 @@ class OpProfile:
         m = float(np.mean(s))
         return float(np.std(s)) / m if m > 0 else 0.0
 
+    def by_input(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """One row's latency split into what follows the input and what does not: each input's
+        mean (ms), and the noise — every run divided by its input's mean, pooled over the inputs
+        run more than once (``[1.0]``: none was, no noise seen). None when the runs' inputs are
+        unknown (a profile written by hand without ``input_rows``). Racing replicas of a stage
+        cuts only the noise: replicas given the same input all pay that input's own cost.
+
+        >>> op = OpProfile("t", "map", {1: (10.0, 30.0, 11.0, 29.0)}, input_rows=(0, 1, 0, 1))
+        >>> means, noise = op.by_input()
+        >>> means.tolist(), noise.round(3).tolist()
+        ([10.5, 29.5], [0.952, 1.048, 1.017, 0.983])
+        """
+        runs = self.latencies.get(1, ())
+        if not self.input_rows or len(self.input_rows) != len(runs):
+            return None
+        per: dict[int, list[float]] = {}
+        for row, ms in zip(self.input_rows, runs):
+            per.setdefault(row, []).append(ms)
+        means = np.array([np.mean(v) for v in per.values()])
+        noise = [x / m for v, m in zip(per.values(), means) if len(v) > 1 and m > 0 for x in v]
+        return means, np.array(noise or [1.0])
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -118,11 +143,12 @@ class Profile:
     @classmethod
     def from_latencies(cls, latencies: Mapping[str, Mapping[int, Sequence[float]]], *, cpu_share: float = 1.0,
                        batching: Sequence[str] = (), high_variance: Sequence[str] = (),
-                       version: str = "") -> "Profile":
-        """A profile written by hand: ``{op: {batch: [ms, ...]}}`` (for tests and what-ifs)."""
+                       input_rows: Sequence[int] = (), version: str = "") -> "Profile":
+        """A profile written by hand: ``{op: {batch: [ms, ...]}}`` (for tests and what-ifs);
+        ``input_rows``: the input each one-row run took, the same for every operator."""
         return cls({name: OpProfile(name, "map", {int(b): tuple(map(float, v)) for b, v in per.items()},
                                     cpu_share=cpu_share, batching=name in batching,
-                                    high_variance=name in high_variance)
+                                    high_variance=name in high_variance, input_rows=tuple(input_rows))
                     for name, per in latencies.items()}, version=version)
 
     def table(self):
@@ -285,7 +311,7 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
         ops[op.name] = OpProfile(op.name, op.kind, {int(b): tuple(v) for b, v in r["latencies"].items()},
                                  cpu_share=r["cpu_share"], out_bytes_per_row=r["out_bytes_per_row"],
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
-                                 gpu=op.is_gpu)
+                                 gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
                    notes=tuple(raw["notes"]))
     _CACHE[key] = prof
@@ -314,12 +340,21 @@ def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: in
     out_bytes: dict[str, list[float]] = {op.name: [] for op in ops}
     notes: list[str] = []
 
-    def batch(n: int) -> Table:
-        idx = [i % len(sample) for i in range(n)]
+    # One row at a time, the runs take turns over up to repeats/2 of the sample's rows (each
+    # input about twice: what follows the input, and what does not, see OpProfile.by_input);
+    # a batch of n rows starts where the previous one ended.
+    distinct = min(len(sample), max(1, repeats // 2))
+    input_rows: list[int] = []
+
+    def batch(n: int, r: int) -> Table:
+        start = r % distinct if n == 1 else r * n
+        idx = [(start + i) % len(sample) for i in range(n)]
         return Table._make(sample.schema, [sample.rows[i] for i in idx], list(range(n)))
 
-    def one_pass(n: int, record: bool) -> None:
-        env = {plan.source.name: batch(n)}
+    def one_pass(n: int, r: int, record: bool) -> None:
+        env = {plan.source.name: batch(n, r)}
+        if record and n == 1:
+            input_rows.append(r % distinct)
         for op in ops:
             inputs = [env[i] for i in op.inputs]
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -332,13 +367,13 @@ def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: in
                 if n == sizes[-1] and not out_bytes[op.name] and isinstance(out, Table) and len(out):
                     out_bytes[op.name].append(len(dumps(out)) / len(out))   # at the largest batch: header amortized
 
-    one_pass(sizes[0], record=False)   # warm-up: class operators are created, caches filled
+    one_pass(sizes[0], 0, record=False)   # warm-up: class operators are created, caches filled
     started = time.perf_counter()
     per_size = budget_s / len(sizes)
     for n in sizes:
         t_size = time.perf_counter()
         for r in range(repeats):
-            one_pass(n, record=True)
+            one_pass(n, r, record=True)
             if r >= 2 and time.perf_counter() - t_size > per_size:
                 notes.append(f"batch {n}: {r + 1} runs (the time budget ran out)")
                 break
@@ -350,4 +385,4 @@ def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: in
         result[op.name] = {"latencies": lat[op.name], "cpu_share": share,
                            "out_bytes_per_row": float(np.mean(ob)) if ob else 0.0}
     notes.append(f"measured in {time.perf_counter() - started:.2f} s")
-    return {"ops": result, "worker": get_worker().address, "notes": notes}
+    return {"ops": result, "worker": get_worker().address, "notes": notes, "input_rows": input_rows}

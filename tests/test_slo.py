@@ -14,7 +14,7 @@ import pytest
 
 import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
-                             plan_slo, predict, stage_specs, _candidate)
+                             plan_slo, predict, search_knobs, stage_specs, _candidate)
 from flowkit.profiling import OpProfile, Profile, flow_version
 from flowkit.runtime.replanner import Replan, decide
 
@@ -164,6 +164,43 @@ def test_racing_cuts_a_high_variance_stage_tail_at_the_cost_of_work():
     assert three.stages[0].demand_ms > one.stages[0].demand_ms
 
 
+def input_driven(seed: int = 3, inputs: int = 20, noise: float = 0.02) -> tuple[list[float], list[int]]:
+    """Two runs of each of ``inputs`` inputs whose own costs are lognormal: a translator's time
+    follows the sentence's length, and a run differs from the other of its input by ``noise``."""
+    rng = np.random.default_rng(seed)
+    cost = rng.lognormal(np.log(3), 0.8, inputs)
+    rows = list(range(inputs)) * 2
+    return [float(cost[r] * rng.normal(1, noise)) for r in rows], rows
+
+
+def test_racing_does_not_pay_where_the_latency_follows_the_input():
+    runs, rows = input_driven()
+    f = fk.Flow("translation", {"x": int})
+    f.map(translate, names=["t"], high_variance=True)
+    by_input = Profile.from_latencies({"translate": {1: runs}}, high_variance=["translate"], input_rows=rows)
+    rng = np.random.default_rng(4)   # the same runs, each paired with another input's at random: noise
+    as_noise = Profile.from_latencies({"translate": {1: runs}}, high_variance=["translate"],
+                                      input_rows=[int(r) for r in rng.permutation(rows)])
+    res = Resources(max_workers=3, cores=3)
+    for prof, pays in ((by_input, False), (as_noise, True)):
+        spec = StageSpec("translate", (prof["translate"],), high_variance=True)
+        one = predict([spec], Knobs(race=(("translate", 1),), workers=3), 10, res, NO_OVERHEAD)
+        three = predict([spec], Knobs(race=(("translate", 3),), workers=3), 10, res, NO_OVERHEAD)
+        assert (three.stages[0].p99_ms < 0.9 * one.stages[0].p99_ms) is pays
+        assert one.stages[0].p99_ms > 2 * one.stages[0].p50_ms   # both have the long tail itself
+        knobs, _ = search_knobs([spec], Knobs(race=(("translate", 1),), workers=3), 10, res, NO_OVERHEAD, 1, 1000)
+        assert (knobs.race_of("translate") > 1) is pays
+
+
+def test_the_stages_of_one_request_see_the_same_input():
+    runs, rows = input_driven(noise=0.0)
+    prof = Profile.from_latencies({"a": {1: runs}, "b": {1: runs}}, input_rows=rows)
+    specs = [StageSpec("a", (prof["a"],)), StageSpec("b", (prof["b"],))]
+    p = predict(specs, Knobs(), 1, Resources(1, cores=1), NO_OVERHEAD)
+    # a long input is long in both stages: the sum's p99 is twice one stage's, not less
+    assert p.service_p99_ms == pytest.approx(2 * p.stages[0].p99_ms, rel=0.01)
+
+
 def test_the_same_inputs_predict_the_same_numbers():
     prof = cascade_profile()
     specs = stage_specs(_candidate(cascade(), False), prof)
@@ -286,6 +323,9 @@ def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
         assert op.p50(4) > op.p50(1) > 0   # row-wise: four rows take longer than one
         assert op.out_bytes_per_row > 0
     assert prof["slow"].cpu_share < prof["spin"].cpu_share
+    for op in prof.ops.values():   # one row at a time, the runs took turns over two of the three rows
+        assert len(op.input_rows) == len(op.latencies[1]) and set(op.input_rows) == {0, 1}
+        assert len(op.by_input()[0]) == 2
     again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
     assert again is prof   # the same flow version: from the cache
 
