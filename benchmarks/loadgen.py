@@ -7,6 +7,10 @@ for ``--seconds``, sent by ``--connections`` keep-alive connections; each latenc
 the request's *scheduled* time (a backlog is not hidden), and a request that fails (any status
 but 200, a broken connection, no answer within ``--timeout``) is a miss, never a success.
 
+Every answer is kept too, the distinct ones per request body (``answers``: body index -> up to
+``ANSWERS_KEPT`` distinct answers), so the harness can check that a system under load still
+answers each request correctly, not only quickly.
+
     python benchmarks/loadgen.py --url http://127.0.0.1:8000/predict --body body.json --closed 2000
     python benchmarks/loadgen.py --url ... --body body.json --rate 200 --seconds 10
 """
@@ -36,14 +40,30 @@ class Connection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+ANSWERS_KEPT = 4   # distinct answers kept per request body (a batched model's last digits may differ)
+
+
 class Endpoint:
+    """Where to send, and what: one body (``next_body`` gives it, index 0, every time)."""
+
     def __init__(self, url: str, body: bytes, timeout: float):
         parts = urlsplit(url)
         self.host, self.port, self.path = parts.hostname, parts.port, parts.path
         self.body, self.timeout = body, timeout
+        self.answers: dict[int, set[bytes]] = {}
+        self._answers_lock = threading.Lock()
+
+    def next_body(self) -> tuple[int, bytes]:
+        return 0, self.body
 
     def connect(self) -> http.client.HTTPConnection:
         return Connection(self.host, self.port, timeout=self.timeout)
+
+    def _answered(self, index: int, data: bytes) -> None:
+        with self._answers_lock:
+            seen = self.answers.setdefault(index, set())
+            if len(seen) < ANSWERS_KEPT:
+                seen.add(data)
 
     def send(self, conn) -> tuple[bool, http.client.HTTPConnection]:
         """One request on ``conn``: whether it got a 200, and the connection to use next.
@@ -55,10 +75,13 @@ class Endpoint:
         if conn.sock is not None and _readable(conn.sock):   # readable while idle: closed
             conn.close()
             conn = self.connect()
+        index, body = self.next_body()
         try:
-            conn.request("POST", self.path, self.body, {"Content-Type": "application/json"})
+            conn.request("POST", self.path, body, {"Content-Type": "application/json"})
             r = conn.getresponse()
-            r.read()
+            data = r.read()
+            if r.status == 200:
+                self._answered(index, data)
             return r.status == 200, conn
         except (OSError, http.client.HTTPException):
             conn.close()
@@ -142,6 +165,7 @@ def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> Non
     else:
         ep = endpoint(a.url, a.body_file, a.timeout)
     out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed)
+    out["answers"] = {str(i): sorted(x.decode() for x in seen) for i, seen in ep.answers.items()}
     json.dump(out, sys.stdout)
 
 

@@ -23,7 +23,8 @@ Harness, per pipeline and repetition (the systems' order alternates between repe
     a failure or a timeout (10 s) is a miss; each rate runs long enough that the repetitions
     together put >= 2,000 requests behind its p99; the sweep stops at the first rate that does not
     hold 99% within the pipeline's target (the "highest rate held" is monotone, and the lowest
-    over the repetitions).
+    over the repetitions). Every distinct answer the load generator got is checked against the
+    expected one: a rate with a wrong answer does not hold (--quick: it fails the run).
   - Between systems: the system is stopped, then the machine idles (``IDLE_S``); between rates
     it drains (``DRAIN_S``).
   - Per system: CPU utilization (cores busy, of its own processes) and peak RSS (their sum),
@@ -62,7 +63,7 @@ from peers import runner as peers  # noqa: E402
 from pipelines import EXTRA, PIPELINES  # noqa: E402
 
 RATES = {"cascade": [10, 20, 30, 45], "video": [20, 50, 100, 200], "translation": [10, 25, 50, 100],
-         "recommender": [50, 100, 200, 400], "heavy": [5, 10, 20, 40]}
+         "recommender": [50, 100, 200, 400], "heavy": [10, 20, 40, 80]}
 CLOSED, WARMUP = 2000, 200          # closed-loop requests per system and repetition (>= 2,000 behind a p99)
 OPEN_REQUESTS, MIN_SECONDS = 2000, 10.0   # per rate, over all repetitions together; and at least this long
 TIMEOUT_S, DRAIN_S, IDLE_S = 10.0, 3.0, 10.0
@@ -155,15 +156,41 @@ def loadgen(url: str, bodies: Path, *args: str) -> dict:
     return json.loads(out)
 
 
+def wrong_answers(answers: dict, expected: list[dict]) -> list[str]:
+    """The distinct answers a load generator got (``answers``: request index -> answers) that are
+    not the expected ones: a system must still answer correctly under load, not only quickly."""
+    bad = []
+    for i, texts in answers.items():
+        for text in texts:
+            try:
+                got = json.loads(text)["rows"][0]
+                got.pop("qid", None)
+                ok = same(got, expected[int(i)])
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                ok = False
+            if not ok:
+                bad.append(f"request {i}: {text[:200]}")
+    return bad
+
+
 def seconds_for(rate: float, reps: int, quick: bool) -> float:
     return 0.5 if quick else max(MIN_SECONDS, math.ceil(OPEN_REQUESTS / (rate * reps)))
 
 
-def measure_http(name: str, sys_name: str, url: str, bodies: Path, procs, mod, reps: int, quick: bool,
-                 baseline=None) -> dict:
+def measure_http(name: str, sys_name: str, url: str, bodies: Path, expected: list[dict], procs, mod, reps: int,
+                 quick: bool, baseline=None) -> dict:
     closed_n, warmup = (10, 2) if quick else (CLOSED, WARMUP)
+
+    def checked(out: dict, what: str) -> int:
+        bad = wrong_answers(out["answers"], expected)
+        for b in bad[:3]:
+            print(f"WRONG ANSWER {name} / {sys_name} ({what}): {b}", flush=True)
+        assert not (quick and bad), f"{name} / {sys_name} answered wrongly under load: {bad[:3]}"
+        return len(bad)
+
     with Monitor(procs, baseline) as mon:
         c = loadgen(url, bodies, "--closed", str(closed_n), "--warmup", str(warmup))
+        c_wrong = checked(c, "closed loop")
         t_closed = time.perf_counter() - mon.t0
         cpu_closed = mon.cpu
         sweep = []
@@ -173,12 +200,15 @@ def measure_http(name: str, sys_name: str, url: str, bodies: Path, procs, mod, r
             o = loadgen(url, bodies, "--rate", str(rate), "--seconds", str(secs), "--seed", str(rate))
             lat = [x for x in o["latencies_ms"] if x is not None]
             within = sum(1 for x in lat if x <= mod.TARGET_MS) / max(1, o["sent"])
+            wrong = checked(o, f"{rate}/s")
             sweep.append({"pipeline": name, "system": sys_name, "rate": rate, "seconds": secs, "sent": o["sent"],
-                          "completed": len(lat), "latencies_ms": lat, "within_target": within})
-            if within < 0.99:
+                          "completed": len(lat), "latencies_ms": lat, "within_target": within,
+                          "wrong_answers": wrong})
+            if within < 0.99 or wrong:
                 break
     ms = c["latencies_ms"]
     return {"closed": {"pipeline": name, "system": sys_name, "n": len(ms), "failures": c["failures"],
+                       "wrong_answers": c_wrong,
                        "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99) if not c["failures"] else float("inf"),
                        "p99.9_ms": percentile(ms, 99.9) if len(ms) >= 10_000 else None,
                        "cpu_ms_per_request": cpu_closed * 1000 / max(1, closed_n + warmup),
@@ -392,7 +422,8 @@ def _run_rep(name, mod, reqs, expected, bodies, systems, shared, rep, reps, quic
                 got = {"closed": {"pipeline": name, "system": sys_name, "n": 0, "failures": 0, "p50_ms": None,
                                   "p99_ms": None, "cpu_util_cores": None, "peak_rss_mb": 0.0}, "open": []}
             elif "url" in s:
-                got = measure_http(name, sys_name, s["url"], bodies, s["procs"], mod, reps, quick, s.get("baseline"))
+                got = measure_http(name, sys_name, s["url"], bodies, expected, s["procs"], mod, reps, quick,
+                                   s.get("baseline"))
             else:
                 got = measure_api(name, sys_name, call, reqs, s["procs"], quick, s.get("baseline"))
         got["rep"] = rep
@@ -409,7 +440,7 @@ def _run_rep(name, mod, reqs, expected, bodies, systems, shared, rep, reps, quic
 def held_rate(sweep: list[dict]):
     best = None
     for r in sorted(sweep, key=lambda r: r["rate"]):
-        if r["within_target"] < 0.99 or r["completed"] < r["sent"]:
+        if r["within_target"] < 0.99 or r["completed"] < r["sent"] or r.get("wrong_answers"):
             break
         best = r["rate"]
     return best
@@ -434,7 +465,8 @@ def summarize(name: str, runs: list[dict], reps: int) -> tuple[list, list]:
             return f"{min(vals):.3g}-{max(vals):.3g}" if vals else None
 
         closed.append({"pipeline": name, "system": s, "reps": len(cs), "n": min(c["n"] for c in cs),
-                       "failures": sum(c["failures"] for c in cs), "p50_ms": med("p50_ms"), "p50 spread": spread("p50_ms"),
+                       "failures": sum(c["failures"] for c in cs),
+                       "wrong_answers": sum(c.get("wrong_answers", 0) for c in cs), "p50_ms": med("p50_ms"), "p50 spread": spread("p50_ms"),
                        "p99_ms": med("p99_ms"), "p99 spread": spread("p99_ms"), "p99.9_ms": med("p99.9_ms"),
                        "cpu_ms_per_request": med("cpu_ms_per_request"), "cpu_util_cores": med("cpu_util_cores"),
                        "peak_rss_mb": max(c["peak_rss_mb"] for c in cs)})
@@ -447,7 +479,8 @@ def summarize(name: str, runs: list[dict], reps: int) -> tuple[list, list]:
             sent, done = sum(a["sent"] for a in at), sum(a["completed"] for a in at)
             within = min(a["within_target"] for a in at) if len(at) == len(mine) else 0.0
             opened.append({"pipeline": name, "system": s, "rate": rate, "reps": len(at), "seconds": at[0]["seconds"],
-                           "sent": sent, "completed": done, "p50_ms": percentile(lat, 50),
+                           "sent": sent, "completed": done, "wrong_answers": sum(a.get("wrong_answers", 0) for a in at),
+                           "p50_ms": percentile(lat, 50),
                            "p99_ms": percentile(lat, 99) if done == sent else float("inf"),
                            "p99_n": len(lat), "target_ms": mod.TARGET_MS, "within_target": within,
                            "within_target_spread": f"{min(a['within_target'] for a in at):.3f}-"

@@ -87,10 +87,11 @@ def provenance(name, d: dict | None = None) -> str:
 
 def held(rows: list[dict], key: str = "within_target", need: float = 0.99):
     """The highest rate held, monotone: the sweep stops at the first rate that fails (failures and
-    timeouts count as misses). None when the lowest rate fails."""
+    timeouts count as misses, a wrong answer fails the rate). None when the lowest rate fails."""
     best = None
     for r in sorted(rows, key=lambda r: r["rate"]):
-        ok = r.get(key, 0) >= need and r.get("completed", r.get("sent")) == r.get("sent") and not r.get("errors")
+        ok = (r.get(key, 0) >= need and r.get("completed", r.get("sent")) == r.get("sent") and not r.get("errors")
+              and not r.get("wrong_answers"))
         if not ok:
             break
         best = r["rate"]

