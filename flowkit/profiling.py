@@ -129,6 +129,7 @@ class Profile:
     worker: str = ""
     seconds: float = 0.0                      # how long measuring took
     notes: tuple[str, ...] = field(default=())
+    request_ms: tuple[float, ...] = ()        # the cluster's request path: a do-nothing flow's latencies
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -180,7 +181,9 @@ class Profile:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{op.name}: {op.p50(1):.3g} ms" for op in self.ops.values())
-        return f"<Profile {self.version[:12] or '(by hand)'}: p50 at batch 1 — {parts}>"
+        path = (f"; request path p50 {np.percentile(self.request_ms, 50):.3g} ms, p99 "
+                f"{np.percentile(self.request_ms, 99):.3g} ms" if self.request_ms else "")
+        return f"<Profile {self.version[:12] or '(by hand)'}: p50 at batch 1 — {parts}{path}>"
 
 
 # -- the flow's version -------------------------------------------------------------------------
@@ -260,14 +263,16 @@ def clear_cache() -> None:
 # -- measuring ----------------------------------------------------------------------------------
 def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequence[int] = BATCH_SIZES,
             repeats: int = 20, budget_s: float = 20.0, store: Mapping[Any, Any] | None = None,
-            refresh: bool = False, timeout: float = 120.0) -> Profile:
+            refresh: bool = False, timeout: float = 120.0, request_path: int = 200) -> Profile:
     """Measure every operator of ``flow`` on a worker of ``cluster`` (a ``distributed.Client``,
     a dask cluster, a scheduler address, or None: an embedded one-worker cluster started for
     this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times (fewer where an
     operator would take the measurement past ``budget_s`` seconds in all); ``sample`` is the
     input (a Table, a DataFrame, records...) whose rows are cycled to make each batch, ``store``
-    the objects lookups read. Cached per flow version and batch sizes (``refresh=True``
-    measures again).
+    the objects lookups read. Then the cluster's request path: a flow that does nothing,
+    deployed there and called ``request_path`` times one after another (0: not measured; the
+    planner then assumes ``Overheads``' defaults). Cached per flow version and batch sizes
+    (``refresh=True`` measures again).
     """
     if not isinstance(flow, Flow):
         raise FlowError(f"profile needs a Flow, not {type(flow).__name__}")
@@ -297,6 +302,7 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
         fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, budget_s,
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
+        path = request_path_ms(client, request_path) if request_path else ()
     finally:
         for thing in owned:
             try:
@@ -313,9 +319,30 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
                                  gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
-                   notes=tuple(raw["notes"]))
+                   notes=tuple(raw["notes"]), request_ms=path)
     _CACHE[key] = prof
     return prof
+
+
+def _nothing(row):
+    return row["x"]
+
+
+def request_path_ms(client, n: int = 200, warmup: int = 20) -> tuple[float, ...]:
+    """The request path's own latencies (ms) on ``client``'s cluster: a one-operator flow that
+    does nothing, deployed there and called ``n`` times one after another (after ``warmup``)."""
+    from .runtime.deployment import deploy
+
+    f = Flow("flowkit-request-path", {"x": int})
+    f.map(_nothing, names=["y"])
+    out = []
+    with deploy(f, cluster=client, optimize=False) as dep:
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            dep.run({"x": [i]})
+            if i >= warmup:
+                out.append((time.perf_counter() - t0) * 1000)
+    return tuple(out)
 
 
 def _marked(op: Op, flag: str) -> bool:

@@ -201,6 +201,20 @@ def test_the_stages_of_one_request_see_the_same_input():
     assert p.service_p99_ms == pytest.approx(2 * p.stages[0].p99_ms, rel=0.01)
 
 
+def test_the_request_path_a_profile_measured_is_part_of_the_prediction():
+    f, prof = single(ms=2.0)
+    spec = stage_specs(_candidate(f, True), prof)
+    assert Overheads.of(prof) == Overheads()   # nothing measured: the defaults
+    slow_tail = Profile(prof.ops, request_ms=(0.5,) * 95 + (12.0,) * 5)
+    measured = Overheads.of(slow_tail)
+    assert measured.request_ms == 0.5 and len(measured.request_samples) == 100
+    default = predict(spec, Knobs(), 10, Resources(1), Overheads())
+    drawn = predict(spec, Knobs(), 10, Resources(1), measured)
+    assert drawn.p50_ms < default.p50_ms   # a faster path than assumed at the median...
+    assert drawn.p99_ms > default.p99_ms + 9   # ...with its own tail, which the constant hid
+    assert plan_slo(f, slow_tail, 100, 10, Resources(1)).overheads == measured
+
+
 def test_the_same_inputs_predict_the_same_numbers():
     prof = cascade_profile()
     specs = stage_specs(_candidate(cascade(), False), prof)
@@ -315,8 +329,11 @@ def live_flow() -> fk.Flow:
 
 def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
     flow = live_flow()
-    prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 4), repeats=5, refresh=True)
+    prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 4), repeats=5, refresh=True,
+                      request_path=30)
     assert set(prof.ops) == {"slow", "spin"}
+    assert len(prof.request_ms) == 30 and min(prof.request_ms) > 0   # the cluster's own request path
+    assert "request path p50" in repr(prof)
     assert prof.worker.startswith("tcp://") and prof.version == flow_version(flow)
     for op in prof.ops.values():
         assert op.batch_sizes == (1, 4) and all(len(v) >= 3 for v in op.latencies.values())
