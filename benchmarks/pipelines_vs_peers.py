@@ -65,7 +65,7 @@ from pipelines import EXTRA, PIPELINES  # noqa: E402
 # Each pipeline's open-loop rates rise toward what two cores can serve, so that the highest rate
 # held tells the systems apart (the cascade's, 10-45/s until 2026-11-30, stopped at a quarter of it).
 RATES = {"cascade": [25, 50, 100, 150], "video": [20, 50, 100, 200], "translation": [10, 25, 50, 100],
-         "recommender": [50, 100, 200, 400], "heavy": [10, 20, 40, 80]}
+         "recommender": [50, 100, 200, 400], "heavy": [20, 40, 80, 160]}
 CLOSED, WARMUP = 2000, 200          # closed-loop requests per system and repetition (>= 2,000 behind a p99)
 OPEN_REQUESTS, MIN_SECONDS = 2000, 10.0   # per rate, over all repetitions together; and at least this long
 TIMEOUT_S, DRAIN_S, IDLE_S = 10.0, 3.0, 10.0
