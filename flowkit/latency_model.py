@@ -14,8 +14,8 @@ for all its stages:
 - a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
   workers until it finishes; the draws share the request's input and differ only by the noise
   the profile saw around each input's own cost (``OpProfile.by_input``): a stage whose latency
-  follows its input gains nothing from a race; a CPU-bound one is hedged (``runtime/racing.py``): the others
-  start only after the first has run for the stage's p95;
+  follows its input gains nothing from a race; a CPU-bound one is hedged
+  (``runtime/racing.py``): the others start only after the first has run for the stage's p95;
 - every other stage takes one draw, at the request's ``r`` rows.
 
 Requests then queue for the cluster's servers, an M/G/c queue (least-loaded routing is close

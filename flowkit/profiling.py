@@ -5,9 +5,10 @@ embedded one by default: one worker process, started for the measurement and sto
 each operator over tables of 1, 2, 4 ... ``max_batch`` rows cut from ``sample`` (one row at a
 time over several of its rows, each about twice, so that the cost that follows the input can be
 told from the noise that does not), and records per operator and batch size its latency
-distribution, the share of it spent computing (CPU time
-over wall time: 1 is CPU-bound, near 0 waits on sleep, I/O or a device) and its output size.
-The planner (``flowkit.planner``) predicts a deployment's latency from these.
+distribution, the share of it spent computing (CPU time over wall time: 1 is CPU-bound, near 0
+waits on sleep, I/O or a device) and its output size; then the cluster's request path (a flow
+that does nothing, deployed and called there). The planner (``flowkit.planner``) predicts a
+deployment's latency from these.
 
 A profile is cached per flow version (``flow_version``: a hash of the plan and of its
 functions' code), so ``fk.profile`` then ``fk.deploy(flow, slo_ms=..., rate=...)`` measures once.
