@@ -165,7 +165,7 @@ def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> Non
     else:
         ep = endpoint(a.url, a.body_file, a.timeout)
     out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed)
-    out["answers"] = {str(i): sorted(x.decode() for x in seen) for i, seen in ep.answers.items()}
+    out["answers"] = {str(i): sorted(x.decode(errors="replace") for x in seen) for i, seen in ep.answers.items()}
     json.dump(out, sys.stdout)
 
 

@@ -192,6 +192,8 @@ def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict
         at = json.loads((tmp / "replicas.json").read_text())[-1][0] if (tmp / "replicas.json").exists() else 0
         r = subprocess.run(gen + ["--rate", str(rate), "--seconds", str(seconds), "--connections", "64",
                                   "--timeout", "20"], capture_output=True, text=True, timeout=seconds + 120)
+        if r.returncode or not r.stdout.strip():
+            raise RuntimeError(f"the load generator failed ({r.returncode}): {r.stderr.strip()[-300:]}")
         lat = np.array([math.nan if x is None else x for x in json.loads(r.stdout)["latencies_ms"]])
         seen = json.loads((tmp / "replicas.json").read_text()) if (tmp / "replicas.json").exists() else []
         during = [n for t, n in seen if t >= at and n is not None] or [0]
