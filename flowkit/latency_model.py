@@ -60,27 +60,10 @@ class Resources:
 @dataclass(frozen=True)
 class Overheads:
     """Costs outside the operators: ``request_ms`` per request (client to worker and back),
-    ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races).
-    ``request_samples``: the request path's latencies (ms) measured on the cluster
-    (``Profile.request_ms``); when given, each request draws one of them instead of paying
-    ``request_ms``, so the path's own tail is part of the prediction."""
+    ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races)."""
 
     request_ms: float = 1.0
     stage_ms: float = 0.15
-    request_samples: tuple[float, ...] = ()
-
-    @classmethod
-    def of(cls, profile) -> "Overheads":
-        """The overheads a profile measured (its request path), else the defaults."""
-        samples = tuple(getattr(profile, "request_ms", ()) or ())
-        return cls(float(np.median(samples)), request_samples=samples) if samples else cls()
-
-    def draw(self, rng, n: int) -> np.ndarray:
-        """``n`` requests' path latencies (ms)."""
-        if not self.request_samples:
-            return np.full(n, float(self.request_ms))
-        s = np.asarray(self.request_samples, dtype=float)
-        return s[rng.integers(0, len(s), n)]
 
 
 @dataclass(frozen=True)
@@ -263,8 +246,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         stages.append(StagePrediction(s.name, float(np.percentile(svc, 50)), float(np.percentile(svc, 99)),
                                       float(np.percentile(wait, 99)), rows_in, b, w_ms if b > 1 else 0.0, k,
                                       float(busy.mean()), share))
-    overhead = (overheads.draw(np.random.default_rng([seed, 2]), n)
-                + (0.0 if simple else overheads.stage_ms * len(specs)))
+    overhead = overheads.request_ms + (0.0 if simple else overheads.stage_ms * len(specs))
     threads = W * resources.threads_per_worker * (1 if simple else 8)   # (the executor's pool: see executor.py)
     cores = min(resources.cores or W * resources.threads_per_worker, W * resources.threads_per_worker)
     rho_t = rate * wall.mean() / 1000 / threads
@@ -276,7 +258,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     service = lat + overhead
     if util >= 1:
         return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
-                          float(overhead.mean()), float(wall.mean()), tuple(stages))
+                          overhead, float(wall.mean()), tuple(stages))
     mean_d = float(demand.mean())
     cs2 = float(demand.var() / mean_d ** 2) if mean_d > 0 else 0.0
     pw = erlang_c(c, util * c)
@@ -284,8 +266,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     queue = np.where(rng.random(n) < pw, rng.exponential(mean_wait, n), 0.0) if mean_wait > 0 else np.zeros(n)
     total = service + queue
     return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
-                      float(np.percentile(queue, 99)), float(np.percentile(service, 99)), float(overhead.mean()),
-                      float(wall.mean()),
+                      float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(wall.mean()),
                       tuple(stages))
 
 

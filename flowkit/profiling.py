@@ -6,9 +6,8 @@ each operator over tables of 1, 2, 4 ... ``max_batch`` rows cut from ``sample`` 
 time over several of its rows, each about twice, so that the cost that follows the input can be
 told from the noise that does not), and records per operator and batch size its latency
 distribution, the share of it spent computing (CPU time over wall time: 1 is CPU-bound, near 0
-waits on sleep, I/O or a device) and its output size; then the cluster's request path (a flow
-that does nothing, deployed and called there). The planner (``flowkit.planner``) predicts a
-deployment's latency from these.
+waits on sleep, I/O or a device) and its output size. The planner (``flowkit.planner``)
+predicts a deployment's latency from these.
 
 A profile is cached per flow version (``flow_version``: a hash of the plan and of its
 functions' code), so ``fk.profile`` then ``fk.deploy(flow, slo_ms=..., rate=...)`` measures once.
@@ -100,15 +99,22 @@ class OpProfile:
 
     def by_input(self) -> tuple[np.ndarray, np.ndarray] | None:
         """One row's latency split into what follows the input and what does not: each input's
-        mean (ms), and the noise — every run divided by its input's mean, pooled over the inputs
-        run more than once (``[1.0]``: none was, no noise seen). None when the runs' inputs are
-        unknown (a profile written by hand without ``input_rows``). Racing replicas of a stage
-        cuts only the noise: replicas given the same input all pay that input's own cost.
+        mean (ms), and the noise — every run's ratio to its input's mean, pooled over the inputs
+        run more than once (a group of k runs' ratios widened by sqrt(k/(k-1)): a slow run also
+        raises its own input's mean). Racing replicas of a stage cuts only the noise: replicas
+        given the same input all pay that input's own cost.
+
+        None — the runs are then one distribution — when the runs' inputs are unknown (a profile
+        written by hand without ``input_rows``), when no input ran twice, or when the inputs'
+        means differ no more than the noise alone would make them (their spread is not
+        larger than the noise's: a stage whose latency is noise, whatever its input).
 
         >>> op = OpProfile("t", "map", {1: (10.0, 30.0, 11.0, 29.0)}, input_rows=(0, 1, 0, 1))
         >>> means, noise = op.by_input()
         >>> means.tolist(), noise.round(3).tolist()
-        ([10.5, 29.5], [0.952, 1.048, 1.017, 0.983])
+        ([10.5, 29.5], [0.933, 1.067, 1.024, 0.976])
+        >>> OpProfile("t", "map", {1: (10.0, 30.0, 30.0, 10.0)}, input_rows=(0, 1, 0, 1)).by_input() is None
+        True
         """
         runs = self.latencies.get(1, ())
         if not self.input_rows or len(self.input_rows) != len(runs):
@@ -116,8 +122,16 @@ class OpProfile:
         per: dict[int, list[float]] = {}
         for row, ms in zip(self.input_rows, runs):
             per.setdefault(row, []).append(ms)
-        means = np.array([np.mean(v) for v in per.values()])
-        noise = [x / m for v, m in zip(per.values(), means) if len(v) > 1 and m > 0 for x in v]
+        groups = [np.asarray(v) for v in per.values()]
+        twice = [g for g in groups if len(g) > 1]
+        if not twice:
+            return None
+        within = float(np.mean([g.var(ddof=1) for g in twice]))          # the noise's variance
+        means = np.array([g.mean() for g in groups])
+        between = float(means.var(ddof=1)) - within / np.mean([len(g) for g in groups]) if len(means) > 1 else 0.0
+        if between <= within:
+            return None
+        noise = [1 + (x / g.mean() - 1) * np.sqrt(len(g) / (len(g) - 1)) for g in twice if g.mean() > 0 for x in g]
         return means, np.array(noise or [1.0])
 
 
@@ -130,7 +144,6 @@ class Profile:
     worker: str = ""
     seconds: float = 0.0                      # how long measuring took
     notes: tuple[str, ...] = field(default=())
-    request_ms: tuple[float, ...] = ()        # the cluster's request path: a do-nothing flow's latencies
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -182,9 +195,7 @@ class Profile:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{op.name}: {op.p50(1):.3g} ms" for op in self.ops.values())
-        path = (f"; request path p50 {np.percentile(self.request_ms, 50):.3g} ms, p99 "
-                f"{np.percentile(self.request_ms, 99):.3g} ms" if self.request_ms else "")
-        return f"<Profile {self.version[:12] or '(by hand)'}: p50 at batch 1 — {parts}{path}>"
+        return f"<Profile {self.version[:12] or '(by hand)'}: p50 at batch 1 — {parts}>"
 
 
 # -- the flow's version -------------------------------------------------------------------------
@@ -264,16 +275,14 @@ def clear_cache() -> None:
 # -- measuring ----------------------------------------------------------------------------------
 def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequence[int] = BATCH_SIZES,
             repeats: int = 20, budget_s: float = 20.0, store: Mapping[Any, Any] | None = None,
-            refresh: bool = False, timeout: float = 120.0, request_path: int = 200) -> Profile:
+            refresh: bool = False, timeout: float = 120.0) -> Profile:
     """Measure every operator of ``flow`` on a worker of ``cluster`` (a ``distributed.Client``,
     a dask cluster, a scheduler address, or None: an embedded one-worker cluster started for
     this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times (fewer where an
     operator would take the measurement past ``budget_s`` seconds in all); ``sample`` is the
     input (a Table, a DataFrame, records...) whose rows are cycled to make each batch, ``store``
-    the objects lookups read. Then the cluster's request path: a flow that does nothing,
-    deployed there and called ``request_path`` times one after another (0: not measured; the
-    planner then assumes ``Overheads``' defaults). Cached per flow version and batch sizes
-    (``refresh=True`` measures again).
+    the objects lookups read. Cached per flow version and batch sizes (``refresh=True``
+    measures again).
     """
     if not isinstance(flow, Flow):
         raise FlowError(f"profile needs a Flow, not {type(flow).__name__}")
@@ -303,7 +312,6 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
         fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, budget_s,
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
-        path = request_path_ms(client, request_path) if request_path else ()
     finally:
         for thing in owned:
             try:
@@ -320,30 +328,9 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
                                  gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
-                   notes=tuple(raw["notes"]), request_ms=path)
+                   notes=tuple(raw["notes"]))
     _CACHE[key] = prof
     return prof
-
-
-def _nothing(row):
-    return row["x"]
-
-
-def request_path_ms(client, n: int = 200, warmup: int = 20) -> tuple[float, ...]:
-    """The request path's own latencies (ms) on ``client``'s cluster: a one-operator flow that
-    does nothing, deployed there and called ``n`` times one after another (after ``warmup``)."""
-    from .runtime.deployment import deploy
-
-    f = Flow("flowkit-request-path", {"x": int})
-    f.map(_nothing, names=["y"])
-    out = []
-    with deploy(f, cluster=client, optimize=False) as dep:
-        for i in range(warmup + n):
-            t0 = time.perf_counter()
-            dep.run({"x": [i]})
-            if i >= warmup:
-                out.append((time.perf_counter() - t0) * 1000)
-    return tuple(out)
 
 
 def _marked(op: Op, flag: str) -> bool:
