@@ -108,7 +108,7 @@ class StageSpec:
         of one request see the same input and replicas racing it differ only by the noise."""
         out = np.zeros(n)
         for m in self.members:
-            split = m.by_input() if inputs is not None and rows == 1 else None
+            split = m.by_input if inputs is not None and rows == 1 else None
             if split is not None:
                 means, noise = split
                 out += means[(inputs * len(means)).astype(int)] * noise[rng.integers(0, len(noise), n)]

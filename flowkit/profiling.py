@@ -26,6 +26,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -97,12 +98,14 @@ class OpProfile:
         m = float(np.mean(s))
         return float(np.std(s)) / m if m > 0 else 0.0
 
+    @cached_property
     def by_input(self) -> tuple[np.ndarray, np.ndarray] | None:
         """One row's latency split into what follows the input and what does not: each input's
         mean (ms), and the noise — every run's ratio to its input's mean, pooled over the inputs
         run more than once (a group of k runs' ratios widened by sqrt(k/(k-1)): a slow run also
         raises its own input's mean). Racing replicas of a stage cuts only the noise: replicas
-        given the same input all pay that input's own cost.
+        given the same input all pay that input's own cost. (Computed once: the planner's
+        search reads it for every candidate it predicts.)
 
         None — the runs are then one distribution — when the runs' inputs are unknown (a profile
         written by hand without ``input_rows``), when no input ran twice, or when the inputs'
@@ -110,10 +113,10 @@ class OpProfile:
         larger than the noise's: a stage whose latency is noise, whatever its input).
 
         >>> op = OpProfile("t", "map", {1: (10.0, 30.0, 11.0, 29.0)}, input_rows=(0, 1, 0, 1))
-        >>> means, noise = op.by_input()
+        >>> means, noise = op.by_input
         >>> means.tolist(), noise.round(3).tolist()
         ([10.5, 29.5], [0.933, 1.067, 1.024, 0.976])
-        >>> OpProfile("t", "map", {1: (10.0, 30.0, 30.0, 10.0)}, input_rows=(0, 1, 0, 1)).by_input() is None
+        >>> OpProfile("t", "map", {1: (10.0, 30.0, 30.0, 10.0)}, input_rows=(0, 1, 0, 1)).by_input is None
         True
         """
         runs = self.latencies.get(1, ())

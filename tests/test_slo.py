@@ -196,7 +196,7 @@ def test_a_stage_whose_latency_is_noise_keeps_its_tail_whatever_its_input():
     rng = np.random.default_rng(5)
     runs = rng.lognormal(np.log(3), 0.7, 40).tolist()   # the cascade's remote call: noise, 4 runs per input
     prof = Profile.from_latencies({"remote": {1: runs}}, input_rows=[i % 10 for i in range(40)])
-    assert prof["remote"].by_input() is None   # the inputs' means spread no more than the noise makes them
+    assert prof["remote"].by_input is None   # the inputs' means spread no more than the noise makes them
     spec = StageSpec("remote", (prof["remote"],))
     p = predict([spec], Knobs(), 1, Resources(1, cores=1), NO_OVERHEAD)
     assert p.stages[0].p99_ms == pytest.approx(np.percentile(runs, 99), rel=0.1)

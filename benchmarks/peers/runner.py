@@ -144,6 +144,13 @@ def ray_ready(pipelines, variants=("fused", "graph")) -> callable:
     return check
 
 
+def answer_row(data: bytes | str) -> dict:
+    """The row an HTTP answer carries (``{"rows": [row]}``), without flowkit's ``qid``."""
+    out = json.loads(data)["rows"][0]
+    out.pop("qid", None)
+    return out
+
+
 def encode_row(row: dict) -> dict:
     return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in row.items()}
 
@@ -174,9 +181,7 @@ class HTTPSystem:
                         raise
             if r.status != 200:
                 raise RuntimeError(f"{self.path}: HTTP {r.status}: {data[:200]!r}")
-            out = json.loads(data)["rows"][0]
-            out.pop("qid", None)
-            return out
+            return answer_row(data)
         except (OSError, http.client.HTTPException):
             conn.close()
             raise
