@@ -10,7 +10,12 @@ for all its stages:
 - a *batching* stage with ``(max_batch b, max_wait w)`` at ``λ/W`` requests/s per worker
   closes batches of ``n = min(b, r·(1 + λ/W·w'))`` rows (``w'``: the wait, shortened when
   ``b`` rows arrive sooner); a request waits ``U(0, w')`` for its batch, then the batch's
-  latency at ``n`` rows, and occupies the worker for its share ``r/n`` of the batch;
+  latency at ``n`` rows, and occupies the worker for its share ``r/n`` of the batch. An
+  *eager* stage (``Batching.eager``) waits only when it finds the worker's threads busy, then
+  no longer than one batch's run ``s(n)``: ``w'`` is ``min(w', s(n))``, waited with the
+  threads' utilization ``ρ`` (per thread: the other stages' unbatched means and this stage's
+  ``s(n)·r/n``, at ``λ/W``) as its probability, and ``n = min(b, r·(1 + ρ·λ/W·w'))``, found
+  together by iterating from ``n = r``;
 - a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
   workers until it finishes; the draws share the request's input and differ only by the noise
   the profile saw around each input's own cost (``OpProfile.by_input``): a stage whose latency
@@ -93,6 +98,7 @@ class StageSpec:
     max_batch: int = 32               # the operator's own cap on the batch
     high_variance: bool = False
     missing: tuple[str, ...] = ()     # members the profile lacks (costed as zero)
+    eager: bool = True                # batches go at once while the stage has a free thread
 
     @property
     def cpu_share(self) -> float:
@@ -133,7 +139,8 @@ def stage_specs(plan: Plan, profile) -> list[StageSpec]:
         batching = isinstance(op, Stage) and op.batching is not None
         caps = [m.max_batch for m in members if isinstance(m, Map) and m.batching and m.max_batch]
         hv = any(isinstance(m, Map) and m.high_variance for m in members)
-        specs.append(StageSpec(op.name, have, batching, min(caps) if caps else max(BATCHES), hv, missing))
+        eager = not op.is_gpu and (op.batching.eager if batching else True)
+        specs.append(StageSpec(op.name, have, batching, min(caps) if caps else max(BATCHES), hv, missing, eager))
     return specs
 
 
@@ -201,13 +208,18 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     >>> one = predict([spec], Knobs(batch=(("m", 1, 0.0),)), 200, Resources(1), Overheads(0, 0))
     >>> eight = predict([spec], Knobs(batch=(("m", 8, 20.0),)), 200, Resources(1), Overheads(0, 0))
     >>> one.utilization, one.holds, round(eight.stages[0].batch_rows, 1), eight.holds
-    (0.8, True, 5.0, True)
+    (0.8, True, 1.5, True)
+    >>> waiting = StageSpec("m", (prof["m"],), batching=True, eager=False)   # every batch waits to fill
+    >>> round(predict([waiting], Knobs(batch=(("m", 8, 20.0),)), 200, Resources(1), Overheads(0, 0)).stages[0].batch_rows, 1)
+    5.0
     """
     rng = np.random.default_rng(seed)
     W = knobs.workers
     lam_w = rate / W
     simple = _simple(specs, knobs)
     inputs = np.random.default_rng([seed, 1]).random(n)   # each request's input, for all its stages (StageSpec.draw)
+    alone_rng = np.random.default_rng([seed, 2])
+    alone = {s.name: float(s.draw(alone_rng, rows, n, inputs).mean()) for s in specs}   # each stage's mean, unbatched
     lat = np.zeros(n)
     wall = np.zeros(n)
     cpu = np.zeros(n)
@@ -221,8 +233,20 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         if s.batching and b > 1:
             fill_s = (b / rows - 1) / lam_w if lam_w > 0 else math.inf
             w_eff = min(w_ms / 1000, fill_s)
-            rows_in = min(float(b), rows * (1 + lam_w * w_eff))
-            wait = rng.uniform(0, w_eff * 1000, n)
+            waits = np.ones(n, bool)
+            if s.eager:   # the batch's rows and the worker's busy threads, found together
+                rows_in, w_busy, rho = float(rows), w_eff, 0.0
+                others = sum(v for name, v in alone.items() if name != s.name) / 1000
+                for _ in range(8):
+                    span = float(s.draw(rng, rows_in, n, inputs).mean()) / 1000   # one batch's run
+                    rho = min(1.0, lam_w * (others + span * rows / rows_in) / resources.threads_per_worker)
+                    w_busy = min(w_eff, span)
+                    rows_in = min(float(b), rows * (1 + rho * lam_w * w_busy))
+                w_eff = w_busy
+                waits = rng.random(n) < rho
+            else:
+                rows_in = min(float(b), rows * (1 + lam_w * w_eff))
+            wait = np.where(waits, rng.uniform(0, w_eff * 1000, n), 0.0)
             svc = s.draw(rng, rows_in, n, inputs)
             busy = svc * rows / rows_in
         elif k > 1:

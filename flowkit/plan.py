@@ -90,10 +90,17 @@ class Source(Op):
 
 @dataclass(frozen=True, kw_only=True)
 class Batching:
-    """Dynamic batching settings recorded on a batching map or stage."""
+    """Dynamic batching settings recorded on a batching map or stage.
+
+    ``eager``: a batch goes at once while the stage has a free thread on its worker, and rows wait
+    (up to ``max_wait_ms``) to join one only while the stage's threads are busy — as Triton's
+    dynamic batcher without a queue delay. Not eager: every batch waits up to ``max_wait_ms`` to
+    fill, even a lone request on an idle worker (as Ray Serve's ``@serve.batch``). A GPU stage
+    batches on its GPU's scheduler (``flowkit.gpu``), which packs batches by its own rule."""
 
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    eager: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,7 +312,8 @@ class Plan:
             if isinstance(op, Stage):
                 marks.insert(0, "[" + " → ".join(op.member_names) + "]")
                 if op.batching:
-                    marks.append(f"batching(max_batch={op.batching.max_batch}, max_wait_ms={op.batching.max_wait_ms:g})")
+                    marks.append(f"batching(max_batch={op.batching.max_batch}, max_wait_ms={op.batching.max_wait_ms:g}"
+                                 f"{'' if op.batching.eager else ', eager=False'})")
                 if op.lookup_split:
                     marks.append("lookup_split")
                 if op.replica:

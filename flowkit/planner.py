@@ -369,14 +369,14 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
     >>> [(op.name, op.kind) for op in p.stages()]
     [('lambda#1', 'stage'), ('abs~1', 'stage'), ('abs~2', 'stage'), ('abs', 'anyof')]
     >>> p["lambda#1"].batching
-    Batching(max_batch=8, max_wait_ms=2.0)
+    Batching(max_batch=8, max_wait_ms=2.0, eager=True)
     """
     nodes: list[Op] = []
     notes: list[Rewrite] = []
     for op in plan.nodes:
         if isinstance(op, Stage) and op.batching is not None:
             b, w = knobs.batch_of(op.name)
-            spec = Batching(max_batch=b, max_wait_ms=w) if b > 1 else None
+            spec = Batching(max_batch=b, max_wait_ms=w, eager=op.batching.eager) if b > 1 else None
             if spec != op.batching:
                 notes.append(Rewrite("slo", f"{op.name!r}: " + (f"batches of up to {b} rows, waiting at most {w:g} ms"
                                                                if spec else "not batched (batch 1)"),

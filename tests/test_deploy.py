@@ -617,7 +617,7 @@ def _batched(client, dep) -> dict:
 def test_requests_waiting_in_a_batch_queue_when_the_worker_leaves_run_elsewhere(client):
     flow = fk.Flow("leave_batched", SCHEMA)
     flow.map(_batch_double, names=["y"], batching=True, max_batch=64, max_wait_ms=2000)
-    with fk.deploy(flow, cluster=client) as dep:
+    with fk.deploy(flow, cluster=client, optimize={"eager_batches": False}) as dep:
         _connected_to_both_workers(dep)
         futs = [dep.submit({"x": [i], "s": ["a"]}) for i in range(10)]   # waiting for their batches
         # the worker to leave: one with requests in its batch queue (unless every batch already ran)

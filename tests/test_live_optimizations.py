@@ -110,7 +110,7 @@ def embed(table) -> list[int]:
 def test_dynamic_batching_merges_requests_and_respects_its_bounds(client):
     flow = fk.Flow("batch", SCHEMA)
     flow.map(embed, names=["y"], batching=True, max_batch=4, max_wait_ms=150)
-    with fk.deploy(flow, cluster=client) as dep:
+    with fk.deploy(flow, cluster=client, optimize={"eager_batches": False}) as dep:
         t0 = time.monotonic()
         lone = dep.run({"x": [1]}, timeout=30)
         lone_s = time.monotonic() - t0
@@ -124,10 +124,53 @@ def test_dynamic_batching_merges_requests_and_respects_its_bounds(client):
     assert sum(n * c for n, c in sizes.items()) == 41
 
 
+def held_batch(table) -> list[int]:
+    """A batching model that runs while the file its rows name exists (the test holds it), then
+    answers the size of the batch it ran in."""
+    while os.path.exists(table.column("s")[0]):
+        time.sleep(0.01)
+    return [len(table)] * len(table)
+
+
+def test_eager_batches_go_at_once_on_an_idle_stage_and_fill_while_it_is_busy(client, tmp_path):
+    """With a ten-minute window, an eager batch does not wait to fill: a lone request goes at
+    once, and the requests that arrive while the stage's threads are busy go together as soon
+    as a thread is free."""
+    flow = fk.Flow("eager", {"x": int, "s": str})
+    flow.map(held_batch, names=["n"], batching=True, max_batch=64, max_wait_ms=600_000)
+    hold = str(tmp_path / "hold")
+    with fk.deploy(flow, cluster=client) as dep:
+        assert dep.run({"x": [1], "s": [hold]}, timeout=60).column("n") == [1]   # not held: at once
+        open(hold, "w").close()
+        threads = sum(client.nthreads().values())   # (one per worker: least-loaded routing fills each)
+        busy = [dep.submit({"x": [i], "s": [hold]}) for i in range(threads)]
+        wait_until(lambda: _batches(client, dep) == (0, threads), "every worker thread to run a held batch")
+        queued = [dep.submit({"x": [i], "s": [hold]}) for i in range(10)]
+        wait_until(lambda: _batches(client, dep) == (10, threads), "the others to queue behind the busy threads")
+        os.unlink(hold)
+        assert [f.result(60).column("n") for f in busy] == [[1]] * threads
+        sizes = [f.result(60).column("n")[0] for f in queued]
+        batches = dep.stats().loc["held_batch", "batch_sizes"]
+    assert max(sizes) > 1
+    assert sum(n * c for n, c in batches.items()) == 1 + threads + 10   # every row ran once
+    assert sum(batches.values()) <= 1 + threads + threads   # the queued ones went together, per worker
+
+
+def _batches(client, dep) -> tuple[int, int]:
+    """(requests waiting in the deployment's batch queues, batches running), on every worker."""
+    def counts(dask_worker, deployment=dep.id):
+        d = dask_worker._flowkit.get(deployment)
+        return (0, 0) if d is None else (sum(len(b.queue) for b in d.batchers.values()),
+                                         sum(b.running for b in d.batchers.values()))
+
+    per_worker = client.run(counts).values()
+    return sum(q for q, _ in per_worker), sum(r for _, r in per_worker)
+
+
 def test_a_request_abandoned_while_it_waits_for_its_batch_is_left_out(client):
     flow = fk.Flow("batch-abandon", SCHEMA)
     flow.map(embed, names=["y"], batching=True, max_batch=4, max_wait_ms=300)
-    with fk.deploy(flow, cluster=client) as dep:
+    with fk.deploy(flow, cluster=client, optimize={"eager_batches": False}) as dep:
         abandoned = dep.submit({"x": [1]})
         wait_until(lambda: _queued_for_batches(client, dep) == 1, "the request to wait in its batch queue")
         assert abandoned.cancel()
@@ -168,7 +211,7 @@ def test_a_window_shrunk_live_lets_a_larger_queued_request_through_and_bounds_ne
 
     flow = fk.Flow("shrink", SCHEMA)
     flow.map(batch_size, names=["n"], batching=True, max_batch=8, max_wait_ms=600_000)
-    with fk.deploy(flow, cluster=client) as dep:
+    with fk.deploy(flow, cluster=client, optimize={"eager_batches": False}) as dep:
         (stage,) = [op.name for op in dep.plan.nodes if isinstance(op, Stage) and op.batching]
         queued = dep.submit({"x": list(range(6))})   # 6 < 8 rows: it waits for the window (ten minutes)
         wait_until(lambda: _queued_for_batches(client, dep) == 1, "the request to wait in its batch queue")

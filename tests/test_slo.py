@@ -295,11 +295,12 @@ def test_a_table_compares_predicted_with_measured():
     import pandas as pd
 
     p = plan_slo(cascade(), cascade_profile(), 40, 100, Resources(max_workers=4, cores=4))
-    assert list(p.table()["stage"]) == ["(end to end)", "pre", "model", "translate", "post"]
-    measured = pd.DataFrame({"stage": ["(end to end)", "pre", "model", "translate", "post"],
-                             "requests": [10] * 5, "p50_ms": [5.0] * 5, "p99_ms": [10.0] * 5})
+    stages = ["(end to end)"] + [s.name for s in p.prediction.stages]
+    assert list(p.table()["stage"]) == stages and len(stages) > 1
+    measured = pd.DataFrame({"stage": stages, "requests": [10] * len(stages), "p50_ms": [5.0] * len(stages),
+                             "p99_ms": [10.0] * len(stages)})
     t = p.with_measured(measured).table()
-    assert list(t["measured_p99_ms"]) == [10.0] * 5
+    assert list(t["measured_p99_ms"]) == [10.0] * len(stages)
     assert t["p99_error"].iloc[0] == pytest.approx(p.prediction.p99_ms / 10.0 - 1)
     assert "<table" in p._repr_html_()
 

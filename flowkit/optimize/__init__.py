@@ -15,6 +15,8 @@ locality        True     split stages before dynamic lookups, to run them where 
 batching        True     mark stages with batching maps for dynamic batching
 max_batch       32       default largest batch (a map's own ``max_batch`` wins)
 max_wait_ms     5.0      default longest wait for a batch to fill (a map's own value wins)
+eager_batches   True     a batch goes at once while its stage has a free thread; rows wait to
+                         join one only while the stage is busy (False: always wait to fill)
 ==============  =======  ==================================================================
 """
 
@@ -34,7 +36,7 @@ __all__ = ["optimize", "optimize_steps", "RULES", "resolve_rules", "fuse", "fuse
            "split_lookups", "mark_batching"]
 
 RULES: dict[str, Any] = {"fusion": True, "whole": False, "compete": 1, "locality": True, "batching": True,
-                         "max_batch": 32, "max_wait_ms": 5.0}
+                         "max_batch": 32, "max_wait_ms": 5.0, "eager_batches": True}
 
 
 def resolve_rules(rules: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def optimize_steps(plan: Plan, **rules) -> list[tuple[str, Plan]]:
     if r["locality"] and not r["whole"]:  # whole=True asks for one stage: locality does not split it
         steps.append(("locality", split_lookups(steps[-1][1])))
     if r["batching"]:
-        steps.append(("batching", mark_batching(steps[-1][1], r["max_batch"], r["max_wait_ms"])))
+        steps.append(("batching", mark_batching(steps[-1][1], r["max_batch"], r["max_wait_ms"], r["eager_batches"])))
     if r["compete"] > 1:
         steps.append(("compete", race(steps[-1][1], r["compete"])))
     return steps
@@ -85,7 +87,7 @@ def optimize(flow: Flow, **rules) -> Flow:
     >>> fk.optimize(f, fuse=True)
     Traceback (most recent call last):
     ...
-    flowkit.errors.FlowError: unknown optimizer rule 'fuse'; valid rules: fusion, whole, compete, locality, batching, max_batch, max_wait_ms
+    flowkit.errors.FlowError: unknown optimizer rule 'fuse'; valid rules: fusion, whole, compete, locality, batching, max_batch, max_wait_ms, eager_batches
     """
     if not isinstance(flow, Flow):
         raise FlowError(f"optimize needs a Flow, not {type(flow).__name__}")

@@ -1,7 +1,8 @@
 """Batching: mark every stage that holds a ``batching=True`` map for dynamic batching.
 
 The mark (``Stage.batching``) carries ``max_batch`` and ``max_wait_ms``: the operator's own
-values where it set them, else the rule's defaults. A lone batching map becomes a one-member
+values where it set them, else the rule's defaults; and whether batches go ``eager``-ly (see
+``Batching``). A lone batching map becomes a one-member
 stage of the same name so that the mark has somewhere to live. Row-wise members of a fused
 batching stage run over the merged batch table too.
 
@@ -9,7 +10,7 @@ batching stage run over the merged batch table too.
 >>> f = fk.Flow("f", {"x": int})
 >>> _ = f.map(lambda t: [r["x"] for r in t], names=["y"], batching=True, max_batch=8)
 >>> [(op.name, op.batching) for op in mark_batching(f.plan).stages()]
-[('lambda#1', Batching(max_batch=8, max_wait_ms=5.0))]
+[('lambda#1', Batching(max_batch=8, max_wait_ms=5.0, eager=True))]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _mixes_requests(op) -> str | None:
     return None
 
 
-def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> Plan:
+def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0, eager: bool = True) -> Plan:
     nodes, rewrites = [], []
     for op in plan.nodes:
         maps = _batchers(op)
@@ -48,7 +49,8 @@ def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> 
                                                 f"combines rows, which would mix requests", (op.name,), ()))
             continue
         spec = Batching(max_batch=min(m.max_batch or max_batch for m in maps),
-                        max_wait_ms=min(m.max_wait_ms if m.max_wait_ms is not None else max_wait_ms for m in maps))
+                        max_wait_ms=min(m.max_wait_ms if m.max_wait_ms is not None else max_wait_ms for m in maps),
+                        eager=eager)
         if isinstance(op, Stage) and op.batching == spec:   # marked by an earlier run of this pass
             nodes.append(op)
             continue
@@ -58,7 +60,8 @@ def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0) -> 
             op = stage_of((op,), batching=spec)
         nodes.append(op)
         rewrites.append(Rewrite("batching", f"{op.name!r} merges concurrent requests into batches of up to "
-                                            f"{spec.max_batch} rows, waiting at most {spec.max_wait_ms:g} ms "
+                                            f"{spec.max_batch} rows, waiting at most {spec.max_wait_ms:g} ms"
+                                            f"{' while it is busy' if spec.eager else ''} "
                                             f"(batching map{'s' if len(maps) > 1 else ''} "
                                             f"{', '.join(repr(m.name) for m in maps)})", (op.name,), (op.name,)))
     return plan.with_nodes(nodes, rewrites=rewrites)

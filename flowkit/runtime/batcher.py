@@ -16,7 +16,10 @@ class Batcher:
     """Dynamic batching for one stage on one worker.
 
     Requests queue; a batch closes when it holds ``max_batch`` rows or its oldest request has
-    waited ``max_wait_ms``, whichever comes first. The stage's batching maps run once over the
+    waited ``max_wait_ms``, whichever comes first — or, when the stage batches ``eager``-ly
+    (``Batching.eager``, not on a GPU stage), as soon as one of the deployment's threads on this
+    worker is free: a lone request on an idle worker goes at once, and rows accumulate only while
+    the threads are busy (with this stage's batches or any other stage). The stage's batching maps run once over the
     batch's rows (``run_batched``; every row keeps its own qid) and each request gets its own
     rows back. A request larger than ``max_batch`` is cut into batches of its own.
     """
@@ -26,6 +29,9 @@ class Batcher:
         self.stage = stage
         self.max_batch = stage.batching.max_batch
         self.max_wait = stage.batching.max_wait_ms / 1000
+        self.eager = stage.batching.eager and not stage.is_gpu
+        self.running = 0   # batches of this stage dispatched and not finished
+        self.entered = 0   # ... of which the deployment counts as busy (see _free)
         self.queue: list = []
         self.wakeup: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
@@ -69,7 +75,7 @@ class Batcher:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            while sum(len(t) for t, _, _ in self.queue) < self.max_batch:
+            while sum(len(t) for t, _, _ in self.queue) < self.max_batch and not self._free():
                 remaining = self.queue[0][2] + self.max_wait - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -90,16 +96,34 @@ class Batcher:
                 continue
             now = time.perf_counter()
             self.waits = (self.waits + [now - at for _, _, at in batch])[-4096:]
+            self.running += 1
             asyncio.ensure_future(self._run(batch, rows))
+
+    def _free(self) -> bool:
+        """Whether a batch may go now without waiting to fill: the stage batches eagerly and a
+        thread is free — fewer stage executions run or wait for the deployment's threads (its
+        ``busy``, and this stage's batches dispatched but not yet counted there) than the worker
+        has threads."""
+        return self.eager and self.dep.busy + self.running - self.entered < self.dep.threads
+
+    def thread_freed(self) -> None:
+        """A stage execution of the deployment ended (``WorkerDeployment.local``): rows waiting
+        for a free thread may go."""
+        if self.queue and self.eager:
+            self.wakeup.set()
 
     async def _run(self, batch: list, rows: int) -> None:
         stats = self.dep.stats[self.stage.name]
         with stats.lock:
             stats.batch_sizes[rows] += 1
+        self.entered += 1   # (dep.local counts it busy in this same step)
         try:
             outs = await self.dep.local(self.stage, [t for t, _, _ in batch], batched=True)
         except BaseException as e:
             outs = [e] * len(batch)
+        finally:
+            self.running -= 1
+            self.entered -= 1
         for out, (_, fut, _) in zip(outs, batch):
             if fut.done():
                 continue

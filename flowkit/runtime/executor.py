@@ -280,6 +280,8 @@ class WorkerDeployment:
             return await self.in_thread(self.apply, op, inputs, RequestStore(self.store), token, batched)
         finally:
             self.busy -= 1
+            for b in self.batchers.values():   # eager batches wait for a free thread
+                b.thread_freed()
 
     async def execute(self, op, inputs, token: Token | None = None):
         """Run one stage where it belongs (see the class docstring); none of a request abandoned."""
