@@ -5,7 +5,9 @@ preprocessing, a small CNN, softmax), 2 serving processes each with 1 torch thre
   ``peers/fastapi_serve.py``, which corrects uvicorn's multi-worker TCP_NODELAY bug);
 - flowkit, served by the workers: a LocalCluster of 2 single-threaded workers, ``dep.serve()``
   (each worker serves and runs the fused plan itself; the two share one port);
-- flowkit, served by the client: the same deployment, ``dep.serve(where="client")``.
+- flowkit, served by the client: the same deployment, ``dep.serve(where="client")``;
+- flowkit served by the workers on asyncio's loop instead of uvloop (dask's default loop; the
+  clusters flowkit starts use uvloop, as uvicorn does wherever uvloop is installed).
 
 Only the system under test runs; the load generator (``loadgen.py``) is a process of its own.
 Closed loop: ``--closed`` sequential requests (after 200 warm-up), p50/p99 (p99 from >= 2,000).
@@ -93,7 +95,11 @@ def fastapi(body: Path, closed: int, seconds: float) -> dict:
         proc.wait(30)
 
 
-def flowkit(body: Path, closed: int, seconds: float) -> list[dict]:
+def flowkit(body: Path, closed: int, seconds: float, loop: str = "uvloop",
+            where: tuple[str, ...] = ("workers", "client")) -> list[dict]:
+    """flowkit's rows: its workers' event loop ``loop`` (dask's ``distributed.admin.event-loop``:
+    uvloop, as on the clusters flowkit starts, or asyncio), served ``where``."""
+    import dask
     from distributed import Client, LocalCluster
 
     import flowkit as fk
@@ -105,17 +111,23 @@ def flowkit(body: Path, closed: int, seconds: float) -> list[dict]:
         torch.set_num_threads(1)
 
     out = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+    with dask.config.set({"distributed.admin.event-loop": loop}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         client.run(one_torch_thread)
         # tune_malloc: as flowkit does on clusters it starts (dask's nanny sets MALLOC_TRIM_THRESHOLD_, which
         # makes torch map and unmap its buffers per call; the FastAPI processes run without it)
         with fk.deploy(image_flow(), cluster=client, tune_workers=True) as dep:
-            for where in ("workers", "client"):
-                with dep.serve(where=where) as server:
-                    out.append(measure(f"flowkit dep.serve(where={where!r})", server.url + "/v1/flows/classify/predict",
-                                       body, closed, seconds))
+            for w in where:
+                with dep.serve(where=w) as server:
+                    out.append(measure(f"flowkit dep.serve(where={w!r})" + ("" if loop == "uvloop" else f", {loop} loop"),
+                                       server.url + "/v1/flows/classify/predict", body, closed, seconds))
     return out
+
+
+def flowkit_asyncio(body: Path, closed: int, seconds: float) -> list[dict]:
+    """flowkit served by its workers on asyncio's own event loop (dask's default): uvloop's share."""
+    return flowkit(body, closed, seconds, loop="asyncio", where=("workers",))
 
 
 def main() -> None:
@@ -131,7 +143,7 @@ def main() -> None:
     body.write_text(json.dumps({"rows": [{"img": base64.b64encode(img).decode()}]}))
     runs = []
     for rep in range(1 if a.quick else a.reps):
-        order = [fastapi, flowkit] if rep % 2 == 0 else [flowkit, fastapi]
+        order = [fastapi, flowkit, flowkit_asyncio] if rep % 2 == 0 else [flowkit_asyncio, flowkit, fastapi]
         for system in order:
             got = system(body, closed, seconds)
             runs += got if isinstance(got, list) else [got]
@@ -157,6 +169,8 @@ def main() -> None:
     print(md)
     save("http_vs_fastapi", {"summary": summary, "runs": runs, "quick": a.quick,
                              "config": {"processes": 2, "torch_threads": 1, "closed": closed, "seconds": seconds,
+                                        "event_loop": "uvloop (FastAPI: uvicorn's loop='auto'; flowkit: dask's "
+                                                      "distributed.admin.event-loop), unless a row names another",
                                         "reps": a.reps, "systems": systems},
                              "load_average_at_end": os.getloadavg()},   # (a shared machine: how busy it was)
          md)

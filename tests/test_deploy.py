@@ -48,9 +48,19 @@ def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment
         assert dep.adaptive.minimum == 1 and dep.adaptive.maximum == (os.cpu_count() or 1)
         # flowkit owns these workers: tuned for serving, their heap frozen (see plugin.freeze_heap)
         assert all(n > 0 for n in dep.client.run(gc.get_freeze_count).values())
+        # ... and on uvloop's event loop, as uvicorn serves where uvloop is installed
+        assert set(dep.client.run(_event_loop_module).values()) == {"uvloop"}
     finally:
         dep.close()
     assert dep.client.status == "closed" and cluster.status.name == "closed"
+
+
+def _event_loop_module() -> str:
+    """The top-level module of the running event loop's class (``client.run`` calls it on a
+    worker's loop)."""
+    import asyncio
+
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def test_workers_of_a_cluster_flowkit_did_not_start_are_tuned_only_when_asked(make_cluster):

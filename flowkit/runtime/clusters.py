@@ -11,6 +11,24 @@ from ..errors import FlowError
 __all__ = ["connect"]
 
 
+def _fast_loop_config() -> dict:
+    """dask's setting for the embedded cluster's worker processes' event loop: uvloop (uvicorn's
+    own default where it is installed, as flowkit installs it), whose loop serves a worker's HTTP
+    endpoint and sessions; as a nanny's ``config=``, it reaches the workers that adaptive scaling
+    adds later too (whole: the nanny merges it over dask's configuration one level deep). Empty
+    where uvloop is not installed. For workers of your own, set it before they start:
+    ``dask.config.set({"distributed.admin.event-loop": "uvloop"})`` before ``LocalCluster(...)``,
+    or ``DASK_DISTRIBUTED__ADMIN__EVENT_LOOP=uvloop dask worker ...``."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    import dask
+
+    distributed = dask.config.get("distributed")
+    return {"distributed": {**distributed, "admin": {**distributed["admin"], "event-loop": "uvloop"}}}
+
+
 def connect(cluster: Any, n_workers: int | None, timeout: float) -> tuple:
     """``(client, cluster object or None, what flowkit started and must close)`` for ``cluster``:
     ``None`` starts the embedded default (a ``LocalCluster`` of worker processes with
@@ -23,7 +41,7 @@ def connect(cluster: Any, n_workers: int | None, timeout: float) -> tuple:
 
         try:
             cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0", silence_logs=logging.ERROR)
+                                   dashboard_address=":0", silence_logs=logging.ERROR, config=_fast_loop_config())
         except Exception as e:
             if getattr(sys.modules.get("__main__"), "__file__", None):   # run as a script
                 e.add_note("flowkit: the embedded cluster's worker processes import the running script "
