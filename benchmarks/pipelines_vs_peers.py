@@ -253,6 +253,7 @@ def _this_tree():
 
 @contextlib.contextmanager
 def cluster():
+    import dask
     from distributed import Client, LocalCluster
 
     def setup():
@@ -261,7 +262,9 @@ def cluster():
         torch.set_num_threads(1)
         sys.path.insert(0, str(HERE))
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+    # on uvloop's event loop, as the workers of the clusters flowkit starts (and the peers' uvicorn)
+    with dask.config.set({"distributed.admin.event-loop": "uvloop"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
             Client(lc) as client:
         client.run(setup)
         yield client

@@ -260,6 +260,7 @@ def main() -> None:
     out: dict = {"meta": meta(args), "pipelines": {}}
     flows = {n: P.PIPELINES[n]["flow"]() for n in names}
     profiles, grid, defaults, cluster_s = {}, {n: {r: [] for r in rates} for n in names}, {n: {} for n in names}, {}
+    import dask
     from distributed import Client, LocalCluster
 
     started = time.perf_counter()
@@ -267,8 +268,9 @@ def main() -> None:
         if w not in (1, W) and args.no_grid:
             continue
         t0 = time.perf_counter()
-        with LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        with dask.config.set({"distributed.admin.event-loop": "uvloop"}), \
+                LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0",
+                             silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             cluster_s[w] = time.perf_counter() - t0
             if w == 1:
                 for n in names:
