@@ -462,6 +462,24 @@ def test_the_replanner_applies_a_new_rate_and_never_drops_a_request(client):
         assert dep.replanner.step(rate=20, p99_ms=5.0) is None   # steady: nothing to do
 
 
+def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
+    """A p99 of a few dozen requests is their slowest one: the replanner does not re-plan (nor
+    calibrate the model, nor shed) on it."""
+    from flowkit.runtime.replanner import P99_SAMPLES
+
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof) as dep:
+        dep.replanner.stop()
+        dep.replanner.window = 3600.0   # every request of the test is in the window
+        dep.map([{"x": [i]} for i in range(P99_SAMPLES // 2)], progress=False)
+        rate, p99, n = dep.replanner.measure()
+        assert n == P99_SAMPLES // 2 and rate > 0 and math.isnan(p99)
+        dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
+        rate, p99, n = dep.replanner.measure()
+        assert n == P99_SAMPLES * 3 // 2 and 0 < p99 < math.inf
+
+
 def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
     cluster = make_cluster(n_workers=1, client=False)
     flow = live_flow()

@@ -34,6 +34,7 @@ from ..planner import SLOPlan, predict, reasons_for, search_knobs, shed_limit
 __all__ = ["Replan", "decide", "retarget", "Replanner", "RATE_FACTOR"]
 
 RATE_FACTOR = 3.0
+P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     3
     >>> decide(plan, rate=160, p99_ms=20)
     (None, 'within the objective: p99 20 ms <= 30 ms at 160 req/s (planned for 150 req/s)')
+    >>> decide(plan, rate=160, p99_ms=math.nan)[1]   # (fewer than P99_SAMPLES requests: Replanner.measure)
+    '160 req/s (planned for 150); too few requests yet to judge a p99'
     >>> new, why = decide(plan, rate=40, p99_ms=15)
     >>> why, new.workers, new.rate
     ('the rate changed x0.27: 40 req/s measured, 150 planned', 2, 40.0)
@@ -100,6 +103,8 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
         predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
         if math.isfinite(predicted) and predicted > 0:
             calibration = max(calibration, p99_ms / predicted)
+    elif math.isnan(p99_ms):
+        return None, f"{rate:.3g} req/s (planned for {plan.rate:.3g}); too few requests yet to judge a p99"
     else:
         return None, (f"within the objective: p99 {p99_ms:.3g} ms <= {slo_ms:g} ms at {rate:.3g} req/s "
                       f"(planned for {plan.rate:.3g} req/s)")
@@ -167,7 +172,11 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
 class Replanner:
     """Measures the deployment every ``interval`` seconds over the last ``window`` seconds and
     applies what ``decide`` re-plans (needs ``min_requests`` finished requests in the window to
-    judge at all: an idle deployment keeps its plan)."""
+    judge at all: an idle deployment keeps its plan). Its p99 is judged only over
+    ``P99_SAMPLES`` requests or more, all finished since the deployment last had the workers its
+    plan asks for: a worker starting (its first requests open connections) is no measure of the
+    plan, and one slow request among a few dozen would pass for their p99, calibrate the model by
+    it for good and shed requests the plan could serve."""
 
     def __init__(self, dep, interval: float = 1.0, window: float = 5.0, min_requests: int = 20,
                  max_inflight: int | None = None):
@@ -180,6 +189,7 @@ class Replanner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._started = time.perf_counter()
+        self._settled = self._started   # since when the deployment has had its planned workers
         self._thread = threading.Thread(target=self._run, name=f"flowkit-replanner-{dep.id}", daemon=True)
 
     def start(self) -> "Replanner":
@@ -193,14 +203,23 @@ class Replanner:
             self._thread.join(timeout=10)
 
     def measure(self) -> tuple[float, float, int]:
-        """(requests/s, p99 ms, requests) over the last ``window`` seconds."""
+        """(requests/s, p99 ms, requests) over the last ``window`` seconds; the p99 over those
+        finished since the planned workers were all there, nan with fewer than ``P99_SAMPLES``."""
         now = time.perf_counter()
+        if self._arriving():
+            self._settled = now
         span = max(1e-3, min(self.window, now - self._started))
-        recent = sorted(s for t, s in list(self.dep._recent) if now - t <= span)
+        recent = [(t, s) for t, s in list(self.dep._recent) if now - t <= span]
         if not recent:
             return 0.0, math.nan, 0
-        p99 = recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)] * 1000
+        settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
+        p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
         return len(recent) / span, p99, len(recent)
+
+    def _arriving(self) -> bool:
+        """Whether workers the plan asks for are still starting (on a cluster flowkit scales)."""
+        dep = self.dep
+        return dep.adaptive is not None and len(dep.workers) < dep._slo_plan.workers
 
     def step(self, rate: float | None = None, p99_ms: float | None = None) -> SLOPlan | None:
         """Measure (or take ``rate`` / ``p99_ms`` as measured), decide, apply; the new plan or None."""
