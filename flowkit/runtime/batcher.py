@@ -19,9 +19,10 @@ class Batcher:
     waited ``max_wait_ms``, whichever comes first — or, when the stage batches ``eager``-ly
     (``Batching.eager``, not on a GPU stage), as soon as one of the deployment's threads on this
     worker is free: a lone request on an idle worker goes at once, and rows accumulate only while
-    the threads are busy (with this stage's batches or any other stage). The stage's batching maps run once over the
-    batch's rows (``run_batched``; every row keeps its own qid) and each request gets its own
-    rows back. A request larger than ``max_batch`` is cut into batches of its own.
+    the threads are busy (with this stage's batches or any other stage). The stage's batching
+    maps run once over the batch's rows (``run_batched``; every row keeps its own qid) and each
+    request gets its own rows back. A request larger than ``max_batch`` is cut into batches of
+    its own.
     """
 
     def __init__(self, dep, stage: Stage):  # dep: the WorkerDeployment that owns this stage
