@@ -134,8 +134,9 @@ class Deployment:
                     n_workers = max(minimum, n_workers or 0)
                     max_workers = slo.resources.max_workers
             self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_workers is None else tune_workers)
-            if self._owned and self.cluster in self._owned:
-                self.adapt(minimum=minimum, maximum=max(os.cpu_count() or 1, n_workers or 1, max_workers or 1))
+            if self._owned and self.cluster in self._owned:   # (with an objective, its plan's workers: see replanner)
+                self.adapt(minimum=minimum, maximum=minimum if objective else
+                           max(os.cpu_count() or 1, n_workers or 1, max_workers or 1))
             if objective:   # keeps the objective live: re-plans on a x3 rate change or a p99 above it
                 from .replanner import Replanner
 

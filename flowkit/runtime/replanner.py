@@ -13,8 +13,8 @@ must meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's op
 for with workers, and, once they run out, with earlier shedding.
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
-``interval`` seconds and applies a new plan: the adaptive minimum (and, if needed, maximum)
-workers of ``dep.adaptive``, the batch windows on every worker (``dep.windows``) and
+``interval`` seconds and applies a new plan: the adaptive minimum and maximum workers of
+``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond it), the batch windows on every worker (``dep.windows``) and
 ``dep.max_inflight`` (never above the ``max_inflight`` the user asked for). None loses a
 request: admission only refuses new requests, a resized batch queue keeps what it holds, and
 dask retires a worker gracefully (requests in flight on it are sent again).
@@ -263,13 +263,12 @@ class Replanner:
             if len(dep.workers) != plan.workers:
                 done.append(f"workers: {plan.workers} wanted, {len(dep.workers)} there (the cluster was given, "
                             f"not flowkit's to scale: call dep.adapt() to let it)")
-        else:
-            if adaptive.maximum < plan.workers:
-                done.append(f"adaptive maximum {adaptive.maximum} -> {plan.workers}")
-                adaptive.maximum = plan.workers
-            if adaptive.minimum != plan.workers:
-                done.append(f"adaptive minimum {adaptive.minimum} -> {plan.workers}")
-                adaptive.minimum = plan.workers
+        else:   # the plan decides how many workers run: the serving autoscaler adds none beyond it
+            bounds = [("maximum", adaptive.maximum), ("minimum", adaptive.minimum)]
+            for what, old in bounds if plan.workers > adaptive.maximum else bounds[::-1]:   # (min <= max throughout)
+                if old != plan.workers:
+                    done.append(f"adaptive {what} {old} -> {plan.workers}")
+                    setattr(adaptive, what, plan.workers)
         return done
 
     def _run(self) -> None:
