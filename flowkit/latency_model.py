@@ -218,8 +218,10 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     lam_w = rate / W
     simple = _simple(specs, knobs)
     inputs = np.random.default_rng([seed, 1]).random(n)   # each request's input, for all its stages (StageSpec.draw)
-    alone_rng = np.random.default_rng([seed, 2])
-    alone = {s.name: float(s.draw(alone_rng, rows, n, inputs).mean()) for s in specs}   # each stage's mean, unbatched
+    alone: dict[str, float] = {}   # each stage's mean unbatched (ms), for an eager batching stage's busy threads
+    if any(s.eager and s.batching and knobs.batch_of(s.name)[0] > 1 for s in specs):
+        alone_rng = np.random.default_rng([seed, 2])
+        alone = {s.name: float(s.draw(alone_rng, rows, n, inputs).mean()) for s in specs}
     lat = np.zeros(n)
     wall = np.zeros(n)
     cpu = np.zeros(n)

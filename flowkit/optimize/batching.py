@@ -2,9 +2,9 @@
 
 The mark (``Stage.batching``) carries ``max_batch`` and ``max_wait_ms``: the operator's own
 values where it set them, else the rule's defaults; and whether batches go ``eager``-ly (see
-``Batching``). A lone batching map becomes a one-member
-stage of the same name so that the mark has somewhere to live. Row-wise members of a fused
-batching stage run over the merged batch table too.
+``Batching``). A lone batching map becomes a one-member stage of the same name so that the mark
+has somewhere to live. Row-wise members of a fused batching stage run over the merged batch
+table too.
 
 >>> import flowkit as fk
 >>> f = fk.Flow("f", {"x": int})

@@ -14,8 +14,8 @@ for with workers, and, once they run out, with earlier shedding.
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan: the adaptive minimum and maximum workers of
-``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond it), the batch windows on every worker (``dep.windows``) and
-``dep.max_inflight`` (never above the ``max_inflight`` the user asked for). None loses a
+``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond it), the batch
+windows on every worker (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked for). None loses a
 request: admission only refuses new requests, a resized batch queue keeps what it holds, and
 dask retires a worker gracefully (requests in flight on it are sent again).
 """
@@ -173,7 +173,7 @@ class Replanner:
     """Measures the deployment every ``interval`` seconds over the last ``window`` seconds and
     applies what ``decide`` re-plans (needs ``min_requests`` finished requests in the window to
     judge at all: an idle deployment keeps its plan). Its p99 is judged only over
-    ``P99_SAMPLES`` requests or more, all finished since the deployment last had the workers its
+    ``P99_SAMPLES`` requests or more, all started since the deployment last had the workers its
     plan asks for: a worker starting (its first requests open connections) is no measure of the
     plan, and one slow request among a few dozen would pass for their p99, calibrate the model by
     it for good and shed requests the plan could serve."""
@@ -204,7 +204,7 @@ class Replanner:
 
     def measure(self) -> tuple[float, float, int]:
         """(requests/s, p99 ms, requests) over the last ``window`` seconds; the p99 over those
-        finished since the planned workers were all there, nan with fewer than ``P99_SAMPLES``."""
+        started since the planned workers were all there, nan with fewer than ``P99_SAMPLES``."""
         now = time.perf_counter()
         if self._arriving():
             self._settled = now
@@ -264,8 +264,10 @@ class Replanner:
                 done.append(f"workers: {plan.workers} wanted, {len(dep.workers)} there (the cluster was given, "
                             f"not flowkit's to scale: call dep.adapt() to let it)")
         else:   # the plan decides how many workers run: the serving autoscaler adds none beyond it
-            bounds = [("maximum", adaptive.maximum), ("minimum", adaptive.minimum)]
-            for what, old in bounds if plan.workers > adaptive.maximum else bounds[::-1]:   # (min <= max throughout)
+            # (raising, the maximum first; lowering, the minimum first: minimum <= maximum throughout)
+            order = ("maximum", "minimum") if plan.workers > adaptive.maximum else ("minimum", "maximum")
+            for what in order:
+                old = getattr(adaptive, what)
                 if old != plan.workers:
                     done.append(f"adaptive {what} {old} -> {plan.workers}")
                     setattr(adaptive, what, plan.workers)
