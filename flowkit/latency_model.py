@@ -65,10 +65,31 @@ class Resources:
 @dataclass(frozen=True)
 class Overheads:
     """Costs outside the operators: ``request_ms`` per request (client to worker and back),
-    ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races)."""
+    ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races).
+    ``request_path_ms``: round trips measured on the cluster (``Profile.request_path_ms``);
+    each request then draws its own from them (the path's tail, not only its mean), and
+    ``request_ms`` is their mean.
+
+    >>> from flowkit.profiling import Profile
+    >>> Overheads.of(Profile.from_latencies({"m": {1: [1.0]}}))   # nothing measured: the defaults
+    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=())
+    """
 
     request_ms: float = 1.0
     stage_ms: float = 0.15
+    request_path_ms: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, profile) -> "Overheads":
+        """The overheads a profile measured (its request path), else the defaults."""
+        path = tuple(getattr(profile, "request_path_ms", ()) or ())
+        return cls(float(np.mean(path)), request_path_ms=path) if path else cls()
+
+    def draw(self, rng, n: int) -> np.ndarray | float:
+        """Each of ``n`` requests' round trip outside its operators (ms)."""
+        if not self.request_path_ms:
+            return self.request_ms
+        return np.asarray(self.request_path_ms, float)[rng.integers(0, len(self.request_path_ms), n)]
 
 
 @dataclass(frozen=True)
@@ -272,7 +293,8 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         stages.append(StagePrediction(s.name, float(np.percentile(svc, 50)), float(np.percentile(svc, 99)),
                                       float(np.percentile(wait, 99)), rows_in, b, w_ms if b > 1 else 0.0, k,
                                       float(busy.mean()), share))
-    overhead = overheads.request_ms + (0.0 if simple else overheads.stage_ms * len(specs))
+    per_stage = 0.0 if simple else overheads.stage_ms * len(specs)
+    overhead = overheads.request_ms + per_stage
     threads = W * resources.threads_per_worker * (1 if simple else 8)   # (the executor's pool: see executor.py)
     cores = min(resources.cores or W * resources.threads_per_worker, W * resources.threads_per_worker)
     rho_t = rate * wall.mean() / 1000 / threads
@@ -281,7 +303,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         util, c, demand, bottleneck = float(rho_c), int(cores), cpu, "cpu"
     else:
         util, c, demand, bottleneck = float(rho_t), threads, wall, "threads"
-    service = lat + overhead
+    service = lat + overheads.draw(rng, n) + per_stage
     if util >= 1:
         return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
                           overhead, float(wall.mean()), tuple(stages))

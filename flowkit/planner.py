@@ -224,9 +224,10 @@ def _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, coun
 
 
 def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resources = Resources(),
-             overheads: Overheads = Overheads(), *, rows: int = 1, n: int = 2000) -> SLOPlan:
+             overheads: Overheads | None = None, *, rows: int = 1, n: int = 2000) -> SLOPlan:
     """The plan holding p99 <= ``slo_ms`` at ``rate`` requests/s on the fewest workers (see the
-    module docstring); raises ``SLOUnreachable`` when no plan on ``resources`` does."""
+    module docstring); raises ``SLOUnreachable`` when no plan on ``resources`` does.
+    ``overheads``: by default those the profile measured (``Overheads.of``)."""
     if not isinstance(flow, Flow):
         raise FlowError(f"planning needs a Flow, not {type(flow).__name__}")
     if not (isinstance(slo_ms, (int, float)) and slo_ms > 0):
@@ -234,6 +235,7 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     if not (isinstance(rate, (int, float)) and rate > 0):
         raise FlowError(f"rate must be a number of requests per second > 0, not {rate!r}")
     flow = flow.original
+    overheads = overheads or Overheads.of(profile)
     t0 = time.perf_counter()
     counter = [0]
     candidates = []

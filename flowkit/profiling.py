@@ -35,11 +35,14 @@ from .errors import FlowError
 from .flow import Flow
 from .plan import Map, Op, Plan, Source, Stage
 
-__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES"]
+__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "request_path",
+           "BATCH_SIZES", "ONE_ROW_RUNS"]
 
 logger = logging.getLogger("flowkit.profile")
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+ONE_ROW_RUNS = 200   # runs at one row: enough for a p99 (the tail of a high-variance stage) and for
+                     # telling each input's own cost from the noise (OpProfile.by_input)
 
 _CACHE: dict[tuple, "Profile"] = {}
 
@@ -147,6 +150,7 @@ class Profile:
     worker: str = ""
     seconds: float = 0.0                      # how long measuring took
     notes: tuple[str, ...] = field(default=())
+    request_path_ms: tuple[float, ...] = ()   # a request's round trip outside its operators (``request_path``)
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -182,6 +186,11 @@ class Profile:
                              "p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
                              "ms_per_row": float(np.mean(s)) / b, "cpu_share": op.cpu_share,
                              "out_bytes_per_row": op.out_bytes_per_row})
+        if self.request_path_ms:
+            s = np.asarray(self.request_path_ms)
+            rows.append({"operator": "(request path)", "batch": 1, "runs": len(s),
+                         "p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
+                         "ms_per_row": float(np.mean(s))})
         return pd.DataFrame(rows)
 
     def chart_svg(self) -> str:
@@ -277,15 +286,16 @@ def clear_cache() -> None:
 
 # -- measuring ----------------------------------------------------------------------------------
 def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequence[int] = BATCH_SIZES,
-            repeats: int = 20, budget_s: float = 20.0, store: Mapping[Any, Any] | None = None,
-            refresh: bool = False, timeout: float = 120.0) -> Profile:
+            repeats: int = 20, one_row_runs: int = ONE_ROW_RUNS, budget_s: float = 20.0,
+            store: Mapping[Any, Any] | None = None, refresh: bool = False, timeout: float = 120.0) -> Profile:
     """Measure every operator of ``flow`` on a worker of ``cluster`` (a ``distributed.Client``,
     a dask cluster, a scheduler address, or None: an embedded one-worker cluster started for
-    this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times (fewer where an
-    operator would take the measurement past ``budget_s`` seconds in all); ``sample`` is the
-    input (a Table, a DataFrame, records...) whose rows are cycled to make each batch, ``store``
-    the objects lookups read. Cached per flow version and batch sizes (``refresh=True``
-    measures again).
+    this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times and at one row
+    ``one_row_runs`` times (a request's path: its p99 needs the tail), fewer where an operator
+    would take the measurement past ``budget_s`` seconds in all (half of it for one row, half
+    for the batches); ``sample`` is the input (a Table, a DataFrame, records...) whose rows are
+    cycled to make each batch, ``store`` the objects lookups read. Cached per flow version and
+    batch sizes (``refresh=True`` measures again).
     """
     if not isinstance(flow, Flow):
         raise FlowError(f"profile needs a Flow, not {type(flow).__name__}")
@@ -295,8 +305,9 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     sizes = tuple(sorted({int(b) for b in batch_sizes}))
     if not sizes or sizes[0] < 1:
         raise FlowError(f"batch_sizes must be whole numbers >= 1, not {batch_sizes!r}")
-    if not (isinstance(repeats, int) and repeats >= 1):
-        raise FlowError(f"repeats must be a whole number >= 1, not {repeats!r}")
+    for arg, v in (("repeats", repeats), ("one_row_runs", one_row_runs)):
+        if not (isinstance(v, int) and v >= 1):
+            raise FlowError(f"{arg} must be a whole number >= 1, not {v!r}")
     table = as_table(sample, plan.source.schema)
     if len(table) == 0:
         raise FlowError("profile needs a sample with at least one row")
@@ -312,9 +323,10 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     client, _, owned = connect(cluster, 1, timeout)
     t0 = time.perf_counter()
     try:
-        fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, budget_s,
+        fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, one_row_runs, budget_s,
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
+        path = request_path(client, one_row_runs, timeout)
     finally:
         for thing in owned:
             try:
@@ -331,17 +343,44 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
                                  gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
-                   notes=tuple(raw["notes"]))
+                   notes=tuple(raw["notes"]), request_path_ms=path)
     _CACHE[key] = prof
     return prof
+
+
+def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s: float = 0.01) -> tuple[float, ...]:
+    """A request's round trip (ms) outside its operators on this cluster — the client's router,
+    the transport, the worker's session and executor, and back: a flow of one operator that does
+    nothing, deployed on the cluster and run ``runs`` times (after 20 to warm up), ``gap_s``
+    apart: a request that finds the threads on its path asleep, as one at a modest rate does,
+    pays their wake-ups (back to back, the path looks about three times faster than it is for
+    paced requests). The planner draws each request's overhead from these (``Overheads.of``)."""
+    from .runtime.deployment import deploy
+
+    probe = Flow("flowkit-request-path", {"x": int})
+    probe.map(_nothing, names=["y"])
+    with deploy(probe, client, optimize=False, timeout=timeout) as dep:
+        for _ in range(20):
+            dep.run({"x": [0]}, timeout)
+        out = []
+        for _ in range(runs):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            dep.run({"x": [0]}, timeout)
+            out.append((time.perf_counter() - t0) * 1000)
+    return tuple(out)
+
+
+def _nothing(row) -> int:
+    return row["x"]
 
 
 def _marked(op: Op, flag: str) -> bool:
     return any(isinstance(m, Map) and getattr(m, flag) for m in op.operators)
 
 
-def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: int, budget_s: float,
-                       store_bytes: bytes) -> dict:
+def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: int, one_row_runs: int,
+                       budget_s: float, store_bytes: bytes) -> dict:
     """On a worker: time every operator of the plan over batches of each size (see ``profile``)."""
     from distributed import get_worker
 
@@ -358,10 +397,11 @@ def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: in
     out_bytes: dict[str, list[float]] = {op.name: [] for op in ops}
     notes: list[str] = []
 
-    # One row at a time, the runs take turns over up to repeats/2 of the sample's rows (each
-    # input about twice: what follows the input, and what does not, see OpProfile.by_input);
+    # One row at a time, the runs take turns over up to a tenth as many of the sample's rows (each
+    # input about ten times: what follows the input, and what does not, see OpProfile.by_input);
     # a batch of n rows starts where the previous one ended.
-    distinct = min(len(sample), max(1, repeats // 2))
+    runs = {n: max(repeats, one_row_runs) if n == 1 else repeats for n in sizes}
+    distinct = min(len(sample), max(1, runs[sizes[0]] // 10))
     input_rows: list[int] = []
 
     def batch(n: int, r: int) -> Table:
@@ -387,12 +427,13 @@ def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: in
 
     one_pass(sizes[0], 0, record=False)   # warm-up: class operators are created, caches filled
     started = time.perf_counter()
-    per_size = budget_s / len(sizes)
+    batched = [n for n in sizes if n > 1]
+    budget = {n: budget_s / 2 / len(batched) if n > 1 else budget_s / (2 if batched else 1) for n in sizes}
     for n in sizes:
         t_size = time.perf_counter()
-        for r in range(repeats):
+        for r in range(runs[n]):
             one_pass(n, r, record=True)
-            if r >= 2 and time.perf_counter() - t_size > per_size:
+            if r >= 2 and time.perf_counter() - t_size > budget[n]:
                 notes.append(f"batch {n}: {r + 1} runs (the time budget ran out)")
                 break
     result = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import pytest
 import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
                              plan_slo, predict, search_knobs, stage_specs, _candidate)
-from flowkit.profiling import OpProfile, Profile, flow_version
+from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
 from flowkit.runtime.replanner import Replan, decide
 
 from .waiting import wait_until
@@ -123,6 +124,19 @@ def test_more_load_than_capacity_predicts_an_unbounded_p99():
     assert not p.holds and math.isinf(p.p99_ms)
 
 
+def test_each_request_draws_its_own_measured_request_path():
+    f, prof = single(10.0)
+    specs = stage_specs(_candidate(f, True), prof)
+    path = (0.5,) * 95 + (8.0,) * 5   # a measured round trip with a tail
+    measured = Overheads.of(replace(prof, request_path_ms=path))
+    assert measured.request_ms == pytest.approx(np.mean(path)) and measured.request_path_ms == path
+    p = predict(specs, Knobs(), 1, Resources(1), measured)
+    mean_only = predict(specs, Knobs(), 1, Resources(1), Overheads(np.mean(path), 0.0))
+    assert p.p50_ms == pytest.approx(10.5, abs=0.01) and p.p99_ms == pytest.approx(18.0, abs=0.01)
+    assert mean_only.p99_ms == pytest.approx(10.0 + np.mean(path), abs=0.01)   # the constant misses the tail
+    assert plan_slo(f, replace(prof, request_path_ms=path), 50, 1, Resources(1)).overheads == measured
+
+
 def test_queueing_grows_the_tail_as_utilization_rises():
     f, prof = single(10.0)
     specs = stage_specs(_candidate(f, True), prof)
@@ -200,6 +214,21 @@ def test_a_stage_whose_latency_is_noise_keeps_its_tail_whatever_its_input():
     spec = StageSpec("remote", (prof["remote"],))
     p = predict([spec], Knobs(), 1, Resources(1, cores=1), NO_OVERHEAD)
     assert p.stages[0].p99_ms == pytest.approx(np.percentile(runs, 99), rel=0.1)
+
+
+def test_the_profiles_one_row_runs_are_enough_to_tell_noise_from_input():
+    """A high-variance stage's noise passed for input-driven cost in one profile of twenty runs
+    (so the planner did not race it, and its p99 came from a few inputs' means): with
+    ONE_ROW_RUNS, ten per input, it does not."""
+    def misjudged(runs: int, per_input: int) -> int:
+        count = 0
+        for seed in range(100):
+            ms = np.random.default_rng(seed).lognormal(np.log(3), 0.7, runs).tolist()
+            prof = Profile.from_latencies({"remote": {1: ms}}, input_rows=[i % (runs // per_input) for i in range(runs)])
+            count += prof["remote"].by_input is not None
+        return count
+    assert misjudged(20, 2) > 0
+    assert misjudged(ONE_ROW_RUNS, 10) == 0
 
 
 def test_the_stages_of_one_request_see_the_same_input():
@@ -326,16 +355,20 @@ def live_flow() -> fk.Flow:
 
 def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
     flow = live_flow()
-    prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 4), repeats=5, refresh=True)
+    prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 4), repeats=5, one_row_runs=30,
+                      refresh=True)
     assert set(prof.ops) == {"slow", "spin"}
     assert prof.worker.startswith("tcp://") and prof.version == flow_version(flow)
-    for op in prof.ops.values():
-        assert op.batch_sizes == (1, 4) and all(len(v) >= 3 for v in op.latencies.values())
+    for op in prof.ops.values():   # more runs at one row (a request's tail) than at a batch
+        assert op.batch_sizes == (1, 4) and len(op.latencies[1]) == 30 and len(op.latencies[4]) == 5
         assert op.p50(4) > op.p50(1) > 0   # row-wise: four rows take longer than one
         assert op.out_bytes_per_row > 0
     assert prof["slow"].cpu_share < prof["spin"].cpu_share
-    for op in prof.ops.values():   # one row at a time, the runs took turns over two of the three rows
-        assert len(op.input_rows) == len(op.latencies[1]) and set(op.input_rows) == {0, 1}
+    for op in prof.ops.values():   # one row at a time, the runs took turns over the three rows
+        assert len(op.input_rows) == len(op.latencies[1]) and set(op.input_rows) == {0, 1, 2}
+    # the request path on this cluster, as many times, shown after the operators
+    assert len(prof.request_path_ms) == 30 and min(prof.request_path_ms) > 0
+    assert prof.table().operator.iloc[-1] == "(request path)"
     again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
     assert again is prof   # the same flow version: from the cache
 

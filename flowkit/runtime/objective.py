@@ -68,4 +68,4 @@ def plan_deployment(flow: Flow, client, owned: bool, slo_ms: float, rate: float,
     if profile is None:
         raise FlowError(f"a latency objective is planned from stage profiles, and flow {flow.name!r} has none: "
                         f"pass sample= (inputs to measure with), or profile=fk.profile(flow, sample)")
-    return plan_slo(flow, profile, slo_ms, rate, resources_of(client, owned, max_workers), overheads or Overheads())
+    return plan_slo(flow, profile, slo_ms, rate, resources_of(client, owned, max_workers), overheads)
