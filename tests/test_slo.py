@@ -17,7 +17,7 @@ import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
                              plan_slo, predict, search_knobs, stage_specs, _candidate)
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
-from flowkit.runtime.replanner import Replan, decide
+from flowkit.runtime.replanner import Replan, beyond_chance, decide
 
 from .waiting import wait_until
 
@@ -461,6 +461,19 @@ def test_a_p99_above_the_objective_calibrates_the_model_and_adds_workers():
     assert new.replans[-1].changes == (("max_inflight", capped.shed_inflight, new.shed_inflight),)
 
 
+def test_a_p99_over_the_objective_by_chance_alone_keeps_the_plan():
+    """Two late requests of 150 put a window's p99 over the objective; at 1% late that happens in
+    about every other window, so only more late requests than chance gives re-plan."""
+    plan = single_plan(rate=150)
+    kept, why = decide(plan, 150, p99_ms=40, late=(2, 150))
+    assert kept is None and "within chance" in why
+    new, why = decide(plan, 150, p99_ms=40, late=(8, 150))
+    assert new is not None and new.workers > plan.workers and why.startswith("p99 40 ms measured")
+    rng = np.random.default_rng(0)   # windows of a deployment that holds 99%: few re-plan
+    windows = rng.binomial(150, 0.01, 1000)
+    assert np.mean(windows >= 2) > 0.4 and np.mean([beyond_chance(int(k), 150) for k in windows]) < 0.01
+
+
 def test_a_replan_that_changes_nothing_is_none_and_decide_is_pure():
     plan = single_plan(rate=150, workers=3)
     first = decide(plan, 150, p99_ms=60, now=1.0)
@@ -506,11 +519,14 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         dep.replanner.stop()
         dep.replanner.window = 3600.0   # every request of the test is in the window
         dep.map([{"x": [i]} for i in range(P99_SAMPLES // 2)], progress=False)
-        rate, p99, n = dep.replanner.measure()
+        rate, p99, n, late = dep.replanner.measure()
         assert n == P99_SAMPLES // 2 and rate > 0 and math.isnan(p99)
         dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
-        rate, p99, n = dep.replanner.measure()
+        rate, p99, n, late = dep.replanner.measure()
         assert n == P99_SAMPLES * 3 // 2 and 0 < p99 < math.inf
+        assert late == (0, n)   # every request judged, none over 200 ms
+        dep.set_objective(slo_ms=1e-3)   # now every one of them is late
+        assert dep.replanner.measure()[3] == (n, n)
 
 
 def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):

@@ -3,14 +3,15 @@
 ``decide`` is the decision, a pure function: given the deployed ``SLOPlan``, the measured
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
-measured p99 is above the objective. The new plan keeps the deployed operators (fusion and race
-widths: changing them means installing another plan on every worker) and chooses again what
-can change live: the workers (the fewest that hold the objective at the measured rate, up to
-the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
-and wait the model finds best at that rate on those workers), and the shedding limit. A p99
-above the objective that the model did not predict also calibrates it: the objective the model
-must meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimism is paid
-for with workers, and, once they run out, with earlier shedding.
+measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
+than 1% late would make). The new plan keeps the deployed operators (fusion and race widths:
+changing them means installing another plan on every worker) and chooses again what can change
+live: the workers (the fewest that hold the objective at the measured rate, up to the
+resources' maximum), each deployed batching stage's window (``resizable``; the batch size and
+wait the model finds best at that rate on those workers), and the shedding limit. A p99 above
+the objective that the model did not predict also calibrates it: the objective the model must
+meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimism is paid for
+with workers, and, once they run out, with earlier shedding.
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan: the adaptive minimum and maximum workers of
@@ -31,10 +32,27 @@ from ..errors import FlowError
 from ..plan import Stage
 from ..planner import SLOPlan, predict, reasons_for, search_knobs, shed_limit
 
-__all__ = ["Replan", "decide", "retarget", "Replanner", "RATE_FACTOR"]
+__all__ = ["Replan", "decide", "retarget", "beyond_chance", "Replanner", "RATE_FACTOR"]
 
 RATE_FACTOR = 3.0
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
+LATE_ALPHA = 0.01   # how unlikely the late requests must be, were 1% of all late, to call the p99 missed
+
+
+def beyond_chance(late: int, requests: int, share: float = 0.01, alpha: float = LATE_ALPHA) -> bool:
+    """Whether ``late`` of ``requests`` is more than chance gives when ``share`` of all requests
+    are late: the binomial chance of that many or more is below ``alpha``. A p99 measured over a
+    window is over the objective as soon as two of 150 requests are: at exactly 1% late that
+    happens in about every other window, so it alone would re-plan a deployment holding its
+    objective.
+
+    >>> beyond_chance(2, 150), beyond_chance(5, 150), beyond_chance(6, 150), beyond_chance(13, 600)
+    (False, False, True, True)
+    """
+    if late <= 0:
+        return False
+    below = sum(math.comb(requests, i) * share ** i * (1 - share) ** (requests - i) for i in range(late))
+    return 1 - below < alpha
 
 
 @dataclass(frozen=True)
@@ -56,11 +74,13 @@ class Replan:
         return f"re-planned at {when}: {self.reason}: {what}{done}"
 
 
-def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = None, *, now: float = 0.0,
-           rate_factor: float = RATE_FACTOR) -> tuple[SLOPlan | None, str]:
+def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = None, *, late: tuple[int, int] | None = None,
+           now: float = 0.0, rate_factor: float = RATE_FACTOR) -> tuple[SLOPlan | None, str]:
     """``(new plan, why)`` when the measurements call for a re-plan that changes something,
     else ``(None, why not)``. ``rate``: measured requests/s; ``p99_ms``: measured end-to-end
-    p99 (nan: too few requests to say); ``slo_ms``: the objective (default: the plan's).
+    p99 (nan: too few requests to say); ``slo_ms``: the objective (default: the plan's);
+    ``late``: ``(requests over the objective, requests)`` behind that p99 — a p99 above the
+    objective counts only when they are more than chance gives at 1% late (``beyond_chance``).
 
     >>> import flowkit as fk
     >>> from flowkit.planner import Resources, plan_slo
@@ -77,6 +97,8 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     >>> new, why = decide(plan, rate=40, p99_ms=15)
     >>> why, new.workers, new.rate
     ('the rate changed x0.27: 40 req/s measured, 150 planned', 2, 40.0)
+    >>> decide(plan, rate=150, p99_ms=40, late=(2, 150))[1]   # two late of 150: chance, at 1% late
+    'p99 40 ms measured, above the objective of 30 ms, yet 2 late of 150 requests is within chance at 1% late'
     >>> new, why = decide(plan, rate=150, p99_ms=40)   # the model said ~21 ms: it is calibrated, x1.9
     >>> why, new.workers, round(new.calibration, 1)
     ('p99 40 ms measured, above the objective of 30 ms', 4, 1.9)
@@ -100,6 +122,8 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
         reason = f"the rate changed x{ratio:.2g}: {rate:.3g} req/s measured, {plan.rate:.3g} planned"
     elif p99_ms > slo_ms:
         reason = f"p99 {p99_ms:.3g} ms measured, above the objective of {slo_ms:g} ms"
+        if late is not None and not beyond_chance(*late):
+            return None, f"{reason}, yet {late[0]} late of {late[1]} requests is within chance at 1% late"
         predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
         if math.isfinite(predicted) and predicted > 0:
             calibration = max(calibration, p99_ms / predicted)
@@ -202,19 +226,21 @@ class Replanner:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
-    def measure(self) -> tuple[float, float, int]:
-        """(requests/s, p99 ms, requests) over the last ``window`` seconds; the p99 over those
-        started since the planned workers were all there, nan with fewer than ``P99_SAMPLES``."""
+    def measure(self) -> tuple[float, float, int, tuple[int, int]]:
+        """(requests/s, p99 ms, requests, (late, judged)) over the last ``window`` seconds; the
+        p99 over the ``judged`` requests, those started since the planned workers were all there
+        (nan with fewer than ``P99_SAMPLES``), ``late`` of them over the objective."""
         now = time.perf_counter()
         if self._arriving():
             self._settled = now
         span = max(1e-3, min(self.window, now - self._started))
         recent = [(t, s) for t, s in list(self.dep._recent) if now - t <= span]
         if not recent:
-            return 0.0, math.nan, 0
+            return 0.0, math.nan, 0, (0, 0)
         settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
         p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
-        return len(recent) / span, p99, len(recent)
+        late = sum(1 for s in settled if s * 1000 > self.dep._slo_plan.slo_ms)
+        return len(recent) / span, p99, len(recent), (late, len(settled))
 
     def _arriving(self) -> bool:
         """Whether workers the plan asks for are still starting (on a cluster flowkit scales)."""
@@ -224,14 +250,16 @@ class Replanner:
     def step(self, rate: float | None = None, p99_ms: float | None = None) -> SLOPlan | None:
         """Measure (or take ``rate`` / ``p99_ms`` as measured), decide, apply; the new plan or None."""
         with self._lock:
+            late = None
             if rate is None or p99_ms is None:
-                m_rate, m_p99, n = self.measure()
+                m_rate, m_p99, n, m_late = self.measure()
                 if n < self.min_requests and rate is None and p99_ms is None:
                     self.last_reason = f"{n} requests in the last {self.window:g} s: too few to judge"
                     return None
+                late = m_late if p99_ms is None else None
                 rate = m_rate if rate is None else rate
                 p99_ms = m_p99 if p99_ms is None else p99_ms
-            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, now=time.time())
+            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late=late, now=time.time())
             return None if new is None else self._adopt(new)
 
     def retarget(self, slo_ms: float | None = None, rate: float | None = None) -> SLOPlan:
