@@ -276,7 +276,8 @@ def main() -> None:
                 for n in names:
                     t1 = time.perf_counter()
                     profiles[n] = fk.profile(flows[n], P.sample(n), cluster=client, batch_sizes=(1, 2, 4, 8, 16),
-                                             repeats=10 if args.quick else 30, store=P.PIPELINES[n]["store"]())
+                                             repeats=10 if args.quick else 30, one_row_runs=30 if args.quick else 200,
+                                             store=P.PIPELINES[n]["store"]())
                     out["pipelines"].setdefault(n, {})["profile_s"] = time.perf_counter() - t1
                     print(f"== {n}: profiled in {time.perf_counter() - t1:.1f} s")
                     print(profiles[n].table().to_string(index=False))

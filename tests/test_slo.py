@@ -465,9 +465,9 @@ def test_a_p99_over_the_objective_by_chance_alone_keeps_the_plan():
     """Two late requests of 150 put a window's p99 over the objective; at 1% late that happens in
     about every other window, so only more late requests than chance gives re-plan."""
     plan = single_plan(rate=150)
-    kept, why = decide(plan, 150, p99_ms=40, late=(2, 150))
+    kept, why = decide(plan, 150, p99_ms=40, late_of=(2, 150))
     assert kept is None and "within chance" in why
-    new, why = decide(plan, 150, p99_ms=40, late=(8, 150))
+    new, why = decide(plan, 150, p99_ms=40, late_of=(8, 150))
     assert new is not None and new.workers > plan.workers and why.startswith("p99 40 ms measured")
     rng = np.random.default_rng(0)   # windows of a deployment that holds 99%: few re-plan
     windows = rng.binomial(150, 0.01, 1000)
@@ -519,14 +519,13 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         dep.replanner.stop()
         dep.replanner.window = 3600.0   # every request of the test is in the window
         dep.map([{"x": [i]} for i in range(P99_SAMPLES // 2)], progress=False)
-        rate, p99, n, late = dep.replanner.measure()
-        assert n == P99_SAMPLES // 2 and rate > 0 and math.isnan(p99)
+        m = dep.replanner.measure()
+        assert m.requests == P99_SAMPLES // 2 and m.rate > 0 and math.isnan(m.p99_ms)
         dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
-        rate, p99, n, late = dep.replanner.measure()
-        assert n == P99_SAMPLES * 3 // 2 and 0 < p99 < math.inf
-        assert late == (0, n)   # every request judged, none over 200 ms
+        m = dep.replanner.measure()
+        assert m.requests == m.judged == P99_SAMPLES * 3 // 2 and 0 < m.p99_ms < math.inf
         dep.set_objective(slo_ms=1e-3)   # now every one of them is late
-        assert dep.replanner.measure()[3] == (n, n)
+        assert dep.replanner.measure().late == m.judged
 
 
 def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):

@@ -27,19 +27,21 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..errors import FlowError
 from ..plan import Stage
 from ..planner import SLOPlan, predict, reasons_for, search_knobs, shed_limit
 
-__all__ = ["Replan", "decide", "retarget", "beyond_chance", "Replanner", "RATE_FACTOR"]
+__all__ = ["Replan", "decide", "retarget", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
 RATE_FACTOR = 3.0
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
-LATE_ALPHA = 0.01   # how unlikely the late requests must be, were 1% of all late, to call the p99 missed
+LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
+LATE_ALPHA = 0.01   # how unlikely the late requests must be, were LATE_SHARE late, to call the p99 missed
 
 
-def beyond_chance(late: int, requests: int, share: float = 0.01, alpha: float = LATE_ALPHA) -> bool:
+def beyond_chance(late: int, requests: int, share: float = LATE_SHARE, alpha: float = LATE_ALPHA) -> bool:
     """Whether ``late`` of ``requests`` is more than chance gives when ``share`` of all requests
     are late: the binomial chance of that many or more is below ``alpha``. A p99 measured over a
     window is over the objective as soon as two of 150 requests are: at exactly 1% late that
@@ -48,11 +50,32 @@ def beyond_chance(late: int, requests: int, share: float = 0.01, alpha: float = 
 
     >>> beyond_chance(2, 150), beyond_chance(5, 150), beyond_chance(6, 150), beyond_chance(13, 600)
     (False, False, True, True)
+    >>> beyond_chance(100, 8192), beyond_chance(200, 8192), beyond_chance(800, 100_000)
+    (False, True, False)
     """
-    if late <= 0:
+    if late <= 0 or requests <= 0:
         return False
-    below = sum(math.comb(requests, i) * share ** i * (1 - share) ** (requests - i) for i in range(late))
-    return 1 - below < alpha
+    # P(X < late) for X ~ Binomial(requests, share), term by term in logs (no huge integers,
+    # no underflow of (1 - share) ** requests)
+    log_term, step, below = requests * math.log1p(-share), math.log(share / (1 - share)), 0.0
+    for i in range(min(late, requests + 1)):
+        below += math.exp(log_term)
+        if below > 1 - alpha:
+            return True
+        log_term += math.log((requests - i) / (i + 1)) + step if i < requests else 0.0
+    return False
+
+
+class Window(NamedTuple):
+    """What the re-planner measured over its window: the rate of finished requests, the p99 of
+    those ``judged`` (started since the planned workers were all there; nan with fewer than
+    ``P99_SAMPLES``), and how many of those were ``late`` (over the objective)."""
+
+    rate: float
+    p99_ms: float
+    requests: int
+    late: int
+    judged: int
 
 
 @dataclass(frozen=True)
@@ -74,12 +97,13 @@ class Replan:
         return f"re-planned at {when}: {self.reason}: {what}{done}"
 
 
-def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = None, *, late: tuple[int, int] | None = None,
-           now: float = 0.0, rate_factor: float = RATE_FACTOR) -> tuple[SLOPlan | None, str]:
+def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = None, *,
+           late_of: tuple[int, int] | None = None, now: float = 0.0,
+           rate_factor: float = RATE_FACTOR) -> tuple[SLOPlan | None, str]:
     """``(new plan, why)`` when the measurements call for a re-plan that changes something,
     else ``(None, why not)``. ``rate``: measured requests/s; ``p99_ms``: measured end-to-end
     p99 (nan: too few requests to say); ``slo_ms``: the objective (default: the plan's);
-    ``late``: ``(requests over the objective, requests)`` behind that p99 — a p99 above the
+    ``late_of``: ``(requests over the objective, requests)`` behind that p99 — a p99 above the
     objective counts only when they are more than chance gives at 1% late (``beyond_chance``).
 
     >>> import flowkit as fk
@@ -97,7 +121,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     >>> new, why = decide(plan, rate=40, p99_ms=15)
     >>> why, new.workers, new.rate
     ('the rate changed x0.27: 40 req/s measured, 150 planned', 2, 40.0)
-    >>> decide(plan, rate=150, p99_ms=40, late=(2, 150))[1]   # two late of 150: chance, at 1% late
+    >>> decide(plan, rate=150, p99_ms=40, late_of=(2, 150))[1]   # two late of 150: chance, at 1% late
     'p99 40 ms measured, above the objective of 30 ms, yet 2 late of 150 requests is within chance at 1% late'
     >>> new, why = decide(plan, rate=150, p99_ms=40)   # the model said ~21 ms: it is calibrated, x1.9
     >>> why, new.workers, round(new.calibration, 1)
@@ -122,8 +146,9 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
         reason = f"the rate changed x{ratio:.2g}: {rate:.3g} req/s measured, {plan.rate:.3g} planned"
     elif p99_ms > slo_ms:
         reason = f"p99 {p99_ms:.3g} ms measured, above the objective of {slo_ms:g} ms"
-        if late is not None and not beyond_chance(*late):
-            return None, f"{reason}, yet {late[0]} late of {late[1]} requests is within chance at 1% late"
+        if late_of is not None and not beyond_chance(*late_of):
+            return None, (f"{reason}, yet {late_of[0]} late of {late_of[1]} requests is within chance "
+                          f"at {LATE_SHARE:.0%} late")
         predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
         if math.isfinite(predicted) and predicted > 0:
             calibration = max(calibration, p99_ms / predicted)
@@ -226,21 +251,19 @@ class Replanner:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
-    def measure(self) -> tuple[float, float, int, tuple[int, int]]:
-        """(requests/s, p99 ms, requests, (late, judged)) over the last ``window`` seconds; the
-        p99 over the ``judged`` requests, those started since the planned workers were all there
-        (nan with fewer than ``P99_SAMPLES``), ``late`` of them over the objective."""
+    def measure(self) -> Window:
+        """The requests finished in the last ``window`` seconds (``Window``)."""
         now = time.perf_counter()
         if self._arriving():
             self._settled = now
         span = max(1e-3, min(self.window, now - self._started))
         recent = [(t, s) for t, s in list(self.dep._recent) if now - t <= span]
         if not recent:
-            return 0.0, math.nan, 0, (0, 0)
+            return Window(0.0, math.nan, 0, 0, 0)
         settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
         p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
         late = sum(1 for s in settled if s * 1000 > self.dep._slo_plan.slo_ms)
-        return len(recent) / span, p99, len(recent), (late, len(settled))
+        return Window(len(recent) / span, p99, len(recent), late, len(settled))
 
     def _arriving(self) -> bool:
         """Whether workers the plan asks for are still starting (on a cluster flowkit scales)."""
@@ -250,16 +273,16 @@ class Replanner:
     def step(self, rate: float | None = None, p99_ms: float | None = None) -> SLOPlan | None:
         """Measure (or take ``rate`` / ``p99_ms`` as measured), decide, apply; the new plan or None."""
         with self._lock:
-            late = None
+            late_of = None
             if rate is None or p99_ms is None:
-                m_rate, m_p99, n, m_late = self.measure()
-                if n < self.min_requests and rate is None and p99_ms is None:
-                    self.last_reason = f"{n} requests in the last {self.window:g} s: too few to judge"
+                m = self.measure()
+                if m.requests < self.min_requests and rate is None and p99_ms is None:
+                    self.last_reason = f"{m.requests} requests in the last {self.window:g} s: too few to judge"
                     return None
-                late = m_late if p99_ms is None else None
-                rate = m_rate if rate is None else rate
-                p99_ms = m_p99 if p99_ms is None else p99_ms
-            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late=late, now=time.time())
+                late_of = (m.late, m.judged) if p99_ms is None else None
+                rate = m.rate if rate is None else rate
+                p99_ms = m.p99_ms if p99_ms is None else p99_ms
+            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late_of=late_of, now=time.time())
             return None if new is None else self._adopt(new)
 
     def retarget(self, slo_ms: float | None = None, rate: float | None = None) -> SLOPlan:
