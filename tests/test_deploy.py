@@ -50,9 +50,18 @@ def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment
         assert all(n > 0 for n in dep.client.run(gc.get_freeze_count).values())
         # ... and on uvloop's event loop, as uvicorn serves where uvloop is installed
         assert set(dep.client.run(_event_loop_module).values()) == {"uvloop"}
+        # ... without dask's statistical profiler sampling stacks on that loop every 10 ms
+        assert set(dep.client.run(_profiling).values()) == {False}
     finally:
         dep.close()
     assert dep.client.status == "closed" and cluster.status.name == "closed"
+
+
+def _profiling(dask_worker) -> bool:
+    """Whether dask's statistical profiler runs on this worker (its periodic sampling)."""
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled")) or "profile" in dask_worker.periodic_callbacks
 
 
 def _event_loop_module() -> str:
