@@ -97,13 +97,15 @@ def fastapi(body: Path, closed: int, seconds: float) -> dict:
 
 def flowkit(body: Path, closed: int, seconds: float, loop: str = "uvloop",
             where: tuple[str, ...] = ("workers", "client")) -> list[dict]:
-    """flowkit's rows: its workers' event loop ``loop`` (dask's ``distributed.admin.event-loop``:
-    uvloop, as on the clusters flowkit starts, or asyncio), served ``where``."""
+    """flowkit's rows: its workers set up as on the clusters flowkit starts (``serving_settings``:
+    dask's profiler off) on the event loop ``loop`` (dask's ``distributed.admin.event-loop``:
+    uvloop, as there, or asyncio), served ``where``."""
     import dask
     from distributed import Client, LocalCluster
 
     import flowkit as fk
     from flowkit.demo import image_flow
+    from flowkit.runtime.clusters import serving_settings
 
     def one_torch_thread():
         import torch
@@ -111,7 +113,7 @@ def flowkit(body: Path, closed: int, seconds: float, loop: str = "uvloop",
         torch.set_num_threads(1)
 
     out = []
-    with dask.config.set({"distributed.admin.event-loop": loop}), \
+    with dask.config.set({**serving_settings(), "distributed.admin.event-loop": loop}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         client.run(one_torch_thread)
@@ -171,6 +173,7 @@ def main() -> None:
                              "config": {"processes": 2, "torch_threads": 1, "closed": closed, "seconds": seconds,
                                         "event_loop": "uvloop (FastAPI: uvicorn's loop='auto'; flowkit: dask's "
                                                       "distributed.admin.event-loop), unless a row names another",
+                                        "flowkit_worker_settings": "flowkit.runtime.clusters.serving_settings()",
                                         "reps": a.reps, "systems": systems},
                              "load_average_at_end": os.getloadavg()},   # (a shared machine: how busy it was)
          md)

@@ -59,6 +59,7 @@ sys.path.insert(0, str(HERE))
 from _report import RESULTS, percentile, plot, save, table  # noqa: E402
 
 import flowkit as fk  # noqa: E402
+from flowkit.runtime.clusters import serving_settings  # noqa: E402
 from peers import runner as peers  # noqa: E402
 from pipelines import EXTRA, PIPELINES  # noqa: E402
 
@@ -262,8 +263,9 @@ def cluster():
         torch.set_num_threads(1)
         sys.path.insert(0, str(HERE))
 
-    # on uvloop's event loop, as the workers of the clusters flowkit starts (and the peers' uvicorn)
-    with dask.config.set({"distributed.admin.event-loop": "uvloop"}), \
+    # set up as the workers of the clusters flowkit starts: uvloop's event loop (as the peers' uvicorn),
+    # dask's statistical profiler off
+    with dask.config.set(serving_settings()), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
             Client(lc) as client:
         client.run(setup)

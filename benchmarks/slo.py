@@ -77,6 +77,7 @@ import flowkit as fk  # noqa: E402
 import slo_drive  # noqa: E402
 import slo_pipelines as P  # noqa: E402
 from flowkit.planner import Knobs, apply_knobs, stage_specs  # noqa: E402
+from flowkit.runtime.clusters import serving_settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -268,7 +269,7 @@ def main() -> None:
         if w not in (1, W) and args.no_grid:
             continue
         t0 = time.perf_counter()
-        with dask.config.set({"distributed.admin.event-loop": "uvloop"}), \
+        with dask.config.set(serving_settings()), \
                 LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0",
                              silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             cluster_s[w] = time.perf_counter() - t0

@@ -50,7 +50,7 @@ def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment
         assert all(n > 0 for n in dep.client.run(gc.get_freeze_count).values())
         # ... and on uvloop's event loop, as uvicorn serves where uvloop is installed
         assert set(dep.client.run(_event_loop_module).values()) == {"uvloop"}
-        # ... without dask's statistical profiler sampling stacks on that loop every 10 ms
+        # ... without dask's statistical profiler sampling stacks on that loop every 10 ms (serving_settings)
         assert set(dep.client.run(_profiling).values()) == {False}
     finally:
         dep.close()

@@ -8,34 +8,38 @@ from typing import Any
 
 from ..errors import FlowError
 
-__all__ = ["connect"]
+__all__ = ["connect", "serving_settings"]
 
 
-def _serving_config() -> dict:
-    """dask's settings for the embedded cluster's worker processes, as a nanny's ``config=`` (so
-    they reach the workers that adaptive scaling adds later too; whole: the nanny merges it over
-    dask's configuration one level deep):
+def serving_settings() -> dict:
+    """dask's settings for worker processes that serve, as ``dask.config.set`` takes them (the
+    embedded cluster's workers get them; give your own the same before they start:
+    ``with dask.config.set(serving_settings()): LocalCluster(...)``, or the environment
+    variables ``DASK_DISTRIBUTED__ADMIN__EVENT_LOOP=uvloop
+    DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False`` for ``dask worker``):
 
     - the event loop: uvloop (uvicorn's own default where it is installed, as flowkit installs
       it), whose loop serves a worker's HTTP endpoint and sessions;
     - dask's statistical profiler off: it samples every thread's stack on the worker's event
-      loop every 10 ms (for the dashboard's profile page), between the requests that loop serves
-      (measured: a closed loop's p99 a few percent lower without it).
-
-    For workers of your own, set them before they start: ``dask.config.set({"distributed.admin.
-    event-loop": "uvloop", "distributed.worker.profile.enabled": False})`` before
-    ``LocalCluster(...)``, or ``DASK_DISTRIBUTED__ADMIN__EVENT_LOOP=uvloop
-    DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False dask worker ...``."""
-    import dask
-
-    distributed = dask.config.get("distributed")
-    worker = distributed["worker"]
-    out = {**distributed, "worker": {**worker, "profile": {**worker["profile"], "enabled": False}}}
+      loop every 10 ms (for the dashboard's profile page), between the requests that loop serves.
+    """
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        return {"distributed": out}
-    return {"distributed": {**out, "admin": {**distributed["admin"], "event-loop": "uvloop"}}}
+        return {"distributed.worker.profile.enabled": False}
+    return {"distributed.admin.event-loop": "uvloop", "distributed.worker.profile.enabled": False}
+
+
+def _serving_config() -> dict:
+    """``serving_settings`` as a nanny's ``config=`` (so they reach the workers that adaptive
+    scaling adds later too): dask's whole ``distributed`` configuration with them applied (the
+    nanny merges its ``config`` over dask's one level deep)."""
+    import copy
+
+    import dask
+
+    with dask.config.set(serving_settings()):
+        return {"distributed": copy.deepcopy(dask.config.get("distributed"))}
 
 
 def connect(cluster: Any, n_workers: int | None, timeout: float) -> tuple:
