@@ -239,7 +239,12 @@ def main() -> None:
     ap.add_argument("--step-after", type=float, default=15.0)
     ap.add_argument("--ray", action="store_true", help="also Ray Serve with autoscaling (.venv-peers)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny durations, nothing written to results/")
+    ap.add_argument("--charts", action="store_true", help="only draw the charts again from results/slo.json")
     args = ap.parse_args()
+    if args.charts:
+        for path in charts(json.loads((RESULTS / "slo.json").read_text()), RESULTS):
+            print("wrote", path)
+        return
     if args.quick:
         args.seconds, args.grid_seconds = min(args.seconds, 1.5), min(args.grid_seconds, 1.0)
         args.grid_batches, args.grid_waits = "1,8", "2"
@@ -354,6 +359,7 @@ def main() -> None:
     (dest / "slo.json").write_text(json.dumps(out, indent=1, default=str))
     md = markdown(out)
     (dest / "slo.md").write_text(md)
+    charts(out, dest)
     print("\n" + md)
 
 
@@ -443,6 +449,91 @@ def print_case(name, row) -> None:
                                   f"p99 {_f(r['p99_all_ms'])} ms; {r['within_slo']:.1%} within; replicas mean "
                                   f"{r['workers_mean']:.2g}, max {r['workers_max']}"))
     print(f"   goals: {row['goals']}")
+
+
+SYSTEMS = (("planned", "planned"), ("defaults", "defaults"), ("grid", "grid best"), ("ray", "Ray Serve autoscaling"))
+
+
+def charts(out, dest: Path) -> list[Path]:
+    """The run's pictures (PNG, in ``dest``): ``slo_predicted.png``, the planned deployments'
+    predicted against measured p99 (the 20% band shaded); ``slo_attainment.png``, the share
+    within the objective per case and system (the 99% goal marked); ``slo_step.png``, each
+    pipeline's p99 per 1-s window through the ×3 rate step, with the objective."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no charts)")
+        return []
+    made = []
+    pipes = out["pipelines"]
+    # predicted against measured
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    top = 1.0
+    for (n, pipe), marker in zip(pipes.items(), "os^"):
+        pts = [(r["planned"]["predicted_p99_ms"], r["planned"]["p99_all_ms"], r["slo_ms"])
+               for r in pipe.get("cases", []) if "refused" not in r["planned"]]
+        for slo, fill in ((min(p[2] for p in pts), "full"), (max(p[2] for p in pts), "none")) if pts else ():
+            xs, ys = [p[0] for p in pts if p[2] == slo], [p[1] for p in pts if p[2] == slo]
+            ax.scatter(xs, ys, marker=marker, label=f"{n}, objective {slo:g} ms",
+                       facecolors="none" if fill == "none" else None, edgecolors="C0" if n == "cascade" else "C1",
+                       color="C0" if n == "cascade" else "C1")
+        top = max([top] + [v for p in pts for v in p[:2] if math.isfinite(v)])
+    lim = (1.0, top * 1.3)
+    xs = np.geomspace(*lim, 50)
+    ax.plot(xs, xs, color="grey", lw=1)
+    ax.fill_between(xs, xs / 1.2, xs * 1.2, color="grey", alpha=0.15, label="within 20%")
+    ax.set(xscale="log", yscale="log", xlim=lim, ylim=lim, xlabel="predicted p99 (ms)", ylabel="measured p99 (ms)",
+           title="the planner's p99 against the run's")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(dest / "slo_predicted.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    # attainment
+    rows = [(n, r) for n, pipe in pipes.items() for r in pipe.get("cases", [])]
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(rows)), 4.2))
+        width = 0.8 / len(SYSTEMS)
+        for i, (key, label) in enumerate(SYSTEMS):
+            vals = []
+            for _, r in rows:
+                got = r.get(key) or {}
+                got = got.get("best") if key == "grid" else got
+                vals.append(100 * got["within_slo"] if got and "within_slo" in got else math.nan)
+            ax.bar(np.arange(len(rows)) + (i - (len(SYSTEMS) - 1) / 2) * width, vals, width, label=label)
+        ax.axhline(99, color="k", lw=1, ls="--", label="goal: 99%")
+        ax.set_xticks(np.arange(len(rows)), [f"{n}\n{r['slo_ms']:g} ms\n{r['rate']:g}/s" for n, r in rows],
+                      fontsize=7)
+        ax.set(ylim=(60, 100.5), ylabel="% of requests within the objective", title="attainment per case")
+        ax.legend(fontsize=7, loc="lower left")
+        fig.tight_layout()
+        made.append(dest / "slo_attainment.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    # the x3 step
+    steps = {n: pipe["step"] for n, pipe in pipes.items() if pipe.get("step") and "windows" in pipe["step"]}
+    if steps:
+        fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 3.8), squeeze=False)
+        for ax, (n, st) in zip(axes[0], steps.items()):
+            w = st["windows"]
+            t0 = st["before_s"]
+            ax.plot([x["t"] - t0 for x in w], [x["p99_ms"] for x in w], marker="o", ms=3, label="p99 per 1-s window")
+            ax.axhline(st["slo_ms"], color="k", ls="--", lw=1, label=f"objective {st['slo_ms']:g} ms")
+            ax.axvline(0, color="C3", lw=1, label=f"{st['rate']:g} -> {st['after_rate']:g} req/s")
+            finite = [x["p99_ms"] for x in w if x["p99_ms"] is not None and math.isfinite(x["p99_ms"])]
+            ax.set(ylim=(0, 1.15 * max(finite + [st["slo_ms"]])), xlabel="s from the step", ylabel="p99 (ms)",
+                   title=f"{n}: x3 rate step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(dest / "slo_step.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
 
 
 def markdown(out) -> str:
