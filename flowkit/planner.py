@@ -251,7 +251,8 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         W = resources.max_workers
         best_p99 = pred.p99_ms
         if holds > 0:
-            tail = f"it holds up to about {holds:.3g} req/s"
+            tail = f"it holds up to about {holds:.3g} req/s" if holds < 1000 else \
+                f"it holds up to about {holds:.0f} req/s"
         else:
             floor = min(p.service_p99_ms for p in [pred])
             tail = f"the objective holds at no rate (the stages alone take {floor:.2g} ms at p99)"
