@@ -528,6 +528,30 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         assert dep.replanner.measure().late == m.judged
 
 
+def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
+    """HTTP served by the workers never passes the client: the re-planner asks the workers for
+    the requests their endpoints finished."""
+    import json
+    import urllib.request
+
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof) as dep:
+        dep.replanner.stop()
+        dep.replanner.window = 3600.0
+        with dep.serve(where="workers") as server:
+            for i in range(12):
+                req = urllib.request.Request(server.url + "/v1/flows/live/predict", method="POST",
+                                             data=json.dumps({"rows": [{"x": i}]}).encode(),
+                                             headers={"Content-Type": "application/json"})
+                assert json.loads(urllib.request.urlopen(req, timeout=60).read())["rows"][0]["z"] == i * 10 + 1
+            dep.run({"x": [1]})   # and one from this process
+            m = dep.replanner.measure()
+            assert m.requests == 13 and m.rate > 0
+            assert all(0 < s < 60 for _, s in dep.recent(3600.0))
+        assert len(dep.recent(3600.0)) == 1   # stopped serving: only this process's own
+
+
 def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
     cluster = make_cluster(n_workers=1, client=False)
     flow = live_flow()

@@ -273,6 +273,19 @@ class Deployment:
                                            maximum=maximum, interval=f"{interval * 1000:g}ms", wait_count=wait_count)
         return self.adaptive
 
+    def recent(self, seconds: float) -> list[tuple[float, float]]:
+        """The requests finished in the last ``seconds``, as ``(finish time on this process's
+        ``time.perf_counter()``, latency s)``: those sent from this process, and — while the
+        workers serve HTTP themselves (``serve(where="workers")``) — those their endpoints
+        served, asked of them (the re-planner judges the objective over both)."""
+        now = time.perf_counter()
+        out = [(t, s) for t, s in list(self._recent) if now - t <= seconds]
+        if any(getattr(server, "serving", None) and not server.stopped for server in self._servers):
+            wall = time.time()
+            for served in self._router.broadcast("recent", dumps(wall - seconds)):
+                out += [(now - (wall - t), s) for t, s in served]
+        return out
+
     def _load(self) -> Load:
         now = time.perf_counter()
         recent = [s for t, s in list(self._recent) if now - t <= 2.0]

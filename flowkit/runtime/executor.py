@@ -64,6 +64,7 @@ class WorkerDeployment:
         self.source = plan.source.name
         self.stats = {op.name: StageStats() for op in self.ops}
         self.served = StageStats()   # requests this worker's own HTTP endpoint served, end to end
+        self.served_recent: deque = deque(maxlen=8192)   # and each one's (time.time() finished, seconds)
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
         # whether only lookup_split stages are placed: then a request runs in one of the threads,
@@ -176,6 +177,9 @@ class WorkerDeployment:
                 return p.Answer(rid, True, payload=dumps(await serve_http(self, loads(call.payload))))
             if kind == "http":   # what this worker's HTTP endpoint answered
                 return p.Answer(rid, True, payload=dumps(http_counts(self)))
+            if kind == "recent":   # the requests its HTTP endpoint finished since (payload) a time.time()
+                since = loads(call.payload)
+                return p.Answer(rid, True, payload=dumps([(t, s) for t, s in list(self.served_recent) if t > since]))
             if kind == "unserve":
                 unserve_http(self, loads(call.payload))
                 return p.Answer(rid, True)

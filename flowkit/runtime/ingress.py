@@ -49,22 +49,29 @@ class LocalEndpoint:
         return asyncio.ensure_future(self._run(table))
 
     async def _run(self, table):
-        token, t0, served = Token(), time.perf_counter(), self.dep.served
+        token, t0 = Token(), time.perf_counter()
         try:
             out = await self._elsewhere(table) if self.dep.saturated else None
             if out is None:
                 out = await self.dep.run(table, token)
         except asyncio.CancelledError:   # a 504 or a hang-up: its work stops between rows and operators
             token.cancel("the HTTP request was abandoned")
-            served.count("cancelled")
+            self.dep.served.count("cancelled")
             raise
         except BaseException:
-            served.record(time.perf_counter() - t0, ok=False)
+            self._finished(t0, ok=False)
             raise
         finally:
             self.inflight -= 1
-        served.record(time.perf_counter() - t0)
+        self._finished(t0, ok=True)
         return out
+
+    def _finished(self, t0: float, ok: bool) -> None:
+        """Count a request served: its latency in the worker's statistics, and its finish time
+        too, for the client's re-planner (``Deployment.recent``)."""
+        seconds = time.perf_counter() - t0
+        self.dep.served.record(seconds, ok=ok)
+        self.dep.served_recent.append((time.time(), seconds))
 
     async def _elsewhere(self, table):
         """While every thread of this worker is busy (a slow request, one abandoned whose

@@ -48,7 +48,8 @@ class Call:
     (payload: ``(stage name, input tables)``), send ``stats``, ``forget`` where a stored key
     lived (payload: the key), ``keep`` a copy of an object put with ``broadcast`` (payload:
     ``(key, object)``), resize batch ``window``s, ``serve`` HTTP on the worker (payload: the
-    options; answered with the port) or ``unserve`` it."""
+    options; answered with the port) or ``unserve`` it, or send the ``recent`` requests its HTTP
+    endpoint finished (payload: since when, a ``time.time()``)."""
 
     kind: str
     id: int

@@ -257,7 +257,7 @@ class Replanner:
         if self._arriving():
             self._settled = now
         span = max(1e-3, min(self.window, now - self._started))
-        recent = [(t, s) for t, s in list(self.dep._recent) if now - t <= span]
+        recent = self.dep.recent(span)
         if not recent:
             return Window(0.0, math.nan, 0, 0, 0)
         settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
