@@ -545,6 +545,10 @@ def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
                                              data=json.dumps({"rows": [{"x": i}]}).encode(),
                                              headers={"Content-Type": "application/json"})
                 assert json.loads(urllib.request.urlopen(req, timeout=60).read())["rows"][0]["z"] == i * 10 + 1
+            last = time.perf_counter()
+            load = dep._load()   # the serving autoscaler sees them too (in flight by Little's law)
+            if time.perf_counter() - last < 2.0:   # (its window is the last 2 s)
+                assert load.inflight > 0 and load.p99_recent_ms > 0
             dep.run({"x": [1]})   # and one from this process
             m = dep.replanner.measure()
             assert m.requests == 13 and m.rate > 0

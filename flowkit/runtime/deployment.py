@@ -277,20 +277,24 @@ class Deployment:
         """The requests finished in the last ``seconds``, as ``(finish time on this process's
         ``time.perf_counter()``, latency s)``: those sent from this process, and — while the
         workers serve HTTP themselves (``serve(where="workers")``) — those their endpoints
-        served, asked of them (the re-planner judges the objective over both)."""
+        served, from arrival at the endpoint to the answer (asked of the workers)."""
         now = time.perf_counter()
-        out = [(t, s) for t, s in list(self._recent) if now - t <= seconds]
-        if any(getattr(server, "serving", None) and not server.stopped for server in self._servers):
-            wall = time.time()
-            for served in self._router.broadcast("recent", dumps(wall - seconds)):
-                out += [(now - (wall - t), s) for t, s in served]
-        return out
+        return [(t, s) for t, s in list(self._recent) + self._served_by_workers() if now - t <= seconds]
+
+    def _served_by_workers(self) -> list[tuple[float, float]]:
+        return [r for server in self._servers if hasattr(server, "pull") and not server.stopped
+                for r in server.pull()]
 
     def _load(self) -> Load:
+        """The serving autoscaler's measure: requests in flight (the router's; the workers'
+        endpoints' by Little's law: latencies summed over 2 s / 2 s), the p99 of 2 s and before."""
         now = time.perf_counter()
-        recent = [s for t, s in list(self._recent) if now - t <= 2.0]
-        history = [s for t, s in list(self._recent) if now - t > 2.0]
-        return Load(inflight=self._router.mean_inflight(), threads_per_worker=self._router.threads_per_worker(),
+        served = self._served_by_workers()
+        both = list(self._recent) + served
+        recent = [s for t, s in both if now - t <= 2.0]
+        history = [s for t, s in both if now - t > 2.0]
+        inflight = self._router.mean_inflight() + sum(s for t, s in served if now - t <= 2.0) / 2.0
+        return Load(inflight=inflight, threads_per_worker=self._router.threads_per_worker(),
                     p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
                     p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
+from collections import deque
 
 from .compat import address_host
 from .wire import dumps
@@ -56,6 +58,9 @@ class WorkerEndpoints:
         self.timeout = timeout
         self.ports: dict[str, int] = {}     # worker host -> the port its workers serve
         self.serving: dict[str, str] = {}   # worker address -> its host
+        self.finished: deque = deque(maxlen=8192)   # (this process's perf_counter, seconds) of requests served
+        self._since: dict[str, float] = {}  # worker address -> its time.time() when last asked (``pull``)
+        self._pulling = threading.Lock()
         self._lock = threading.Lock()
         self.stopped = False
         by_host: dict[str, list[str]] = {}
@@ -105,6 +110,25 @@ class WorkerEndpoints:
             except Exception as e:   # a worker that left answers nothing
                 logger.debug("http counts: %s", e)
         return out
+
+    def pull(self) -> list[tuple[float, float]]:
+        """Ask the serving workers for the requests their endpoints finished since last asked,
+        keep them in ``finished`` (each worker's clock turned into this process's
+        ``perf_counter``), and return ``finished``."""
+        with self._pulling:
+            live = set(self.dep.workers)
+            asked = [(a, self.dep._router.submit("recent", dumps(self._since.get(a, 0.0)), worker=a))
+                     for a in list(self.serving) if a in live]
+            for a, fut in asked:
+                try:
+                    there, served = fut.result(self.timeout)
+                except Exception as e:   # a worker that left answers nothing
+                    logger.debug("recent requests: %s", e)
+                    continue
+                here = time.perf_counter()
+                self._since[a] = there
+                self.finished.extend((here - (there - t), s) for t, s in served)
+            return list(self.finished)
 
     @property
     def counts(self) -> dict:

@@ -178,8 +178,9 @@ class WorkerDeployment:
             if kind == "http":   # what this worker's HTTP endpoint answered
                 return p.Answer(rid, True, payload=dumps(http_counts(self)))
             if kind == "recent":   # the requests its HTTP endpoint finished since (payload) a time.time()
-                since = loads(call.payload)
-                return p.Answer(rid, True, payload=dumps([(t, s) for t, s in list(self.served_recent) if t > since]))
+                since, now = loads(call.payload), time.time()
+                return p.Answer(rid, True, payload=dumps((now, [(t, s) for t, s in list(self.served_recent)
+                                                                if since < t <= now])))
             if kind == "unserve":
                 unserve_http(self, loads(call.payload))
                 return p.Answer(rid, True)
