@@ -155,6 +155,17 @@ class WorkerDeployment:
         for pool in {self.pool, self.requests}:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def served_since(self, since: float) -> tuple[float, list[tuple[float, float]]]:
+        """(now, the requests its HTTP endpoint finished after ``since`` and by now), read from
+        the newest back (they were kept in the order they finished)."""
+        now, out = time.time(), []
+        for t, s in reversed(self.served_recent):
+            if t <= since:
+                break
+            if t <= now:
+                out.append((t, s))
+        return now, out[::-1]
+
     # -- the session protocol ----------------------------------------------------------------
     async def handle(self, call: p.Call, token: Token | None = None) -> p.Answer:
         """Answer one call of the session protocol; a ``run`` or ``stage`` runs under ``token``,
@@ -178,9 +189,7 @@ class WorkerDeployment:
             if kind == "http":   # what this worker's HTTP endpoint answered
                 return p.Answer(rid, True, payload=dumps(http_counts(self)))
             if kind == "recent":   # the requests its HTTP endpoint finished since (payload) a time.time()
-                since, now = loads(call.payload), time.time()
-                return p.Answer(rid, True, payload=dumps((now, [(t, s) for t, s in list(self.served_recent)
-                                                                if since < t <= now])))
+                return p.Answer(rid, True, payload=dumps(self.served_since(loads(call.payload))))
             if kind == "unserve":
                 unserve_http(self, loads(call.payload))
                 return p.Answer(rid, True)
