@@ -45,8 +45,8 @@ re-planner measures the requests the client sees), which adds its own scheduling
 2-core machine; Ray Serve's load runs in its own process over HTTP, so the two are not driven
 the same way (flowkit's figures carry no HTTP, Ray's do).
 
-Not yet: flowkit over HTTP with the load in its own process (the re-planner now also sees the
-requests the workers' own HTTP endpoints serve, ``Deployment.recent``).
+Not yet: driving flowkit over HTTP with the load in its own process (the re-planner would see
+those requests, ``Deployment.recent``; this benchmark still sends through ``dep.submit``).
 
     python benchmarks/slo.py --ray                # the full run: about 25 min on 2 cores (20 without --ray)
     python benchmarks/slo.py --quick              # a smoke run: tiny durations, writes nothing to results/

@@ -529,9 +529,11 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
 
 
 def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
-    """HTTP served by the workers never passes the client: the re-planner asks the workers for
-    the requests their endpoints finished."""
+    """HTTP served by the workers never passes the client: the re-planner and the serving
+    autoscaler ask the workers for the requests their endpoints finished (the answers arrive
+    later: nothing waits on dask's event loop)."""
     import json
+    import threading
     import urllib.request
 
     flow = live_flow()
@@ -540,20 +542,30 @@ def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
         dep.replanner.stop()
         dep.replanner.window = 3600.0
         with dep.serve(where="workers") as server:
-            for i in range(12):
+            def post(i: int) -> int:
                 req = urllib.request.Request(server.url + "/v1/flows/live/predict", method="POST",
                                              data=json.dumps({"rows": [{"x": i}]}).encode(),
                                              headers={"Content-Type": "application/json"})
-                assert json.loads(urllib.request.urlopen(req, timeout=60).read())["rows"][0]["z"] == i * 10 + 1
-            last = time.perf_counter()
-            load = dep._load()   # the serving autoscaler sees them too (in flight by Little's law)
-            if time.perf_counter() - last < 2.0:   # (its window is the last 2 s)
-                assert load.inflight > 0 and load.p99_recent_ms > 0
+                return json.loads(urllib.request.urlopen(req, timeout=60).read())["rows"][0]["z"]
+
+            assert [post(i) for i in range(12)] == [i * 10 + 1 for i in range(12)]
+            wait_until(lambda: len(dep.recent(3600.0)) == 12, "the 12 requests the workers served reach the client")
             dep.run({"x": [1]})   # and one from this process
-            m = dep.replanner.measure()
-            assert m.requests == 13 and m.rate > 0
-            assert all(0 < s < 60 for _, s in dep.recent(3600.0))
-        assert len(dep.recent(3600.0)) == 1   # stopped serving: only this process's own
+            m = wait_until(lambda: (lambda m: m if m.requests == 13 else None)(dep.replanner.measure()),
+                           lambda: f"the re-planner sees 13 requests, not {dep.replanner.measure().requests}")
+            assert m.rate > 0 and all(0 < s < 60 for _, s in dep.recent(3600.0))
+            stop = threading.Event()   # while requests flow, the autoscaler counts them in flight
+
+            def flowing() -> None:
+                while not stop.is_set():
+                    post(0)
+            sender = threading.Thread(target=flowing, daemon=True)
+            sender.start()
+            try:
+                wait_until(lambda: dep._load().inflight > 0, "the autoscaler sees the workers' requests in flight")
+            finally:
+                stop.set()
+                sender.join(60)
 
 
 def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):

@@ -22,6 +22,7 @@ from ..errors import DeploymentClosed, FlowError, Overloaded
 from ..flow import Flow
 from ..table import Table, as_table
 from .clusters import connect
+from .endpoints import ServedByWorkers, WorkerEndpoints
 from .plugin import DeploymentPlugin, ready_topic
 from .progress import score_many
 from .router import Request, Router
@@ -111,6 +112,7 @@ class Deployment:
         self._lock = threading.Lock()
         self._e2e = StageStats()
         self._recent: deque = deque(maxlen=8192)   # (finish time, seconds) of recent requests
+        self._served = ServedByWorkers(self)        # and those the workers' own HTTP endpoints served
         self._stored: StoredObjects | None = None   # (set up once the router exists)
         self._closed = False
         self._owned: list = []
@@ -276,24 +278,28 @@ class Deployment:
     def recent(self, seconds: float) -> list[tuple[float, float]]:
         """The requests finished in the last ``seconds``, as ``(finish time on this process's
         ``time.perf_counter()``, latency s)``: those sent from this process, and — while the
-        workers serve HTTP themselves (``serve(where="workers")``) — those their endpoints
-        served, from arrival at the endpoint to the answer (asked of the workers)."""
+        workers serve HTTP themselves — those their endpoints served, from arrival at the
+        endpoint to the answer (as the workers last reported: ``ServedByWorkers``)."""
         now = time.perf_counter()
-        return [(t, s) for t, s in list(self._recent) + self._served_by_workers() if now - t <= seconds]
+        return [(t, s) for t, s in list(self._recent) + self._from_workers() if now - t <= seconds]
 
-    def _served_by_workers(self) -> list[tuple[float, float]]:
-        return [r for server in self._servers if hasattr(server, "pull") and not server.stopped
-                for r in server.pull()]
+    def _from_workers(self) -> list[tuple[float, float]]:
+        """Ask the workers for what their endpoints served (answers arrive later), when they
+        serve; what has arrived."""
+        if any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers):
+            self._served.ask()
+        return self._served.finished
 
     def _load(self) -> Load:
         """The serving autoscaler's measure: requests in flight (the router's; the workers'
         endpoints' by Little's law: latencies summed over 2 s / 2 s), the p99 of 2 s and before."""
         now = time.perf_counter()
-        served = self._served_by_workers()
+        served = self._from_workers()
         both = list(self._recent) + served
         recent = [s for t, s in both if now - t <= 2.0]
         history = [s for t, s in both if now - t > 2.0]
-        inflight = self._router.mean_inflight() + sum(s for t, s in served if now - t <= 2.0) / 2.0
+        littles = sum(s for t, s in served if now - t <= 2.0) / 2.0   # (misses requests still running:)
+        inflight = self._router.mean_inflight() + max(littles, self._served.inflight)
         return Load(inflight=inflight, threads_per_worker=self._router.threads_per_worker(),
                     p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
                     p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
@@ -346,7 +352,7 @@ class Deployment:
         ``timeout``: seconds a request may run before its 504 (it is then cancelled);
         ``body_timeout``: seconds a client may take to send its whole body before its 408;
         ``sock``: an already bound listening socket for the client to serve on."""
-        from .endpoints import WorkerEndpoints, serves_at_workers
+        from .endpoints import serves_at_workers
         from .http import HTTPServer, require_authentication
 
         self._check_open("serve")

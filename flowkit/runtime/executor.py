@@ -64,7 +64,7 @@ class WorkerDeployment:
         self.source = plan.source.name
         self.stats = {op.name: StageStats() for op in self.ops}
         self.served = StageStats()   # requests this worker's own HTTP endpoint served, end to end
-        self.served_recent: deque = deque(maxlen=8192)   # and each one's (time.time() finished, seconds)
+        self.served_recent: deque = deque(maxlen=8192)   # and each one's (time.monotonic() finished, seconds)
         self.simple = not any(isinstance(op, AnyOf) or op.is_gpu or
                               (isinstance(op, Stage) and (op.batching or op.lookup_split)) for op in self.ops)
         # whether only lookup_split stages are placed: then a request runs in one of the threads,
@@ -155,16 +155,17 @@ class WorkerDeployment:
         for pool in {self.pool, self.requests}:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def served_since(self, since: float) -> tuple[float, list[tuple[float, float]]]:
-        """(now, the requests its HTTP endpoint finished after ``since`` and by now), read from
-        the newest back (they were kept in the order they finished)."""
-        now, out = time.time(), []
+    def served_since(self, since: float) -> tuple[float, list[tuple[float, float]], int]:
+        """(now, the requests its HTTP endpoints finished after ``since`` and by now, their
+        requests in flight now), on this process's monotonic clock; read from the newest back
+        (they were kept in the order they finished)."""
+        now, out = time.monotonic(), []
         for t, s in reversed(self.served_recent):
             if t <= since:
                 break
             if t <= now:
                 out.append((t, s))
-        return now, out[::-1]
+        return now, out[::-1], http_counts(self)["inflight"]
 
     # -- the session protocol ----------------------------------------------------------------
     async def handle(self, call: p.Call, token: Token | None = None) -> p.Answer:
@@ -188,7 +189,7 @@ class WorkerDeployment:
                 return p.Answer(rid, True, payload=dumps(await serve_http(self, loads(call.payload))))
             if kind == "http":   # what this worker's HTTP endpoint answered
                 return p.Answer(rid, True, payload=dumps(http_counts(self)))
-            if kind == "recent":   # the requests its HTTP endpoint finished since (payload) a time.time()
+            if kind == "recent":   # the requests its HTTP endpoints finished since (payload) its monotonic time
                 return p.Answer(rid, True, payload=dumps(self.served_since(loads(call.payload))))
             if kind == "unserve":
                 unserve_http(self, loads(call.payload))

@@ -71,7 +71,7 @@ class LocalEndpoint:
         too, for the client's re-planner (``Deployment.recent``)."""
         seconds = time.perf_counter() - t0
         self.dep.served.record(seconds, ok=ok)
-        self.dep.served_recent.append((time.time(), seconds))
+        self.dep.served_recent.append((time.monotonic(), seconds))
 
     async def _elsewhere(self, table):
         """While every thread of this worker is busy (a slow request, one abandoned whose

@@ -48,8 +48,9 @@ class Call:
     (payload: ``(stage name, input tables)``), send ``stats``, ``forget`` where a stored key
     lived (payload: the key), ``keep`` a copy of an object put with ``broadcast`` (payload:
     ``(key, object)``), resize batch ``window``s, ``serve`` HTTP on the worker (payload: the
-    options; answered with the port) or ``unserve`` it, or send the ``recent`` requests its HTTP
-    endpoint finished (payload: since when, a ``time.time()``)."""
+    options; answered with the port) or ``unserve`` it, send its endpoints' ``http`` answer
+    counts, or the ``recent`` requests they finished (payload: since when, on the worker's
+    monotonic clock; answered with its clock now, those requests and those in flight)."""
 
     kind: str
     id: int

@@ -4,7 +4,8 @@ Requests that go straight to workers never become dask tasks, so dask's default 
 target (which counts tasks) would see an idle cluster under any load. ``ServingAdaptive``
 overrides ``Adaptive.target()`` with Cloudflow's operator-autoscaling rule applied to what the
 deployment measures: a worker is busy while it holds requests, so the mean number of requests
-in flight per worker thread is its utilization. Above 70% the target grows to bring it back
+in flight per worker thread is its utilization (those sent through the client, and those the
+workers' own HTTP endpoints serve: ``Deployment._load``). Above 70% the target grows to bring it back
 under 70%; when the recent p99 latency passes 1.25x its history under real load, one worker
 is added (when utilization is over 50% and there are 200 past requests to compare with); below 10% the target shrinks (dask then retires workers gracefully: their stored
 objects move first, and requests in flight on them are sent again).
