@@ -361,8 +361,7 @@ def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s
     the transport, the worker's session and executor, and back: a flow of one operator that does
     nothing, deployed on the cluster and run ``runs`` times (after 20 to warm up), ``gap_s``
     apart: a request that finds the threads on its path asleep, as one at a modest rate does,
-    pays their wake-ups (back to back, the path looks about three times faster than it is for
-    paced requests). The planner draws each request's overhead from these (``Overheads.of``)."""
+    pays their wake-ups (back to back, the path looks faster than paced requests find it). The planner draws each request's overhead from these (``Overheads.of``)."""
     from .runtime.deployment import deploy
 
     probe = Flow("flowkit-request-path", {"x": int})
@@ -410,8 +409,8 @@ def _measure_on_worker(plan_bytes: bytes, table_bytes: bytes, sizes, repeats: in
     # does not, see OpProfile.by_input); a batch of n rows starts where the previous one ended.
     runs = {n: max(repeats, one_row_runs) if n == 1 else repeats for n in sizes}
     batched = [n for n in sizes if n > 1]
-    budget = {n: budget_s / (2 if 1 in sizes else 1) / len(batched) if n > 1 else budget_s / (2 if batched else 1)
-              for n in sizes}
+    halves = 2 if batched and 1 in sizes else 1   # the budget: half for one row, half for the batches
+    budget = {n: budget_s / halves / (len(batched) if n > 1 else 1) for n in sizes}
     distinct = 1
     input_rows: list[int] = []
 

@@ -23,11 +23,12 @@ def serving_settings() -> dict:
     - dask's statistical profiler off: it samples every thread's stack on the worker's event
       loop every 10 ms (for the dashboard's profile page), between the requests that loop serves.
     """
+    settings = {"distributed.worker.profile.enabled": False}
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        return {"distributed.worker.profile.enabled": False}
-    return {"distributed.admin.event-loop": "uvloop", "distributed.worker.profile.enabled": False}
+        return settings
+    return {**settings, "distributed.admin.event-loop": "uvloop"}
 
 
 def _serving_config() -> dict:
