@@ -109,7 +109,10 @@ def closed_loop(ep: Endpoint, n: int, warmup: int) -> dict:
     return {"latencies_ms": [x * 1000 for x in latencies], "failures": failures}
 
 
-def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed: int) -> dict:
+def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed: int,
+              start_at: float | None = None) -> dict:
+    """``start_at``: the wall-clock time (``time.time()``) of the schedule's start (default: now),
+    so that processes sending consecutive phases of one load follow each other without a gap."""
     rng = random.Random(seed)
     schedule, t = [], 0.0
     while True:
@@ -131,7 +134,7 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(connections)]
     for th in threads:
         th.start()
-    start = time.perf_counter() + 0.05
+    start = time.perf_counter() + (0.05 if start_at is None else max(0.0, start_at - time.time()))
     for i, at in enumerate(schedule):
         delay = start + at - time.perf_counter()
         if delay > 0:
@@ -142,7 +145,8 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     deadline = time.perf_counter() + ep.timeout
     for th in threads:
         th.join(max(0.0, deadline - time.perf_counter()))
-    return {"rate": rate, "sent": len(schedule), "latencies_ms": [None if x is None else x * 1000 for x in latencies]}
+    return {"rate": rate, "sent": len(schedule), "schedule_s": schedule,
+            "latencies_ms": [None if x is None else x * 1000 for x in latencies]}
 
 
 def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> None:
@@ -158,13 +162,14 @@ def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> Non
     ap.add_argument("--connections", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=timeout)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start-at", type=float, default=None, help="open loop: the wall-clock time to start at")
     a = ap.parse_args()
     if endpoint is None:
         with open(a.body_file, "rb") as f:
             ep = Endpoint(a.url, f.read(), a.timeout)
     else:
         ep = endpoint(a.url, a.body_file, a.timeout)
-    out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed)
+    out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed, a.start_at)
     out["answers"] = {str(i): sorted(x.decode(errors="replace") for x in seen) for i, seen in ep.answers.items()}
     json.dump(out, sys.stdout)
 

@@ -29,7 +29,7 @@ time is reported apart from planning), then for every case (objective ``slo_ms``
 - **Ray Serve** (``--ray``, not in the default run: Ray's start-up on a busy 2-core machine takes
   minutes): the same stages fused in one deployment (``@serve.batch`` for the batching stage) with
   Ray's autoscaling (1..W replicas, ``target_ongoing_requests`` 2), started from .venv-peers by
-  benchmarks/slo_ray.py and driven over HTTP by benchmarks/loadgen.py in its own process.
+  benchmarks/slo_ray.py and driven over HTTP by a load generator in its own process.
 
 And per pipeline a **×3 rate step** (``--step slo:rate``): the planned deployment (its
 re-planner running every 1 s) driven at the rate for ``--step-before`` seconds, then at 3× for
@@ -38,15 +38,14 @@ late), the share within the objective and the workers; the time from the step un
 p99 is back within the objective and stays there (None: never within the run); and each
 re-plan (``dep.slo_plan.replans``) with its time relative to the step.
 
-The load: open-loop Poisson arrivals (benchmarks/slo_drive.py), each latency from its scheduled
-send time; a request refused (``fk.Overloaded``), failed or unanswered counts as a miss (it stays
-in the denominator). For flowkit the load runs in the client's process (``dep.submit``: the
-re-planner measures the requests the client sees), which adds its own scheduling noise on a
-2-core machine; Ray Serve's load runs in its own process over HTTP, so the two are not driven
-the same way (flowkit's figures carry no HTTP, Ray's do).
-
-Not yet: driving flowkit over HTTP with the load in its own process (the re-planner would see
-those requests, ``Deployment.recent``; this benchmark still sends through ``dep.submit``).
+The load: open-loop Poisson arrivals, each latency from its scheduled send time, cycling over the
+same 200 requests for every system; a request refused (503 / ``fk.Overloaded``), failed or
+unanswered counts as a miss (it stays in the denominator). With ``--load http`` (the default)
+flowkit serves over HTTP from its workers (``dep.serve()``, which the re-planner and the
+autoscaler see) and the load comes from load generators in processes of their own
+(``slo_drive.drive_http``), as Ray Serve's does: both systems are driven the same way. With
+``--load api`` the load is sent with ``dep.submit`` from the client's process (no HTTP; it adds
+the client's own scheduling noise on a 2-core machine).
 
     python benchmarks/slo.py --ray                # the full run: about 25 min on 2 cores (20 without --ray)
     python benchmarks/slo.py --quick              # a smoke run: tiny durations, writes nothing to results/
@@ -85,6 +84,8 @@ ROOT = HERE.parent
 
 
 # -- deploying and measuring --------------------------------------------------------------------
+DRIVES = {"http": slo_drive.drive_http, "api": slo_drive.drive}   # --load: how the load is sent (slo_drive)
+
 def _put_store(dep, name: str) -> None:
     for k, v in P.PIPELINES[name]["store"]().items():
         dep.put(k, v)
@@ -94,9 +95,10 @@ def _warm(dep, name: str, n: int = 20) -> None:
     dep.map([P.PIPELINES[name]["request"](i) for i in range(n)], progress=False, return_exceptions=True)
 
 
-def measure(make_dep, name: str, phases, seed: int = 0) -> tuple[dict, "slo_drive.Run", object]:
-    """Deploy (``make_dep()``), store the pipeline's objects, warm up, drive ``phases``; returns
-    (times, run, the deployment's slo_plan or None) with the deployment closed."""
+def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "slo_drive.Run", object]:
+    """Deploy (``make_dep()``), store the pipeline's objects, warm up, ``drive`` ``phases``
+    (``slo_drive.drive`` or ``drive_http``); returns (times, run, the deployment's slo_plan or
+    None) with the deployment closed."""
     t0 = time.perf_counter()
     dep = make_dep()
     times = {}
@@ -107,7 +109,7 @@ def measure(make_dep, name: str, phases, seed: int = 0) -> tuple[dict, "slo_driv
         _warm(dep, name)
         times["warm_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        run = slo_drive.drive(dep, P.PIPELINES[name]["request"], phases, seed)
+        run = drive(dep, P.PIPELINES[name]["request"], phases, seed)
         times["measure_s"] = time.perf_counter() - t2
         plan = dep.slo_plan
     finally:
@@ -158,7 +160,8 @@ def grid_best(configs: list[dict], slo: float) -> tuple[dict | None, float, floa
 # -- Ray Serve ----------------------------------------------------------------------------------
 def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict:
     """Ray Serve with autoscaling (benchmarks/slo_ray.py in .venv-peers), warmed up by 50
-    requests one after another, then driven at ``rate`` by benchmarks/loadgen.py (its own process)."""
+    requests one after another, then driven at ``rate`` over HTTP by a load generator in its own
+    process, with the bodies and schedule flowkit gets with ``--load http`` (slo_drive.http_phases)."""
     from peers import runner
 
     if not runner.available():
@@ -185,17 +188,14 @@ def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict
                 pass
             time.sleep(1)
         start_s = time.perf_counter() - t0
-        body = tmp / "body.json"
-        body.write_text(json.dumps({"row": {k: v[0] for k, v in P.PIPELINES[name]["request"](1).items()}}))
-        gen = [sys.executable, str(HERE / "loadgen.py"), "--url", f"http://127.0.0.1:{port}/{name}",
-               "--body", str(body)]
-        subprocess.run(gen + ["--closed", "50", "--warmup", "0"], capture_output=True, timeout=300)
+        url, bodies = f"http://127.0.0.1:{port}/{name}", slo_drive.write_bodies(tmp / "bodies.json",
+                                                                                P.PIPELINES[name]["request"])
+        subprocess.run([sys.executable, str(slo_drive.LOADGEN), "--url", url, "--bodies", str(bodies),
+                        "--closed", "50", "--warmup", "0"], capture_output=True, timeout=300)
         at = json.loads((tmp / "replicas.json").read_text())[-1][0] if (tmp / "replicas.json").exists() else 0
-        r = subprocess.run(gen + ["--rate", str(rate), "--seconds", str(seconds), "--connections", "64",
-                                  "--timeout", "20"], capture_output=True, text=True, timeout=seconds + 120)
-        if r.returncode or not r.stdout.strip():
-            raise RuntimeError(f"the load generator failed ({r.returncode}): {r.stderr.strip()[-300:]}")
-        lat = np.array([math.nan if x is None else x for x in json.loads(r.stdout)["latencies_ms"]])
+        phases = [(seconds, rate)]
+        _, lat = slo_drive.http_results(slo_drive.http_phases(url, bodies, phases, 0, time.time() + 1.0, 20.0),
+                                        phases, 20.0)
         seen = json.loads((tmp / "replicas.json").read_text()) if (tmp / "replicas.json").exists() else []
         during = [n for t, n in seen if t >= at and n is not None] or [0]
         out = {"by_slo": {s: slo_drive.summarize(lat, s) for s in slos}, "start_s": start_s,
@@ -219,8 +219,10 @@ def meta(args) -> dict:
         commit = None
     return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "args": vars(args),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "load": "open-loop Poisson from the client's process (dep.submit); latency from the scheduled time; "
-                    "refused, failed and unanswered requests count as misses"}
+            "load": ("open-loop Poisson over HTTP to the workers (dep.serve) from load generators' own processes, "
+                     if args.load == "http" else "open-loop Poisson from the client's process (dep.submit), ")
+                    + f"cycling over {slo_drive.BODIES} requests' rows (Ray Serve's: the same bodies over HTTP); "
+                    "latency from the scheduled time; refused, failed and unanswered requests count as misses"}
 
 
 def main() -> None:
@@ -237,6 +239,9 @@ def main() -> None:
     ap.add_argument("--step", default="60:30", help="slo_ms:rate of the x3 rate step")
     ap.add_argument("--step-before", type=float, default=5.0)
     ap.add_argument("--step-after", type=float, default=15.0)
+    ap.add_argument("--load", choices=sorted(DRIVES), default="http",
+                    help="http: over HTTP to the workers from load generators' own processes (as Ray's); "
+                         "api: dep.submit from this process")
     ap.add_argument("--ray", action="store_true", help="also Ray Serve with autoscaling (.venv-peers)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny durations, nothing written to results/")
     ap.add_argument("--charts", action="store_true", help="only draw the charts again from results/slo.json")
@@ -297,7 +302,7 @@ def main() -> None:
                     for rate in rates:
                         for knobs, planned in grid_configs(flows[n], profiles[n], w, batches, waits, (1, 2)):
                             times, run, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False), n,
-                                                    [(args.grid_seconds, rate)])
+                                                    [(args.grid_seconds, rate)], DRIVES[args.load])
                             grid[n][rate].append({"knobs": repr(knobs), "config": describe(knobs), "workers": w,
                                                   "times": times,
                                                   "by_slo": {s: run.summary(s) for s in slos}})
@@ -308,7 +313,8 @@ def main() -> None:
             if w == W:
                 for n in names:
                     for rate in rates:
-                        times, run, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)])
+                        times, run, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)],
+                                                DRIVES[args.load])
                         defaults[n][rate] = {"workers": W, "times": times, "by_slo": {s: run.summary(s) for s in slos}}
                         print(f"   defaults {n} @ {rate:g}/s on {W} workers: p99 "
                               f"{defaults[n][rate]['by_slo'][slos[0]]['p99_all_ms']:.3g} ms")
@@ -320,7 +326,7 @@ def main() -> None:
             row = {"slo_ms": slo, "rate": rate}
             try:
                 times, run, plan = measure(lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n],
-                                                             max_workers=W), n, [(args.seconds, rate)])
+                                                             max_workers=W), n, [(args.seconds, rate)], DRIVES[args.load])
                 table = plan.table()
                 s = run.summary(slo)
                 row["planned"] = {
@@ -385,7 +391,7 @@ def step(name, flow, prof, args, W) -> dict:
     S1, S2 = args.step_before, args.step_after
     try:
         times, run, plan = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W), name,
-                                   [(S1, rate), (S2, 3 * rate)])
+                                   [(S1, rate), (S2, 3 * rate)], DRIVES[args.load])
     except fk.SLOUnreachable as e:
         return {"slo_ms": slo, "rate": rate, "refused": str(e)}
     wins = slo_drive.windows(run, slo)

@@ -1,5 +1,6 @@
-"""The load of benchmarks/slo.py: open-loop Poisson arrivals sent with ``dep.submit`` from the
-client's process, and the figures taken from them.
+"""The load of benchmarks/slo.py: open-loop Poisson arrivals, sent with ``dep.submit`` from the
+client's process (``drive``) or over HTTP to the deployment's workers by load generators in
+processes of their own (``drive_http``), and the figures taken from them.
 
 Every latency counts from the request's *scheduled* send time (a backlog in the sender or the
 deployment is not hidden). A request refused (``fk.Overloaded``), failed, or unanswered by the
@@ -8,11 +9,17 @@ end is a miss: it stays in the denominator, with latency ``nan`` (``inf`` for pe
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +81,21 @@ def schedule(phases: list[tuple[float, float]], seed: int) -> np.ndarray:
     return np.array(times)
 
 
+def _watch_workers(dep, start: float, stop: threading.Event, into: list) -> threading.Thread:
+    """A thread noting ``(seconds since start, workers)`` every half second until ``stop``."""
+    def watch():
+        while not stop.is_set():
+            try:
+                into.append((time.perf_counter() - start, len(dep.workers)))
+            except Exception:
+                pass
+            stop.wait(0.5)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 def drive(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_s: float = 20.0) -> Run:
     """Send ``request(i)`` at Poisson times over ``phases`` (``[(seconds, rate), ...]``) from this
     process; wait up to ``drain_s`` after the last for the answers."""
@@ -85,19 +107,9 @@ def drive(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_
     cond = threading.Condition(lock)
     workers: list = []
     stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            try:
-                workers.append((time.perf_counter() - start, len(dep.workers)))
-            except Exception:
-                pass
-            stop.wait(0.5)
-
     start = time.perf_counter() + 0.05
     wall_start = time.time() + 0.05
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watcher = _watch_workers(dep, start, stop, workers)
     futures = []
     for i, at in enumerate(sched):
         delay = start + at - time.perf_counter()
@@ -137,6 +149,76 @@ def drive(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_
     watcher.join(2)
     with lock:
         return Run(sched, lat.copy(), refused[0], failed[0], workers, wall_start)
+
+
+LOADGEN = Path(__file__).resolve().parent / "peers" / "cycling_loadgen.py"
+BODIES = 200   # distinct requests the HTTP load cycles over (request(0..BODIES-1))
+
+
+def write_bodies(path: Path, request, n: int = BODIES) -> Path:
+    """``request(0..n-1)`` as the JSON bodies of one-row HTTP requests (``{"rows": [row]}``), in
+    the list file cycling_loadgen.py sends in turn."""
+    rows = [{k: v[0] for k, v in request(i).items()} for i in range(n)]
+    path.write_text(json.dumps([json.dumps({"rows": [r]}) for r in rows]))
+    return path
+
+
+def http_phases(url: str, bodies: Path, phases: list[tuple[float, float]], seed: int, wall_start: float,
+                timeout: float) -> list[subprocess.Popen]:
+    """One load generator process per phase (``(seconds, rate)``), each starting its Poisson
+    schedule at ``wall_start`` plus the phases before it."""
+    procs, offset = [], 0.0
+    for k, (seconds, rate) in enumerate(phases):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(LOADGEN), "--url", url, "--bodies", str(bodies), "--rate", str(rate),
+             "--seconds", str(seconds), "--connections", "64", "--timeout", str(timeout), "--seed", str(seed + k),
+             "--start-at", str(wall_start + offset)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        offset += seconds
+    return procs
+
+
+def http_results(procs: list[subprocess.Popen], phases: list[tuple[float, float]], timeout: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(scheduled times from the first phase's start, latencies in ms, nan: a miss) of
+    ``http_phases``'s processes, waiting for each to end."""
+    sched, lat, offset = [], [], 0.0
+    for (seconds, _), proc in zip(phases, procs):
+        out, err = proc.communicate(timeout=offset + seconds + timeout + 120)
+        if proc.returncode or not out.strip():
+            raise RuntimeError(f"the load generator failed ({proc.returncode}): {err.strip()[-300:]}")
+        got = json.loads(out)
+        sched += [offset + t for t in got["schedule_s"]]
+        lat += [math.nan if x is None else x for x in got["latencies_ms"]]
+        offset += seconds
+    return np.array(sched), np.array(lat)
+
+
+def drive_http(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_s: float = 20.0) -> Run:
+    """The load of ``drive`` sent over HTTP instead: the deployment served by its workers
+    (``dep.serve(where="workers")``), each phase sent by benchmarks/peers/cycling_loadgen.py in a
+    process of its own (``request(0..BODIES-1)`` in turn, 64 keep-alive connections). Every
+    phase's process starts before the first phase does and waits for its own start (a wall-clock
+    time), so the phases follow each other without a gap. A request refused (503), failed, or
+    unanswered ``drain_s`` after the end is a miss (counted as ``failed``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="slo_http_"))
+    workers: list = []
+    stop = threading.Event()
+    try:
+        with dep.serve(where="workers") as server:
+            wall_start, start = time.time() + 2.0, time.perf_counter() + 2.0   # (the generators start meanwhile)
+            procs = http_phases(server.url + f"/v1/flows/{dep.name}/predict", write_bodies(tmp / "bodies.json", request),
+                                phases, seed, wall_start, drain_s)
+            watcher = _watch_workers(dep, start, stop, workers)
+            try:
+                sched, lat = http_results(procs, phases, drain_s)
+            finally:
+                for proc in procs:
+                    proc.kill()
+                stop.set()
+                watcher.join(2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Run(sched, lat, 0, int(np.isnan(lat).sum()), workers, wall_start)
 
 
 def windows(run: Run, slo_ms: float, width: float = 1.0) -> list[dict]:

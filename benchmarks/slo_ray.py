@@ -7,7 +7,8 @@ through ``@serve.batch`` (max 8 rows, 2 ms wait), scaled by Ray Serve's autoscal
 documented default for latency-sensitive serving, with a 1-s upscale delay — behind the HAProxy
 ingress with the throughput-optimized request path (``servers.ray_env``, as
 benchmarks/pipelines_vs_peers.py runs Ray Serve). It takes
-``{"row": {...}}`` at ``POST /<pipeline>`` and answers ``{"rows": [out]}``. Every second the
+``{"rows": [{...}]}`` (one row, as flowkit's endpoint takes it) at ``POST /<pipeline>`` and
+answers ``{"rows": [out]}``. Every second the
 running replicas are written to ``--replicas-file`` as JSON ``[[t, n], ...]``.
 
     .venv-peers/bin/python benchmarks/slo_ray.py --port 8000 --pipeline cascade --max-replicas 2
@@ -69,7 +70,7 @@ def main() -> None:
             return await asyncio.to_thread(self.P.floor_batch, name, rows, self.store)
 
         async def __call__(self, request: Request):
-            row = (await request.json())["row"]
+            row = (await request.json())["rows"][0]
             return {"rows": [await self.batch(row)]}
 
     serve.run(Pipeline.bind(), name=name, route_prefix=f"/{name}")

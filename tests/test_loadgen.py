@@ -86,3 +86,28 @@ def test_the_answers_under_load_are_kept_per_request_and_the_wrong_ones_found():
     assert ep.answers == {0: {bodies[0]}, 1: {bodies[1]}, 2: {b'{"rows": [{"y": 3}]}'}}
     answers = {str(i): sorted(x.decode() for x in seen) for i, seen in ep.answers.items()}
     assert wrong_answers(answers, [{"y": 0}, {"y": 1}, {"y": 2}]) == ['request 2: {"rows": [{"y": 3}]}']
+
+
+def test_an_http_load_in_phases_from_processes_of_its_own_reaches_the_workers_and_misses_nothing(client):
+    """benchmarks/slo.py's HTTP load: each phase from a load generator process of its own,
+    the phases back to back on one schedule, every request answered by the workers."""
+    import flowkit as fk
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import slo_drive
+    finally:
+        sys.path.remove(bench)
+    f = fk.Flow("doubled", {"x": int})
+    f.map(_double, names=["y"])
+    with fk.deploy(f, cluster=client) as dep:
+        run = slo_drive.drive_http(dep, lambda i: {"x": [i]}, [(1.0, 20.0), (1.0, 40.0)], seed=3)
+    first, second = run.sched[run.sched < 1.0], run.sched[run.sched >= 1.0]
+    assert len(first) > 0 and len(second) > len(first) / 2 and run.sched.max() < 2.0
+    assert list(run.sched) == sorted(run.sched)   # one schedule: the second phase after the first
+    assert run.failed == 0 and not any(x != x for x in run.lat_ms) and (run.lat_ms > 0).all()
+
+
+def _double(row) -> int:
+    return 2 * row["x"]
