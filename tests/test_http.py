@@ -26,7 +26,7 @@ import flowkit as fk
 from flowkit.runtime.http import HTTPServer
 from flowkit.runtime.http_codec import decode_rows, error_answer
 
-from .operators import ended, patient
+from .operators import ended, held, open_gate, patient
 from .waiting import wait_until
 
 
@@ -203,6 +203,30 @@ def test_overload_is_503_with_retry_after(client, make_cluster, where):
             t.join()
     assert status == 503 and headers.get("retry-after") == "1" and body["type"] == "Overloaded"
     assert results == [200, 200]
+
+
+def test_a_new_max_inflight_holds_on_the_workers_own_endpoints_at_once(make_cluster, tmp_path):
+    """Lowering ``dep.max_inflight`` (as a live re-plan sheds earlier) while the workers serve
+    HTTP: their endpoints shed beyond the new limit, not the one they started with."""
+    gate, path = tmp_path / "gate", "/v1/flows/held/predict"
+    flow = fk.Flow("held", {"x": int, "s": str})
+    flow.map(held, names=["y"])
+    with fk.deploy(flow, cluster=make_cluster(n_workers=1), max_inflight=10) as dep, \
+            dep.serve(where="workers") as server:
+        assert server.max_inflight == [10]
+        dep.max_inflight = 1
+        wait_until(lambda: server.max_inflight == [1], "the worker to take the new limit")
+        results = []
+        first = threading.Thread(target=lambda: results.append(call(server, "POST", path, {"rows": [{"x": 2, "s": str(gate)}]})))
+        first.start()
+        wait_until(lambda: server.inflight == 1, "the held request to be in flight")
+        status, body, _ = call(server, "POST", path, {"rows": [{"x": 3, "s": str(gate)}]})
+        open_gate(gate)
+        first.join()
+    assert status == 503 and body["type"] == "Overloaded" and "max_inflight=1" in body["error"]
+    assert results[0][0] == 200 and results[0][1]["rows"][0]["y"] == 4
+    with pytest.raises(fk.FlowError, match="max_inflight must be a whole number"):
+        dep.max_inflight = 0
 
 
 def test_a_request_that_times_out_or_whose_client_hangs_up_is_cancelled_on_its_worker(client, tmp_path):

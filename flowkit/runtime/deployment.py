@@ -96,8 +96,7 @@ class Deployment:
             flow = _optimize(flow, **optimize)
         elif optimize is not False:
             raise FlowError(f"optimize must be True, False or a dict of rules, not {optimize!r}")
-        if not (isinstance(max_inflight, int) and max_inflight >= 1):
-            raise FlowError(f"max_inflight must be a whole number >= 1, not {max_inflight!r}")
+        _check_max_inflight(max_inflight)
         if not (isinstance(retries, int) and retries >= 0):
             raise FlowError(f"retries must be a whole number >= 0, not {retries!r}")
         if not timeout > 0:
@@ -107,6 +106,7 @@ class Deployment:
         self._plan_bytes = dumps_plan(self.plan)   # before any cluster starts: a function that cannot travel fails here
         self.name = self.plan.name
         self.id = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        self._servers: list = []
         self.max_inflight = max_inflight
         self._inflight = 0
         self._lock = threading.Lock()
@@ -116,7 +116,6 @@ class Deployment:
         self._stored: StoredObjects | None = None   # (set up once the router exists)
         self._closed = False
         self._owned: list = []
-        self._servers: list = []
         self.adaptive = None   # the ServingAdaptive scaling the cluster, once adapt() (or the embedded default) set it
         self.client, self.cluster, self._owned = connect(cluster, n_workers, timeout)
         try:
@@ -146,6 +145,20 @@ class Deployment:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def max_inflight(self) -> int:
+        """Requests admitted at once (beyond: ``fk.Overloaded``; over HTTP, 503). Set it (or a
+        live re-plan does) and it holds at once, on the workers' own HTTP endpoints too."""
+        return self._max_inflight
+
+    @max_inflight.setter
+    def max_inflight(self, n: int) -> None:
+        _check_max_inflight(n)
+        self._max_inflight = n
+        for server in self._servers:
+            if isinstance(server, WorkerEndpoints) and not server.stopped:
+                server.limit(n)
 
     # -- set-up -----------------------------------------------------------------------------
     def _start(self, retries: int, timeout: float, n_workers: int | None, tune_workers: bool) -> None:
@@ -465,3 +478,8 @@ class Deployment:
                 self.close()
             except Exception:
                 pass
+
+
+def _check_max_inflight(n) -> None:
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise FlowError(f"max_inflight must be a whole number >= 1, not {n!r}")

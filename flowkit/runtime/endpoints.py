@@ -97,6 +97,16 @@ class WorkerEndpoints:
 
         self._serve(address, port).add_done_callback(served)
 
+    def limit(self, max_inflight: int) -> None:
+        """Every serving worker admits at most ``max_inflight`` requests at once from now on (not
+        waited for; a worker that joins later starts with the deployment's limit then)."""
+        with self._lock:
+            serving = [] if self.stopped else list(self.serving)
+        for address in serving:
+            fut = self.dep._router.submit("limit", dumps(max_inflight), worker=address)
+            fut.add_done_callback(lambda f, a=address: f.exception() is None or
+                                  logger.debug("max_inflight on %s: %s", a, f.exception()))
+
     def _gather(self) -> list[dict]:
         live = set(self.dep.workers)
         futures = [self.dep._router.submit("http", worker=a) for a in list(self.serving) if a in live]
@@ -121,6 +131,11 @@ class WorkerEndpoints:
     def inflight(self) -> int:
         """HTTP requests in flight on the serving workers."""
         return sum(part["inflight"] for part in self._gather())
+
+    @property
+    def max_inflight(self) -> list[int]:
+        """The most requests each serving worker admits at once (per port it serves on)."""
+        return [n for part in self._gather() for n in part["max_inflight"]]
 
     @property
     def urls(self) -> list[str]:

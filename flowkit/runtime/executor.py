@@ -23,7 +23,7 @@ from . import protocol as p
 from .batcher import Batcher
 from .execution import Execution
 from .cancel import Cancelled, Token, running_under, wait_from_thread
-from .ingress import http_counts, serve_http, unserve_http
+from .ingress import http_counts, limit_http, serve_http, unserve_http
 from .compat import worker_resources, worker_threads
 from .peers import Peers
 from .router import WorkerGone
@@ -193,6 +193,9 @@ class WorkerDeployment:
                 return p.Answer(rid, True, payload=dumps(self.served_since(loads(call.payload))))
             if kind == "unserve":
                 unserve_http(self, loads(call.payload))
+                return p.Answer(rid, True)
+            if kind == "limit":    # the deployment's max_inflight changed (a live re-plan sheds earlier)
+                limit_http(self, loads(call.payload))
                 return p.Answer(rid, True)
             if kind == "window":   # a live re-plan resized batch windows (see windows)
                 self.resize_batches(*loads(call.payload))

@@ -21,7 +21,7 @@ from ..table import as_table
 from .cancel import Token
 from .stats import stats_frame
 
-__all__ = ["LocalEndpoint", "serve_http", "unserve_http", "http_counts"]
+__all__ = ["LocalEndpoint", "serve_http", "unserve_http", "limit_http", "http_counts"]
 
 
 class LocalEndpoint:
@@ -129,15 +129,30 @@ def unserve_http(dep, port: int | None = None) -> None:
                 del servers[key]
 
 
-def http_counts(dep) -> dict:
-    """This worker's HTTP answers for ``dep`` by ``(flow, status)``, and its requests in flight."""
-    counts: dict = {}
-    inflight = 0
-    for server in getattr(dep.worker, "_flowkit_http", {}).values():
+def _served(dep):
+    """(server, endpoint) for each port of this worker serving ``dep``."""
+    for server in list(getattr(dep.worker, "_flowkit_http", {}).values()):
         endpoint = server.deployments.get(dep.plan.name)
         if getattr(endpoint, "dep", None) is dep:
-            inflight += endpoint.inflight
-            for key, n in list(server.counts.items()):
-                if key[0] == dep.plan.name:
-                    counts[key] = counts.get(key, 0) + n
-    return {"counts": counts, "inflight": inflight}
+            yield server, endpoint
+
+
+def limit_http(dep, max_inflight: int) -> None:
+    """From now on this worker's endpoints admit at most ``max_inflight`` of ``dep``'s requests
+    at once (a live re-plan's shedding limit); those in flight beyond it finish."""
+    for _, endpoint in _served(dep):
+        endpoint.max_inflight = max_inflight
+
+
+def http_counts(dep) -> dict:
+    """This worker's HTTP answers for ``dep`` by ``(flow, status)``, its requests in flight, and
+    the most it admits at once (per port)."""
+    counts: dict = {}
+    inflight, limits = 0, []
+    for server, endpoint in _served(dep):
+        inflight += endpoint.inflight
+        limits.append(endpoint.max_inflight)
+        for key, n in list(server.counts.items()):
+            if key[0] == dep.plan.name:
+                counts[key] = counts.get(key, 0) + n
+    return {"counts": counts, "inflight": inflight, "max_inflight": limits}
