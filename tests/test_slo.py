@@ -586,6 +586,31 @@ def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
         assert back.workers == 1 and (dep.adaptive.minimum, dep.adaptive.maximum) == (1, 1)   # the plan's
 
 
+def test_a_measured_fall_of_the_rate_replans_only_once_it_lasts_a_rise_at_once(client):
+    """A window reaching back before the load began (a warm-up, a pause) measures a fall that
+    is none: a fall re-plans after FALL_STEPS measurements running, a rise at the first."""
+    from flowkit.runtime.replanner import FALL_STEPS, Window
+
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=300, profile=prof) as dep:
+        rp = dep.replanner
+        rp.stop()
+        measured = []
+        rp.measure = lambda: Window(measured[-1], math.nan, 100, 0, 0)   # (what the window found)
+        for rate in (20.0, 280.0, 20.0):   # a fall, then the planned rate: the count starts again
+            measured.append(rate)
+            assert rp.step() is None
+        assert "the rate fell to 20 req/s (300 planned)" in rp.last_reason
+        for _ in range(FALL_STEPS - 2):
+            assert rp.step() is None
+        fewer = rp.step()
+        assert fewer is not None and fewer.rate == 20.0 and "the rate changed x0.067" in fewer.replans[-1].reason
+        measured.append(300.0)   # a rise: at once
+        back = rp.step()
+        assert back is not None and back.rate == 300.0 and back.workers > fewer.workers
+
+
 def test_set_objective_replans_a_live_deployment_at_once(client):
     flow = live_flow()
     prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
