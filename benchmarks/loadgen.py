@@ -134,7 +134,8 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(connections)]
     for th in threads:
         th.start()
-    start = time.perf_counter() + (0.05 if start_at is None else max(0.0, start_at - time.time()))
+    # (a process that starts after start_at sends what is due at once: latency still counts from the schedule)
+    start = time.perf_counter() + (0.05 if start_at is None else start_at - time.time())
     for i, at in enumerate(schedule):
         delay = start + at - time.perf_counter()
         if delay > 0:

@@ -37,6 +37,7 @@ class Run:
     failed: int
     workers: list = field(default_factory=list)
     wall_start: float = 0.0
+    lead_s: float = 0.0   # of the drive's time, seconds before the load began (load generators starting)
 
     def summary(self, slo_ms: float | None = None, lo: float = 0.0, hi: float = math.inf) -> dict:
         keep = (self.sched >= lo) & (self.sched < hi)
@@ -153,6 +154,7 @@ def drive(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_
 
 LOADGEN = Path(__file__).resolve().parent / "peers" / "cycling_loadgen.py"
 BODIES = 200   # distinct requests the HTTP load cycles over (request(0..BODIES-1))
+LEAD_S = 2.0   # seconds the load generator processes get to start before their schedule does
 
 
 def write_bodies(path: Path, request, n: int = BODIES) -> Path:
@@ -163,62 +165,61 @@ def write_bodies(path: Path, request, n: int = BODIES) -> Path:
     return path
 
 
-def http_phases(url: str, bodies: Path, phases: list[tuple[float, float]], seed: int, wall_start: float,
-                timeout: float) -> list[subprocess.Popen]:
-    """One load generator process per phase (``(seconds, rate)``), each starting its Poisson
-    schedule at ``wall_start`` plus the phases before it."""
+def http_load(url: str, bodies: Path, phases: list[tuple[float, float]], seed: int, wall_start: float,
+              timeout: float) -> tuple[np.ndarray, np.ndarray]:
+    """Send ``phases`` (``[(seconds, rate), ...]``) of open-loop Poisson requests to ``url``, one
+    load generator process per phase, each starting its schedule at ``wall_start``
+    (``time.time()``) plus the phases before it; returns (scheduled times from the first phase's
+    start, latencies in ms, nan: a miss). The processes are killed and waited for however it
+    ends."""
     procs, offset = [], 0.0
-    for k, (seconds, rate) in enumerate(phases):
-        procs.append(subprocess.Popen(
-            [sys.executable, str(LOADGEN), "--url", url, "--bodies", str(bodies), "--rate", str(rate),
-             "--seconds", str(seconds), "--connections", "64", "--timeout", str(timeout), "--seed", str(seed + k),
-             "--start-at", str(wall_start + offset)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        offset += seconds
-    return procs
-
-
-def http_results(procs: list[subprocess.Popen], phases: list[tuple[float, float]], timeout: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scheduled times from the first phase's start, latencies in ms, nan: a miss) of
-    ``http_phases``'s processes, waiting for each to end."""
-    sched, lat, offset = [], [], 0.0
-    for (seconds, _), proc in zip(phases, procs):
-        out, err = proc.communicate(timeout=offset + seconds + timeout + 120)
-        if proc.returncode or not out.strip():
-            raise RuntimeError(f"the load generator failed ({proc.returncode}): {err.strip()[-300:]}")
-        got = json.loads(out)
-        sched += [offset + t for t in got["schedule_s"]]
-        lat += [math.nan if x is None else x for x in got["latencies_ms"]]
-        offset += seconds
-    return np.array(sched), np.array(lat)
+    try:
+        for k, (seconds, rate) in enumerate(phases):
+            procs.append(subprocess.Popen(
+                [sys.executable, str(LOADGEN), "--url", url, "--bodies", str(bodies), "--rate", str(rate),
+                 "--seconds", str(seconds), "--connections", "64", "--timeout", str(timeout),
+                 "--seed", str(seed + k), "--start-at", str(wall_start + offset)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            offset += seconds
+        sched, lat, offset = [], [], 0.0
+        for (seconds, _), proc in zip(phases, procs):
+            out, err = proc.communicate(timeout=wall_start + offset + seconds + timeout + 120 - time.time())
+            if proc.returncode or not out.strip():
+                raise RuntimeError(f"the load generator failed ({proc.returncode}): {err.strip()[-300:]}")
+            got = json.loads(out)
+            sched += [offset + t for t in got["schedule_s"]]
+            lat += [math.nan if x is None else x for x in got["latencies_ms"]]
+            offset += seconds
+        return np.array(sched), np.array(lat)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def drive_http(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_s: float = 20.0) -> Run:
     """The load of ``drive`` sent over HTTP instead: the deployment served by its workers
     (``dep.serve(where="workers")``), each phase sent by benchmarks/peers/cycling_loadgen.py in a
-    process of its own (``request(0..BODIES-1)`` in turn, 64 keep-alive connections). Every
-    phase's process starts before the first phase does and waits for its own start (a wall-clock
-    time), so the phases follow each other without a gap. A request refused (503), failed, or
-    unanswered ``drain_s`` after the end is a miss (counted as ``failed``)."""
+    process of its own (``request(0..BODIES-1)`` in turn, 64 keep-alive connections; ``http_load``)
+    so the phases follow each other without a gap. A request refused (503), failed, or
+    unanswered ``drain_s`` after the end is a miss (counted as ``failed``). ``Run.lead_s``: the
+    seconds given the load generators to start before the schedule's start (not the system's)."""
     tmp = Path(tempfile.mkdtemp(prefix="slo_http_"))
     workers: list = []
     stop = threading.Event()
     try:
         with dep.serve(where="workers") as server:
-            wall_start, start = time.time() + 2.0, time.perf_counter() + 2.0   # (the generators start meanwhile)
-            procs = http_phases(server.url + f"/v1/flows/{dep.name}/predict", write_bodies(tmp / "bodies.json", request),
-                                phases, seed, wall_start, drain_s)
+            wall_start, start = time.time() + LEAD_S, time.perf_counter() + LEAD_S
             watcher = _watch_workers(dep, start, stop, workers)
             try:
-                sched, lat = http_results(procs, phases, drain_s)
+                sched, lat = http_load(server.url + f"/v1/flows/{dep.name}/predict",
+                                       write_bodies(tmp / "bodies.json", request), phases, seed, wall_start, drain_s)
             finally:
-                for proc in procs:
-                    proc.kill()
                 stop.set()
                 watcher.join(2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Run(sched, lat, 0, int(np.isnan(lat).sum()), workers, wall_start)
+    return Run(sched, lat, 0, int(np.isnan(lat).sum()), workers, wall_start, LEAD_S)
 
 
 def windows(run: Run, slo_ms: float, width: float = 1.0) -> list[dict]:

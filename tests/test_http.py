@@ -219,10 +219,12 @@ def test_a_new_max_inflight_holds_on_the_workers_own_endpoints_at_once(make_clus
         results = []
         first = threading.Thread(target=lambda: results.append(call(server, "POST", path, {"rows": [{"x": 2, "s": str(gate)}]})))
         first.start()
-        wait_until(lambda: server.inflight == 1, "the held request to be in flight")
-        status, body, _ = call(server, "POST", path, {"rows": [{"x": 3, "s": str(gate)}]})
-        open_gate(gate)
-        first.join()
+        try:
+            wait_until(lambda: server.inflight == 1, "the held request to be in flight")
+            status, body, _ = call(server, "POST", path, {"rows": [{"x": 3, "s": str(gate)}]})
+        finally:
+            open_gate(gate)
+            first.join()
     assert status == 503 and body["type"] == "Overloaded" and "max_inflight=1" in body["error"]
     assert results[0][0] == 200 and results[0][1]["rows"][0]["y"] == 4
     with pytest.raises(fk.FlowError, match="max_inflight must be a whole number"):

@@ -588,8 +588,8 @@ def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
 
 def test_a_measured_fall_of_the_rate_replans_only_once_it_lasts_a_rise_at_once(client):
     """A window reaching back before the load began (a warm-up, a pause) measures a fall that
-    is none: a fall re-plans after FALL_STEPS measurements running, a rise at the first."""
-    from flowkit.runtime.replanner import FALL_STEPS, Window
+    is none: a fall re-plans once it outlasts the window, a rise at the first measurement."""
+    from flowkit.runtime.replanner import Window
 
     flow = live_flow()
     prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
@@ -602,7 +602,8 @@ def test_a_measured_fall_of_the_rate_replans_only_once_it_lasts_a_rise_at_once(c
             measured.append(rate)
             assert rp.step() is None
         assert "the rate fell to 20 req/s (300 planned)" in rp.last_reason
-        for _ in range(FALL_STEPS - 2):
+        assert rp.fall_steps == 6   # the 5-s window measured every second, and one more
+        for _ in range(rp.fall_steps - 2):
             assert rp.step() is None
         fewer = rp.step()
         assert fewer is not None and fewer.rate == 20.0 and "the rate changed x0.067" in fewer.replans[-1].reason

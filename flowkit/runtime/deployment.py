@@ -107,6 +107,8 @@ class Deployment:
         self.name = self.plan.name
         self.id = f"{self.name}-{uuid.uuid4().hex[:8]}"
         self._servers: list = []
+        self._limit_lock = threading.Lock()   # max_inflight: each new value numbered (workers keep the latest)
+        self.limit_version = 0
         self.max_inflight = max_inflight
         self._inflight = 0
         self._lock = threading.Lock()
@@ -148,17 +150,21 @@ class Deployment:
 
     @property
     def max_inflight(self) -> int:
-        """Requests admitted at once (beyond: ``fk.Overloaded``; over HTTP, 503). Set it (or a
-        live re-plan does) and it holds at once, on the workers' own HTTP endpoints too."""
+        """Requests admitted at once (beyond: ``fk.Overloaded``; over HTTP, 503). A new value
+        holds at once here and is sent at once (not waited for) to the workers' own HTTP
+        endpoints; with an objective, the next live re-plan sets it again (never above the
+        ``max_inflight`` asked at deploy)."""
         return self._max_inflight
 
     @max_inflight.setter
     def max_inflight(self, n: int) -> None:
         _check_max_inflight(n)
-        self._max_inflight = n
-        for server in self._servers:
-            if isinstance(server, WorkerEndpoints) and not server.stopped:
-                server.limit(n)
+        with self._limit_lock:
+            self._max_inflight = n
+            self.limit_version += 1
+            for server in self._servers:
+                if isinstance(server, WorkerEndpoints):
+                    server.catch_up()
 
     # -- set-up -----------------------------------------------------------------------------
     def _start(self, retries: int, timeout: float, n_workers: int | None, tune_workers: bool) -> None:
@@ -380,7 +386,10 @@ class Deployment:
             server = WorkerEndpoints(self, host, port, settings)
         else:
             server = HTTPServer({self.name: self}, host, port, sock=sock, loop=self._router.loop, **settings)
-        self._servers.append(server)
+        with self._limit_lock:
+            self._servers.append(server)
+            if isinstance(server, WorkerEndpoints):
+                server.catch_up()   # (a max_inflight set while its workers started serving)
         return server
 
     def dashboard(self, interval: float = 0.3):

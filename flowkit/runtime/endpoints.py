@@ -58,6 +58,7 @@ class WorkerEndpoints:
         self.timeout = timeout
         self.ports: dict[str, int] = {}     # worker host -> the port its workers serve
         self.serving: dict[str, str] = {}   # worker address -> its host
+        self._limits: dict[str, int] = {}   # worker address -> the max_inflight version last sent it
         self._lock = threading.Lock()
         self.stopped = False
         by_host: dict[str, list[str]] = {}
@@ -76,7 +77,10 @@ class WorkerEndpoints:
             raise
 
     def _serve(self, address: str, port: int):
-        options = {"host": self.host, "port": port, "settings": self.settings, "max_inflight": self.dep.max_inflight}
+        version, limit = self.dep.limit_version, self.dep.max_inflight
+        options = {"host": self.host, "port": port, "settings": self.settings, "max_inflight": (version, limit)}
+        with self._lock:
+            self._limits[address] = version
         return self.dep._router.submit("serve", dumps(options), worker=address)
 
     def add_worker(self, address: str) -> None:
@@ -94,16 +98,21 @@ class WorkerEndpoints:
             with self._lock:
                 self.ports.setdefault(where, fut.result())
                 self.serving[address] = where
+            self.catch_up()   # (a max_inflight set while it started serving)
 
         self._serve(address, port).add_done_callback(served)
 
-    def limit(self, max_inflight: int) -> None:
-        """Every serving worker admits at most ``max_inflight`` requests at once from now on (not
-        waited for; a worker that joins later starts with the deployment's limit then)."""
+    def catch_up(self) -> None:
+        """Send the deployment's ``max_inflight`` to every serving worker that has not had its
+        latest value (not waited for; each worker keeps the latest version it is sent, so a
+        late or repeated one changes nothing)."""
+        version, limit, live = self.dep.limit_version, self.dep.max_inflight, set(self.dep.workers)
         with self._lock:
-            serving = [] if self.stopped else list(self.serving)
-        for address in serving:
-            fut = self.dep._router.submit("limit", dumps(max_inflight), worker=address)
+            behind = [] if self.stopped else [a for a in self.serving if a in live and self._limits.get(a, 0) < version]
+            for a in behind:
+                self._limits[a] = version
+        for address in behind:
+            fut = self.dep._router.submit("limit", dumps((version, limit)), worker=address)
             fut.add_done_callback(lambda f, a=address: f.exception() is None or
                                   logger.debug("max_inflight on %s: %s", a, f.exception()))
 

@@ -29,11 +29,11 @@ class LocalEndpoint:
     ``submit`` (on the worker's event loop; the answer's task, which the front door cancels on
     a timeout or a hang-up), its workers and its statistics."""
 
-    def __init__(self, dep, max_inflight: int):
+    def __init__(self, dep, max_inflight: tuple[int, int]):
         self.dep = dep
         self.plan = dep.plan
         self.name = dep.plan.name
-        self.max_inflight = max_inflight
+        self.limit_version, self.max_inflight = max_inflight   # (see limit_http)
         self.inflight = 0
 
     @property
@@ -137,11 +137,14 @@ def _served(dep):
             yield server, endpoint
 
 
-def limit_http(dep, max_inflight: int) -> None:
-    """From now on this worker's endpoints admit at most ``max_inflight`` of ``dep``'s requests
-    at once (a live re-plan's shedding limit); those in flight beyond it finish."""
+def limit_http(dep, max_inflight: tuple[int, int]) -> None:
+    """From now on this worker's endpoints admit at most ``max_inflight[1]`` of ``dep``'s
+    requests at once (a live re-plan's shedding limit, or the user's), unless they hold a later
+    version (``max_inflight[0]``) already; requests in flight beyond it finish."""
+    version, limit = max_inflight
     for _, endpoint in _served(dep):
-        endpoint.max_inflight = max_inflight
+        if version > endpoint.limit_version:
+            endpoint.limit_version, endpoint.max_inflight = version, limit
 
 
 def http_counts(dep) -> dict:

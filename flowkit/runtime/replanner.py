@@ -14,8 +14,9 @@ meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimis
 with workers, and, once they run out, with earlier shedding.
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
-``interval`` seconds and applies a new plan (a measured fall of the rate only once
-``FALL_STEPS`` measurements running found it; a rise at once): the adaptive minimum and maximum workers of
+``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
+lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
+rise at once): the adaptive minimum and maximum workers of
 ``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond it), the batch
 windows on every worker (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked for). None loses a
 request: admission only refuses new requests, a resized batch queue keeps what it holds, and
@@ -34,10 +35,9 @@ from ..errors import FlowError
 from ..plan import Stage
 from ..planner import SLOPlan, predict, reasons_for, search_knobs, shed_limit
 
-__all__ = ["Replan", "decide", "retarget", "beyond_chance", "Window", "Replanner", "RATE_FACTOR", "FALL_STEPS"]
+__all__ = ["Replan", "decide", "retarget", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
 RATE_FACTOR = 3.0
-FALL_STEPS = 3   # measurements running a measured fall of the rate must last before it re-plans
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
 LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
 LATE_ALPHA = 0.01   # how unlikely the late requests must be, were LATE_SHARE late, to call the p99 missed
@@ -241,7 +241,11 @@ class Replanner:
         self._stop = threading.Event()
         self._started = time.perf_counter()
         self._settled = self._started   # since when the deployment has had its planned workers
-        self._falls = 0                 # measurements running that found the rate fallen (FALL_STEPS)
+        # a fall of the rate re-plans once this many measurements running found it: past the
+        # window, which may reach back before the load began (see _fallen), and one measurement
+        # more, as the workers' answers arrive one asking interval late (ServedByWorkers)
+        self.fall_steps = math.ceil(window / interval) + 1
+        self._falls = 0                 # measurements running that found the rate fallen
         self._thread = threading.Thread(target=self._run, name=f"flowkit-replanner-{dep.id}", daemon=True)
 
     def start(self) -> "Replanner":
@@ -280,6 +284,7 @@ class Replanner:
             if rate is None or p99_ms is None:
                 m = self.measure()
                 if m.requests < self.min_requests and rate is None and p99_ms is None:
+                    self._falls = 0
                     self.last_reason = f"{m.requests} requests in the last {self.window:g} s: too few to judge"
                     return None
                 late_of = (m.late, m.judged) if p99_ms is None else None
@@ -291,19 +296,20 @@ class Replanner:
             return None if new is None else self._adopt(new)
 
     def _fallen(self, rate: float) -> bool:
-        """Whether a measured ``rate`` below the plan's by ``RATE_FACTOR`` or more is to wait:
-        a fall re-plans (to fewer workers) only once ``FALL_STEPS`` measurements running found
-        it — a rise at once. A window that reaches back before the load began (a warm-up, then a
-        pause) measures a fall that is none, and fewer workers are never urgent."""
+        """Whether a measured ``rate`` below the plan's by ``RATE_FACTOR`` or more is to wait
+        (the measurement judges nothing else meanwhile): a fall re-plans (to fewer workers) only
+        once ``fall_steps`` measurements running found it — a rise at once. A window that
+        reaches back before the load began (a warm-up, then a pause) measures a fall that is
+        none, and fewer workers are never urgent."""
         plan = self.dep._slo_plan
         if not (rate > 0 and rate * RATE_FACTOR <= plan.rate):
             self._falls = 0
             return False
         self._falls += 1
-        if self._falls >= FALL_STEPS:
+        if self._falls >= self.fall_steps:
             return False
         self.last_reason = (f"the rate fell to {rate:.3g} req/s ({plan.rate:.3g} planned): re-planned if it stays "
-                            f"there {FALL_STEPS} measurements running ({self._falls} so far)")
+                            f"there {self.fall_steps} measurements running ({self._falls} so far)")
         return True
 
     def retarget(self, slo_ms: float | None = None, rate: float | None = None) -> SLOPlan:
@@ -317,6 +323,7 @@ class Replanner:
         """Apply ``new``, note what was done in its last re-plan record, and make it the plan."""
         last = replace(new.replans[-1], applied=tuple(self._apply(new)))
         new = self.dep._slo_plan = replace(new, replans=new.replans[:-1] + (last,))
+        self._falls = 0   # (a fall is judged against this plan from now on)
         return new
 
     def _apply(self, plan: SLOPlan) -> list[str]:
