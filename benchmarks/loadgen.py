@@ -134,7 +134,7 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(connections)]
     for th in threads:
         th.start()
-    # (a process that starts after start_at sends what is due at once: latency still counts from the schedule)
+    # (a process started after start_at sends what is due at once; latency counts from the schedule)
     start = time.perf_counter() + (0.05 if start_at is None else start_at - time.time())
     for i, at in enumerate(schedule):
         delay = start + at - time.perf_counter()
@@ -170,7 +170,8 @@ def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> Non
             ep = Endpoint(a.url, f.read(), a.timeout)
     else:
         ep = endpoint(a.url, a.body_file, a.timeout)
-    out = closed_loop(ep, a.closed, a.warmup) if a.closed else open_loop(ep, a.rate, a.seconds, a.connections, a.seed, a.start_at)
+    out = closed_loop(ep, a.closed, a.warmup) if a.closed else \
+        open_loop(ep, a.rate, a.seconds, a.connections, a.seed, a.start_at)
     out["answers"] = {str(i): sorted(x.decode(errors="replace") for x in seen) for i, seen in ep.answers.items()}
     json.dump(out, sys.stdout)
 

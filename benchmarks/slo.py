@@ -162,7 +162,7 @@ def grid_best(configs: list[dict], slo: float) -> tuple[dict | None, float, floa
 def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict:
     """Ray Serve with autoscaling (benchmarks/slo_ray.py in .venv-peers), warmed up by 50
     requests one after another, then driven at ``rate`` over HTTP by a load generator in its own
-    process, with the bodies and schedule flowkit gets with ``--load http`` (slo_drive.http_phases)."""
+    process, with the bodies and schedule flowkit gets with ``--load http`` (``slo_drive.http_load``)."""
     from peers import runner
 
     if not runner.available():

@@ -361,7 +361,8 @@ def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s
     the transport, the worker's session and executor, and back: a flow of one operator that does
     nothing, deployed on the cluster and run ``runs`` times (after 20 to warm up), ``gap_s``
     apart: a request that finds the threads on its path asleep, as one at a modest rate does,
-    pays their wake-ups (back to back, the path looks faster than paced requests find it). The planner draws each request's overhead from these (``Overheads.of``)."""
+    pays their wake-ups (back to back, the path looks faster than paced requests find it). The
+    planner draws each request's overhead from these (``Overheads.of``)."""
     from .runtime.deployment import deploy
 
     probe = Flow("flowkit-request-path", {"x": int})

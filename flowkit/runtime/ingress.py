@@ -119,22 +119,20 @@ async def serve_http(dep, options: dict) -> int:
 def unserve_http(dep, port: int | None = None) -> None:
     """Stop serving ``dep`` on this worker, on ``port`` (None: every port); a server left with
     no flow stops."""
-    servers = getattr(dep.worker, "_flowkit_http", {})
-    for key, server in list(servers.items()):
-        endpoint = server.deployments.get(dep.plan.name)
-        if getattr(endpoint, "dep", None) is dep and port in (None, key[1]):
+    for key, server, _ in _served(dep):
+        if port in (None, key[1]):
             del server.deployments[dep.plan.name]
             if not server.deployments:
                 server.stop(wait=False)
-                del servers[key]
+                del dep.worker._flowkit_http[key]
 
 
 def _served(dep):
-    """(server, endpoint) for each port of this worker serving ``dep``."""
-    for server in list(getattr(dep.worker, "_flowkit_http", {}).values()):
+    """``((host, port), server, endpoint)`` for each port of this worker serving ``dep``."""
+    for key, server in list(getattr(dep.worker, "_flowkit_http", {}).items()):
         endpoint = server.deployments.get(dep.plan.name)
         if getattr(endpoint, "dep", None) is dep:
-            yield server, endpoint
+            yield key, server, endpoint
 
 
 def limit_http(dep, max_inflight: tuple[int, int]) -> None:
@@ -142,7 +140,7 @@ def limit_http(dep, max_inflight: tuple[int, int]) -> None:
     requests at once (a live re-plan's shedding limit, or the user's), unless they hold a later
     version (``max_inflight[0]``) already; requests in flight beyond it finish."""
     version, limit = max_inflight
-    for _, endpoint in _served(dep):
+    for _, _, endpoint in _served(dep):
         if version > endpoint.limit_version:
             endpoint.limit_version, endpoint.max_inflight = version, limit
 
@@ -152,7 +150,7 @@ def http_counts(dep) -> dict:
     the most it admits at once (per port)."""
     counts: dict = {}
     inflight, limits = 0, []
-    for server, endpoint in _served(dep):
+    for _, server, endpoint in _served(dep):
         inflight += endpoint.inflight
         limits.append(endpoint.max_inflight)
         for key, n in list(server.counts.items()):

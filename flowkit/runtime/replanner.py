@@ -16,11 +16,11 @@ with workers, and, once they run out, with earlier shedding.
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
 lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
-rise at once): the adaptive minimum and maximum workers of
-``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond it), the batch
-windows on every worker (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked for). None loses a
-request: admission only refuses new requests, a resized batch queue keeps what it holds, and
-dask retires a worker gracefully (requests in flight on it are sent again).
+rise at once): the adaptive minimum and maximum workers of ``dep.adaptive`` (both the plan's:
+the serving autoscaler adds none beyond it), the batch windows on every worker
+(``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked
+for). None loses a request: admission only refuses new requests, a resized batch queue keeps
+what it holds, and dask retires a worker gracefully (requests in flight on it are sent again).
 """
 
 from __future__ import annotations
