@@ -25,11 +25,18 @@ time is reported apart from planning), then for every case (objective ``slo_ms``
   infinitely late). Its search time is the sum of its configurations' deploy + warm-up +
   measure + close times (``grid_search_s``; ``grid_search_to_best_s``: the same sum through the
   best's worker count, what a search stopping at the first worker count that holds would cost;
-  cluster starts are not counted in either).
+  cluster starts are not counted in either). Each case's best is then driven again for as long
+  as the planned deployment (``--seconds``; ``grid.confirmed``): a few seconds' judgement can
+  pass a configuration that a longer run does not.
 - **Ray Serve** (``--ray``, not in the default run: Ray's start-up on a busy 2-core machine takes
   minutes): the same stages fused in one deployment (``@serve.batch`` for the batching stage) with
   Ray's autoscaling (1..W replicas, ``target_ongoing_requests`` 2), started from .venv-peers by
   benchmarks/slo_ray.py and driven over HTTP by a load generator in its own process.
+
+Over HTTP (``--load http``) each measured deployment also reports its requests as its workers'
+endpoints timed them (``server_p99_ms``: from a request's arrival at the handler to its answer's
+bytes; the load generator, the kernel's network stack and uvicorn's header parsing left out):
+what the deployment itself spent, beside what the client saw.
 
 And per pipeline a **×3 rate step** (``--step slo:rate``): the planned deployment (its
 re-planner running every 1 s) driven at the rate for ``--step-before`` seconds, then at 3× for
@@ -145,6 +152,25 @@ def describe(knobs: Knobs) -> str:
     parts += [f"{s} b{b}/{w:g}ms" if b > 1 else f"{s} b1" for s, b, w in knobs.batch]
     parts += [f"{s} race{k}" for s, k in knobs.race if k > 1]
     return ", ".join(parts)
+
+
+def confirm_grid_best(grid, grid_flows, confirmed, cases, workers, client, args) -> None:
+    """Drive each case's grid best found on ``workers`` workers again for as long as the planned
+    deployment is driven (``args.seconds``; the grid judged it on ``args.grid_seconds``), once per
+    (pipeline, rate, configuration): ``confirmed[pipeline, rate, knobs]``."""
+    for n in grid:
+        for slo, rate in cases:
+            best, _, _ = grid_best(grid[n][rate], slo)
+            if best is None or best["workers"] != workers or (n, rate, best["knobs"]) in confirmed:
+                continue
+            flow = grid_flows[n, workers, best["knobs"]]
+            times, run, _ = measure(lambda: fk.deploy(flow, cluster=client, optimize=False), n,
+                                    [(args.seconds, rate)], DRIVES[args.load])
+            confirmed[n, rate, best["knobs"]] = {"times": times, "server": run.server_summary(),
+                                                 "by_slo": {s: run.summary(s) for s in sorted({s for s, _ in cases})}}
+            print(f"   grid best {n} @ {rate:g}/s again for {args.seconds:g} s: {best['config']}: "
+                  + ", ".join(f"{g['within_slo']:.1%} within {s:g} ms"
+                              for s, g in confirmed[n, rate, best["knobs"]]["by_slo"].items()))
 
 
 def grid_best(configs: list[dict], slo: float) -> tuple[dict | None, float, float]:
@@ -270,6 +296,7 @@ def main() -> None:
     out: dict = {"meta": meta(args), "pipelines": {}}
     flows = {n: P.PIPELINES[n]["flow"]() for n in names}
     profiles, grid, defaults, cluster_s = {}, {n: {r: [] for r in rates} for n in names}, {n: {} for n in names}, {}
+    grid_flows, confirmed = {}, {}   # (pipeline, workers, knobs) -> its flow; (pipeline, rate, knobs) -> a long run
     import dask
     from distributed import Client, LocalCluster
 
@@ -302,19 +329,22 @@ def main() -> None:
                         for knobs, planned in grid_configs(flows[n], profiles[n], w, batches, waits, (1, 2)):
                             times, run, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False), n,
                                                     [(args.grid_seconds, rate)], DRIVES[args.load])
+                            grid_flows[n, w, repr(knobs)] = planned
                             grid[n][rate].append({"knobs": repr(knobs), "config": describe(knobs), "workers": w,
-                                                  "times": times,
+                                                  "times": times, "server": run.server_summary(),
                                                   "by_slo": {s: run.summary(s) for s in slos}})
                             s0 = grid[n][rate][-1]["by_slo"][slos[0]]
                             print(f"   grid {n} @ {rate:g}/s: {describe(knobs)}: p99 {s0['p99_all_ms']:.3g} ms, "
                                   + ", ".join(f"{g['within_slo']:.1%} within {s:g} ms" for s, g in
                                               grid[n][rate][-1]["by_slo"].items()) + f" ({times['total_s']:.1f} s)")
+                confirm_grid_best(grid, grid_flows, confirmed, cases, w, client, args)
             if w == W:
                 for n in names:
                     for rate in rates:
                         times, run, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)],
                                                 DRIVES[args.load])
-                        defaults[n][rate] = {"workers": W, "times": times, "by_slo": {s: run.summary(s) for s in slos}}
+                        defaults[n][rate] = {"workers": W, "times": times, "server": run.server_summary(),
+                                             "by_slo": {s: run.summary(s) for s in slos}}
                         print(f"   defaults {n} @ {rate:g}/s on {W} workers: p99 "
                               f"{defaults[n][rate]['by_slo'][slos[0]]['p99_all_ms']:.3g} ms")
     out["meta"]["cluster_start_s"] = cluster_s
@@ -331,7 +361,7 @@ def main() -> None:
                 row["planned"] = {
                     "workers": plan.workers, **run.workers_used(), "knobs": repr(plan.knobs),
                     "planning_s": plan.planning_s, "evaluated": plan.evaluated, "times": times,
-                    "predicted_p99_ms": plan.prediction.p99_ms, **s,
+                    "predicted_p99_ms": plan.prediction.p99_ms, **s, **run.server_summary(),
                     "p99_error": plan.prediction.p99_ms / s["p99_all_ms"] - 1 if s["p99_all_ms"] else None,
                     "replans": [str(r) for r in plan.replans], "explain": plan.explain(),
                     "stages": table.drop(columns=[c for c in table.columns if c == "utilization"]).to_dict("records")}
@@ -339,12 +369,16 @@ def main() -> None:
                 row["planned"] = {"refused": str(e), "holds_rate": e.holds_rate, "best_p99_ms": e.best_p99_ms}
             if rate in defaults[n]:
                 d = defaults[n][rate]
-                row["defaults"] = {"workers": d["workers"], **d["by_slo"][slo], "times": d["times"]}
+                row["defaults"] = {"workers": d["workers"], **d["by_slo"][slo], **d["server"], "times": d["times"]}
             if not args.no_grid:
                 best, total, to_best = grid_best(grid[n][rate], slo)
                 row["grid"] = {"configs": len(grid[n][rate]), "grid_search_s": total, "grid_search_to_best_s": to_best,
                                "best": None if best is None else {"config": best["config"], "knobs": best["knobs"],
-                                                                  "workers": best["workers"], **best["by_slo"][slo]}}
+                                                                  "workers": best["workers"], **best["by_slo"][slo],
+                                                                  **best["server"]}}
+                again = None if best is None else confirmed.get((n, rate, best["knobs"]))
+                if again is not None:
+                    row["grid"]["confirmed"] = {"seconds": args.seconds, **again["by_slo"][slo], **again["server"]}
             if args.ray:
                 row["ray"] = ray_for(n, rate, args, slos, W)[slo]
             row["goals"] = goals(row)
@@ -420,6 +454,8 @@ def goals(row) -> dict:
            "p99_within_20pct": p["p99_error"] is not None and abs(p["p99_error"]) <= 0.2}
     if g is not None:
         out["workers_le_grid"] = p["workers_max"] <= g["workers"]
+        if "confirmed" in row["grid"]:   # whether the grid's best holds when driven as long as the planned
+            out["grid_best_confirmed"] = row["grid"]["confirmed"]["within_slo"] >= 0.99
         out["planning_lt_tenth_grid"] = p["planning_s"] < row["grid"]["grid_search_s"] / 10
     return out
 
@@ -545,35 +581,40 @@ def markdown(out) -> str:
     m = out["meta"]
     lines = [f"# benchmarks/slo.py — {m['date']}, commit {str(m['commit'])[:10]}, {m['cpu_count']} cores",
              "", f"Arguments: `{json.dumps({k: v for k, v in m['args'].items()})}`", "",
-             "| pipeline | objective | rate | system | workers | within objective | p99 (misses: inf) | predicted p99 "
-             "| planning / search s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| pipeline | objective | rate | system | workers | within objective | p99 (misses: inf) | p99 at the workers "
+             "| predicted p99 | planning / search s |", "|---|---|---|---|---|---|---|---|---|---|"]
     steps = []
     for n, pipe in out["pipelines"].items():
         for row in pipe.get("cases", []):
             head = f"| {n} | {row['slo_ms']:g} ms | {row['rate']:g}/s"
             p = row["planned"]
             if "refused" in p:
-                lines.append(f"{head} | planned | refused | | | | |")
+                lines.append(f"{head} | planned | refused | | | | | |")
             else:
                 lines.append(f"{head} | planned | {p['workers']} (max {p['workers_max']}) | {p['within_slo']:.1%} | "
-                             f"{_f(p['p99_all_ms'])} | {p['predicted_p99_ms']:.3g} | {p['planning_s']:.2f} "
-                             f"(+ profile {pipe.get('profile_s', 0):.1f}) |")
+                             f"{_f(p['p99_all_ms'])} | {_f(p.get('server_p99_ms'))} | {p['predicted_p99_ms']:.3g} | "
+                             f"{p['planning_s']:.2f} (+ profile {pipe.get('profile_s', 0):.1f}) |")
             if "defaults" in row:
                 d = row["defaults"]
                 lines.append(f"{head} | defaults | {d['workers']} | {d['within_slo']:.1%} | "
-                             f"{_f(d['p99_all_ms'])} | | |")
+                             f"{_f(d['p99_all_ms'])} | {_f(d.get('server_p99_ms'))} | | |")
             if "grid" in row:
                 g, b = row["grid"], row["grid"]["best"]
                 lines.append(f"{head} | grid best ({b['config'] if b else '-'}) | {b['workers'] if b else '-'} | "
-                             f"{b['within_slo']:.1%} | {_f(b['p99_all_ms'])} | | {g['grid_search_s']:.1f} "
+                             f"{b['within_slo']:.1%} | {_f(b['p99_all_ms'])} | {_f(b.get('server_p99_ms'))} | | "
+                             f"{g['grid_search_s']:.1f} "
                              f"({g['configs']} configs; {g['grid_search_to_best_s']:.1f} to the best's workers) |"
-                             if b else f"{head} | grid best (none holds) | - | | | | {g['grid_search_s']:.1f} |")
+                             if b else f"{head} | grid best (none holds) | - | | | | | {g['grid_search_s']:.1f} |")
+                c = g.get("confirmed")
+                if c:
+                    lines.append(f"{head} | grid best, driven {c['seconds']:g} s | {b['workers']} | "
+                                 f"{c['within_slo']:.1%} | {_f(c['p99_all_ms'])} | {_f(c.get('server_p99_ms'))} | | |")
             if "ray" in row:
                 r = row["ray"]
                 lines.append(f"{head} | Ray Serve autoscaling | {r.get('workers_mean', 0):.2g} "
                              f"(max {r.get('workers_max')}) | "
-                             f"{_f(r.get('within_slo'), '.1%')} | {_f(r.get('p99_all_ms'))} | | |"
-                             if "skipped" not in r else f"{head} | Ray Serve | skipped: {r['skipped']} | | | | |")
+                             f"{_f(r.get('within_slo'), '.1%')} | {_f(r.get('p99_all_ms'))} | | | |"
+                             if "skipped" not in r else f"{head} | Ray Serve | skipped: {r['skipped']} | | | | | |")
         st = pipe.get("step")
         if st and "refused" not in st:
             rec = "never" if st["recovery_s"] is None else f"{st['recovery_s']:.0f} s"

@@ -38,10 +38,18 @@ class Run:
     workers: list = field(default_factory=list)
     wall_start: float = 0.0
     lead_s: float = 0.0   # of the drive's time, seconds before the load began (load generators starting)
+    server_ms: np.ndarray = field(default_factory=lambda: np.array([]))   # the workers' own times (drive_http)
 
     def summary(self, slo_ms: float | None = None, lo: float = 0.0, hi: float = math.inf) -> dict:
         keep = (self.sched >= lo) & (self.sched < hi)
         return summarize(self.lat_ms[keep], slo_ms)
+
+    def server_summary(self) -> dict:
+        """The same requests as the workers' HTTP endpoints timed them (arrival to answer; the
+        load generator, the kernel and uvicorn's header parsing left out): how many, p50, p99."""
+        v = self.server_ms
+        return {"server_requests": int(len(v)), "server_p50_ms": float(np.percentile(v, 50)) if len(v) else None,
+                "server_p99_ms": float(np.percentile(v, 99)) if len(v) else None}
 
     def workers_used(self) -> dict:
         counts = [n for _, n in self.workers] or [0]
@@ -82,12 +90,16 @@ def schedule(phases: list[tuple[float, float]], seed: int) -> np.ndarray:
     return np.array(times)
 
 
-def _watch_workers(dep, start: float, stop: threading.Event, into: list) -> threading.Thread:
-    """A thread noting ``(seconds since start, workers)`` every half second until ``stop``."""
+def _watch_workers(dep, start: float, stop: threading.Event, into: list, served: set | None = None) -> threading.Thread:
+    """A thread noting ``(seconds since start, workers)`` every half second until ``stop``, and
+    into ``served`` (when given) the requests finished since ``start`` (``dep.recent``: ``(finish
+    time, seconds)``; those sent from this process finished before, in the warm-up)."""
     def watch():
         while not stop.is_set():
             try:
                 into.append((time.perf_counter() - start, len(dep.workers)))
+                if served is not None:
+                    served.update(r for r in dep.recent(SERVED_KEEP_S) if r[0] >= start)
             except Exception:
                 pass
             stop.wait(0.5)
@@ -155,6 +167,7 @@ def drive(dep, request, phases: list[tuple[float, float]], seed: int = 0, drain_
 LOADGEN = Path(__file__).resolve().parent / "peers" / "cycling_loadgen.py"
 BODIES = 200   # distinct requests the HTTP load cycles over (request(0..BODIES-1))
 LEAD_S = 2.0   # seconds the load generator processes get to start before their schedule does
+SERVED_KEEP_S = 25.0   # how far back each look at the workers' served requests reaches (they keep 30 s)
 
 
 def write_bodies(path: Path, request, n: int = BODIES) -> Path:
@@ -206,20 +219,33 @@ def drive_http(dep, request, phases: list[tuple[float, float]], seed: int = 0, d
     seconds given the load generators to start before the schedule's start (not the system's)."""
     tmp = Path(tempfile.mkdtemp(prefix="slo_http_"))
     workers: list = []
+    served: set = set()
     stop = threading.Event()
     try:
         with dep.serve(where="workers") as server:
             wall_start, start = time.time() + LEAD_S, time.perf_counter() + LEAD_S
-            watcher = _watch_workers(dep, start, stop, workers)
+            watcher = _watch_workers(dep, start, stop, workers, served)
             try:
                 sched, lat = http_load(server.url + f"/v1/flows/{dep.name}/predict",
                                        write_bodies(tmp / "bodies.json", request), phases, seed, wall_start, drain_s)
             finally:
                 stop.set()
                 watcher.join(2)
+            _last_served(dep, served, start, int((~np.isnan(lat)).sum()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Run(sched, lat, 0, int(np.isnan(lat).sum()), workers, wall_start, LEAD_S)
+    return Run(sched, lat, 0, int(np.isnan(lat).sum()), workers, wall_start, LEAD_S,
+               np.array(sorted(s for _, s in served)) * 1000)
+
+
+def _last_served(dep, served: set, start: float, answered: int, wait_s: float = 5.0) -> None:
+    """Add to ``served`` what the workers report finished since ``start`` until it holds
+    ``answered`` requests (their last reports arrive an asking interval late), for at most
+    ``wait_s``."""
+    end = time.perf_counter() + wait_s
+    while len(served) < answered and time.perf_counter() < end:
+        served.update(r for r in dep.recent(SERVED_KEEP_S) if r[0] >= start)
+        time.sleep(0.1)
 
 
 def windows(run: Run, slo_ms: float, width: float = 1.0) -> list[dict]:

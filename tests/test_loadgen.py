@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .waiting import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -147,6 +149,10 @@ def test_an_http_load_in_phases_from_processes_of_its_own_reaches_the_workers_an
     assert len(run.sched) == len(run.lat_ms) and run.failed == 0 and (run.lat_ms > 0).all()
     assert served == len(run.sched)   # every one served by the workers' own endpoints
     assert run.lead_s == slo_drive.LEAD_S
+    # and timed by them too, each inside its time at the load generator: then so is every
+    # order statistic (the k-th shortest on the workers is no longer than the k-th at the client)
+    assert len(run.server_ms) == len(run.sched)
+    assert (np.sort(run.server_ms) <= np.sort(run.lat_ms)).all() and (run.server_ms > 0).all()
 
 
 def _served(dep) -> int:

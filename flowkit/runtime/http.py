@@ -238,11 +238,19 @@ class HTTPServer:
         return answering
 
     def _counted(self, endpoint):
-        """``endpoint`` counting its answers by flow and status (for /metrics)."""
+        """``endpoint`` counting its answers by flow and status (for /metrics), and telling a
+        deployment that keeps its own end-to-end times (a worker's ``LocalEndpoint.answered``)
+        how long each took here: from the handler's start (headers parsed) to the answer's
+        bytes, so reading, decoding and encoding count too."""
         async def counting(request: Request) -> Response:
+            t0 = time.perf_counter()
             response = await endpoint(request)
-            key = (request.path_params["name"], response.status_code)
+            name = request.path_params["name"]
+            key = (name, response.status_code)
             self.counts[key] = self.counts.get(key, 0) + 1
+            answered = getattr(self.deployments.get(name), "answered", None)
+            if answered is not None:
+                answered(time.perf_counter() - t0, response.status_code)
             return response
         return counting
 

@@ -27,7 +27,8 @@ __all__ = ["LocalEndpoint", "serve_http", "unserve_http", "limit_http", "http_co
 class LocalEndpoint:
     """One deployment on this worker, as the HTTP front door sees a deployment: its plan,
     ``submit`` (on the worker's event loop; the answer's task, which the front door cancels on
-    a timeout or a hang-up), its workers and its statistics."""
+    a timeout or a hang-up), its workers, its statistics, and ``answered`` (the front door's
+    time for each request)."""
 
     def __init__(self, dep, max_inflight: tuple[int, int]):
         self.dep = dep
@@ -49,7 +50,7 @@ class LocalEndpoint:
         return asyncio.ensure_future(self._run(table))
 
     async def _run(self, table):
-        token, t0 = Token(), time.perf_counter()
+        token = Token()
         try:
             out = await self._elsewhere(table) if self.dep.saturated else None
             if out is None:
@@ -58,20 +59,19 @@ class LocalEndpoint:
             token.cancel("the HTTP request was abandoned")
             self.dep.served.count("cancelled")
             raise
-        except BaseException:
-            self._finished(t0, ok=False)
-            raise
         finally:
             self.inflight -= 1
-        self._finished(t0, ok=True)
         return out
 
-    def _finished(self, t0: float, ok: bool) -> None:
-        """Count a request served: its latency in the worker's statistics, and its finish time
-        too, for the client's re-planner (``Deployment.recent``)."""
-        seconds = time.perf_counter() - t0
-        self.dep.served.record(seconds, ok=ok)
-        self.dep.served_recent.append((time.monotonic(), seconds))
+    def answered(self, seconds: float, status: int) -> None:
+        """Count a request that reached the plan, in the worker's statistics (a 5xx as an
+        error) and, with its finish time, for the client's re-planner and autoscaler
+        (``Deployment.recent``): ``seconds`` is the front door's time for it, from its arrival
+        to its answer's bytes. A request refused unread (503) or the client's fault (4xx) is
+        not counted here (the front door counts every answer by status)."""
+        if status < 400 or (status >= 500 and status != 503):
+            self.dep.served.record(seconds, ok=status < 500)
+            self.dep.served_recent.append((time.monotonic(), seconds))
 
     async def _elsewhere(self, table):
         """While every thread of this worker is busy (a slow request, one abandoned whose
