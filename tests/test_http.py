@@ -183,6 +183,19 @@ def test_a_client_that_leaves_mid_body_is_counted_not_logged_as_a_server_error(s
     assert call(server, "POST", PREDICT, {"rows": [{"x": 3}]})[0] == 200
 
 
+def test_the_workers_time_each_request_that_reached_the_plan_from_its_arrival_to_its_answer(client):
+    """Served by the workers, each request that reached the plan is timed by its worker (an
+    error for a 500), and a request refused before it (422) is not; the times cover the
+    operator's and reach the client's re-planner (``dep.recent``)."""
+    with fk.deploy(build(), cluster=client) as dep, dep.serve(where="workers") as server:
+        bodies = ({"rows": [{"x": 1}]}, {"rows": [{"x": -30}]}, {"rows": [{"x": 13}]}, {"rows": [{"x": 1.5}]})
+        assert [call(server, "POST", PREDICT, b)[0] for b in bodies] == [200, 200, 500, 422]
+        e2e = dep.stats().loc["(end to end)"]
+        assert (e2e["requests"], e2e["errors"]) == (3, 1)
+        wait_until(lambda: len(dep.recent(600)) == 3, "the workers to report the 3 requests")
+        assert max(s for _, s in dep.recent(600)) >= 0.030   # the one whose operator slept 30 ms
+
+
 @pytest.mark.parametrize("where", ["client", "workers"])
 def test_overload_is_503_with_retry_after(client, make_cluster, where):
     """Served by the client, ``max_inflight`` bounds the deployment's requests; served by the

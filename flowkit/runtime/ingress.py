@@ -67,8 +67,9 @@ class LocalEndpoint:
         """Count a request that reached the plan, in the worker's statistics (a 5xx as an
         error) and, with its finish time, for the client's re-planner and autoscaler
         (``Deployment.recent``): ``seconds`` is the front door's time for it, from its arrival
-        to its answer's bytes. A request refused unread (503) or the client's fault (4xx) is
-        not counted here (the front door counts every answer by status)."""
+        to its answer's bytes. A 503 (refused while overloaded, or a worker it needed lost) and
+        the client's faults (4xx) are not counted here (the front door counts every answer by
+        status)."""
         if status < 400 or (status >= 500 and status != 503):
             self.dep.served.record(seconds, ok=status < 500)
             self.dep.served_recent.append((time.monotonic(), seconds))
