@@ -316,6 +316,7 @@ def main() -> None:
                                              repeats=10 if args.quick else 30, one_row_runs=30 if args.quick else 200,
                                              store=P.PIPELINES[n]["store"]())
                     out["pipelines"].setdefault(n, {})["profile_s"] = time.perf_counter() - t1
+                    out["pipelines"][n]["profile"] = profiles[n].table().to_dict("records")   # (the request path's too)
                     print(f"== {n}: profiled in {time.perf_counter() - t1:.1f} s")
                     print(profiles[n].table().to_string(index=False))
                 if not args.no_grid:   # what the grid will cost, before it starts
