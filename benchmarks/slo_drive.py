@@ -99,7 +99,7 @@ def _watch_workers(dep, start: float, stop: threading.Event, into: list, served:
             try:
                 into.append((time.perf_counter() - start, len(dep.workers)))
                 if served is not None:
-                    served.update(r for r in dep.recent(SERVED_KEEP_S) if r[0] >= start)
+                    _add_served(dep, served, start)
             except Exception:
                 pass
             stop.wait(0.5)
@@ -238,14 +238,19 @@ def drive_http(dep, request, phases: list[tuple[float, float]], seed: int = 0, d
                np.array(sorted(s for _, s in served)) * 1000)
 
 
-def _last_served(dep, served: set, start: float, answered: int, wait_s: float = 5.0) -> None:
-    """Add to ``served`` what the workers report finished since ``start`` until it holds
-    ``answered`` requests (their last reports arrive an asking interval late), for at most
-    ``wait_s``."""
+def _add_served(dep, served: set, start: float) -> None:
+    """Add to ``served`` the requests the deployment reports finished since ``start``."""
+    served.update(r for r in dep.recent(SERVED_KEEP_S) if r[0] >= start)
+
+
+def _last_served(dep, served: set, start: float, answered: int, wait_s: float = 30.0) -> None:
+    """``_add_served`` until ``served`` holds ``answered`` requests (the workers' last reports
+    arrive an asking interval late; later on a loaded machine), for at most ``wait_s``."""
     end = time.perf_counter() + wait_s
+    _add_served(dep, served, start)
     while len(served) < answered and time.perf_counter() < end:
-        served.update(r for r in dep.recent(SERVED_KEEP_S) if r[0] >= start)
         time.sleep(0.1)
+        _add_served(dep, served, start)
 
 
 def windows(run: Run, slo_ms: float, width: float = 1.0) -> list[dict]:
