@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from .waiting import wait_until
 
@@ -163,3 +164,30 @@ def _served(dep) -> int:
 
 def _double(row) -> int:
     return 2 * row["x"]
+
+
+def test_the_request_split_attributes_each_phase_and_each_collection_to_its_request():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import request_split as rs   # noqa: E402
+    sys.path.pop(0)
+
+    def request(start, plan_ms, gc_ms=None):
+        events, t = [], start
+        for step in rs.STEPS:
+            events.append((step, t))
+            if step == "thread start" and gc_ms:   # a full collection inside the plan
+                events += [("gc start", t, 2), ("gc stop", t + gc_ms / 1000, 2)]
+            t += (plan_ms if step == "thread start" else 0.1) / 1000
+        return events
+
+    trace = [("gc start", 0.0, 0), ("gc stop", 0.001, 0)]   # before any request: nobody's
+    trace += request(1.0, 2.0) + request(2.0, 9.0, gc_ms=6.0) + request(3.0, 2.0)
+    trace += [("entry", 4.0), ("body read", 4.001)]         # unfinished: left out
+    reqs = rs.requests_of(trace)
+    assert [round(rs.phases_of(r)["plan"], 6) for r in reqs] == [2.0, 9.0, 2.0]
+    assert [r["gc_ms"] for r in reqs] == [{}, {2: pytest.approx(6.0)}, {}]
+    rows, summary = rs.split([3.5, 11.0, 3.4], reqs)
+    by = {r["phase"]: r for r in rows}
+    assert by["plan"]["slowest 1% mean_ms"] == pytest.approx(9.0)   # the slowest by the client's time is the 2nd
+    assert by["outside handler"]["slowest 1% mean_ms"] == pytest.approx(11.0 - (9.0 + 9 * 0.1))   # 9 other phases of 0.1 ms
+    assert summary["slowest_with_gc"] == 1 and summary["full_collections"] == 1

@@ -1,0 +1,272 @@
+"""Where a request's time goes on the worker that serves it over HTTP, phase by phase, for the
+median request and for the slowest 1% (the p99 tail).
+
+The pipeline and body of ``http_vs_fastapi.py`` (the 3-stage image flow), 2 single-threaded
+workers set up as the clusters flowkit starts set them up, ``dep.serve()``. Each worker records
+a timestamp as a request passes each step of its path (by wrapping those steps in this script;
+nothing in flowkit changes), and every garbage collection. The load generator (its own process)
+sends ``--closed`` requests one after another on one keep-alive connection, so one worker
+serves them, in order, and its n-th traced request is the client's n-th: the client's time
+minus the worker's handler time is what lies outside the handler (the client, the kernel, and
+uvicorn's reading of the request line and headers and writing of the answer).
+
+Phases, in the order a request passes them:
+
+- read body: from the handler's start (headers parsed) to the whole body read
+- decode: JSON parsed, rows decoded into the schema's types
+- submit: the table made and the request's task created (``LocalEndpoint.submit``)
+- task start: until that task runs and hands the plan to the deployment's thread pool
+- thread wake: until the pool's thread starts the plan
+- plan: the plan, in that thread
+- loop wake: until the event loop resumes the request after the thread finished
+- to handler: until the handler has the answer
+- encode: the answer encoded as JSON
+- count: counting and timing it (``HTTPServer._counted``)
+- outside handler: the client's time minus all of the above
+
+Each of ``VARIANTS`` (flowkit's serving settings; those with dask's periodic housekeeping made
+rarer) runs ``--reps`` times, alternating.
+
+Run: .venv/bin/python benchmarks/request_split.py [--closed 3000] [--reps 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _report import percentile, save, table  # noqa: E402
+
+STEPS = ["entry", "body read", "decoded", "submitted", "to thread", "thread start", "thread end", "back on loop",
+         "answer", "encoded", "answered"]
+COLUMNS = ["p50_ms", "p99_ms", "slowest 1% excess_ms"]
+PHASES = ["read body", "decode", "submit", "task start", "thread wake", "plan", "loop wake", "to handler",
+          "encode", "count"]
+
+
+def install_tracing() -> None:
+    """On a worker: wrap each step of the HTTP request path to record ``(step, perf_counter())``,
+    and every garbage collection, in ``flowkit.runtime.http._trace``."""
+    import gc
+    import time
+
+    from flowkit.runtime import executor, http, ingress
+
+    trace: list = []
+    http._trace = trace
+    now = time.perf_counter
+
+    def after(fn, step):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            trace.append((step, now()))
+            return out
+        return wrapped
+
+    gc.callbacks.append(lambda phase, info: trace.append((f"gc {phase}", now(), info["generation"])))
+
+    read_body = http.read_body
+
+    async def traced_read_body(*a, **k):
+        out = await read_body(*a, **k)
+        trace.append(("body read", now()))
+        return out
+
+    http.read_body = traced_read_body
+    http.decode_rows = after(http.decode_rows, "decoded")
+    http.encode_table = after(http.encode_table, "encoded")
+    ingress.LocalEndpoint.submit = after(ingress.LocalEndpoint.submit, "submitted")
+
+    in_thread = executor.WorkerDeployment.in_thread
+
+    async def traced_in_thread(self, fn, *args, pool=None):
+        def run(*a):
+            trace.append(("thread start", now()))
+            try:
+                return fn(*a)
+            finally:
+                trace.append(("thread end", now()))
+        trace.append(("to thread", now()))
+        try:
+            return await in_thread(self, run, *args, pool=pool)
+        finally:
+            trace.append(("back on loop", now()))
+
+    executor.WorkerDeployment.in_thread = traced_in_thread
+
+    answer = http.HTTPServer._answer_or_hang_up
+
+    async def traced_answer(self, *a, **k):
+        try:
+            return await answer(self, *a, **k)
+        finally:
+            trace.append(("answer", now()))
+
+    http.HTTPServer._answer_or_hang_up = traced_answer
+
+    counted = http.HTTPServer._counted
+
+    def traced_counted(self, endpoint):
+        inner = counted(self, endpoint)
+
+        async def counting(request):
+            trace.append(("entry", now()))
+            try:
+                return await inner(request)
+            finally:
+                trace.append(("answered", now()))
+        return counting
+
+    http.HTTPServer._counted = traced_counted
+
+
+def take_trace() -> list:
+    from flowkit.runtime import http
+
+    return list(getattr(http, "_trace", []))
+
+
+def requests_of(trace: list) -> list[dict]:
+    """Each traced request's steps (``{step: time}``) and the garbage collections during it
+    (``gc_ms`` by generation), from ``entry`` to ``answered``."""
+    out, cur, gc_started = [], None, None
+    for ev in trace:
+        step, t = ev[0], ev[1]
+        if step == "entry":
+            cur = {"steps": {"entry": t}, "gc_ms": {}}
+        elif cur is None:
+            continue
+        elif step == "gc start":
+            gc_started = t
+        elif step == "gc stop":
+            if gc_started is not None:
+                gen = ev[2]
+                cur["gc_ms"][gen] = cur["gc_ms"].get(gen, 0.0) + (t - gc_started) * 1000
+            gc_started = None
+        else:
+            cur["steps"].setdefault(step, t)
+            if step == "answered":
+                out.append(cur)
+                cur = None
+    return [r for r in out if all(s in r["steps"] for s in STEPS)]
+
+
+def phases_of(req: dict) -> dict:
+    s = req["steps"]
+    ms = {name: (s[b] - s[a]) * 1000 for name, a, b in zip(PHASES, STEPS, STEPS[1:])}
+    ms["handler"] = (s["answered"] - s["entry"]) * 1000
+    ms["gc"] = sum(req["gc_ms"].values())
+    return ms
+
+
+def split(client_ms: list[float], reqs: list[dict]) -> tuple[list[dict], dict]:
+    """The phase table (p50, p99, mean over all requests, mean over the slowest 1% by the
+    client's time, and that excess over the median request) and a summary."""
+    n = min(len(client_ms), len(reqs))
+    client_ms, reqs = client_ms[-n:], reqs[-n:]
+    rows = []
+    for c, r in zip(client_ms, reqs):
+        ph = phases_of(r)
+        ph["outside handler"] = c - ph["handler"]
+        ph["client"] = c
+        rows.append(ph)
+    slow = sorted(range(n), key=lambda i: client_ms[i])[-max(1, n // 100):]
+    names = PHASES + ["gc", "handler", "outside handler", "client"]
+    table_rows = []
+    for name in names:
+        vals = [r[name] for r in rows]
+        tail = [rows[i][name] for i in slow]
+        p50 = percentile(vals, 50)
+        table_rows.append({"phase": name, "p50_ms": p50, "p99_ms": percentile(vals, 99),
+                           "mean_ms": sum(vals) / n, "slowest 1% mean_ms": sum(tail) / len(tail),
+                           "slowest 1% excess_ms": sum(tail) / len(tail) - p50})
+    gcs = [i for i in range(n) if rows[i]["gc"] > 0]
+    summary = {"requests": n, "slowest": len(slow),
+               "slowest_with_gc": sum(1 for i in slow if rows[i]["gc"] > 0),
+               "requests_with_gc": len(gcs),
+               "full_collections": sum(1 for r in reqs if 2 in r["gc_ms"]),
+               "client_p50_ms": percentile(client_ms, 50), "client_p99_ms": percentile(client_ms, 99)}
+    return table_rows, summary
+
+
+QUIET = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s",
+         "distributed.admin.system-monitor.interval": "10s", "distributed.client.scheduler-info-interval": "10s",
+         "distributed.deploy.cluster-repr-interval": "10s"}
+VARIANTS = {"serving settings": {}, "quiet housekeeping": QUIET}
+
+
+def run_once(body: Path, closed: int, settings: dict) -> tuple[list[dict], dict]:
+    """One cluster with ``serving_settings()`` and ``settings`` over them: the split of
+    ``closed`` requests."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    import flowkit as fk
+    from flowkit.demo import image_flow
+    from flowkit.runtime.clusters import serving_settings
+    from http_vs_fastapi import loadgen
+
+    def one_torch_thread():
+        import torch
+
+        torch.set_num_threads(1)
+
+    with dask.config.set({**serving_settings(), **settings}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.run(one_torch_thread)
+        client.run(install_tracing)
+        with fk.deploy(image_flow(), cluster=client, tune_workers=True) as dep, dep.serve() as server:
+            got = loadgen(server.url + "/v1/flows/classify/predict", body, "--closed", str(closed), "--warmup", "200")
+            traces = client.run(take_trace)
+    reqs = max((requests_of(t) for t in traces.values()), key=len)   # (one connection: one worker served them)
+    return split(got["latencies_ms"], reqs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--closed", type=int, default=3000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    from flowkit.demo import sample_images
+
+    closed, reps = (300, 1) if a.quick else (a.closed, a.reps)
+    body = Path(tempfile.mkdtemp()) / "body.json"
+    body.write_text(json.dumps({"rows": [{"img": base64.b64encode(sample_images(1)[0]["img"]).decode()}]}))
+    runs = []
+    for rep in range(reps):   # (the variants alternate)
+        for variant in (list(VARIANTS) if rep % 2 == 0 else list(VARIANTS)[::-1]):
+            rows, summary = run_once(body, closed, VARIANTS[variant])
+            runs.append({"variant": variant, "rep": rep, "phases": rows, "summary": summary})
+            print(variant, rep, {k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}, flush=True)
+    out = []
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        for i, name in enumerate(r["phase"] for r in mine[0]["phases"]):
+            vals = {c: statistics.median(r["phases"][i][c] for r in mine) for c in COLUMNS}
+            out.append({"variant": variant, "phase": name, **vals})
+    md = table(out, ["variant", "phase", *COLUMNS])
+    md += (f"\n\nMedians over {reps} repetitions (the variants alternating) of {closed} requests each, one after "
+           "another on one connection (one worker served them). Excess: the mean of the slowest 1% by the "
+           "client's time minus the phase's median. Garbage collections: see the JSON (`summary`). Variants: "
+           f"serving settings = `serving_settings()`; quiet housekeeping = those and {QUIET}.")
+    print(md)
+    save("request_split", {"phases": out, "runs": runs, "quick": a.quick,
+                           "config": {"workers": 2, "threads_per_worker": 1, "torch_threads": 1, "closed": closed,
+                                      "reps": reps, "variants": VARIANTS,
+                                      "pipeline": "flowkit.demo.image_flow (http_vs_fastapi's)",
+                                      "worker_settings": "flowkit.runtime.clusters.serving_settings(), tune_workers=True"}},
+         md)
+
+
+if __name__ == "__main__":
+    main()
