@@ -52,6 +52,10 @@ def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment
         assert set(dep.client.run(_event_loop_module).values()) == {"uvloop"}
         # ... without dask's statistical profiler sampling stacks on that loop every 10 ms (serving_settings)
         assert set(dep.client.run(_profiling).values()) == {False}
+        # ... and with dask's housekeeping on that loop less often (serving_settings)
+        for intervals in dep.client.run(_housekeeping_ms).values():
+            assert intervals["tick"] == 1000 and intervals["monitor"] == 10000
+            assert intervals.get("memory_monitor", 1000) == 1000
     finally:
         dep.close()
     assert dep.client.status == "closed" and cluster.status.name == "closed"
@@ -62,6 +66,12 @@ def _profiling(dask_worker) -> bool:
     import dask
 
     return bool(dask.config.get("distributed.worker.profile.enabled")) or "profile" in dask_worker.periodic_callbacks
+
+
+def _housekeeping_ms(dask_worker) -> dict:
+    """The intervals (ms) of dask's periodic housekeeping on this worker's loop."""
+    return {name: pc.callback_time for name, pc in dask_worker.periodic_callbacks.items()
+            if name in ("tick", "monitor", "memory_monitor")}
 
 
 def _event_loop_module() -> str:

@@ -10,20 +10,34 @@ from ..errors import FlowError
 
 __all__ = ["connect", "serving_settings"]
 
+#: dask's periodic housekeeping on a serving worker's event loop, less often (see serving_settings)
+QUIET_HOUSEKEEPING = {"distributed.admin.tick.interval": "1s", "distributed.worker.memory.monitor-interval": "1s",
+                      "distributed.admin.system-monitor.interval": "10s"}
+
 
 def serving_settings() -> dict:
     """dask's settings for worker processes that serve, as ``dask.config.set`` takes them (the
     embedded cluster's workers get them; give your own the same before they start:
     ``with dask.config.set(serving_settings()): LocalCluster(...)``, or the environment
     variables ``DASK_DISTRIBUTED__ADMIN__EVENT_LOOP=uvloop
-    DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False`` for ``dask worker``):
+    DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s
+    DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=1s
+    DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=10s`` for ``dask worker``):
 
     - the event loop: uvloop (uvicorn's own default where it is installed, as flowkit installs
       it), whose loop serves a worker's HTTP endpoint and sessions;
     - dask's statistical profiler off: it samples every thread's stack on the worker's event
-      loop every 10 ms (for the dashboard's profile page), between the requests that loop serves.
+      loop every 10 ms (for the dashboard's profile page), between the requests that loop serves;
+    - dask's housekeeping on the worker's loop less often: the loop's health check (``tick``)
+      every 1 s instead of 20 ms (it still reports a loop blocked for over 3 s), the memory
+      monitor every 1 s instead of 100 ms (spilling, pausing and the nanny's restart of a worker
+      over its memory limit react that much later), the system monitor (the dashboard's CPU
+      and memory charts) every 10 s instead of 500 ms. Each wakes the loop, and the thread
+      running a request's plan waits for the interpreter while it runs: the requests' hand-offs
+      between the loop and that thread had twice the p99 with dask's intervals
+      (``benchmarks/request_split.py``).
     """
-    settings = {"distributed.worker.profile.enabled": False}
+    settings = {"distributed.worker.profile.enabled": False, **QUIET_HOUSEKEEPING}
     try:
         import uvloop  # noqa: F401
     except ImportError:
