@@ -47,9 +47,8 @@ class Run:
     def server_summary(self) -> dict:
         """The same requests as the workers' HTTP endpoints timed them (arrival to answer; the
         load generator, the kernel and uvicorn's header parsing left out): how many, p50, p99."""
-        v = self.server_ms
-        return {"server_requests": int(len(v)), "server_p50_ms": float(np.percentile(v, 50)) if len(v) else None,
-                "server_p99_ms": float(np.percentile(v, 99)) if len(v) else None}
+        p50, p99 = _p50_p99(self.server_ms)
+        return {"server_requests": int(len(self.server_ms)), "server_p50_ms": p50, "server_p99_ms": p99}
 
     def workers_used(self) -> dict:
         counts = [n for _, n in self.workers] or [0]
@@ -64,12 +63,16 @@ def p99_all(lat_ms: np.ndarray) -> float:
     return float(v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)])
 
 
+def _p50_p99(ms: np.ndarray) -> tuple[float | None, float | None]:
+    return (float(np.percentile(ms, 50)), float(np.percentile(ms, 99))) if len(ms) else (None, None)
+
+
 def summarize(lat_ms: np.ndarray, slo_ms: float | None) -> dict:
     done = lat_ms[~np.isnan(lat_ms)]
+    p50, p99 = _p50_p99(done)
     out = {"requests": int(len(lat_ms)), "misses": int(np.isnan(lat_ms).sum()),
-           "p50_ms": float(np.percentile(done, 50)) if len(done) else None,
-           "p99_ms": float(np.percentile(done, 99)) if len(done) else None,   # of the answered requests
-           "p99_all_ms": p99_all(lat_ms)}                                      # misses as infinitely late
+           "p50_ms": p50, "p99_ms": p99,         # of the answered requests
+           "p99_all_ms": p99_all(lat_ms)}        # misses as infinitely late
     if slo_ms is not None:
         out["within_slo"] = float((done <= slo_ms).sum() / len(lat_ms)) if len(lat_ms) else 0.0
     return out

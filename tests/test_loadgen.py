@@ -14,6 +14,7 @@ from .waiting import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loadgen  # noqa: E402
+import request_split  # noqa: E402
 from peers.cycling_loadgen import CyclingEndpoint  # noqa: E402
 
 sys.path.pop(0)
@@ -167,10 +168,7 @@ def _double(row) -> int:
 
 
 def test_the_request_split_attributes_each_phase_and_each_collection_to_its_request():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import request_split as rs   # noqa: E402
-    sys.path.pop(0)
-
+    rs = request_split
     def request(start, plan_ms, gc_ms=None):
         events, t = [], start
         for step in rs.STEPS:

@@ -30,8 +30,9 @@ def serving_settings() -> dict:
       loop every 10 ms (for the dashboard's profile page), between the requests that loop serves;
     - dask's housekeeping on the worker's loop less often: the loop's health check (``tick``)
       every 1 s instead of 20 ms (it still reports a loop blocked for over 3 s), the memory
-      monitor every 1 s instead of 100 ms (spilling, pausing and the nanny's restart of a worker
-      over its memory limit react that much later), the system monitor (the dashboard's CPU
+      monitor every 1 s instead of 100 ms (a worker's spilling and pausing react that much
+      later; the embedded cluster's nannies run in the client's process and keep dask's
+      interval for restarting a worker over its memory limit), the system monitor (the dashboard's CPU
       and memory charts) every 10 s instead of 500 ms. Each wakes the loop, and the thread
       running a request's plan waits for the interpreter while it runs: the requests' hand-offs
       between the loop and that thread had twice the p99 with dask's intervals
