@@ -1,7 +1,9 @@
 """Where a request's time goes on the worker that serves it over HTTP, phase by phase, for the
 median request and for the slowest 1% (the p99 tail).
 
-The pipeline and body of ``http_vs_fastapi.py`` (the 3-stage image flow), 2 single-threaded
+``--pipeline image`` (default): the pipeline and body of ``http_vs_fastapi.py`` (the 3-stage
+image flow); ``--pipeline video``: the video pipeline of ``pipelines_vs_peers.py`` (a 30-frame
+clip, about 120 kB of JSON per request), optimized as that benchmark serves it. 2 single-threaded
 workers set up as the clusters flowkit starts set them up, ``dep.serve()``. Each worker records
 a timestamp as a request passes each step of its path (by wrapping those steps in this script;
 nothing in flowkit changes), and every garbage collection. The load generator (its own process)
@@ -25,9 +27,12 @@ Phases, in the order a request passes them:
 - outside handler: the client's time minus all of the above
 
 Each of ``VARIANTS`` (flowkit's serving settings; those with dask's own intervals for the periodic
-housekeeping that they make rarer) runs ``--reps`` times, alternating.
+housekeeping that they make rarer; ``--variants`` picks) runs ``--reps`` times, alternating. The
+pipeline's in-process floor (its stages as plain calls, no flowkit) is timed on a worker after
+each run, on the same request: what the plan phase costs beyond the computation itself.
 
-Run: .venv/bin/python benchmarks/request_split.py [--closed 3000] [--reps 3] [--quick]
+Run: .venv/bin/python benchmarks/request_split.py [--pipeline image|video] [--closed 3000] [--reps 3]
+     [--variants "serving settings"] [--quick]
 """
 
 from __future__ import annotations
@@ -203,32 +208,66 @@ DASK_HOUSEKEEPING = {"distributed.admin.tick.interval": "20ms", "distributed.wor
 VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING}
 
 
-def run_once(body: Path, closed: int, settings: dict) -> tuple[list[dict], dict]:
+def image_pipeline():
+    """(flow, optimize, request row, the in-process floor): the 3-stage image flow."""
+    from flowkit.demo import TinyResNet, image_flow, postprocess, preprocess, sample_images
+
+    model = TinyResNet()   # (FastAPI's app in http_vs_fastapi.py computes as this floor does)
+    return image_flow(), True, sample_images(1)[0], lambda r: postprocess({"logits": model({"x": preprocess(r)})})
+
+
+def video_pipeline():
+    from pipelines import video
+
+    store = video.store()
+    return video.flow(), video.RULES, video.requests(1)[0], lambda r: video.floor(r, store)
+
+
+PIPELINES = {"image": image_pipeline, "video": video_pipeline}
+
+
+def time_floor(pipeline: str, n: int = 300) -> float:
+    """On a worker: the median milliseconds of ``pipeline``'s in-process floor on its request."""
+    import time
+
+    _, _, row, floor = PIPELINES[pipeline]()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        floor(row)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[list[dict], dict]:
     """One cluster with ``serving_settings()`` and ``settings`` over them: the split of
     ``closed`` requests."""
     import dask
     from distributed import Client, LocalCluster
 
     import flowkit as fk
-    from flowkit.demo import image_flow
     from flowkit.runtime.clusters import serving_settings
     from http_vs_fastapi import loadgen
 
-    def one_torch_thread():
+    def set_up():
         import torch
 
         torch.set_num_threads(1)
+        sys.path.insert(0, str(HERE))
 
     with dask.config.set({**serving_settings(), **settings}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        client.run(one_torch_thread)
+        client.run(set_up)
         client.run(install_tracing)
-        with fk.deploy(image_flow(), cluster=client, tune_workers=True) as dep, dep.serve() as server:
-            got = loadgen(server.url + "/v1/flows/classify/predict", body, "--closed", str(closed), "--warmup", "200")
+        flow, optimize, _, _ = PIPELINES[pipeline]()
+        with fk.deploy(flow, cluster=client, optimize=optimize, tune_workers=True) as dep, dep.serve() as server:
+            got = loadgen(f"{server.url}/v1/flows/{flow.name}/predict", body, "--closed", str(closed), "--warmup", "200")
             traces = client.run(take_trace)
-    reqs = max((requests_of(t) for t in traces.values()), key=len)   # (one connection: one worker served them)
-    return split(got["latencies_ms"], reqs)
+        floors = client.run(time_floor, pipeline)
+    worker, reqs = max(((w, requests_of(t)) for w, t in traces.items()), key=lambda wt: len(wt[1]))
+    rows, summary = split(got["latencies_ms"], reqs)   # (one connection: one worker served them)
+    return rows, {**summary, "floor_p50_ms": floors[worker]}
 
 
 def main() -> None:
@@ -236,20 +275,22 @@ def main() -> None:
     ap.add_argument("--closed", type=int, default=3000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="image")
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     a = ap.parse_args()
-    from flowkit.demo import sample_images
 
     closed, reps = (300, 1) if a.quick else (a.closed, a.reps)
     body = Path(tempfile.mkdtemp()) / "body.json"
-    body.write_text(json.dumps({"rows": [{"img": base64.b64encode(sample_images(1)[0]["img"]).decode()}]}))
+    row = PIPELINES[a.pipeline]()[2]
+    body.write_text(json.dumps({"rows": [{k: base64.b64encode(v).decode() for k, v in row.items()}]}))
     runs = []
     for rep in range(reps):   # (the variants alternate)
-        for variant in (list(VARIANTS) if rep % 2 == 0 else list(VARIANTS)[::-1]):
-            rows, summary = run_once(body, closed, VARIANTS[variant])
+        for variant in (a.variants if rep % 2 == 0 else a.variants[::-1]):
+            rows, summary = run_once(a.pipeline, body, closed, VARIANTS[variant])
             runs.append({"variant": variant, "rep": rep, "phases": rows, "summary": summary})
             print(variant, rep, {k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}, flush=True)
     out = []
-    for variant in VARIANTS:
+    for variant in a.variants:
         mine = [r for r in runs if r["variant"] == variant]
         for i, name in enumerate(r["phase"] for r in mine[0]["phases"]):
             vals = {c: statistics.median(r["phases"][i][c] for r in mine) for c in COLUMNS}
@@ -259,12 +300,14 @@ def main() -> None:
            "another on one connection (one worker served them). Excess: the mean of the slowest 1% by the "
            "client's time minus the phase's median. Garbage collections: see the JSON (`summary`). Variants: "
            f"serving settings = `serving_settings()`; dask's housekeeping = those with dask's own intervals "
-           f"{DASK_HOUSEKEEPING}.")
+           f"{DASK_HOUSEKEEPING}. The pipeline's in-process floor on the same request, on the worker that served "
+           f"them: p50 {statistics.median(r['summary']['floor_p50_ms'] for r in runs):.3g} ms.")
     print(md)
-    save("request_split", {"phases": out, "runs": runs, "quick": a.quick,
+    save("request_split" if a.pipeline == "image" else f"request_split_{a.pipeline}", {"phases": out, "runs": runs, "quick": a.quick,
                            "config": {"workers": 2, "threads_per_worker": 1, "torch_threads": 1, "closed": closed,
                                       "reps": reps, "variants": VARIANTS,
-                                      "pipeline": "flowkit.demo.image_flow (http_vs_fastapi's)",
+                                      "pipeline": {"image": "flowkit.demo.image_flow (http_vs_fastapi's)",
+                                                   "video": "pipelines.video, optimized with its RULES (pipelines_vs_peers's)"}[a.pipeline],
                                       "worker_settings": "flowkit.runtime.clusters.serving_settings(), tune_workers=True"}},
          md)
 

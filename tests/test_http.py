@@ -157,6 +157,19 @@ def test_array_columns_take_nested_lists_of_numbers_and_nothing_else():
             decode_rows({"rows": [{"a": bad}]}, schema)
 
 
+def test_bytes_columns_take_strict_base64_and_nothing_else():
+    from flowkit.schema import Schema
+
+    schema = Schema({"b": bytes})
+    blob = bytes(range(256)) * 3
+    (row,) = decode_rows({"rows": [{"b": base64.b64encode(blob).decode()}]}, schema)
+    assert row["b"] == blob
+    # unpadded, data after the padding, a character outside the alphabet, a line break, non-ASCII
+    for bad in ("aGk", "aGk=aGk=", "a$Gk", "aGk=\n", "aGé="):
+        with pytest.raises(fk.SchemaError, match="column 'b' expects bytes as a base64 string; it is not valid"):
+            decode_rows({"rows": [{"b": bad}]}, schema)
+
+
 def test_422_names_the_column_and_404_names_the_flows(served):
     _, server = served
     status, body, _ = call(server, "POST", PREDICT, {"rows": [{"x": 1.5}]})
