@@ -27,8 +27,8 @@ Phases, in the order a request passes them:
 - outside handler: the client's time minus all of the above
 
 Each of ``VARIANTS`` (flowkit's serving settings; those with dask's own intervals for the periodic
-housekeeping that they make rarer; ``--variants`` picks) runs ``--reps`` times, alternating. The
-pipeline's in-process floor (its stages as plain calls, no flowkit) is timed on a worker after
+housekeeping that they make rarer; a shorter switch interval for the interpreter lock on the
+workers; ``--variants`` picks) runs ``--reps`` times, alternating. The pipeline's in-process floor (its stages as plain calls, no flowkit) is timed on a worker after
 each run, on the same request: what the plan phase costs beyond the computation itself.
 
 Run: .venv/bin/python benchmarks/request_split.py [--pipeline image|video] [--closed 3000] [--reps 3]
@@ -205,7 +205,15 @@ def split(client_ms: list[float], reqs: list[dict]) -> tuple[list[dict], dict]:
 #: dask's own intervals for what ``serving_settings()`` makes rarer
 DASK_HOUSEKEEPING = {"distributed.admin.tick.interval": "20ms", "distributed.worker.memory.monitor-interval": "100ms",
                      "distributed.admin.system-monitor.interval": "500ms"}
-VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING}
+#: the interpreter's switch interval tried on the workers (``--variants "switch interval"``): how
+#: long a thread holding the GIL keeps it once another asks (Python's default: 5 ms)
+SWITCH_INTERVAL_S = 0.0002
+VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING,
+            "switch interval": {"switch_interval_s": SWITCH_INTERVAL_S}}
+
+
+def set_switch_interval(seconds: float) -> None:
+    sys.setswitchinterval(seconds)
 
 
 def image_pipeline():
@@ -255,11 +263,14 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
         torch.set_num_threads(1)
         sys.path.insert(0, str(HERE))
 
-    with dask.config.set({**serving_settings(), **settings}), \
+    dask_settings = {k: v for k, v in settings.items() if k.startswith("distributed.")}
+    with dask.config.set({**serving_settings(), **dask_settings}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         client.run(set_up)
         client.run(install_tracing)
+        if "switch_interval_s" in settings:
+            client.run(set_switch_interval, settings["switch_interval_s"])
         flow, optimize, _, _ = PIPELINES[pipeline]()
         with fk.deploy(flow, cluster=client, optimize=optimize, tune_workers=True) as dep, dep.serve() as server:
             got = loadgen(f"{server.url}/v1/flows/{flow.name}/predict", body, "--closed", str(closed), "--warmup", "200")
@@ -300,7 +311,8 @@ def main() -> None:
            "another on one connection (one worker served them). Excess: the mean of the slowest 1% by the "
            "client's time minus the phase's median. Garbage collections: see the JSON (`summary`). Variants: "
            f"serving settings = `serving_settings()`; dask's housekeeping = those with dask's own intervals "
-           f"{DASK_HOUSEKEEPING}. The pipeline's in-process floor on the same request, on the worker that served "
+           f"{DASK_HOUSEKEEPING}; switch interval = serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` "
+           "on the workers. The pipeline's in-process floor on the same request, on the worker that served "
            f"them: p50 {statistics.median(r['summary']['floor_p50_ms'] for r in runs):.3g} ms.")
     print(md)
     save("request_split" if a.pipeline == "image" else f"request_split_{a.pipeline}", {"phases": out, "runs": runs, "quick": a.quick,
