@@ -212,6 +212,11 @@ VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING,
             "switch interval": {"switch_interval_s": SWITCH_INTERVAL_S}}
 
 
+DESCRIBED = {"serving settings": "`serving_settings()`",
+             "dask's housekeeping": f"those with dask's own intervals {DASK_HOUSEKEEPING}",
+             "switch interval": f"serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` on the workers"}
+
+
 def set_switch_interval(seconds: float) -> None:
     sys.setswitchinterval(seconds)
 
@@ -287,7 +292,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="image")
-    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS)[:2])
+    ap.add_argument("--name", help="the results' name (default: request_split, request_split_<pipeline> but for image)")
     a = ap.parse_args()
 
     closed, reps = (300, 1) if a.quick else (a.closed, a.reps)
@@ -310,18 +316,17 @@ def main() -> None:
     md += (f"\n\nMedians over {reps} repetitions (the variants alternating) of {closed} requests each, one after "
            "another on one connection (one worker served them). Excess: the mean of the slowest 1% by the "
            "client's time minus the phase's median. Garbage collections: see the JSON (`summary`). Variants: "
-           f"serving settings = `serving_settings()`; dask's housekeeping = those with dask's own intervals "
-           f"{DASK_HOUSEKEEPING}; switch interval = serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` "
-           "on the workers. The pipeline's in-process floor on the same request, on the worker that served "
+           + "; ".join(f"{v} = {DESCRIBED[v]}" for v in a.variants)
+           + ". The pipeline's in-process floor on the same request, on the worker that served "
            f"them: p50 {statistics.median(r['summary']['floor_p50_ms'] for r in runs):.3g} ms.")
     print(md)
-    save("request_split" if a.pipeline == "image" else f"request_split_{a.pipeline}", {"phases": out, "runs": runs, "quick": a.quick,
-                           "config": {"workers": 2, "threads_per_worker": 1, "torch_threads": 1, "closed": closed,
-                                      "reps": reps, "variants": VARIANTS,
-                                      "pipeline": {"image": "flowkit.demo.image_flow (http_vs_fastapi's)",
-                                                   "video": "pipelines.video, optimized with its RULES (pipelines_vs_peers's)"}[a.pipeline],
-                                      "worker_settings": "flowkit.runtime.clusters.serving_settings(), tune_workers=True"}},
-         md)
+    name = a.name or ("request_split" if a.pipeline == "image" else f"request_split_{a.pipeline}")
+    pipelines = {"image": "flowkit.demo.image_flow (http_vs_fastapi's)",
+                 "video": "pipelines.video, optimized with its RULES (pipelines_vs_peers's)"}
+    save(name, {"phases": out, "runs": runs, "quick": a.quick,
+                "config": {"workers": 2, "threads_per_worker": 1, "torch_threads": 1, "closed": closed, "reps": reps,
+                           "variants": {v: VARIANTS[v] for v in a.variants}, "pipeline": pipelines[a.pipeline],
+                           "worker_settings": "flowkit.runtime.clusters.serving_settings(), tune_workers=True"}}, md)
 
 
 if __name__ == "__main__":
