@@ -23,11 +23,16 @@ for all its stages:
   (``runtime/racing.py``): the others start only after the first has run for the stage's p95;
 - every other stage takes one draw, at the request's ``r`` rows.
 
+Each request adds its round trip outside the operators, drawn from the request path measured
+on the cluster; a plan placed stage by stage (one that batches or races) adds each stage's hop
+too, drawn from what a placed stage was measured to cost (``Overheads``).
+
 Requests then queue for the cluster's servers, an M/G/c queue (least-loaded routing is close
 to one shared queue): ``c`` is the workers' threads, or the CPU cores when the CPU is the
 tighter limit (each stage's CPU share from its profile). The waiting time is Erlang C's
-probability of waiting times an exponential tail stretched by the service time's variability
-(Allen–Cunneen's ``(1 + cs²)/2``); the predicted p99 is that of the sampled sum.
+probability of waiting, scaled, times an exponential tail at the queue's own decay rate, both
+found from the sampled service times (``wait_tail``): a steady service's queue clears much
+faster than a variable one's; the predicted p99 is that of the sampled sum.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import numpy as np
 from .plan import AnyOf, Map, Plan, Stage
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "erlang_c", "HEDGE_CPU_SHARE", "BATCHES"]
+           "erlang_c", "wait_tail", "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 BATCHES = (1, 2, 4, 8, 16, 32)   # the batch sizes a batching stage may be planned with
@@ -68,28 +73,44 @@ class Overheads:
     ``stage_ms`` per stage when stages are placed one by one (a plan that batches or races).
     ``request_path_ms``: round trips measured on the cluster (``Profile.request_path_ms``);
     each request then draws its own from them (the path's tail, not only its mean), and
-    ``request_ms`` is their mean.
+    ``request_ms`` is their mean. ``stage_hop_ms``: likewise what a placed stage was measured
+    to cost (``Profile.stage_hop_ms``); each placed stage of a request draws its own, and
+    ``stage_ms`` is their mean.
 
     >>> from flowkit.profiling import Profile
     >>> Overheads.of(Profile.from_latencies({"m": {1: [1.0]}}))   # nothing measured: the defaults
-    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=())
+    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=(), stage_hop_ms=())
     """
 
     request_ms: float = 1.0
     stage_ms: float = 0.15
     request_path_ms: tuple[float, ...] = ()
+    stage_hop_ms: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, profile) -> "Overheads":
-        """The overheads a profile measured (its request path), else the defaults."""
+        """The overheads a profile measured (its request path, its placed stages), else the defaults."""
         path = tuple(getattr(profile, "request_path_ms", ()) or ())
-        return cls(float(np.mean(path)), request_path_ms=path) if path else cls()
+        hops = tuple(getattr(profile, "stage_hop_ms", ()) or ())
+        return cls(float(np.mean(path)) if path else cls.request_ms, float(np.mean(hops)) if hops else cls.stage_ms,
+                   path, hops)
 
     def draw(self, rng, n: int) -> np.ndarray | float:
         """Each of ``n`` requests' round trip outside its operators (ms)."""
-        if not self.request_path_ms:
-            return self.request_ms
-        return np.asarray(self.request_path_ms, float)[rng.integers(0, len(self.request_path_ms), n)]
+        return _draw(rng, self.request_path_ms, self.request_ms, n)
+
+    def draw_stages(self, rng, n: int, stages: int) -> np.ndarray | float:
+        """Each of ``n`` requests' cost of its ``stages`` placed stages (ms): a draw per stage, summed."""
+        if not self.stage_hop_ms:
+            return self.stage_ms * stages
+        return sum((_draw(rng, self.stage_hop_ms, self.stage_ms, n) for _ in range(stages)), np.zeros(n))
+
+
+def _draw(rng, samples: tuple[float, ...], mean: float, n: int) -> np.ndarray | float:
+    """``n`` draws from ``samples`` (ms), or their ``mean`` where none were measured."""
+    if not samples:
+        return mean
+    return np.asarray(samples, float)[rng.integers(0, len(samples), n)]
 
 
 @dataclass(frozen=True)
@@ -179,6 +200,48 @@ def erlang_c(c: int, a: float) -> float:
         b = a * b / (k + a * b)
     rho = a / c
     return b / (1 - rho * (1 - b))
+
+
+def wait_tail(lam: float, mean: float, cs2: float) -> tuple[float, float]:
+    """The waiting time's tail in a queue with Poisson arrivals at ``lam`` per ms and service
+    times of ``mean`` ms and squared coefficient of variation ``cs2``, taken as gamma-distributed
+    (steady at 0, exponential at 1): ``(θ, k)`` such that a wait beyond ``t`` ms has a
+    probability of about ``k·ρ·exp(-θt)`` (Cramér–Lundberg: ``θ > 0`` solves
+    ``λ(E[exp(θS)] - 1) = θ``, and ``kρ = (1 - ρ) / (λE[S·exp(θS)] - 1)``). ``predict`` passes
+    an M/G/c queue's demand divided by c (one server c times as fast) and puts Erlang C's
+    probability of waiting in place of ρ: exact for M/M/c (``θ = cμ - λ``, ``k = 1``) and close
+    for M/G/1. A steady service's queue clears faster than a variable one's, but once a request
+    waits it waits more often than ρ says (``k > 1``). Only the mean and variance are used: the
+    profile's few hundred samples say little of the far tail that an empirical transform would
+    lean on. ``(inf, 0)``: no requests or no work.
+
+    >>> [round(x, 2) for x in wait_tail(0.5, 1.0, 1.0)]     # M/M/1: mu - lambda, 1
+    [0.5, 1.0]
+    >>> [round(x, 2) for x in wait_tail(0.12, 2.0, 0.0)]    # M/D/1, 24% busy
+    [1.2, 1.93]
+    """
+    if lam <= 0 or mean <= 0:
+        return math.inf, 0.0
+    if cs2 < 1e-9:   # steady: E[exp(θS)] = exp(θ·mean)
+        log_mgf, slope_of = (lambda th: th * mean), (lambda th: mean)
+        cap = math.inf
+    else:            # gamma of shape 1/cs2, scale mean·cs2: E[exp(θS)] = (1 - scale·θ)^-shape
+        shape, scale = 1 / cs2, mean * cs2
+        log_mgf, slope_of = (lambda th: -shape * math.log1p(-scale * th)), (lambda th: mean / (1 - scale * th))
+        cap = 1 / scale
+
+    def excess(th: float) -> float:   # λ(E[e^θS] − 1) − θ: below zero between 0 and the root
+        return lam * math.expm1(min(log_mgf(th), 700.0)) - th
+
+    lo, hi = 0.0, min(1 / mean, cap / 2)
+    while excess(hi) < 0:
+        lo, hi = hi, (hi * 2 if cap == math.inf else (hi + cap) / 2)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+    theta, rho = (lo + hi) / 2, lam * mean
+    slope = lam * math.exp(min(log_mgf(theta), 700.0)) * slope_of(theta) - 1   # λE[S·e^θS] − 1
+    return theta, (1 - rho) / slope / rho if slope > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -303,15 +366,22 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         util, c, demand, bottleneck = float(rho_c), int(cores), cpu, "cpu"
     else:
         util, c, demand, bottleneck = float(rho_t), threads, wall, "threads"
-    service = lat + overheads.draw(rng, n) + per_stage
+    service = lat + overheads.draw(rng, n) + (0.0 if simple else overheads.draw_stages(rng, n, len(specs)))
     if util >= 1:
         return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
                           overhead, float(wall.mean()), tuple(stages))
-    mean_d = float(demand.mean())
-    cs2 = float(demand.var() / mean_d ** 2) if mean_d > 0 else 0.0
     pw = erlang_c(c, util * c)
-    mean_wait = mean_d / (c * (1 - util)) * (1 + cs2) / 2 if mean_d > 0 else 0.0
-    queue = np.where(rng.random(n) < pw, rng.exponential(mean_wait, n), 0.0) if mean_wait > 0 else np.zeros(n)
+    mean_d = float(demand.mean()) / c
+    theta, k = wait_tail(rate / 1000, mean_d, float(demand.var() / demand.mean() ** 2) if mean_d > 0 else 0.0)
+    # P(wait > t) = min(pw, k·pw·exp(-θt)): a request waits with Erlang C's probability, and the
+    # tail beyond falls at θ from where it meets k·pw·exp(-θt) (k > 1: a steady queue's waits
+    # start at t0 and fall fast; k < 1: fewer waits than pw, from zero)
+    if theta < math.inf:
+        t0 = math.log(k) / theta if k > 1 else 0.0
+        waits = rng.random(n) < pw * min(k, 1.0)
+        queue = np.where(waits, t0 + rng.exponential(1 / theta, n), 0.0)
+    else:
+        queue = np.zeros(n)
     total = service + queue
     return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
                       float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(wall.mean()),

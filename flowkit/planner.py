@@ -50,6 +50,7 @@ __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs
 WAITS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 RACE_WIDTHS = (1, 2, 3)
 RACE_GAIN = 0.05        # a race must cut the predicted p99 by this share: it costs its width in work
+BATCH_GAIN = 0.05       # so must a batch window where there was none: it runs the plan stage by stage
 
 
 class SLOUnreachable(FlowError):
@@ -177,14 +178,15 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
             if s.batching and (windows is None or s.name in windows):
                 options = [(1, 0.0)] + [(b, w) for b in BATCHES if 1 < b <= s.max_batch for w in WAITS_MS
                                         if w < slo_ms / 2]
-                cur = knobs.batch_of(s.name)
                 for b, w in options:
+                    cur = knobs.batch_of(s.name)
                     if (b, w) == cur:
                         continue
                     k = replace(knobs, batch=tuple((x, b, w) if x == s.name else (x, bb, ww)
                                                    for x, bb, ww in knobs.batch))
                     sc, p = score(k)
-                    if sc < best:
+                    if (sc < best if (b > 1) == (cur[0] > 1) else
+                            _pays(sc[0], best[0], BATCH_GAIN, simpler=b == 1)):
                         best, pred, knobs, changed = sc, p, k, True
             if s.high_variance and race:
                 for width in RACE_WIDTHS:
@@ -192,21 +194,23 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                         continue
                     k = replace(knobs, race=tuple((x, width if x == s.name else kk) for x, kk in knobs.race))
                     sc, p = score(k)
-                    if _race_pays(sc[0], best[0], wider=width > knobs.race_of(s.name)):
+                    if _pays(sc[0], best[0], RACE_GAIN, simpler=width < knobs.race_of(s.name)):
                         best, pred, knobs, changed = sc, p, k, True
         if not changed:
             break
     return knobs, pred
 
 
-def _race_pays(p99: float, before: float, *, wider: bool) -> bool:
-    """A wider race must cut the predicted p99 by ``RACE_GAIN`` (it costs its width in work);
-    a narrower one may raise it by no more than that.
+def _pays(p99: float, before: float, gain: float, *, simpler: bool) -> bool:
+    """Whether a change of plan is worth its cost: one adding work or hops (a wider race, a
+    batch window where there was none) must cut the predicted p99 by the share ``gain``, the
+    model's margin for what it prices only on average; one taking them away (``simpler``) may
+    raise it by no more than that.
 
-    >>> _race_pays(9.0, 10.0, wider=True), _race_pays(9.8, 10.0, wider=True), _race_pays(10.2, 10.0, wider=False)
+    >>> _pays(9.0, 10.0, 0.05, simpler=False), _pays(9.8, 10.0, 0.05, simpler=False), _pays(10.2, 10.0, 0.05, simpler=True)
     (True, False, True)
     """
-    return p99 < before * (1 - RACE_GAIN) if wider else p99 * (1 - RACE_GAIN) <= before
+    return p99 * (1 - gain) <= before if simpler else p99 < before * (1 - gain)
 
 
 def _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter, workers_range):
@@ -346,7 +350,9 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
                          f"{sp.batch_rows:.2g} rows per batch expected at {rate / W:.3g} req/s per worker "
                          f"(batch wait p99 {sp.wait_p99_ms:.3g} ms)")
             else:
-                line += "; not batched: at this rate batches would not fill before the wait cost more than they save"
+                line += (f"; not batched: no batch window was predicted to cut the p99 by {BATCH_GAIN:.0%} (at this "
+                         "rate batches would not fill before the wait cost more than they save, and batching runs "
+                         "the plan stage by stage)")
         if s.high_variance:
             line += (f"; {sp.replicas} replicas race (latency cv {s.members[0].cv(1) if s.members else 0:.2f})"
                      if sp.replicas > 1 else "; no race: racing predicted no lower p99 (its latency follows its input, "

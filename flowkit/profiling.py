@@ -35,7 +35,7 @@ from .errors import FlowError
 from .flow import Flow
 from .plan import Map, Op, Plan, Source, Stage
 
-__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "request_path",
+__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "request_path", "stage_hops",
            "BATCH_SIZES", "ONE_ROW_RUNS"]
 
 logger = logging.getLogger("flowkit.profile")
@@ -151,6 +151,7 @@ class Profile:
     seconds: float = 0.0                      # how long measuring took
     notes: tuple[str, ...] = field(default=())
     request_path_ms: tuple[float, ...] = ()   # a request's round trip outside its operators (``request_path``)
+    stage_hop_ms: tuple[float, ...] = ()      # a stage's cost when stages are placed one by one (``stage_hops``)
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -186,11 +187,11 @@ class Profile:
                              "p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
                              "ms_per_row": float(np.mean(s)) / b, "cpu_share": op.cpu_share,
                              "out_bytes_per_row": op.out_bytes_per_row})
-        if self.request_path_ms:
-            s = np.asarray(self.request_path_ms)
-            rows.append({"operator": "(request path)", "batch": 1, "runs": len(s),
-                         "p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
-                         "ms_per_row": float(np.mean(s))})
+        for name, runs in (("(request path)", self.request_path_ms), ("(stage hop)", self.stage_hop_ms)):
+            if runs:
+                s = np.asarray(runs)
+                rows.append({"operator": name, "batch": 1, "runs": len(s), "p50_ms": float(np.percentile(s, 50)),
+                             "p99_ms": float(np.percentile(s, 99)), "ms_per_row": float(np.mean(s))})
         return pd.DataFrame(rows)
 
     def chart_svg(self) -> str:
@@ -293,8 +294,8 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times and at one row
     ``max(repeats, one_row_runs)`` times (a request's size: its p99 needs the tail), fewer where
     the operators would take past ``budget_s`` seconds (half of it for one row, half for the
-    batches); then the request path on the cluster, ``one_row_runs`` times (``request_path``;
-    about ``one_row_runs`` x 11 ms more). ``sample`` is the input (a Table, a DataFrame,
+    batches); then the request path on the cluster, ``one_row_runs`` times, and as many with
+    stages placed one by one (``request_path``, ``stage_hops``; about ``one_row_runs`` x 25 ms more). ``sample`` is the input (a Table, a DataFrame,
     records...) whose rows are cycled to make each batch, ``store`` the objects lookups read.
     Cached per flow version and batch sizes (``refresh=True`` measures again); the request path
     is the cluster's the profile ran on: profile on the cluster that will serve (``cluster=``)
@@ -331,10 +332,12 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
         raw = fut.result(timeout=max(timeout, budget_s * 3))
         try:
             path = request_path(client, one_row_runs, min(timeout, 30.0))
-        except Exception as e:   # the operators' figures stand without it (the model then assumes 1 ms)
+            hops = stage_hops(path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))
+        except Exception as e:   # the operators' figures stand without it (the model then assumes defaults)
             logger.warning("profile: the request path was not measured: %s: %s", type(e).__name__, e)
-            raw["notes"].append(f"request path not measured ({type(e).__name__}: {e}); the model assumes 1 ms")
-            path = ()
+            raw["notes"].append(f"request path not measured ({type(e).__name__}: {e}); the model assumes 1 ms "
+                                "per request and 0.15 ms per placed stage")
+            path = hops = ()
     finally:
         for thing in owned:
             try:
@@ -351,23 +354,31 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
                                  gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
-                   notes=tuple(raw["notes"]), request_path_ms=path)
+                   notes=tuple(raw["notes"]), request_path_ms=path, stage_hop_ms=hops)
     _CACHE[key] = prof
     return prof
 
 
-def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s: float = 0.01) -> tuple[float, ...]:
+def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s: float = 0.01, *,
+                 placed: bool = False) -> tuple[float, ...]:
     """A request's round trip (ms) outside its operators on this cluster — the client's router,
     the transport, the worker's session and executor, and back: a flow of one operator that does
     nothing, deployed on the cluster and run ``runs`` times (after 20 to warm up), ``gap_s``
     apart: a request that finds the threads on its path asleep, as one at a modest rate does,
     pays their wake-ups (back to back, the path looks faster than paced requests find it). The
-    planner draws each request's overhead from these (``Overheads.of``)."""
+    planner draws each request's overhead from these (``Overheads.of``). ``placed``: a flow of
+    ``PLACED_STAGES`` such operators, one of them batching, each placed as a stage of its own —
+    as the worker runs a plan that batches or races (see ``stage_hops``)."""
     from .runtime.deployment import deploy
 
     probe = Flow("flowkit-request-path", {"x": int})
-    probe.map(_nothing, names=["y"])
-    with deploy(probe, client, optimize=False, timeout=timeout) as dep:
+    rules: Any = False
+    if placed:
+        probe.map(_nothing, names=["y"]).map(_nothing_batch, names=["z"], batching=True).map(_nothing_z, names=["w"])
+        rules = {"fusion": False, "batching": True, "max_wait_ms": 0.5}
+    else:
+        probe.map(_nothing, names=["y"])
+    with deploy(probe, client, optimize=rules, timeout=timeout) as dep:
         for _ in range(20):
             dep.run({"x": [0]}, timeout)
         out = []
@@ -379,8 +390,33 @@ def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s
     return tuple(out)
 
 
+PLACED_STAGES = 3   # the operators of ``request_path(placed=True)``'s probe
+
+
+def stage_hops(path_ms: Sequence[float], placed_ms: Sequence[float], stages: int = PLACED_STAGES) -> tuple[float, ...]:
+    """What one stage placed on its own costs (ms) — the hops from the worker's event loop to a
+    thread and back, the evaluator's bookkeeping — one sample per placed round trip: its excess
+    over the one-operator path's median, shared by its ``stages`` stages (never below zero).
+
+    >>> stage_hops([1.0, 1.2, 1.1], [1.7, 2.6, 1.0])
+    (0.2, 0.5, 0.0)
+    """
+    if not path_ms or not placed_ms:
+        return ()
+    base = float(np.median(path_ms))
+    return tuple(round(max(0.0, (p - base) / stages), 9) for p in placed_ms)
+
+
 def _nothing(row) -> int:
     return row["x"]
+
+
+def _nothing_batch(table) -> list:
+    return [r["y"] for r in table]
+
+
+def _nothing_z(row) -> int:
+    return row["z"]
 
 
 def _marked(op: Op, flag: str) -> bool:
