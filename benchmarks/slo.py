@@ -82,6 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flowkit as fk  # noqa: E402
 import slo_drive  # noqa: E402
 import slo_pipelines as P  # noqa: E402
+from _report import python_loop_ms  # noqa: E402
 from flowkit.planner import Knobs, apply_knobs, stage_specs  # noqa: E402
 from flowkit.runtime.clusters import serving_settings  # noqa: E402
 
@@ -244,6 +245,7 @@ def meta(args) -> dict:
         commit = None
     return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "args": vars(args),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "python_loop_ms": python_loop_ms(),   # (the machine's speed at the start: see _report.python_loop_ms)
             "load": ("open-loop Poisson over HTTP to the workers (dep.serve) from load generators' own processes, "
                      if args.load == "http" else "open-loop Poisson from the client's process (dep.submit), ")
                     + f"cycling over {slo_drive.BODIES} requests' rows (Ray Serve's: the same bodies over HTTP); "

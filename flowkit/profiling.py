@@ -295,8 +295,9 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     ``max(repeats, one_row_runs)`` times (a request's size: its p99 needs the tail), fewer where
     the operators would take past ``budget_s`` seconds (half of it for one row, half for the
     batches); then the request path on the cluster, ``one_row_runs`` times, and as many with
-    stages placed one by one (``request_path``, ``stage_hops``; about ``one_row_runs`` x 25 ms more). ``sample`` is the input (a Table, a DataFrame,
-    records...) whose rows are cycled to make each batch, ``store`` the objects lookups read.
+    stages placed one by one (``request_path``, ``stage_hops``; about ``one_row_runs`` x 25 ms
+    more). ``sample`` is the input (a Table, a DataFrame, records...) whose rows are cycled to
+    make each batch, ``store`` the objects lookups read.
     Cached per flow version and batch sizes (``refresh=True`` measures again); the request path
     is the cluster's the profile ran on: profile on the cluster that will serve (``cluster=``)
     where its network differs.
