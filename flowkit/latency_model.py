@@ -46,7 +46,7 @@ import numpy as np
 from .plan import AnyOf, Map, Plan, Stage
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "erlang_c", "wait_tail", "HEDGE_CPU_SHARE", "BATCHES"]
+           "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 BATCHES = (1, 2, 4, 8, 16, 32)   # the batch sizes a batching stage may be planned with
@@ -74,7 +74,7 @@ class Overheads:
     ``request_path_ms``: round trips measured on the cluster (``Profile.request_path_ms``);
     each request then draws its own from them (the path's tail, not only its mean), and
     ``request_ms`` is their mean. ``stage_hop_ms``: likewise what a placed stage was measured
-    to cost (``Profile.stage_hop_ms``); each placed stage of a request draws its own, and
+    to cost (``Profile.stage_hop_ms``); each request placed stage by stage draws its own, and
     ``stage_ms`` is their mean.
 
     >>> from flowkit.profiling import Profile
@@ -100,10 +100,10 @@ class Overheads:
         return _draw(rng, self.request_path_ms, self.request_ms, n)
 
     def draw_stages(self, rng, n: int, stages: int) -> np.ndarray | float:
-        """Each of ``n`` requests' cost of its ``stages`` placed stages (ms): a draw per stage, summed."""
-        if not self.stage_hop_ms:
-            return self.stage_ms * stages
-        return sum((_draw(rng, self.stage_hop_ms, self.stage_ms, n) for _ in range(stages)), np.zeros(n))
+        """Each of ``n`` requests' cost of its ``stages`` placed stages (ms): one draw per request,
+        times ``stages`` — a request whose hops are slow (the worker's loop busy) is slow at each,
+        as the probe's round trips were (a draw per stage would thin the tail)."""
+        return _draw(rng, self.stage_hop_ms, self.stage_ms, n) * stages
 
 
 def _draw(rng, samples: tuple[float, ...], mean: float, n: int) -> np.ndarray | float:
@@ -204,14 +204,18 @@ def erlang_c(c: int, a: float) -> float:
 
 def wait_tail(lam: float, mean: float, cs2: float) -> tuple[float, float]:
     """The waiting time's tail in a queue with Poisson arrivals at ``lam`` per ms and service
-    times of ``mean`` ms and squared coefficient of variation ``cs2``, taken as gamma-distributed
-    (steady at 0, exponential at 1): ``(θ, k)`` such that a wait beyond ``t`` ms has a
-    probability of about ``k·ρ·exp(-θt)`` (Cramér–Lundberg: ``θ > 0`` solves
-    ``λ(E[exp(θS)] - 1) = θ``, and ``kρ = (1 - ρ) / (λE[S·exp(θS)] - 1)``). ``predict`` passes
-    an M/G/c queue's demand divided by c (one server c times as fast) and puts Erlang C's
-    probability of waiting in place of ρ: exact for M/M/c (``θ = cμ - λ``, ``k = 1``) and close
-    for M/G/1. A steady service's queue clears faster than a variable one's, but once a request
-    waits it waits more often than ρ says (``k > 1``). Only the mean and variance are used: the
+    times of ``mean`` ms and squared coefficient of variation ``cs2``: ``(θ, k)`` such that a
+    wait beyond ``t`` ms has a probability of about ``k·ρ·exp(-θt)``. ``predict`` passes an
+    M/G/c queue's demand divided by c (one server c times as fast) and puts Erlang C's
+    probability of waiting in place of ρ.
+
+    A service steadier than exponential (``cs2 < 1``) is taken as gamma-distributed and its
+    tail is Cramér–Lundberg's: ``θ > 0`` solves ``λ(E[exp(θS)] - 1) = θ`` and
+    ``kρ = (1 - ρ) / (λE[S·exp(θS)] - 1)`` — its queue clears faster than an exponential tail of
+    the same mean says, but once a request waits it waits more often than ρ says (``k > 1``).
+    Otherwise the tail is exponential with Allen–Cunneen's mean ``E[S]/(1-ρ)·(1+cs2)/2`` (``k =
+    1``): for a heavier tail than exponential the asymptote lies too far out to describe the p99.
+    Both are exact for M/M/c (``θ = cμ - λ``). Only the mean and variance are used: the
     profile's few hundred samples say little of the far tail that an empirical transform would
     lean on. ``(inf, 0)``: no requests or no work.
 
@@ -219,29 +223,34 @@ def wait_tail(lam: float, mean: float, cs2: float) -> tuple[float, float]:
     [0.5, 1.0]
     >>> [round(x, 2) for x in wait_tail(0.12, 2.0, 0.0)]    # M/D/1, 24% busy
     [1.2, 1.93]
+    >>> [round(x, 3) for x in wait_tail(0.12, 2.0, 4.0)]    # variable: Allen-Cunneen's mean, 6.58 ms
+    [0.152, 1.0]
     """
+    rho = lam * mean
     if lam <= 0 or mean <= 0:
         return math.inf, 0.0
-    if cs2 < 1e-9:   # steady: E[exp(θS)] = exp(θ·mean)
-        log_mgf, slope_of = (lambda th: th * mean), (lambda th: mean)
-        cap = math.inf
-    else:            # gamma of shape 1/cs2, scale mean·cs2: E[exp(θS)] = (1 - scale·θ)^-shape
-        shape, scale = 1 / cs2, mean * cs2
-        log_mgf, slope_of = (lambda th: -shape * math.log1p(-scale * th)), (lambda th: mean / (1 - scale * th))
-        cap = 1 / scale
+    if cs2 >= 1:
+        return (1 - rho) / mean * 2 / (1 + cs2), 1.0
+    # E[exp(θS)]: exp(θ·mean) when steady; (1 - scale·θ)^-shape for a gamma of shape 1/cs2, scale mean·cs2
+    shape, scale = (math.inf, 0.0) if cs2 < 1e-9 else (1 / cs2, mean * cs2)
+
+    def log_mgf(th: float) -> float:
+        return th * mean if scale == 0 else -shape * math.log1p(-min(scale * th, 1 - 1e-16))
 
     def excess(th: float) -> float:   # λ(E[e^θS] − 1) − θ: below zero between 0 and the root
         return lam * math.expm1(min(log_mgf(th), 700.0)) - th
 
-    lo, hi = 0.0, min(1 / mean, cap / 2)
-    while excess(hi) < 0:
-        lo, hi = hi, (hi * 2 if cap == math.inf else (hi + cap) / 2)
+    lo, hi = 0.0, 1 / mean   # (the root lies below the transform's pole, 1/scale: approach it by halves)
+    for _ in range(200):
+        if excess(hi) >= 0:
+            break
+        lo, hi = hi, (hi * 2 if scale == 0 else hi + (1 / scale - hi) / 2)
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
-    theta, rho = (lo + hi) / 2, lam * mean
-    slope = lam * math.exp(min(log_mgf(theta), 700.0)) * slope_of(theta) - 1   # λE[S·e^θS] − 1
-    return theta, (1 - rho) / slope / rho if slope > 0 else 1.0
+    theta = (lo + hi) / 2
+    slope = lam * math.exp(min(log_mgf(theta), 700.0)) * mean / max(1 - scale * theta, 1e-16) - 1   # λE[S·e^θS] − 1
+    return theta, ((1 - rho) / slope / rho if slope > 0 else 1.0)
 
 
 @dataclass(frozen=True)
@@ -277,8 +286,10 @@ class Prediction:
         return bool(self.utilization < 1)
 
 
-def _simple(specs: Sequence[StageSpec], knobs: Knobs) -> bool:
-    return not any((s.batching and knobs.batch_of(s.name)[0] > 1) or knobs.race_of(s.name) > 1 for s in specs)
+def placed(specs: Sequence[StageSpec], knobs: Knobs) -> bool:
+    """Whether the plan runs stage by stage on its worker (a batch window or a race: see
+    ``runtime/executor.py``), each stage a hop through the worker's event loop, rather than in one go."""
+    return any((s.batching and knobs.batch_of(s.name)[0] > 1) or knobs.race_of(s.name) > 1 for s in specs)
 
 
 def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources,
@@ -300,7 +311,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     rng = np.random.default_rng(seed)
     W = knobs.workers
     lam_w = rate / W
-    simple = _simple(specs, knobs)
+    simple = not placed(specs, knobs)
     inputs = np.random.default_rng([seed, 1]).random(n)   # each request's input, for all its stages (StageSpec.draw)
     alone: dict[str, float] = {}   # each stage's mean unbatched (ms), for an eager batching stage's busy threads
     if any(s.eager and s.batching and knobs.batch_of(s.name)[0] > 1 for s in specs):

@@ -37,8 +37,8 @@ from typing import Any
 
 from .errors import FlowError
 from .flow import Flow
-from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, erlang_c, predict,
-                            stage_specs)
+from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, erlang_c, placed,
+                            predict, stage_specs)
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
 __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "BATCHES", "WAITS_MS",
@@ -185,8 +185,8 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                     k = replace(knobs, batch=tuple((x, b, w) if x == s.name else (x, bb, ww)
                                                    for x, bb, ww in knobs.batch))
                     sc, p = score(k)
-                    if (sc < best if (b > 1) == (cur[0] > 1) else
-                            _pays(sc[0], best[0], BATCH_GAIN, simpler=b == 1)):
+                    now, was = placed(specs, k), placed(specs, knobs)
+                    if _better(sc, best, BATCH_GAIN if now != was else 0.0, simpler=was and not now):
                         best, pred, knobs, changed = sc, p, k, True
             if s.high_variance and race:
                 for width in RACE_WIDTHS:
@@ -194,22 +194,28 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                         continue
                     k = replace(knobs, race=tuple((x, width if x == s.name else kk) for x, kk in knobs.race))
                     sc, p = score(k)
-                    if _pays(sc[0], best[0], RACE_GAIN, simpler=width < knobs.race_of(s.name)):
+                    if _better(sc, best, RACE_GAIN, simpler=width < knobs.race_of(s.name)):
                         best, pred, knobs, changed = sc, p, k, True
         if not changed:
             break
     return knobs, pred
 
 
-def _pays(p99: float, before: float, gain: float, *, simpler: bool) -> bool:
-    """Whether a change of plan is worth its cost: one adding work or hops (a wider race, a
-    batch window where there was none) must cut the predicted p99 by the share ``gain``, the
-    model's margin for what it prices only on average; one taking them away (``simpler``) may
-    raise it by no more than that.
+def _better(score: tuple, best: tuple, gain: float, *, simpler: bool) -> bool:
+    """Whether a change of plan (``score``: its predicted ``(p99, utilization)``) is worth its
+    cost against ``best``: one adding work or hops (a wider race, the first batch window, which
+    runs the plan stage by stage) must cut the predicted p99 by the share ``gain``, the model's
+    margin for what it prices only on average; one taking them away (``simpler``) may raise it
+    by no more than that. Where either cannot keep up (p99 inf), the lower utilization wins.
 
-    >>> _pays(9.0, 10.0, 0.05, simpler=False), _pays(9.8, 10.0, 0.05, simpler=False), _pays(10.2, 10.0, 0.05, simpler=True)
-    (True, False, True)
+    >>> _better((9.0, 0.5), (10.0, 0.5), 0.05, simpler=False), _better((9.8, 0.5), (10.0, 0.5), 0.05, simpler=False)
+    (True, False)
+    >>> _better((10.2, 0.5), (10.0, 0.5), 0.05, simpler=True), _better((math.inf, 1.2), (math.inf, 1.1), 0.05, simpler=True)
+    (True, False)
     """
+    p99, before = score[0], best[0]
+    if not (math.isfinite(p99) and math.isfinite(before)):
+        return score < best
     return p99 * (1 - gain) <= before if simpler else p99 < before * (1 - gain)
 
 

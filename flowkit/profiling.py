@@ -331,14 +331,10 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
         fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, one_row_runs, budget_s,
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
-        try:
-            path = request_path(client, one_row_runs, min(timeout, 30.0))
-            hops = stage_hops(path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))
-        except Exception as e:   # the operators' figures stand without it (the model then assumes defaults)
-            logger.warning("profile: the request path was not measured: %s: %s", type(e).__name__, e)
-            raw["notes"].append(f"request path not measured ({type(e).__name__}: {e}); the model assumes 1 ms "
-                                "per request and 0.15 ms per placed stage")
-            path = hops = ()
+        path = _probed("request path", "1 ms per request", raw["notes"],
+                       lambda: request_path(client, one_row_runs, min(timeout, 30.0)))
+        hops = _probed("placed stages", "0.15 ms per placed stage", raw["notes"], lambda: stage_hops(
+            path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))) if path else ()
     finally:
         for thing in owned:
             try:
@@ -389,6 +385,17 @@ def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s
             dep.run({"x": [0]}, timeout)
             out.append((time.perf_counter() - t0) * 1000)
     return tuple(out)
+
+
+def _probed(what: str, default: str, notes: list, probe) -> tuple[float, ...]:
+    """``probe()``'s round trips, or () with a note when it failed: the operators' figures stand
+    without them (the model then assumes ``default``)."""
+    try:
+        return probe()
+    except Exception as e:
+        logger.warning("profile: the %s was not measured: %s: %s", what, type(e).__name__, e)
+        notes.append(f"{what} not measured ({type(e).__name__}: {e}); the model assumes {default}")
+        return ()
 
 
 PLACED_STAGES = 3   # the operators of ``request_path(placed=True)``'s probe

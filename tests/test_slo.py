@@ -16,6 +16,7 @@ import pytest
 import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
                              plan_slo, predict, search_knobs, stage_specs, _candidate)
+from flowkit.latency_model import wait_tail
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
 from flowkit.runtime.replanner import Replan, beyond_chance, decide
 
@@ -182,6 +183,22 @@ def steady_pair() -> tuple[fk.Flow, Profile]:
                                                                      for b in (1, 2, 4, 8, 16, 32)}, batching=True)})
 
 
+def test_a_rare_slow_run_at_a_trickle_of_requests_is_predicted_at_once():
+    # a variable stage (one run in twenty at 50 ms) at a fraction of a request per second: the
+    # queue's tail must come out finite, not from a search that never ends near its pole
+    f = fk.Flow("rare", {"x": int})
+    f.map(pre, names=["y"])
+    prof = Profile.from_latencies({"pre": {1: [1.0] * 95 + [50.0] * 5}})
+    specs = stage_specs(_candidate(f, True), prof)
+    for workers, rate in ((1, 0.5), (4, 1.0), (4, 0.001)):
+        p = predict(specs, Knobs(workers=workers), rate, Resources(workers), NO_OVERHEAD)
+        assert p.holds and 50.0 <= p.p99_ms < 100.0
+    for cs2 in (0.0, 0.5, 0.999999, 1.0, 4.0, 100.0):
+        for rho in (1e-9, 1e-3, 0.5, 0.999):
+            theta, k = wait_tail(rho, 1.0, cs2)
+            assert 0 < theta < math.inf and 0 < k < math.inf
+
+
 def test_each_placed_stage_draws_its_own_measured_hop():
     f, prof = steady_pair()
     hops = (0.05,) * 95 + (3.0,) * 5   # a placed stage's measured cost, with a tail
@@ -207,7 +224,7 @@ def test_a_batch_window_must_cut_the_predicted_p99_by_its_margin(monkeypatch):
     def chosen(rate):
         return search_knobs(specs, start, rate, Resources(1), Overheads(0.5, 0.1), 1, 100.0)[0].batch_of(specs[0].name)
 
-    assert chosen(275) == (1, 0.0) and chosen(600)[0] > 1   # a window that buys a fraction of a percent: none
+    assert chosen(275) == (1, 0.0) and chosen(600)[0] > 1   # a window predicted to buy about 2%: none
     monkeypatch.setattr(planner, "BATCH_GAIN", 0.0)
     assert chosen(275)[0] > 1   # (without the margin, the model's noise would have picked one)
 
@@ -437,7 +454,7 @@ def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
     # the request path on this cluster, as many times, shown after the operators
     assert len(prof.request_path_ms) == 30 and min(prof.request_path_ms) > 0
     # and as many runs with stages placed one by one: what each such stage costs
-    assert len(prof.stage_hop_ms) == 30 and min(prof.stage_hop_ms) >= 0 and max(prof.stage_hop_ms) > 0
+    assert len(prof.stage_hop_ms) == 30 and max(prof.stage_hop_ms) > 0
     assert list(prof.table().operator.iloc[-2:]) == ["(request path)", "(stage hop)"]
     again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
     assert again is prof   # the same flow version: from the cache
