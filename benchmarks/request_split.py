@@ -28,8 +28,9 @@ Phases, in the order a request passes them:
 
 Each of ``VARIANTS`` (flowkit's serving settings; those with dask's own intervals for the periodic
 housekeeping that they make rarer; a shorter switch interval for the interpreter lock on the
-workers; ``--variants`` picks) runs ``--reps`` times, alternating. The pipeline's in-process floor (its stages as plain calls, no flowkit) is timed on a worker after
-each run, on the same request: what the plan phase costs beyond the computation itself.
+workers; ``--variants`` picks) runs ``--reps`` times, alternating. The pipeline's in-process
+floor (its stages as plain calls, no flowkit) is timed on a worker after each run, on the same
+request, back to back: what the plan phase costs beyond the computation itself, at most.
 
 Run: .venv/bin/python benchmarks/request_split.py [--pipeline image|video] [--closed 3000] [--reps 3]
      [--variants "serving settings"] [--quick]
@@ -230,6 +231,7 @@ def image_pipeline():
 
 
 def video_pipeline():
+    """The same for the video pipeline, optimized as pipelines_vs_peers.py serves it."""
     from pipelines import video
 
     store = video.store()
