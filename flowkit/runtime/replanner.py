@@ -125,17 +125,17 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     ('the rate changed x0.27: 40 req/s measured, 150 planned', 2, 40.0)
     >>> decide(plan, rate=150, p99_ms=40, late_of=(2, 150))[1]   # two late of 150: chance, at 1% late
     'p99 40 ms measured, above the objective of 30 ms, yet 2 late of 150 requests is within chance at 1% late'
-    >>> new, why = decide(plan, rate=150, p99_ms=40)   # the model said ~21 ms: it is calibrated, x1.9
+    >>> new, why = decide(plan, rate=150, p99_ms=40)   # the model said ~19 ms: it is calibrated, x2.0
     >>> why, new.workers, round(new.calibration, 1)
-    ('p99 40 ms measured, above the objective of 30 ms', 4, 1.9)
+    ('p99 40 ms measured, above the objective of 30 ms', 4, 2.0)
     >>> new.replans[-1].changes
-    (('workers', 3, 4), ('max_inflight', 12, 10))
+    (('workers', 3, 4), ('max_inflight', 12, 9))
     >>> # asked for rather than measured (dep.set_objective):
     >>> new = retarget(plan, rate=40)
     >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
     (2, 30, 40.0, 'asked: p99 <= 30 ms at 40 req/s')
-    >>> retarget(plan, slo_ms=20).replans[-1].changes
-    (('workers', 3, 4),)
+    >>> retarget(plan, slo_ms=18).replans[-1].changes
+    (('workers', 3, 4), ('max_inflight', 12, 11))
     >>> retarget(plan, slo_ms=12).replans[-1].reason
     'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
     """
