@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import FlowError
 from .plan import AnyOf, Map, Plan, Stage
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
@@ -63,8 +64,10 @@ class Resources:
     cores: int | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.max_workers, int) and self.max_workers >= 1):
-            raise FlowError(f"max_workers must be a whole number >= 1, not {self.max_workers!r}")
+        for what, v in (("max_workers", self.max_workers), ("threads_per_worker", self.threads_per_worker),
+                        ("cores", 1 if self.cores is None else self.cores)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise FlowError(f"{what} must be a whole number >= 1, not {v!r}")
 
 
 @dataclass(frozen=True)

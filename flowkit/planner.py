@@ -240,9 +240,9 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     ``overheads``: by default those the profile measured (``Overheads.of``)."""
     if not isinstance(flow, Flow):
         raise FlowError(f"planning needs a Flow, not {type(flow).__name__}")
-    if not (isinstance(slo_ms, (int, float)) and slo_ms > 0):
+    if not _positive(slo_ms):
         raise FlowError(f"slo_ms must be a number of milliseconds > 0, not {slo_ms!r}")
-    if not (isinstance(rate, (int, float)) and rate > 0):
+    if not _positive(rate):
         raise FlowError(f"rate must be a number of requests per second > 0, not {rate!r}")
     flow = flow.original
     overheads = overheads or Overheads.of(profile)
@@ -281,18 +281,25 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
 
 
+def _positive(v) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+
+
 def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter) -> float:
     """The highest rate (to 5%) below ``rate`` at which some plan on all the workers meets the
     objective; 0 when none does even at a trickle."""
     W = resources.max_workers
     lo, hi = 0.0, rate
-    tiny = rate / 1000
 
     def ok(r):
         return _best_at(flow, candidates, r, resources, overheads, rows, slo_ms, n, counter, [W])[1]
 
-    if not ok(tiny):
-        return 0.0
+    tiny = rate / 1000
+    while not ok(tiny):   # (a rate far beyond the cluster: look a thousand times lower, to a trickle)
+        if tiny < 1e-3:
+            return 0.0
+        hi, tiny = tiny, tiny / 1000
     lo = tiny
     while hi - lo > 0.05 * hi:
         mid = (lo + hi) / 2

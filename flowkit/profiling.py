@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -63,6 +64,24 @@ class OpProfile:
     high_variance: bool = False
     gpu: bool = False
     input_rows: tuple[int, ...] = ()   # the sample row each one-row run took (parallel to latencies[1])
+
+    def __post_init__(self):
+        """Measurements a model can use: at least one batch size, each a whole number >= 1 with
+        at least one finite latency >= 0; a CPU share between 0 and 1 (a ``FlowError`` names the
+        operator otherwise: a profile written by hand is checked as one measured)."""
+        def bad(why: str) -> FlowError:
+            return FlowError(f"the profile of operator {self.name!r}: {why}")
+
+        if not self.latencies:
+            raise bad("no latencies at any batch size")
+        for b, runs in self.latencies.items():
+            if not (isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1):
+                raise bad(f"batch size {b!r} is not a whole number >= 1")
+            arr = np.asarray(runs, float)
+            if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise bad(f"the latencies at batch {b} must be finite numbers of ms >= 0, at least one")
+        if not (0.0 <= self.cpu_share <= 1.0):
+            raise bad(f"cpu_share must lie between 0 and 1, not {self.cpu_share!r}")
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -169,7 +188,8 @@ class Profile:
                        input_rows: Sequence[int] = (), version: str = "") -> "Profile":
         """A profile written by hand: ``{op: {batch: [ms, ...]}}`` (for tests and what-ifs);
         ``input_rows``: the input each one-row run took, the same for every operator."""
-        return cls({name: OpProfile(name, "map", {int(b): tuple(map(float, v)) for b, v in per.items()},
+        return cls({name: OpProfile(name, "map", {int(b) if isinstance(b, numbers.Integral) else b: tuple(map(float, v))
+                                                  for b, v in per.items()},
                                     cpu_share=cpu_share, batching=name in batching,
                                     high_variance=name in high_variance, input_rows=tuple(input_rows))
                     for name, per in latencies.items()}, version=version)

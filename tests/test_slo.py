@@ -183,6 +183,43 @@ def steady_pair() -> tuple[fk.Flow, Profile]:
                                                                      for b in (1, 2, 4, 8, 16, 32)}, batching=True)})
 
 
+@pytest.mark.parametrize("latencies, message", [
+    ({"pre": {1: [-5.0] * 10}}, "the latencies at batch 1 must be finite"),
+    ({"pre": {1: [math.nan]}}, "the latencies at batch 1 must be finite"),
+    ({"pre": {1: []}}, "the latencies at batch 1 must be finite"),
+    ({"pre": {0: [1.0]}}, "batch size 0 is not a whole number"),
+    ({"pre": {}}, "no latencies at any batch size"),
+])
+def test_a_profile_a_model_cannot_use_is_refused_naming_its_operator(latencies, message):
+    with pytest.raises(fk.FlowError, match=f"operator 'pre': {message}"):
+        Profile.from_latencies(latencies)
+
+
+@pytest.mark.parametrize("args, message", [((0,), "max_workers"), ((2.0,), "max_workers"), ((1, 0), "threads_per_worker"),
+                                           ((1, 1, 0), "cores")])
+def test_resources_are_whole_numbers(args, message):
+    with pytest.raises(fk.FlowError, match=f"{message} must be a whole number >= 1"):
+        Resources(*args)
+
+
+def test_an_endless_objective_or_rate_is_refused_and_a_rate_far_past_capacity_says_what_holds():
+    f, prof = single(10.0)
+    for slo, rate in ((math.inf, 10), (50, math.inf), (True, 10)):
+        with pytest.raises(fk.FlowError, match="must be a number"):
+            plan_slo(f, prof, slo, rate, Resources(2))
+    with pytest.raises(SLOUnreachable) as far:   # a thousandth of 1e6 req/s is still too much: look lower
+        plan_slo(f, prof, 50, 1e6, Resources(2))
+    assert 100 < far.value.holds_rate < 200   # 2 workers of 10 ms: under 200 req/s
+
+
+def test_a_p99_with_nothing_answered_does_not_calibrate_the_model_for_good():
+    plan = single_plan()
+    new, why = decide(plan, rate=150, p99_ms=math.inf)   # every request lost: no ratio to the model's
+    assert new is None and why.endswith("re-planned: nothing to change")   # (calibrated x inf: every worker)
+    with pytest.raises(fk.FlowError, match="slo_ms must be a number > 0"):
+        decide(plan, rate=150, p99_ms=20.0, slo_ms=math.nan)
+
+
 def test_a_rare_slow_run_at_a_trickle_of_requests_is_predicted_at_once():
     # a variable stage (one run in twenty at 50 ms) at a fraction of a request per second: the
     # queue's tail must come out finite, not from a search that never ends near its pole

@@ -140,6 +140,8 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
     """
     slo_ms = plan.slo_ms if slo_ms is None else slo_ms
+    if not (isinstance(slo_ms, (int, float)) and slo_ms > 0 and math.isfinite(slo_ms)):
+        raise FlowError(f"slo_ms must be a number > 0, not {slo_ms!r}")
     if not (rate > 0 and math.isfinite(rate)):
         return None, "no measured rate"
     ratio = rate / plan.rate
@@ -152,7 +154,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
             return None, (f"{reason}, yet {late_of[0]} late of {late_of[1]} requests is within chance "
                           f"at {LATE_SHARE:.0%} late")
         predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
-        if math.isfinite(predicted) and predicted > 0:
+        if math.isfinite(predicted) and predicted > 0 and math.isfinite(p99_ms):   # (inf: nothing answered)
             calibration = max(calibration, p99_ms / predicted)
     elif math.isnan(p99_ms):
         return None, f"{rate:.3g} req/s (planned for {plan.rate:.3g}); too few requests yet to judge a p99"
