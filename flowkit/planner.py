@@ -41,7 +41,8 @@ from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, St
                             predict, stage_specs)
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
-__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "BATCHES", "WAITS_MS",
+__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "require_positive",
+           "BATCHES", "WAITS_MS",
            "RACE_WIDTHS",
            # the model's records and functions, for the planner's callers
            "Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
@@ -240,10 +241,8 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     ``overheads``: by default those the profile measured (``Overheads.of``)."""
     if not isinstance(flow, Flow):
         raise FlowError(f"planning needs a Flow, not {type(flow).__name__}")
-    if not _positive(slo_ms):
-        raise FlowError(f"slo_ms must be a number of milliseconds > 0, not {slo_ms!r}")
-    if not _positive(rate):
-        raise FlowError(f"rate must be a number of requests per second > 0, not {rate!r}")
+    require_positive("slo_ms", slo_ms, "of milliseconds ")
+    require_positive("rate", rate, "of requests per second ")
     flow = flow.original
     overheads = overheads or Overheads.of(profile)
     t0 = time.perf_counter()
@@ -281,9 +280,16 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
 
 
-def _positive(v) -> bool:
-    """A finite number > 0 (not a bool)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+def require_positive(what: str, v, unit: str = "") -> None:
+    """A ``FlowError`` unless ``v`` is a finite number > 0 (not a bool): an objective, a rate.
+
+    >>> require_positive("rate", math.inf, "of requests per second ")
+    Traceback (most recent call last):
+    ...
+    flowkit.errors.FlowError: rate must be a number of requests per second > 0, not inf
+    """
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
+        raise FlowError(f"{what} must be a number {unit}> 0, not {v!r}")
 
 
 def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter) -> float:

@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from ..errors import FlowError
 from ..plan import Stage
-from ..planner import SLOPlan, predict, reasons_for, search_knobs, shed_limit
+from ..planner import SLOPlan, predict, reasons_for, require_positive, search_knobs, shed_limit
 
 __all__ = ["Replan", "decide", "retarget", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
@@ -140,8 +139,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
     """
     slo_ms = plan.slo_ms if slo_ms is None else slo_ms
-    if not (isinstance(slo_ms, (int, float)) and slo_ms > 0 and math.isfinite(slo_ms)):
-        raise FlowError(f"slo_ms must be a number > 0, not {slo_ms!r}")
+    require_positive("slo_ms", slo_ms)
     if not (rate > 0 and math.isfinite(rate)):
         return None, "no measured rate"
     ratio = rate / plan.rate
@@ -171,9 +169,8 @@ def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = No
     """
     slo_ms = plan.slo_ms if slo_ms is None else slo_ms
     rate = plan.rate if rate is None else rate
-    for what, v in (("slo_ms", slo_ms), ("rate", rate)):
-        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-            raise FlowError(f"{what} must be a number > 0, not {v!r}")
+    require_positive("slo_ms", slo_ms)
+    require_positive("rate", rate)
     reason = f"asked: p99 <= {slo_ms:g} ms at {rate:g} req/s"
     new, _ = _replan(replace(plan, slo_ms=slo_ms), rate, math.nan, slo_ms, plan.calibration, reason, now, always=True)
     return new
