@@ -34,10 +34,11 @@ import numpy as np
 
 from .errors import FlowError
 from .flow import Flow
-from .plan import Map, Op, Plan, Source, Stage
+from .plan import Map, Op, Plan, Source
+from .probes import probed, request_path, stage_hops
 
-__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "request_path", "stage_hops",
-           "BATCH_SIZES", "ONE_ROW_RUNS"]
+__all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES",
+           "ONE_ROW_RUNS"]
 
 logger = logging.getLogger("flowkit.profile")
 
@@ -169,8 +170,8 @@ class Profile:
     worker: str = ""
     seconds: float = 0.0                      # how long measuring took
     notes: tuple[str, ...] = field(default=())
-    request_path_ms: tuple[float, ...] = ()   # a request's round trip outside its operators (``request_path``)
-    stage_hop_ms: tuple[float, ...] = ()      # a stage's cost when stages are placed one by one (``stage_hops``)
+    request_path_ms: tuple[float, ...] = ()   # a request's round trip outside its operators (``probes.request_path``)
+    stage_hop_ms: tuple[float, ...] = ()      # a stage's cost when stages are placed one by one (``probes.stage_hops``)
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -315,7 +316,7 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     ``max(repeats, one_row_runs)`` times (a request's size: its p99 needs the tail), fewer where
     the operators would take past ``budget_s`` seconds (half of it for one row, half for the
     batches); then the request path on the cluster, ``one_row_runs`` times, and as many with
-    stages placed one by one (``request_path``, ``stage_hops``; about ``one_row_runs`` x 25 ms
+    stages placed one by one (``probes``; about ``one_row_runs`` x 25 ms
     more). ``sample`` is the input (a Table, a DataFrame, records...) whose rows are cycled to
     make each batch, ``store`` the objects lookups read.
     Cached per flow version and batch sizes (``refresh=True`` measures again); the request path
@@ -351,9 +352,9 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
         fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, one_row_runs, budget_s,
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
-        path = _probed("request path", "1 ms per request", raw["notes"],
+        path = probed("request path", "1 ms per request", raw["notes"],
                        lambda: request_path(client, one_row_runs, min(timeout, 30.0)))
-        hops = _probed("placed stages", "0.15 ms per placed stage", raw["notes"], lambda: stage_hops(
+        hops = probed("placed stages", "0.15 ms per placed stage", raw["notes"], lambda: stage_hops(
             path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))) if path else ()
     finally:
         for thing in owned:
@@ -374,77 +375,6 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                    notes=tuple(raw["notes"]), request_path_ms=path, stage_hop_ms=hops)
     _CACHE[key] = prof
     return prof
-
-
-def request_path(client, runs: int = ONE_ROW_RUNS, timeout: float = 120.0, gap_s: float = 0.01, *,
-                 placed: bool = False) -> tuple[float, ...]:
-    """A request's round trip (ms) outside its operators on this cluster — the client's router,
-    the transport, the worker's session and executor, and back: a flow of one operator that does
-    nothing, deployed on the cluster and run ``runs`` times (after 20 to warm up), ``gap_s``
-    apart: a request that finds the threads on its path asleep, as one at a modest rate does,
-    pays their wake-ups (back to back, the path looks faster than paced requests find it). The
-    planner draws each request's overhead from these (``Overheads.of``). ``placed``: a flow of
-    ``PLACED_STAGES`` such operators, one of them batching, each placed as a stage of its own —
-    as the worker runs a plan that batches or races (see ``stage_hops``)."""
-    from .runtime.deployment import deploy
-
-    probe = Flow("flowkit-request-path", {"x": int})
-    rules: Any = False
-    if placed:
-        probe.map(_nothing, names=["y"]).map(_nothing_batch, names=["z"], batching=True).map(_nothing_z, names=["w"])
-        rules = {"fusion": False, "batching": True, "max_wait_ms": 0.5}
-    else:
-        probe.map(_nothing, names=["y"])
-    with deploy(probe, client, optimize=rules, timeout=timeout) as dep:
-        for _ in range(20):
-            dep.run({"x": [0]}, timeout)
-        out = []
-        for _ in range(runs):
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            dep.run({"x": [0]}, timeout)
-            out.append((time.perf_counter() - t0) * 1000)
-    return tuple(out)
-
-
-def _probed(what: str, default: str, notes: list, probe) -> tuple[float, ...]:
-    """``probe()``'s round trips, or () with a note when it failed: the operators' figures stand
-    without them (the model then assumes ``default``)."""
-    try:
-        return probe()
-    except Exception as e:
-        logger.warning("profile: the %s was not measured: %s: %s", what, type(e).__name__, e)
-        notes.append(f"{what} not measured ({type(e).__name__}: {e}); the model assumes {default}")
-        return ()
-
-
-PLACED_STAGES = 3   # the operators of ``request_path(placed=True)``'s probe
-
-
-def stage_hops(path_ms: Sequence[float], placed_ms: Sequence[float], stages: int = PLACED_STAGES) -> tuple[float, ...]:
-    """What one stage placed on its own costs (ms) — the hops from the worker's event loop to a
-    thread and back, the evaluator's bookkeeping — one sample per placed round trip: its excess
-    over the one-operator path's median, shared by its ``stages`` stages (never below zero).
-
-    >>> stage_hops([1.0, 1.2, 1.1], [1.7, 2.6, 1.0])
-    (0.2, 0.5, 0.0)
-    """
-    if not path_ms or not placed_ms:
-        return ()
-    base = float(np.median(path_ms))
-    return tuple(round(max(0.0, (p - base) / stages), 9) for p in placed_ms)
-
-
-def _nothing(row) -> int:
-    return row["x"]
-
-
-def _nothing_batch(table) -> list:
-    return [r["y"] for r in table]
-
-
-def _nothing_z(row) -> int:
-    return row["z"]
 
 
 def _marked(op: Op, flag: str) -> bool:

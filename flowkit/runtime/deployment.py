@@ -22,12 +22,12 @@ from ..errors import DeploymentClosed, FlowError, Overloaded
 from ..flow import Flow
 from ..table import Table, as_table
 from .clusters import connect
-from .endpoints import ServedByWorkers, WorkerEndpoints
+from .endpoints import ServedByWorkers, WorkerEndpoints, open_server
 from .plugin import DeploymentPlugin, ready_topic
 from .progress import score_many
 from .router import Request, Router
-from .scaling import Load, ServingAdaptive
-from .stats import StageStats, percentile, stats_frame
+from .scaling import Load, ServingAdaptive, load_of
+from .stats import StageStats, stats_frame
 from .store_client import StoredObjects, routing_column
 from .windows import BatchWindows
 from .wire import dumps, dumps_plan, operator_needing
@@ -310,18 +310,9 @@ class Deployment:
         return self._served.finished
 
     def _load(self) -> Load:
-        """The serving autoscaler's measure: requests in flight (the router's; the workers'
-        endpoints' by Little's law: latencies summed over 2 s / 2 s), the p99 of 2 s and before."""
-        now = time.perf_counter()
-        served = self._from_workers()
-        both = list(self._recent) + served
-        recent = [s for t, s in both if now - t <= 2.0]
-        history = [s for t, s in both if now - t > 2.0]
-        littles = sum(s for t, s in served if now - t <= 2.0) / 2.0   # (misses requests still running:)
-        inflight = self._router.mean_inflight() + max(littles, self._served.inflight)
-        return Load(inflight=inflight, threads_per_worker=self._router.threads_per_worker(),
-                    p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
-                    p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
+        """The serving autoscaler's measure (``scaling.load_of``)."""
+        return load_of(time.perf_counter(), list(self._recent), self._from_workers(), self._router.mean_inflight(),
+                       self._served.inflight, self._router.threads_per_worker())
 
     # -- store ------------------------------------------------------------------------------
     def put(self, key: Any, obj: Any, *, restore: bool = True, broadcast: bool = False) -> None:
@@ -371,21 +362,10 @@ class Deployment:
         ``timeout``: seconds a request may run before its 504 (it is then cancelled);
         ``body_timeout``: seconds a client may take to send its whole body before its 408;
         ``sock``: an already bound listening socket for the client to serve on."""
-        from .endpoints import serves_at_workers
-        from .http import HTTPServer, require_authentication
-
         self._check_open("serve")
-        if where not in ("auto", "workers", "client"):
-            raise FlowError(f'where must be "auto", "workers" or "client", not {where!r}')
-        require_authentication(host, token, allow_unauthenticated)
-        settings = dict(token=token, allow_unauthenticated=allow_unauthenticated, max_body_bytes=max_body_bytes,
-                        timeout=timeout, body_timeout=body_timeout)
-        if where == "auto":
-            where = "workers" if sock is None and serves_at_workers(host, self.workers) else "client"
-        if where == "workers":
-            server = WorkerEndpoints(self, host, port, settings)
-        else:
-            server = HTTPServer({self.name: self}, host, port, sock=sock, loop=self._router.loop, **settings)
+        server = open_server(self, host, port, where, sock, dict(
+            token=token, allow_unauthenticated=allow_unauthenticated, max_body_bytes=max_body_bytes,
+            timeout=timeout, body_timeout=body_timeout))
         with self._limit_lock:
             self._servers.append(server)
             if isinstance(server, WorkerEndpoints):

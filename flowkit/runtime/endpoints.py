@@ -17,7 +17,7 @@ from collections import deque
 from .compat import address_host
 from .wire import dumps
 
-__all__ = ["WorkerEndpoints", "ServedByWorkers", "serves_at_workers"]
+__all__ = ["WorkerEndpoints", "ServedByWorkers", "serves_at_workers", "open_server"]
 
 logger = logging.getLogger("flowkit.http")
 
@@ -38,6 +38,23 @@ def serves_at_workers(host: str, workers: list[str]) -> bool:
     if host in WILDCARDS:
         return True
     return bool(workers) and _loopback(host) and all(_loopback(address_host(w)) for w in workers)
+
+
+def open_server(dep, host: str, port: int, where: str, sock, settings: dict):
+    """The HTTP server ``dep.serve`` asks for: the workers' own endpoints (``where="workers"``,
+    or ``"auto"`` when ``serves_at_workers``), else one in this process that sends each request to
+    a worker (``"client"``, or a ``sock`` given to listen on)."""
+    from ..errors import FlowError
+    from .http import HTTPServer, require_authentication
+
+    if where not in ("auto", "workers", "client"):
+        raise FlowError(f'where must be "auto", "workers" or "client", not {where!r}')
+    require_authentication(host, settings["token"], settings["allow_unauthenticated"])
+    if where == "auto":
+        where = "workers" if sock is None and serves_at_workers(host, dep.workers) else "client"
+    if where == "workers":
+        return WorkerEndpoints(dep, host, port, settings)
+    return HTTPServer({dep.name: dep}, host, port, sock=sock, loop=dep._router.loop, **settings)
 
 
 def _loopback(host: str) -> bool:

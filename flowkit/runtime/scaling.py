@@ -5,7 +5,7 @@ target (which counts tasks) would see an idle cluster under any load. ``ServingA
 overrides ``Adaptive.target()`` with Cloudflow's operator-autoscaling rule applied to what the
 deployment measures: a worker is busy while it holds requests, so the mean number of requests
 in flight per worker thread is its utilization (those sent through the client, and those the
-workers' own HTTP endpoints serve: ``Deployment._load``). Above 70% the target grows to bring it back
+workers' own HTTP endpoints serve: ``load_of``). Above 70% the target grows to bring it back
 under 70%; when the recent p99 latency passes 1.25x its history under real load, one worker
 is added (when utilization is over 50% and there are 200 past requests to compare with); below 10% the target shrinks (dask then retires workers gracefully: their stored
 objects move first, and requests in flight on them are sent again).
@@ -19,7 +19,9 @@ from typing import Callable
 
 from distributed.deploy.adaptive import Adaptive
 
-__all__ = ["ServingAdaptive", "Load", "serving_target"]
+from .stats import percentile
+
+__all__ = ["ServingAdaptive", "Load", "load_of", "serving_target"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,27 @@ class Load:
     threads_per_worker: int
     p99_recent_ms: float
     p99_history_ms: float
+
+
+def load_of(now: float, sent: list, served: list, sent_inflight: float, served_inflight: float,
+            threads_per_worker: int, window: float = 2.0) -> Load:
+    """The load over the last ``window`` seconds: ``sent`` and ``served`` are ``(finish time,
+    latency s)`` of the requests sent through the client and of those the workers' own HTTP
+    endpoints served; in flight, the router's mean (``sent_inflight``) plus the endpoints' — by
+    Little's law, their latencies summed over the window divided by it (which misses requests
+    still running: at least ``served_inflight``, what they last reported). The p99 of the window
+    and, with 200 requests to judge by, of those before it.
+
+    >>> load_of(10.0, [(9.5, 0.002)], [(9.0, 0.5), (9.9, 0.5), (5.0, 0.004)], 1.0, 0.0, 1)
+    Load(inflight=1.5, threads_per_worker=1, p99_recent_ms=500.0, p99_history_ms=0.0)
+    """
+    both = sent + served
+    recent = [s for t, s in both if now - t <= window]
+    history = [s for t, s in both if now - t > window]
+    littles = sum(s for t, s in served if now - t <= window) / window
+    return Load(inflight=sent_inflight + max(littles, served_inflight), threads_per_worker=threads_per_worker,
+                p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
+                p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
 
 
 def serving_target(load: Load, workers: int, minimum: int, maximum: float,

@@ -1,0 +1,94 @@
+"""Probes of a cluster's request path: what a request costs outside its operators.
+
+A profile (``profiling.profile``) times each operator on a worker; the planner also needs what
+the path around them costs on the cluster that will serve — the client's router, the transport,
+the worker's session and executor, and back (``request_path``) — and what each stage costs when
+a plan that batches or races places its stages one by one (``stage_hops``). Both are measured
+by deploying a probe flow whose operators do nothing and timing its requests, paced as requests
+at a modest rate arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .flow import Flow
+
+__all__ = ["request_path", "stage_hops", "probed", "PLACED_STAGES"]
+
+logger = logging.getLogger("flowkit.profile")
+
+
+def request_path(client, runs: int, timeout: float = 120.0, gap_s: float = 0.01, *,
+                 placed: bool = False) -> tuple[float, ...]:
+    """A request's round trip (ms) outside its operators on this cluster — the client's router,
+    the transport, the worker's session and executor, and back: a flow of one operator that does
+    nothing, deployed on the cluster and run ``runs`` times (after 20 to warm up), ``gap_s``
+    apart: a request that finds the threads on its path asleep, as one at a modest rate does,
+    pays their wake-ups (back to back, the path looks faster than paced requests find it). The
+    planner draws each request's overhead from these (``Overheads.of``). ``placed``: a flow of
+    ``PLACED_STAGES`` such operators, one of them batching, each placed as a stage of its own —
+    as the worker runs a plan that batches or races (see ``stage_hops``)."""
+    from .runtime.deployment import deploy
+
+    probe = Flow("flowkit-request-path", {"x": int})
+    rules: Any = False
+    if placed:
+        probe.map(_nothing, names=["y"]).map(_nothing_batch, names=["z"], batching=True).map(_nothing_z, names=["w"])
+        rules = {"fusion": False, "batching": True, "max_wait_ms": 0.5}
+    else:
+        probe.map(_nothing, names=["y"])
+    with deploy(probe, client, optimize=rules, timeout=timeout) as dep:
+        for _ in range(20):
+            dep.run({"x": [0]}, timeout)
+        out = []
+        for _ in range(runs):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            dep.run({"x": [0]}, timeout)
+            out.append((time.perf_counter() - t0) * 1000)
+    return tuple(out)
+
+
+def probed(what: str, default: str, notes: list, probe) -> tuple[float, ...]:
+    """``probe()``'s round trips, or () with a note when it failed: the operators' figures stand
+    without them (the model then assumes ``default``)."""
+    try:
+        return probe()
+    except Exception as e:
+        logger.warning("profile: the %s was not measured: %s: %s", what, type(e).__name__, e)
+        notes.append(f"{what} not measured ({type(e).__name__}: {e}); the model assumes {default}")
+        return ()
+
+
+PLACED_STAGES = 3   # the operators of ``request_path(placed=True)``'s probe
+
+
+def stage_hops(path_ms: Sequence[float], placed_ms: Sequence[float], stages: int = PLACED_STAGES) -> tuple[float, ...]:
+    """What one stage placed on its own costs (ms) — the hops from the worker's event loop to a
+    thread and back, the evaluator's bookkeeping — one sample per placed round trip: its excess
+    over the one-operator path's median, shared by its ``stages`` stages (never below zero).
+
+    >>> stage_hops([1.0, 1.2, 1.1], [1.7, 2.6, 1.0])
+    (0.2, 0.5, 0.0)
+    """
+    if not path_ms or not placed_ms:
+        return ()
+    base = float(np.median(path_ms))
+    return tuple(round(max(0.0, (p - base) / stages), 9) for p in placed_ms)
+
+
+def _nothing(row) -> int:
+    return row["x"]
+
+
+def _nothing_batch(table) -> list:
+    return [r["y"] for r in table]
+
+
+def _nothing_z(row) -> int:
+    return row["z"]
