@@ -34,6 +34,8 @@ __all__ = ["Router", "Request", "WorkerGone"]
 
 logger = logging.getLogger("flowkit.router")
 
+LOAD_SAMPLE_S = 0.02   # how often the requests in flight are sampled while there are any (mean_inflight)
+
 
 class WorkerGone(WorkerLost):
     """A request for one particular worker could not run there: the worker is unreachable,
@@ -165,7 +167,9 @@ class Router:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
         self.thread.start()
         self.ready = threading.Event()
-        self._load: deque = deque(maxlen=100)   # (time, requests in flight), every 20 ms: the last 2 s
+        self._load: deque = deque(maxlen=100)   # (time, requests in flight), every 20 ms while busy: the last 2 s
+        self._started = time.monotonic()
+        self._work = asyncio.Event()   # set by each request: the load sampler, idle, waits for it
         self._timer = asyncio.run_coroutine_threadsafe(self._expire_waiting(), self.loop)
         self._sampler = asyncio.run_coroutine_threadsafe(self._sample_load(), self.loop)
 
@@ -224,10 +228,13 @@ class Router:
         return sum(s.busy for s in sessions) + len(self.waiting)
 
     def mean_inflight(self, seconds: float = 2.0) -> float:
-        """Mean requests in flight over the last ``seconds`` (sampled every 20 ms)."""
+        """Mean requests in flight over the last ``seconds`` (or since the router started): each
+        sample stands for its 20 ms, and a stretch without samples was idle (see ``_sample_load``)."""
         now = time.monotonic()
         samples = [n for t, n in list(self._load) if now - t <= seconds]
-        return sum(samples) / len(samples) if samples else float(self.inflight())
+        if not samples:
+            return float(self.inflight())
+        return sum(samples) * LOAD_SAMPLE_S / max(LOAD_SAMPLE_S, min(seconds, now - self._started))
 
     def threads_per_worker(self) -> int:
         sessions = list(self.sessions.values())
@@ -309,6 +316,7 @@ class Router:
     def _dispatch(self, req: Request) -> None:
         if req.future.cancelled():
             return
+        self._work.set()
         if req.id == 0:
             req.id = next(self.ids)
         if req.target is not None:
@@ -426,9 +434,16 @@ class Router:
             self._dispatch(req)
 
     async def _sample_load(self) -> None:
+        """Requests in flight every 20 ms while there are any; idle, it sleeps until a request
+        comes (an idle deployment's router thread does not wake 50 times a second)."""
         while True:
-            await asyncio.sleep(0.02)
-            self._load.append((time.monotonic(), sum(s.busy for s in self.sessions.values()) + len(self.waiting)))
+            await asyncio.sleep(LOAD_SAMPLE_S)
+            n = sum(s.busy for s in self.sessions.values()) + len(self.waiting)
+            if n:
+                self._load.append((time.monotonic(), n))
+            else:
+                self._work.clear()
+                await self._work.wait()
 
     async def _expire_waiting(self) -> None:
         while True:
