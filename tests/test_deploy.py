@@ -209,6 +209,27 @@ def test_result_times_out_cleanly_and_the_request_still_completes(client, tmp_pa
         assert fut.result(timeout=30).column("y") == [2]
 
 
+def test_the_load_is_sampled_while_requests_run_and_an_idle_router_waits_for_the_next(client, tmp_path):
+    """The autoscaler's measure (``Router.mean_inflight``) samples the requests in flight while
+    there are any; idle, the sampler waits for a request instead of waking every 20 ms."""
+    gate = str(tmp_path / "gate")
+    flow = fk.Flow("sampled", SCHEMA)
+    flow.map(held, names=["y"])
+    with fk.deploy(flow, cluster=client) as dep:
+        router = dep._router
+        wait_until(lambda: not router._work.is_set(), "the idle sampler to wait for a request")
+        assert not router._load and router.mean_inflight() == 0
+        futs = [dep.submit({"x": [i], "s": [gate]}) for i in range(2)]
+        try:
+            wait_until(lambda: any(n == 2 for _, n in list(router._load)), "2 requests in flight to be sampled")
+            assert router._work.is_set()
+        finally:
+            open_gate(gate)
+        assert [f.result(timeout=30).column("y") for f in futs] == [[0], [2]]
+        wait_until(lambda: not router._work.is_set(), "the sampler to wait again once idle")
+        assert 0 < router.mean_inflight(600) <= 2
+
+
 @pytest.mark.parametrize("raced", [False, True])
 def test_cancelling_a_request_stops_its_work_on_the_worker(client, tmp_path, raced):
     """``future.cancel()`` and ``dep.run``'s timeout abandon a request: its worker stops it (also
