@@ -353,7 +353,7 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
         path = probed("request path", "1 ms per request", raw["notes"],
-                       lambda: request_path(client, one_row_runs, min(timeout, 30.0)))
+                      lambda: request_path(client, one_row_runs, min(timeout, 30.0)))
         hops = probed("placed stages", "0.15 ms per placed stage", raw["notes"], lambda: stage_hops(
             path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))) if path else ()
     finally:
