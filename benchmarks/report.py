@@ -81,8 +81,10 @@ def provenance(name, d: dict | None = None) -> str:
     where = f"commit `{commit[:10]}`" + (" (uncommitted changes)" if meta.get("dirty") else "") if commit else \
         "commit not recorded (run before results recorded it)"
     machine = meta.get("cpu_model") or meta.get("machine", "?")
+    speed = (f"; the machine's speed: a million additions in a Python loop took {num(meta['python_loop_ms'])} ms"
+             if meta.get("python_loop_ms") else "")
     return (f"*Source: `benchmarks/results/{name}.json`, {meta.get('date', '?')}, {where}; "
-            f"{machine}, {meta.get('cpus', '?')} CPUs, Python {meta.get('python', '?')}.*")
+            f"{machine}, {meta.get('cpus', '?')} CPUs, Python {meta.get('python', '?')}{speed}.*")
 
 
 def held(rows: list[dict], key: str = "within_target", need: float = 0.99):
