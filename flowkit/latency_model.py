@@ -78,25 +78,33 @@ class Overheads:
     each request then draws its own from them (the path's tail, not only its mean), and
     ``request_ms`` is their mean. ``stage_hop_ms``: likewise what a placed stage was measured
     to cost (``Profile.stage_hop_ms``); each request placed stage by stage draws its own, and
-    ``stage_ms`` is their mean.
+    ``stage_ms`` is their mean. ``http``: the request path is the one over HTTP served by the
+    workers (``Profile.http_path_ms``), not the Python client's.
 
     >>> from flowkit.profiling import Profile
     >>> Overheads.of(Profile.from_latencies({"m": {1: [1.0]}}))   # nothing measured: the defaults
-    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=(), stage_hop_ms=())
+    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=(), stage_hop_ms=(), http=False)
+    >>> from dataclasses import replace
+    >>> p = replace(Profile.from_latencies({"m": {1: [1.0]}}), request_path_ms=(0.5,), http_path_ms=(0.8, 1.2))
+    >>> Overheads.of(p).request_ms, Overheads.of(p, http=True).request_ms
+    (0.5, 1.0)
     """
 
     request_ms: float = 1.0
     stage_ms: float = 0.15
     request_path_ms: tuple[float, ...] = ()
     stage_hop_ms: tuple[float, ...] = ()
+    http: bool = False
 
     @classmethod
-    def of(cls, profile) -> "Overheads":
-        """The overheads a profile measured (its request path, its placed stages), else the defaults."""
-        path = tuple(getattr(profile, "request_path_ms", ()) or ())
+    def of(cls, profile, http: bool = False) -> "Overheads":
+        """The overheads a profile measured (its request path — over HTTP served by the workers
+        with ``http``, where it measured that — and its placed stages), else the defaults."""
+        over_http = tuple(getattr(profile, "http_path_ms", ()) or ()) if http else ()
+        path = over_http or tuple(getattr(profile, "request_path_ms", ()) or ())
         hops = tuple(getattr(profile, "stage_hop_ms", ()) or ())
         return cls(float(np.mean(path)) if path else cls.request_ms, float(np.mean(hops)) if hops else cls.stage_ms,
-                   path, hops)
+                   path, hops, bool(over_http))
 
     def draw(self, rng, n: int) -> np.ndarray | float:
         """Each of ``n`` requests' round trip outside its operators (ms)."""

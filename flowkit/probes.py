@@ -2,23 +2,29 @@
 
 A profile (``profiling.profile``) times each operator on a worker; the planner also needs what
 the path around them costs on the cluster that will serve — the client's router, the transport,
-the worker's session and executor, and back (``request_path``) — and what each stage costs when
-a plan that batches or races places its stages one by one (``stage_hops``). Both are measured
-by deploying a probe flow whose operators do nothing and timing its requests, paced as requests
-at a modest rate arrive.
+the worker's session and executor, and back (``request_path``); the same over HTTP when the
+workers serve it themselves (``http_path``: a client's request, the HTTP parse and JSON, the
+executor, and back) — and what each stage costs when a plan that batches or races places its
+stages one by one (``stage_hops``). Each is measured by deploying a probe flow whose operators
+do nothing and timing its requests, paced as requests at a modest rate arrive.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
+import socket
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
+from .errors import FlowError
 from .flow import Flow
 
-__all__ = ["request_path", "stage_hops", "probed", "PLACED_STAGES"]
+__all__ = ["request_path", "http_path", "stage_hops", "probed", "PLACED_STAGES"]
 
 logger = logging.getLogger("flowkit.profile")
 
@@ -43,14 +49,59 @@ def request_path(client, runs: int, timeout: float = 120.0, gap_s: float = 0.01,
     else:
         probe.map(_nothing, names=["y"])
     with deploy(probe, client, optimize=rules, timeout=timeout) as dep:
-        for _ in range(20):
-            dep.run({"x": [0]}, timeout)
-        out = []
-        for _ in range(runs):
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            dep.run({"x": [0]}, timeout)
-            out.append((time.perf_counter() - t0) * 1000)
+        return _paced(lambda: dep.run({"x": [0]}, timeout), runs, gap_s)
+
+
+def http_path(client, runs: int, timeout: float = 120.0, gap_s: float = 0.01) -> tuple[float, ...]:
+    """``request_path`` over HTTP: the one-operator probe served by the workers themselves
+    (``dep.serve(where="workers")``), each request a POST from this process on one keep-alive
+    connection (``TCP_NODELAY``, as HTTP clients set it), ``gap_s`` apart — what a client waits
+    beyond the operators when the workers serve the deployment (the planner's path once
+    ``dep.serve()`` serves from the workers: ``Overheads.of(profile, http=True)``)."""
+    from .runtime.deployment import deploy
+    from .runtime.endpoints import serves_at_workers
+
+    probe = Flow("flowkit-http-path", {"x": int})
+    probe.map(_nothing, names=["y"])
+    with deploy(probe, client, optimize=False, timeout=timeout) as dep:
+        if not serves_at_workers("127.0.0.1", dep.workers):
+            raise FlowError("the workers do not run on this machine, so its loopback cannot reach their HTTP "
+                            "endpoints")
+        with dep.serve(where="workers") as server:
+            return _http_round_trips(server.url, f"/v1/flows/{dep.name}/predict", runs, timeout, gap_s)
+
+
+def _http_round_trips(url: str, path: str, runs: int, timeout: float, gap_s: float) -> tuple[float, ...]:
+    """``_paced`` POSTs of one row to ``url`` + ``path`` on one keep-alive connection."""
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body = json.dumps({"rows": [{"x": 0}]})
+
+    def post() -> None:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        answer.read()
+        if answer.status != 200:
+            raise FlowError(f"the HTTP probe was answered {answer.status} {answer.reason}")
+
+    try:
+        return _paced(post, runs, gap_s)
+    finally:
+        conn.close()
+
+
+def _paced(call: Callable[[], Any], runs: int, gap_s: float, warmup: int = 20) -> tuple[float, ...]:
+    """Milliseconds of each of ``runs`` calls, ``gap_s`` apart, after ``warmup`` calls."""
+    for _ in range(warmup):
+        call()
+    out = []
+    for _ in range(runs):
+        time.sleep(gap_s)
+        t0 = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - t0) * 1000)
     return tuple(out)
 
 

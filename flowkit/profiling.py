@@ -35,7 +35,7 @@ import numpy as np
 from .errors import FlowError
 from .flow import Flow
 from .plan import Map, Op, Plan, Source
-from .probes import probed, request_path, stage_hops
+from .probes import http_path, probed, request_path, stage_hops
 
 __all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES",
            "ONE_ROW_RUNS"]
@@ -172,6 +172,7 @@ class Profile:
     notes: tuple[str, ...] = field(default=())
     request_path_ms: tuple[float, ...] = ()   # a request's round trip outside its operators (``probes.request_path``)
     stage_hop_ms: tuple[float, ...] = ()      # a stage's cost when stages are placed one by one (``probes.stage_hops``)
+    http_path_ms: tuple[float, ...] = ()      # ``request_path_ms`` over HTTP served by the workers (``probes.http_path``)
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -208,7 +209,8 @@ class Profile:
                              "p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
                              "ms_per_row": float(np.mean(s)) / b, "cpu_share": op.cpu_share,
                              "out_bytes_per_row": op.out_bytes_per_row})
-        for name, runs in (("(request path)", self.request_path_ms), ("(stage hop)", self.stage_hop_ms)):
+        for name, runs in (("(request path)", self.request_path_ms), ("(stage hop)", self.stage_hop_ms),
+                           ("(HTTP path)", self.http_path_ms)):
             if runs:
                 s = np.asarray(runs)
                 rows.append({"operator": name, "batch": 1, "runs": len(s), "p50_ms": float(np.percentile(s, 50)),
@@ -315,9 +317,9 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times and at one row
     ``max(repeats, one_row_runs)`` times (a request's size: its p99 needs the tail), fewer where
     the operators would take past ``budget_s`` seconds (half of it for one row, half for the
-    batches); then the request path on the cluster, ``one_row_runs`` times, and as many with
-    stages placed one by one (``probes``; about ``one_row_runs`` x 25 ms
-    more). ``sample`` is the input (a Table, a DataFrame, records...) whose rows are cycled to
+    batches); then the request path on the cluster, ``one_row_runs`` times, as many with
+    stages placed one by one and as many over HTTP served by the workers (``probes``; about
+    ``one_row_runs`` x 40 ms more). ``sample`` is the input (a Table, a DataFrame, records...) whose rows are cycled to
     make each batch, ``store`` the objects lookups read.
     Cached per flow version and batch sizes (``refresh=True`` measures again); the request path
     is the cluster's the profile ran on: profile on the cluster that will serve (``cluster=``)
@@ -356,6 +358,8 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                       lambda: request_path(client, one_row_runs, min(timeout, 30.0)))
         hops = probed("placed stages", "0.15 ms per placed stage", raw["notes"], lambda: stage_hops(
             path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))) if path else ()
+        over_http = probed("HTTP path", "the request path", raw["notes"],
+                           lambda: http_path(client, one_row_runs, min(timeout, 30.0)))
     finally:
         for thing in owned:
             try:
@@ -372,7 +376,7 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
                                  gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
-                   notes=tuple(raw["notes"]), request_path_ms=path, stage_hop_ms=hops)
+                   notes=tuple(raw["notes"]), request_path_ms=path, stage_hop_ms=hops, http_path_ms=over_http)
     _CACHE[key] = prof
     return prof
 

@@ -492,7 +492,9 @@ def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
     assert len(prof.request_path_ms) == 30 and min(prof.request_path_ms) > 0
     # and as many runs with stages placed one by one: what each such stage costs
     assert len(prof.stage_hop_ms) == 30 and max(prof.stage_hop_ms) > 0
-    assert list(prof.table().operator.iloc[-2:]) == ["(request path)", "(stage hop)"]
+    # and as many over HTTP served by the workers, from this process
+    assert len(prof.http_path_ms) == 30 and min(prof.http_path_ms) > 0
+    assert list(prof.table().operator.iloc[-3:]) == ["(request path)", "(stage hop)", "(HTTP path)"]
     again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
     assert again is prof   # the same flow version: from the cache
 
@@ -661,11 +663,20 @@ def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
     import urllib.request
 
     flow = live_flow()
-    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    prof = replace(Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6),
+                   request_path_ms=(1.0,) * 50, http_path_ms=(3.0,) * 50)
     with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof) as dep:
         dep.replanner.stop()
         dep.replanner.window = 3600.0
+        before = dep.slo_plan
+        assert not before.overheads.http and before.overheads.request_ms == 1.0
         with dep.serve(where="workers") as server:
+            # served by the workers, the plan is made again for requests that arrive over HTTP
+            after = dep.slo_plan
+            assert after.overheads.http and after.overheads.request_ms == 3.0
+            assert after.prediction.p50_ms == pytest.approx(before.prediction.p50_ms + 2.0, abs=0.3)
+            assert "served over HTTP" in after.replans[-1].reason
+            assert any(line.startswith("request path: 3 ms") and "over HTTP" in line for line in after.explain())
             def post(i: int) -> int:
                 req = urllib.request.Request(server.url + "/v1/flows/live/predict", method="POST",
                                              data=json.dumps({"rows": [{"x": i}]}).encode(),

@@ -361,7 +361,9 @@ class Deployment:
         ``allow_unauthenticated=True``); ``max_body_bytes``: larger bodies get 413;
         ``timeout``: seconds a request may run before its 504 (it is then cancelled);
         ``body_timeout``: seconds a client may take to send its whole body before its 408;
-        ``sock``: an already bound listening socket for the client to serve on."""
+        ``sock``: an already bound listening socket for the client to serve on.
+        With a latency objective, served by the workers, the plan is made again for requests
+        that arrive over HTTP (the profile's HTTP path: ``dep.slo_plan.replans`` says so)."""
         self._check_open("serve")
         server = open_server(self, host, port, where, sock, dict(
             token=token, allow_unauthenticated=allow_unauthenticated, max_body_bytes=max_body_bytes,
@@ -370,6 +372,8 @@ class Deployment:
             self._servers.append(server)
             if isinstance(server, WorkerEndpoints):
                 server.catch_up()   # (a max_inflight set while its workers started serving)
+        if self.replanner is not None and isinstance(server, WorkerEndpoints):
+            self.replanner.serving_over_http()   # (requests now arrive over HTTP: the objective holds for them)
         return server
 
     def dashboard(self, interval: float = 0.3):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from ..plan import Stage
-from ..planner import SLOPlan, predict, reasons_for, require_positive, search_knobs, shed_limit
+from ..planner import Overheads, SLOPlan, predict, reasons_for, require_positive, search_knobs, shed_limit
 
 __all__ = ["Replan", "decide", "retarget", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
@@ -108,6 +108,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     objective counts only when they are more than chance gives at 1% late (``beyond_chance``).
 
     >>> import flowkit as fk
+    >>> import flowkit as fk
     >>> from flowkit.planner import Resources, plan_slo
     >>> from flowkit.profiling import Profile
     >>> f = fk.Flow("f", {"x": int})
@@ -173,6 +174,33 @@ def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = No
     require_positive("rate", rate)
     reason = f"asked: p99 <= {slo_ms:g} ms at {rate:g} req/s"
     new, _ = _replan(replace(plan, slo_ms=slo_ms), rate, math.nan, slo_ms, plan.calibration, reason, now, always=True)
+    return new
+
+
+def over_http(plan: SLOPlan, *, now: float = 0.0) -> SLOPlan | None:
+    """``plan`` re-planned for requests that reach the workers over HTTP (``dep.serve()`` served
+    by the workers): the profile's HTTP path in place of the Python client's request path
+    (``Overheads.of(profile, http=True)``), with the same live choices as ``retarget``. None when
+    nothing changes: the plan is already for HTTP, its profile measured no HTTP path, or its
+    overheads were not the profile's (given by hand: they stay).
+
+    >>> import flowkit as fk
+    >>> from flowkit.planner import Resources, plan_slo
+    >>> from flowkit.profiling import Profile
+    >>> f = fk.Flow("f", {"x": int}); _ = f.map(abs, names=["y"])
+    >>> prof = replace(Profile.from_latencies({"abs": {1: [1.0] * 50}}), request_path_ms=(0.5,) * 50,
+    ...                http_path_ms=(2.0,) * 50)
+    >>> plan = plan_slo(f, prof, 10, 100, Resources(max_workers=2))
+    >>> http = over_http(plan)
+    >>> round(plan.prediction.p50_ms, 2), round(http.prediction.p50_ms, 2), http.overheads.http, over_http(http)
+    (1.5, 3.0, True, None)
+    """
+    if plan.overheads.http or plan.profile is None or not getattr(plan.profile, "http_path_ms", ()) \
+            or plan.overheads != Overheads.of(plan.profile):
+        return None
+    reason = "served over HTTP by the workers: planned for the HTTP path the profile measured"
+    new, _ = _replan(replace(plan, overheads=Overheads.of(plan.profile, http=True)), plan.rate, math.nan,
+                     plan.slo_ms, plan.calibration, reason, now, always=True)
     return new
 
 
@@ -315,6 +343,17 @@ class Replanner:
         """Re-plan now for a new objective and/or rate (``retarget``), apply it, and return it."""
         with self._lock:
             new = self._adopt(retarget(self.dep._slo_plan, slo_ms, rate, now=time.time()))
+            self.last_reason = new.replans[-1].reason
+            return new
+
+    def serving_over_http(self) -> SLOPlan | None:
+        """Re-plan for requests arriving over HTTP at the workers (``over_http``) and apply it;
+        the new plan, or None when nothing changed."""
+        with self._lock:
+            new = over_http(self.dep._slo_plan, now=time.time())
+            if new is None:
+                return None
+            new = self._adopt(new)
             self.last_reason = new.replans[-1].reason
             return new
 
