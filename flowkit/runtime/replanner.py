@@ -108,7 +108,6 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     objective counts only when they are more than chance gives at 1% late (``beyond_chance``).
 
     >>> import flowkit as fk
-    >>> import flowkit as fk
     >>> from flowkit.planner import Resources, plan_slo
     >>> from flowkit.profiling import Profile
     >>> f = fk.Flow("f", {"x": int})
