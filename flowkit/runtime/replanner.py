@@ -34,7 +34,7 @@ from typing import NamedTuple
 from ..plan import Stage
 from ..planner import Overheads, SLOPlan, predict, reasons_for, require_positive, search_knobs, shed_limit
 
-__all__ = ["Replan", "decide", "retarget", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
+__all__ = ["Replan", "decide", "retarget", "over_http", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
 RATE_FACTOR = 3.0
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
