@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import statistics
 import sys
@@ -209,13 +210,32 @@ DASK_HOUSEKEEPING = {"distributed.admin.tick.interval": "20ms", "distributed.wor
 #: the interpreter's switch interval tried on the workers (``--variants "switch interval"``): how
 #: long a thread holding the GIL keeps it once another asks (Python's default: 5 ms)
 SWITCH_INTERVAL_S = 0.0002
+RARE_HEARTBEAT_S = 5.0
 VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING,
-            "switch interval": {"switch_interval_s": SWITCH_INTERVAL_S}}
+            "switch interval": {"switch_interval_s": SWITCH_INTERVAL_S},
+            "rare heartbeats": {"heartbeat_s": RARE_HEARTBEAT_S}}
 
 
 DESCRIBED = {"serving settings": "`serving_settings()`",
              "dask's housekeeping": f"those with dask's own intervals {DASK_HOUSEKEEPING}",
-             "switch interval": f"serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` on the workers"}
+             "switch interval": f"serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` on the workers",
+             "rare heartbeats": f"serving settings with the workers' heartbeats to the scheduler every "
+                                f"{RARE_HEARTBEAT_S:g} s (dask: 0.5 s up to 10 workers; the scheduler sets it)"}
+
+
+@contextlib.contextmanager
+def heartbeats_every(seconds: float | None):
+    """The scheduler started in this process tells its workers to heartbeat every ``seconds``
+    (None: dask's own interval)."""
+    import distributed.scheduler as scheduler
+
+    own = scheduler.heartbeat_interval
+    if seconds is not None:
+        scheduler.heartbeat_interval = lambda n: seconds
+    try:
+        yield
+    finally:
+        scheduler.heartbeat_interval = own
 
 
 def set_switch_interval(seconds: float) -> None:
@@ -271,7 +291,7 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
         sys.path.insert(0, str(HERE))
 
     dask_settings = {k: v for k, v in settings.items() if k.startswith("distributed.")}
-    with dask.config.set({**serving_settings(), **dask_settings}), \
+    with heartbeats_every(settings.get("heartbeat_s")), dask.config.set({**serving_settings(), **dask_settings}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         client.run(set_up)
