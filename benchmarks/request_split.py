@@ -220,7 +220,8 @@ DESCRIBED = {"serving settings": "`serving_settings()`",
              "dask's housekeeping": f"those with dask's own intervals {DASK_HOUSEKEEPING}",
              "switch interval": f"serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` on the workers",
              "rare heartbeats": f"serving settings with the workers' heartbeats to the scheduler every "
-                                f"{RARE_HEARTBEAT_S:g} s (dask: 0.5 s up to 10 workers; the scheduler sets it)"}
+                                f"{RARE_HEARTBEAT_S:g} s (dask: 0.5 s up to 10 workers; the scheduler sets it, and "
+                                "scales the client's heartbeat and its workers' time to live with it)"}
 
 
 @contextlib.contextmanager

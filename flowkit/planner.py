@@ -380,8 +380,7 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
             line += f"; not profiled: {', '.join(s.missing)} (costed as 0)"
         out.append(line)
     out.append(f"request path: {overheads.request_ms:.3g} ms per request on average outside the operators, "
-               + ("over HTTP to the workers" if overheads.http else
-                  "from the Python client (served over HTTP by the workers, it is planned again for that path)"))
+               + ("over HTTP to the workers" if overheads.http else "from the Python client"))
     out.append(f"shedding: beyond {shed} requests in flight a new one is refused (fk.Overloaded): the queue "
                f"ahead of it would outlast {slo_ms:g} ms")
     return out

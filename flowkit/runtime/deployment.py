@@ -363,7 +363,8 @@ class Deployment:
         ``body_timeout``: seconds a client may take to send its whole body before its 408;
         ``sock``: an already bound listening socket for the client to serve on.
         With a latency objective, served by the workers, the plan is made again for requests
-        that arrive over HTTP (the profile's HTTP path: ``dep.slo_plan.replans`` says so)."""
+        that arrive over HTTP (the profile's HTTP path: ``dep.slo_plan.replans`` says so; a model
+        search like a live re-plan's, before this returns). It stays so after the server stops."""
         self._check_open("serve")
         server = open_server(self, host, port, where, sock, dict(
             token=token, allow_unauthenticated=allow_unauthenticated, max_body_bytes=max_body_bytes,
@@ -373,7 +374,11 @@ class Deployment:
             if isinstance(server, WorkerEndpoints):
                 server.catch_up()   # (a max_inflight set while its workers started serving)
         if self.replanner is not None and isinstance(server, WorkerEndpoints):
-            self.replanner.serving_over_http()   # (requests now arrive over HTTP: the objective holds for them)
+            try:   # (requests now arrive over HTTP: the objective holds for them)
+                self.replanner.serving_over_http()
+            except Exception as e:   # (the server runs: the plan stays the client's, and says why)
+                logger.warning("deployment %s: planning for HTTP failed: %s: %s", self.id, type(e).__name__, e)
+                self.replanner.last_reason = f"planning for HTTP failed: {type(e).__name__}: {e}"
         return server
 
     def dashboard(self, interval: float = 0.3):

@@ -351,6 +351,9 @@ class Replanner:
         with self._lock:
             new = over_http(self.dep._slo_plan, now=time.time())
             if new is None:
+                if not self.dep._slo_plan.overheads.http:
+                    self.last_reason = ("served over HTTP; the plan keeps its request path (its profile "
+                                        "measured no HTTP path, or its overheads were given)")
                 return None
             new = self._adopt(new)
             self.last_reason = new.replans[-1].reason

@@ -34,7 +34,8 @@ __all__ = ["Router", "Request", "WorkerGone"]
 
 logger = logging.getLogger("flowkit.router")
 
-LOAD_SAMPLE_S = 0.02   # how often the requests in flight are sampled while there are any (mean_inflight)
+LOAD_SAMPLE_S = 0.02   # how often the requests in flight are sampled (mean_inflight)
+LOAD_WINDOW_S = 2.0    # how far back the samples reach; after that long with none in flight, sampling waits
 
 
 class WorkerGone(WorkerLost):
@@ -167,9 +168,9 @@ class Router:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
         self.thread.start()
         self.ready = threading.Event()
-        self._load: deque = deque(maxlen=100)   # (time, requests in flight), every 20 ms while busy: the last 2 s
-        self._started = time.monotonic()
+        self._load: deque = deque(maxlen=round(LOAD_WINDOW_S / LOAD_SAMPLE_S))   # (time, requests in flight)
         self._work = asyncio.Event()   # set by each request: the load sampler, idle, waits for it
+        self.sampling = True           # False while the sampler waits (nothing in flight for a whole window)
         self._timer = asyncio.run_coroutine_threadsafe(self._expire_waiting(), self.loop)
         self._sampler = asyncio.run_coroutine_threadsafe(self._sample_load(), self.loop)
 
@@ -227,14 +228,12 @@ class Router:
         sessions = list(self.sessions.values()) + list(self.draining)
         return sum(s.busy for s in sessions) + len(self.waiting)
 
-    def mean_inflight(self, seconds: float = 2.0) -> float:
-        """Mean requests in flight over the last ``seconds`` (or since the router started): each
-        sample stands for its 20 ms, and a stretch without samples was idle (see ``_sample_load``)."""
+    def mean_inflight(self, seconds: float = LOAD_WINDOW_S) -> float:
+        """Mean requests in flight over the last ``seconds`` (at most ``LOAD_WINDOW_S``), sampled
+        every 20 ms; none sampled there (idle: see ``_sample_load``): those in flight now."""
         now = time.monotonic()
         samples = [n for t, n in list(self._load) if now - t <= seconds]
-        if not samples:
-            return float(self.inflight())
-        return sum(samples) * LOAD_SAMPLE_S / max(LOAD_SAMPLE_S, min(seconds, now - self._started))
+        return sum(samples) / len(samples) if samples else float(self.inflight())
 
     def threads_per_worker(self) -> int:
         sessions = list(self.sessions.values())
@@ -434,16 +433,20 @@ class Router:
             self._dispatch(req)
 
     async def _sample_load(self) -> None:
-        """Requests in flight every 20 ms while there are any; idle, it sleeps until a request
-        comes (an idle deployment's router thread does not wake 50 times a second)."""
+        """Requests in flight (those broadcast, as ``stats``, included) every 20 ms; after a whole
+        window with none, it waits for the next request (``_dispatch``) instead: an idle
+        deployment's router thread does not wake 50 times a second."""
+        idle = 0
         while True:
             await asyncio.sleep(LOAD_SAMPLE_S)
             n = sum(s.busy for s in self.sessions.values()) + len(self.waiting)
-            if n:
-                self._load.append((time.monotonic(), n))
-            else:
+            self._load.append((time.monotonic(), n))
+            idle = 0 if n else idle + 1
+            if idle >= self._load.maxlen:   # (the window holds only zeros: mean_inflight is 0 either way)
                 self._work.clear()
+                self.sampling = False
                 await self._work.wait()
+                self.sampling, idle = True, 0
 
     async def _expire_waiting(self) -> None:
         while True:
