@@ -179,9 +179,11 @@ def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = No
 def over_http(plan: SLOPlan, *, now: float = 0.0) -> SLOPlan | None:
     """``plan`` re-planned for requests that reach the workers over HTTP (``dep.serve()`` served
     by the workers): the profile's HTTP path in place of the Python client's request path
-    (``Overheads.of(profile, http=True)``), with the same live choices as ``retarget``. None when
-    nothing changes: the plan is already for HTTP, its profile measured no HTTP path, or its
-    overheads were not the profile's (given by hand: they stay).
+    (``Overheads.of(profile, http=True)``), with the same live choices as ``retarget`` — but
+    never fewer workers: a cheaper path retires none as the clients connect (fewer workers are
+    never urgent; a measured fall of the rate re-plans them, ``decide``). None when nothing
+    changes: the plan is already for HTTP, its profile measured no HTTP path, or its overheads
+    were not the profile's (given by hand: they stay).
 
     >>> import flowkit as fk
     >>> from flowkit.planner import Resources, plan_slo
@@ -193,13 +195,17 @@ def over_http(plan: SLOPlan, *, now: float = 0.0) -> SLOPlan | None:
     >>> http = over_http(plan)
     >>> round(plan.prediction.p50_ms, 2), round(http.prediction.p50_ms, 2), http.overheads.http, over_http(http)
     (1.5, 3.0, True, None)
+    >>> cheaper = replace(prof, request_path_ms=(4.0,) * 50, http_path_ms=(0.5,) * 50)
+    >>> plan = plan_slo(f, cheaper, 6, 500, Resources(max_workers=2))   # 1 worker would do over HTTP
+    >>> plan.workers, over_http(plan).workers
+    (2, 2)
     """
     if plan.overheads.http or plan.profile is None or not getattr(plan.profile, "http_path_ms", ()) \
             or plan.overheads != Overheads.of(plan.profile):
         return None
     reason = "served over HTTP by the workers: planned for the HTTP path the profile measured"
     new, _ = _replan(replace(plan, overheads=Overheads.of(plan.profile, http=True)), plan.rate, math.nan,
-                     plan.slo_ms, plan.calibration, reason, now, always=True)
+                     plan.slo_ms, plan.calibration, reason, now, always=True, fewest=plan.workers)
     return new
 
 
@@ -210,13 +216,14 @@ def resizable(plan: SLOPlan) -> set[str]:
 
 
 def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibration: float, reason: str, now: float,
-            always: bool = False) -> tuple[SLOPlan | None, str]:
-    """The fewest workers (and the shedding limit) that hold ``slo_ms / calibration`` at ``rate``
-    with the plan's other knobs; ``(None, why)`` when nothing changes, unless ``always``."""
+            always: bool = False, fewest: int = 1) -> tuple[SLOPlan | None, str]:
+    """The fewest workers, ``fewest`` at least (and the shedding limit), that hold ``slo_ms /
+    calibration`` at ``rate`` with the plan's other knobs; ``(None, why)`` when nothing changes,
+    unless ``always``."""
     target = slo_ms / calibration
     windows = resizable(plan)
     chosen, fewer = None, []
-    for w in range(1, plan.resources.max_workers + 1):
+    for w in range(min(fewest, plan.resources.max_workers), plan.resources.max_workers + 1):
         knobs, pred = search_knobs(plan.specs, replace(plan.knobs, workers=w), rate, plan.resources, plan.overheads,
                                    plan.rows, target, windows=windows, race=False)
         if pred.p99_ms <= target:
