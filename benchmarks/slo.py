@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also Ray Serve with autoscaling (.venv-peers)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny durations, nothing written to results/")
     ap.add_argument("--charts", action="store_true", help="only draw the charts again from results/slo.json")
+    ap.add_argument("--name", default="slo", help="results/<name>.json and .md (charts: only for the default, slo)")
     args = ap.parse_args()
     if args.charts:
         for path in charts(json.loads((RESULTS / "slo.json").read_text()), RESULTS):
@@ -398,10 +399,11 @@ def main() -> None:
     else:
         dest = RESULTS
     dest.mkdir(exist_ok=True)
-    (dest / "slo.json").write_text(json.dumps(out, indent=1, default=str))
+    (dest / f"{args.name}.json").write_text(json.dumps(out, indent=1, default=str))
     md = markdown(out)
-    (dest / "slo.md").write_text(md)
-    charts(out, dest)
+    (dest / f"{args.name}.md").write_text(md)
+    if args.name == "slo":
+        charts(out, dest)
     print("\n" + md)
 
 

@@ -38,7 +38,7 @@ faster than a variable one's; the predicted p99 is that of the sampled sum.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,7 +47,7 @@ from .errors import FlowError
 from .plan import AnyOf, Map, Plan, Stage
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
+           "calibrated", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 BATCHES = (1, 2, 4, 8, 16, 32)   # the batch sizes a batching stage may be planned with
@@ -79,11 +79,14 @@ class Overheads:
     ``request_ms`` is their mean. ``stage_hop_ms``: likewise what a placed stage was measured
     to cost (``Profile.stage_hop_ms``); each request placed stage by stage draws its own, and
     ``stage_ms`` is their mean. ``http``: the request path is the one over HTTP served by the
-    workers (``Profile.http_path_ms``), not the Python client's.
+    workers (``Profile.http_path_ms``), not the Python client's. ``extra_ms``: what the flow's
+    own requests took beyond their operators and that path, added to each request; ``worker_ms``:
+    what they took at the worker beyond their operators (the endpoint's parsing and encoding,
+    the stages' bookkeeping), counted as worker time each request holds (``calibrated``).
 
     >>> from flowkit.profiling import Profile
     >>> Overheads.of(Profile.from_latencies({"m": {1: [1.0]}}))   # nothing measured: the defaults
-    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=(), stage_hop_ms=(), http=False)
+    Overheads(request_ms=1.0, stage_ms=0.15, request_path_ms=(), stage_hop_ms=(), http=False, extra_ms=0.0, worker_ms=0.0)
     >>> from dataclasses import replace
     >>> p = replace(Profile.from_latencies({"m": {1: [1.0]}}), request_path_ms=(0.5,), http_path_ms=(0.8, 1.2))
     >>> Overheads.of(p).request_ms, Overheads.of(p, http=True).request_ms
@@ -95,6 +98,8 @@ class Overheads:
     request_path_ms: tuple[float, ...] = ()
     stage_hop_ms: tuple[float, ...] = ()
     http: bool = False
+    extra_ms: float = 0.0
+    worker_ms: float = 0.0
 
     @classmethod
     def of(cls, profile, http: bool = False) -> "Overheads":
@@ -379,7 +384,9 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
                                       float(np.percentile(wait, 99)), rows_in, b, w_ms if b > 1 else 0.0, k,
                                       float(busy.mean()), share))
     per_stage = 0.0 if simple else overheads.stage_ms * len(specs)
-    overhead = overheads.request_ms + per_stage
+    overhead = overheads.request_ms + per_stage + overheads.extra_ms
+    wall += overheads.worker_ms   # (the worker's own time per request holds its GIL: its plan's threads wait)
+    cpu += overheads.worker_ms
     threads = W * resources.threads_per_worker * (1 if simple else 8)   # (the executor's pool: see executor.py)
     cores = min(resources.cores or W * resources.threads_per_worker, W * resources.threads_per_worker)
     rho_t = rate * wall.mean() / 1000 / threads
@@ -388,7 +395,8 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         util, c, demand, bottleneck = float(rho_c), int(cores), cpu, "cpu"
     else:
         util, c, demand, bottleneck = float(rho_t), threads, wall, "threads"
-    service = lat + overheads.draw(rng, n) + (0.0 if simple else overheads.draw_stages(rng, n, len(specs)))
+    service = (lat + overheads.draw(rng, n) + (0.0 if simple else overheads.draw_stages(rng, n, len(specs)))
+               + overheads.extra_ms)
     if util >= 1:
         return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
                           overhead, float(wall.mean()), tuple(stages))
@@ -410,3 +418,28 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
                       tuple(stages))
 
 
+def calibrated(overheads: Overheads, specs: Sequence[StageSpec], flow_ms: Sequence[float],
+               at_worker_ms: Sequence[float] = ()) -> Overheads:
+    """``overheads`` with what the flow's own requests measured beyond the model: ``flow_ms``,
+    round trips of the flow run by ``specs`` unbatched and unraced (``probes.flow_paths``), one
+    request at a time; their median over the model's median with no queue is ``extra_ms``, and
+    ``at_worker_ms`` (their time at the worker's endpoint) over the operators' medians is
+    ``worker_ms`` (never below zero: what the probes saw already stands).
+
+    >>> from flowkit.profiling import Profile
+    >>> spec = StageSpec("m", (Profile.from_latencies({"m": {1: [2.0] * 20}})["m"],))
+    >>> o = calibrated(Overheads(1.0, 0.1), [spec], [4.5] * 20, [3.0] * 20)
+    >>> o.extra_ms, o.worker_ms
+    (1.5, 1.0)
+    >>> predict([spec], Knobs(), 1e-6, Resources(1), o).p50_ms   # the flow's own round trip
+    4.5
+    >>> calibrated(Overheads(1.0, 0.1), [spec], [2.5] * 20) == Overheads(1.0, 0.1)   # faster than the model: kept
+    True
+    """
+    if not len(flow_ms):
+        return overheads
+    base = replace(overheads, extra_ms=0.0, worker_ms=0.0)
+    alone = predict(specs, Knobs(batch=tuple((s.name, 1, 0.0) for s in specs if s.batching)), 1e-6, Resources(1), base)
+    ops_ms = sum(st.p50_ms for st in alone.stages)
+    return replace(base, extra_ms=max(0.0, float(np.median(flow_ms)) - alone.p50_ms),
+                   worker_ms=max(0.0, float(np.median(at_worker_ms)) - ops_ms) if len(at_worker_ms) else 0.0)

@@ -37,11 +37,11 @@ from typing import Any
 
 from .errors import FlowError
 from .flow import Flow
-from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, erlang_c, placed,
-                            predict, stage_specs)
+from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, calibrated,
+                            erlang_c, placed, predict, stage_specs)
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
-__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "require_positive",
+__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "require_positive",
            "BATCHES", "WAITS_MS",
            "RACE_WIDTHS",
            # the model's records and functions, for the planner's callers
@@ -150,6 +150,18 @@ def _candidate(flow: Flow, fusion: bool) -> Plan:
     return optimize(flow, fusion=fusion, compete=1, batching=True).plan
 
 
+def overheads_for(flow: Flow, profile, http: bool = False) -> Overheads:
+    """The overheads ``profile`` measured (``Overheads.of``; over HTTP served by the workers
+    with ``http``), calibrated by the flow's own requests where it timed them (``calibrated``:
+    ``Profile.flow_http_ms`` over HTTP, else ``flow_path_ms``)."""
+    overheads = Overheads.of(profile, http)
+    measured = getattr(profile, "flow_http_ms" if overheads.http else "flow_path_ms", ())
+    if not measured:
+        return overheads
+    at_worker = getattr(profile, "flow_worker_ms", ()) if overheads.http else ()
+    return calibrated(overheads, stage_specs(_candidate(flow.original, True), profile), measured, at_worker)
+
+
 def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources, overheads: Overheads,
             rows: int, slo_ms: float, n: int, counter: list) -> tuple[Knobs, Prediction]:
     """The knobs minimizing the predicted p99 on ``workers`` workers (a coordinate search)."""
@@ -238,13 +250,13 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
              overheads: Overheads | None = None, *, rows: int = 1, n: int = 2000) -> SLOPlan:
     """The plan holding p99 <= ``slo_ms`` at ``rate`` requests/s on the fewest workers (see the
     module docstring); raises ``SLOUnreachable`` when no plan on ``resources`` does.
-    ``overheads``: by default those the profile measured (``Overheads.of``)."""
+    ``overheads``: by default those the profile measured (``overheads_for``)."""
     if not isinstance(flow, Flow):
         raise FlowError(f"planning needs a Flow, not {type(flow).__name__}")
     require_positive("slo_ms", slo_ms, "of milliseconds ")
     require_positive("rate", rate, "of requests per second ")
     flow = flow.original
-    overheads = overheads or Overheads.of(profile)
+    overheads = overheads or overheads_for(flow, profile)
     t0 = time.perf_counter()
     counter = [0]
     candidates = []
@@ -380,7 +392,11 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
             line += f"; not profiled: {', '.join(s.missing)} (costed as 0)"
         out.append(line)
     out.append(f"request path: {overheads.request_ms:.3g} ms per request on average outside the operators, "
-               + ("over HTTP to the workers" if overheads.http else "from the Python client"))
+               + ("over HTTP to the workers" if overheads.http else "from the Python client")
+               + (f", and {overheads.extra_ms:.2g} ms more that the flow's own requests took (their rows, their "
+                  f"stages' bookkeeping)" if overheads.extra_ms else "")
+               + (f"; {overheads.worker_ms:.2g} ms of each at the worker, which holds it" if overheads.worker_ms
+                  else ""))
     out.append(f"shedding: beyond {shed} requests in flight a new one is refused (fk.Overloaded): the queue "
                f"ahead of it would outlast {slo_ms:g} ms")
     return out

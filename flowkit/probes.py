@@ -6,17 +6,21 @@ the worker's session and executor, and back (``request_path``); the same over HT
 workers serve it themselves (``http_path``: a client's request, the HTTP parse and JSON, the
 executor, and back) — and what each stage costs when a plan that batches or races places its
 stages one by one (``stage_hops``). Each is measured by deploying a probe flow whose operators
-do nothing and timing its requests, paced as requests at a modest rate arrive.
+do nothing and timing its requests, paced as requests at a modest rate arrive. Then the flow's
+own requests, its sample's rows one at a time (``flow_paths``): what they cost beyond their
+operators and the probe's path — their rows' encoding, their stages' bookkeeping — calibrates
+the model (``latency_model.calibrated``).
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import logging
 import socket
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -24,7 +28,7 @@ import numpy as np
 from .errors import FlowError
 from .flow import Flow
 
-__all__ = ["request_path", "http_path", "stage_hops", "probed", "PLACED_STAGES"]
+__all__ = ["request_path", "http_path", "flow_paths", "stage_hops", "probed", "PLACED_STAGES"]
 
 logger = logging.getLogger("flowkit.profile")
 
@@ -71,16 +75,51 @@ def http_path(client, runs: int, timeout: float = 120.0, gap_s: float = 0.01) ->
             return _http_round_trips(server.url, f"/v1/flows/{dep.name}/predict", runs, timeout, gap_s)
 
 
-def _http_round_trips(url: str, path: str, runs: int, timeout: float, gap_s: float) -> tuple[float, ...]:
-    """``_paced`` POSTs of one row to ``url`` + ``path`` on one keep-alive connection."""
+def flow_paths(client, flow: Flow, table, runs: int, timeout: float = 120.0, gap_s: float = 0.01,
+               store: Mapping[Any, Any] | None = None) -> tuple[tuple[float, ...], ...]:
+    """The flow's own requests, one row of ``table`` each (in turn), ``runs`` times, paced like
+    the probes': ``(client_ms, http_ms, at_worker_ms)`` — their round trips from the Python
+    client, over HTTP served by the workers (POSTs from this process; () where the workers are
+    not on this machine), and those HTTP requests' time in the worker's endpoint (from the
+    headers parsed to the answer's bytes). The flow is deployed fused, unbatched and unraced:
+    the plan the model predicts with no stage placed on its own, so what these take beyond the
+    model's operators and the probe's path is the flow's own cost per request
+    (``latency_model.calibrated``). ``store``: the objects its lookups read (``dep.put``)."""
+    from .optimize import optimize
+    from .runtime.deployment import deploy
+    from .runtime.endpoints import serves_at_workers
+    from .runtime.http_codec import encode_rows
+
+    rows = [table[i:i + 1] for i in range(len(table))]
+    turn = itertools.count()
+    fused = optimize(flow.original, fusion=True, compete=1, batching=False)
+    with deploy(fused, client, optimize=False, timeout=timeout) as dep:
+        for key, obj in (store or {}).items():
+            dep.put(key, obj)
+        own = _paced(lambda: dep.run(rows[next(turn) % len(rows)], timeout), runs, gap_s)
+        if not serves_at_workers("127.0.0.1", dep.workers):
+            return own, (), ()
+        bodies = [json.dumps(encode_rows(r)) for r in rows]
+        with dep.serve(where="workers") as server:
+            http_ms = _http_round_trips(server.url, f"/v1/flows/{dep.name}/predict", runs, timeout, gap_s, bodies)
+            deadline = time.monotonic() + 10
+            while len(dep.recent(3600.0)) < len(own) + len(http_ms) + 40 and time.monotonic() < deadline:
+                time.sleep(0.05)   # (the workers' answers to "what did you serve" arrive later)
+        served = sorted(dep._served.finished)[-len(http_ms):]
+        return own, http_ms, tuple(s * 1000 for _, s in served)
+
+
+def _http_round_trips(url: str, path: str, runs: int, timeout: float, gap_s: float,
+                      bodies: Sequence[str] = (json.dumps({"rows": [{"x": 0}]}),)) -> tuple[float, ...]:
+    """``_paced`` POSTs of ``bodies`` in turn to ``url`` + ``path`` on one keep-alive connection."""
     where = urlsplit(url)
     conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = json.dumps({"rows": [{"x": 0}]})
+    turn = itertools.count()
 
     def post() -> None:
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        conn.request("POST", path, bodies[next(turn) % len(bodies)], {"Content-Type": "application/json"})
         answer = conn.getresponse()
         answer.read()
         if answer.status != 200:

@@ -35,7 +35,7 @@ import numpy as np
 from .errors import FlowError
 from .flow import Flow
 from .plan import Map, Op, Plan, Source
-from .probes import http_path, probed, request_path, stage_hops
+from .probes import flow_paths, http_path, probed, request_path, stage_hops
 
 __all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES",
            "ONE_ROW_RUNS"]
@@ -173,6 +173,9 @@ class Profile:
     request_path_ms: tuple[float, ...] = ()   # a request's round trip outside its operators (``probes.request_path``)
     stage_hop_ms: tuple[float, ...] = ()      # a stage's cost when stages are placed one by one (``probes.stage_hops``)
     http_path_ms: tuple[float, ...] = ()      # ``request_path_ms`` over HTTP served by the workers (``probes.http_path``)
+    flow_path_ms: tuple[float, ...] = ()      # the flow's own requests, fused, from the client (``probes.flow_paths``)
+    flow_http_ms: tuple[float, ...] = ()      # ... over HTTP served by the workers
+    flow_worker_ms: tuple[float, ...] = ()    # ... and those HTTP requests' time at the worker's endpoint
 
     def __getitem__(self, name: str) -> OpProfile:
         try:
@@ -210,7 +213,9 @@ class Profile:
                              "ms_per_row": float(np.mean(s)) / b, "cpu_share": op.cpu_share,
                              "out_bytes_per_row": op.out_bytes_per_row})
         for name, runs in (("(request path)", self.request_path_ms), ("(stage hop)", self.stage_hop_ms),
-                           ("(HTTP path)", self.http_path_ms)):
+                           ("(HTTP path)", self.http_path_ms), ("(the flow's requests)", self.flow_path_ms),
+                           ("(the flow over HTTP)", self.flow_http_ms),
+                           ("(the flow at the worker)", self.flow_worker_ms)):
             if runs:
                 s = np.asarray(runs)
                 rows.append({"operator": name, "batch": 1, "runs": len(s), "p50_ms": float(np.percentile(s, 50)),
@@ -360,6 +365,9 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
             path, request_path(client, one_row_runs, min(timeout, 30.0), placed=True))) if path else ()
         over_http = probed("HTTP path", "the request path", raw["notes"],
                            lambda: http_path(client, one_row_runs, min(timeout, 30.0)))
+        own = probed("flow's own requests", "its operators and the probe's path", raw["notes"],
+                     lambda: flow_paths(client, flow, table, max(20, one_row_runs // 2), min(timeout, 30.0),
+                                        store=store))
     finally:
         for thing in owned:
             try:
@@ -376,7 +384,8 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
                                  batching=_marked(op, "batching"), high_variance=_marked(op, "high_variance"),
                                  gpu=op.is_gpu, input_rows=tuple(raw["input_rows"]))
     prof = Profile(ops, version=version, worker=raw["worker"], seconds=time.perf_counter() - t0,
-                   notes=tuple(raw["notes"]), request_path_ms=path, stage_hop_ms=hops, http_path_ms=over_http)
+                   notes=tuple(raw["notes"]), request_path_ms=path, stage_hop_ms=hops, http_path_ms=over_http,
+                   **dict(zip(("flow_path_ms", "flow_http_ms", "flow_worker_ms"), own)))
     _CACHE[key] = prof
     return prof
 

@@ -138,6 +138,31 @@ def test_each_request_draws_its_own_measured_request_path():
     assert plan_slo(f, replace(prof, request_path_ms=path), 50, 1, Resources(1)).overheads == measured
 
 
+def test_the_flows_own_requests_calibrate_the_path_and_the_workers_time_per_request():
+    """What the flow's own requests took beyond the model (their rows' encoding, the stages'
+    bookkeeping) is added to every request, and what they took at the worker beyond their
+    operators is worker time each holds: at a rate near the worker's capacity it queues."""
+    from flowkit.runtime.replanner import over_http
+
+    f, prof = single(10.0)
+    path = replace(prof, request_path_ms=(1.0,) * 100, http_path_ms=(1.0,) * 100)
+    timed = replace(path, flow_path_ms=(13.0,) * 50, flow_http_ms=(14.0,) * 50, flow_worker_ms=(12.0,) * 50)
+    bare, own = plan_slo(f, path, 200, 1, Resources(2)), plan_slo(f, timed, 200, 1, Resources(2))
+    assert bare.prediction.p50_ms == pytest.approx(11.0, abs=0.01)   # the operator and the probe's path
+    assert own.prediction.p50_ms == pytest.approx(13.0, abs=0.01)    # as the flow's requests measured
+    assert own.overheads.extra_ms == pytest.approx(2.0) and own.overheads.worker_ms == 0.0   # (no HTTP yet)
+    http = over_http(own)
+    assert http.overheads.http and http.overheads.worker_ms == pytest.approx(2.0)
+    assert http.prediction.p50_ms == pytest.approx(14.0, abs=0.01)
+    line = next(r for r in http.explain() if r.startswith("request path"))
+    assert "3 ms more that the flow's own requests took" in line and "2 ms of each at the worker" in line
+    # 12 ms of worker time a request instead of 10: at 80 req/s one worker's queue is longer
+    specs = stage_specs(_candidate(f, True), prof)
+    near = [predict(specs, Knobs(workers=1), 80, Resources(1), o)
+            for o in (http.overheads, replace(http.overheads, worker_ms=0.0))]
+    assert near[0].utilization > near[1].utilization and near[0].p99_ms > near[1].p99_ms
+
+
 def test_queueing_grows_the_tail_as_utilization_rises():
     f, prof = single(10.0)
     specs = stage_specs(_candidate(f, True), prof)
@@ -494,7 +519,14 @@ def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
     assert len(prof.stage_hop_ms) == 30 and max(prof.stage_hop_ms) > 0
     # and as many over HTTP served by the workers, from this process
     assert len(prof.http_path_ms) == 30 and min(prof.http_path_ms) > 0
-    assert list(prof.table().operator.iloc[-3:]) == ["(request path)", "(stage hop)", "(HTTP path)"]
+    # and the flow's own requests (fused, one sample row each): from the client, over HTTP, and
+    # those HTTP requests' time at the worker's endpoint, a part of their round trips
+    assert len(prof.flow_path_ms) == len(prof.flow_http_ms) == len(prof.flow_worker_ms) == 20
+    assert 0 < np.median(prof.flow_worker_ms) < np.median(prof.flow_http_ms)
+    assert np.median(prof.flow_path_ms) > np.median(prof["slow"].latencies[1])   # the operators ran
+    assert list(prof.table().operator.iloc[-6:]) == ["(request path)", "(stage hop)", "(HTTP path)",
+                                                     "(the flow's requests)", "(the flow over HTTP)",
+                                                     "(the flow at the worker)"]
     again = fk.profile(flow, {"x": [9]}, cluster=client, batch_sizes=(1, 4))
     assert again is prof   # the same flow version: from the cache
 

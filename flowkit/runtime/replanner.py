@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from ..plan import Stage
-from ..planner import Overheads, SLOPlan, predict, reasons_for, require_positive, search_knobs, shed_limit
+from ..planner import SLOPlan, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
 
 __all__ = ["Replan", "decide", "retarget", "over_http", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
@@ -179,7 +179,7 @@ def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = No
 def over_http(plan: SLOPlan, *, now: float = 0.0) -> SLOPlan | None:
     """``plan`` re-planned for requests that reach the workers over HTTP (``dep.serve()`` served
     by the workers): the profile's HTTP path in place of the Python client's request path
-    (``Overheads.of(profile, http=True)``), with the same live choices as ``retarget`` — but
+    (``planner.overheads_for(flow, profile, http=True)``), with the same live choices as ``retarget`` — but
     never fewer workers: a cheaper path retires none as the clients connect (fewer workers are
     never urgent; a measured fall of the rate re-plans them, ``decide``). None when nothing
     changes: the plan is already for HTTP, its profile measured no HTTP path, or its overheads
@@ -201,10 +201,10 @@ def over_http(plan: SLOPlan, *, now: float = 0.0) -> SLOPlan | None:
     (2, 2)
     """
     if plan.overheads.http or plan.profile is None or not getattr(plan.profile, "http_path_ms", ()) \
-            or plan.overheads != Overheads.of(plan.profile):
+            or plan.overheads != overheads_for(plan.flow, plan.profile):
         return None
     reason = "served over HTTP by the workers: planned for the HTTP path the profile measured"
-    new, _ = _replan(replace(plan, overheads=Overheads.of(plan.profile, http=True)), plan.rate, math.nan,
+    new, _ = _replan(replace(plan, overheads=overheads_for(plan.flow, plan.profile, http=True)), plan.rate, math.nan,
                      plan.slo_ms, plan.calibration, reason, now, always=True, fewest=plan.workers)
     return new
 
