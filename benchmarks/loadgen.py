@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import queue
 import random
 import select
 import socket
@@ -120,13 +119,25 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
         if t > seconds:
             break
         schedule.append(t)
-    todo: queue.Queue = queue.Queue()
     latencies = [None] * len(schedule)   # None: failed or unanswered
+    turns, turns_lock = iter(range(len(schedule))), threading.Lock()
+    # (a process started after start_at sends what is due at once; latency counts from the schedule)
+    start = time.perf_counter() + (0.05 if start_at is None else start_at - time.time())
 
     def sender():
+        """Takes the next request of the schedule, sleeps until it is due and sends it itself:
+        one thread wakes per request (a dispatcher handing requests to senders through a queue
+        woke two, and its hand-off's delay counted as the system's)."""
         conn = ep.connect()
-        while (item := todo.get()) is not None:
-            i, at = item
+        while True:
+            with turns_lock:
+                i = next(turns, None)
+            if i is None:
+                return
+            at = start + schedule[i]
+            delay = at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
             ok, conn = ep.send(conn)
             if ok:
                 latencies[i] = time.perf_counter() - at
@@ -134,16 +145,7 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(connections)]
     for th in threads:
         th.start()
-    # (a process started after start_at sends what is due at once; latency counts from the schedule)
-    start = time.perf_counter() + (0.05 if start_at is None else start_at - time.time())
-    for i, at in enumerate(schedule):
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        todo.put((i, start + at))
-    for _ in threads:
-        todo.put(None)
-    deadline = time.perf_counter() + ep.timeout
+    deadline = start + seconds + ep.timeout
     for th in threads:
         th.join(max(0.0, deadline - time.perf_counter()))
     return {"rate": rate, "sent": len(schedule), "schedule_s": schedule,

@@ -294,7 +294,7 @@ class Prediction:
     queue_p99_ms: float
     service_p99_ms: float
     overhead_ms: float
-    demand_ms: float          # mean worker time per request
+    demand_ms: float          # mean time per request at the bottleneck (worker threads' time, or CPU time)
     stages: tuple[StagePrediction, ...] = ()
 
     @property
@@ -399,7 +399,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
                + overheads.extra_ms)
     if util >= 1:
         return Prediction(math.inf, math.inf, util, bottleneck, c, 1.0, math.inf, float(np.percentile(service, 99)),
-                          overhead, float(wall.mean()), tuple(stages))
+                          overhead, float(demand.mean()), tuple(stages))
     pw = erlang_c(c, util * c)
     mean_d = float(demand.mean()) / c
     theta, k = wait_tail(rate / 1000, mean_d, float(demand.var() / demand.mean() ** 2) if mean_d > 0 else 0.0)
@@ -414,7 +414,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         queue = np.zeros(n)
     total = service + queue
     return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
-                      float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(wall.mean()),
+                      float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(demand.mean()),
                       tuple(stages))
 
 

@@ -163,6 +163,19 @@ def test_the_flows_own_requests_calibrate_the_path_and_the_workers_time_per_requ
     assert near[0].utilization > near[1].utilization and near[0].p99_ms > near[1].p99_ms
 
 
+def test_shedding_drains_the_queue_at_the_bottlenecks_own_time_per_request():
+    """Eight threads waiting on a model that barely uses the CPU, and the worker's own 2 ms of
+    CPU per request: the CPU is the bottleneck, and the queue ahead drains at 2.5 ms of CPU a
+    request — not at the 12 ms a request holds a thread (that would shed at 5 in flight)."""
+    from flowkit.planner import shed_limit
+
+    prof = Profile.from_latencies({"m": {1: [10.0] * 50}}, cpu_share=0.05)
+    specs = [StageSpec("m", (prof["m"],))]
+    p = predict(specs, Knobs(), 100, Resources(1, threads_per_worker=8, cores=1), Overheads(0.0, 0.0, worker_ms=2.0))
+    assert p.bottleneck == "cpu" and p.servers == 1 and p.demand_ms == pytest.approx(2.5)
+    assert shed_limit(p, 50) == 21
+
+
 def test_queueing_grows_the_tail_as_utilization_rises():
     f, prof = single(10.0)
     specs = stage_specs(_candidate(f, True), prof)

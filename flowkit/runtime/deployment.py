@@ -23,14 +23,14 @@ from ..flow import Flow
 from ..table import Table, as_table
 from .clusters import connect
 from .endpoints import ServedByWorkers, WorkerEndpoints, open_server
-from .plugin import DeploymentPlugin, ready_topic
+from .plugin import ready_topic, register
 from .progress import score_many
 from .router import Request, Router
 from .scaling import Load, ServingAdaptive, load_of
 from .stats import StageStats, stats_frame
 from .store_client import StoredObjects, routing_column
 from .windows import BatchWindows
-from .wire import dumps, dumps_plan, operator_needing
+from .wire import dumps, dumps_plan
 
 __all__ = ["deploy", "Deployment"]
 
@@ -81,7 +81,7 @@ class Deployment:
                  max_workers: int | None = None, max_inflight: int = 1000, retries: int = 2, timeout: float = 60.0,
                  n_workers: int | None = None, tune_workers: bool | None = None):
         from ..optimize import optimize as _optimize
-        from .objective import check_request
+        from .objective import check_request, plan_deployment
 
         if not isinstance(flow, Flow):
             raise FlowError(f"deploy needs a Flow, not {type(flow).__name__}")
@@ -121,23 +121,18 @@ class Deployment:
         self.adaptive = None   # the ServingAdaptive scaling the cluster, once adapt() (or the embedded default) set it
         self.client, self.cluster, self._owned = connect(cluster, n_workers, timeout)
         try:
-            minimum = 1
+            minimum, owned = 1, bool(self._owned) and self.cluster in self._owned
             if objective:   # planned before the flow is installed anywhere: an unreachable objective stops here
-                from .objective import plan_deployment
-
-                owned = bool(self._owned) and self.cluster in self._owned
                 slo = self._slo_plan = plan_deployment(flow, self.client, owned, slo_ms, rate, profile, sample,
                                                        max_workers)
-                self.flow, self.plan = slo.flow, slo.plan
-                self._plan_bytes = dumps_plan(self.plan)
+                self.flow, self.plan, self._plan_bytes = slo.flow, slo.plan, dumps_plan(slo.plan)
                 self.max_inflight = min(max_inflight, slo.shed_inflight or max_inflight)
                 minimum = slo.workers
-                if owned:
-                    self.cluster.scale(max(minimum, n_workers or 0))
-                    n_workers = max(minimum, n_workers or 0)
-                    max_workers = slo.resources.max_workers
-            self._start(retries, timeout, n_workers, self.cluster in self._owned if tune_workers is None else tune_workers)
-            if self._owned and self.cluster in self._owned:   # (with an objective, its plan's workers: see replanner)
+                if owned:   # (the re-planner scales it from here on: runtime/replanner.py)
+                    n_workers, max_workers = max(minimum, n_workers or 0), slo.resources.max_workers
+                    self.cluster.scale(n_workers)
+            self._start(retries, timeout, n_workers, owned if tune_workers is None else tune_workers)
+            if owned:   # (with an objective, its plan's workers: see replanner)
                 self.adapt(minimum=minimum, maximum=minimum if objective else
                            max(os.cpu_count() or 1, n_workers or 1, max_workers or 1))
             if objective:   # keeps the objective live: re-plans on a x3 rate change or a p99 above it
@@ -175,23 +170,11 @@ class Deployment:
         # a request whose dynamic-lookup key is an input column starts on the key's worker
         self._stored = StoredObjects(self.id, self.client, self._router, routing_column(self.plan))
         self.client.subscribe_topic(ready_topic(self.id), self._on_ready)
-        # named before registering: the scheduler keeps a plugin whose set-up failed, and close()
-        # must remove it (else every later worker start runs the failing set-up again)
-        self._plugin_name = f"flowkit-{self.id}"
-        try:
-            self.client.register_plugin(DeploymentPlugin(self.id, self._plan_bytes, tune_workers=tune_workers),
-                                        name=self._plugin_name)
-        except ImportError as e:   # the workers lack a module the plan's functions need
-            op = operator_needing(self.plan, e.name) if e.name else None
-            raise FlowError(f"{f'operator {op!r}' if op else 'the plan'} needs the module {e.name!r}, which the "
-                            f"workers cannot import ({e}); install it on the workers") from e
-        except Exception as e:
-            raise FlowError(f"setting up deployment {self.id!r} on the workers failed: {type(e).__name__}: {e}") from e
+        self._plugin_name = f"flowkit-{self.id}"   # (close() removes it, even when its set-up failed)
+        register(self.client, self.id, self.plan, self._plan_bytes, self._plugin_name, tune_workers)
         known = list(self.client.scheduler_info().get("workers", {}))
         for address in known:
-            self._router.add_worker(address)
-            self.windows.joined(address)
-            self._stored.joined(address)
+            self._joined(address)
         if not self._router.ready.wait(timeout):
             raise FlowError(f"no worker of the cluster took deployment {self.id!r} within {timeout:g} s")
         self._await_workers(max(len(known), n_workers or 0), timeout)
@@ -209,12 +192,15 @@ class Deployment:
     def _on_ready(self, event) -> None:
         msg = event[1] if isinstance(event, tuple) else event
         if isinstance(msg, dict) and msg.get("deployment") == self.id:
-            self._router.add_worker(msg["worker"])
-            self.windows.joined(msg["worker"])
-            self._stored.joined(msg["worker"])
+            self._joined(msg["worker"])
             for server in self._servers:   # a worker that joined serves HTTP too where the workers do
                 if hasattr(server, "add_worker"):
                     server.add_worker(msg["worker"])
+
+    def _joined(self, address: str) -> None:
+        self._router.add_worker(address)
+        self.windows.joined(address)
+        self._stored.joined(address)
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, data: Any) -> Future:
@@ -374,11 +360,7 @@ class Deployment:
             if isinstance(server, WorkerEndpoints):
                 server.catch_up()   # (a max_inflight set while its workers started serving)
         if self.replanner is not None and isinstance(server, WorkerEndpoints):
-            try:   # (requests now arrive over HTTP: the objective holds for them)
-                self.replanner.serving_over_http()
-            except Exception as e:   # (the server runs: the plan stays the client's, and says why)
-                logger.warning("deployment %s: planning for HTTP failed: %s: %s", self.id, type(e).__name__, e)
-                self.replanner.last_reason = f"planning for HTTP failed: {type(e).__name__}: {e}"
+            self.replanner.serving_over_http()   # (requests now arrive over HTTP: the objective holds for them)
         return server
 
     def dashboard(self, interval: float = 0.3):

@@ -20,13 +20,15 @@ from typing import NamedTuple
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..errors import FlowError
+
 from . import framed
 from .compat import add_handler, address_host
 from .executor import WorkerDeployment
 from .session import serve_session
-from .wire import loads
+from .wire import loads, operator_needing
 
-__all__ = ["DeploymentPlugin", "ready_topic", "tune_malloc", "freeze_heap", "thaw_heap"]
+__all__ = ["DeploymentPlugin", "register", "ready_topic", "tune_malloc", "freeze_heap", "thaw_heap"]
 
 logger = logging.getLogger("flowkit.worker")
 
@@ -34,6 +36,20 @@ logger = logging.getLogger("flowkit.worker")
 def ready_topic(deployment: str) -> str:
     """The dask event topic on which workers announce that they hold ``deployment``."""
     return f"flowkit-ready-{deployment}"
+
+
+def register(client, deployment: str, plan, plan_bytes: bytes, name: str, tune_workers: bool) -> None:
+    """Give ``client``'s workers the deployment (``DeploymentPlugin``, registered as ``name``:
+    the scheduler keeps a plugin whose set-up failed, so its remover must know the name before
+    this can fail). A module the workers cannot import names the operator that needs it."""
+    try:
+        client.register_plugin(DeploymentPlugin(deployment, plan_bytes, tune_workers=tune_workers), name=name)
+    except ImportError as e:   # the workers lack a module the plan's functions need
+        op = operator_needing(plan, e.name) if e.name else None
+        raise FlowError(f"{f'operator {op!r}' if op else 'the plan'} needs the module {e.name!r}, which the "
+                        f"workers cannot import ({e}); install it on the workers") from e
+    except Exception as e:
+        raise FlowError(f"setting up deployment {deployment!r} on the workers failed: {type(e).__name__}: {e}") from e
 
 
 class DeploymentPlugin(WorkerPlugin):

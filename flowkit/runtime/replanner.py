@@ -25,6 +25,7 @@ what it holds, and dask retires a worker gracefully (requests in flight on it ar
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,8 @@ from ..plan import Stage
 from ..planner import SLOPlan, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
 
 __all__ = ["Replan", "decide", "retarget", "over_http", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
+
+logger = logging.getLogger("flowkit.deploy")
 
 RATE_FACTOR = 3.0
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
@@ -354,7 +357,16 @@ class Replanner:
 
     def serving_over_http(self) -> SLOPlan | None:
         """Re-plan for requests arriving over HTTP at the workers (``over_http``) and apply it;
-        the new plan, or None when nothing changed."""
+        the new plan, or None when nothing changed. A failure is logged and noted
+        (``last_reason``), not raised: the server runs, and the plan stays the client's."""
+        try:
+            return self._serving_over_http()
+        except Exception as e:
+            logger.warning("deployment %s: planning for HTTP failed: %s: %s", self.dep.id, type(e).__name__, e)
+            self.last_reason = f"planning for HTTP failed: {type(e).__name__}: {e}"
+            return None
+
+    def _serving_over_http(self) -> SLOPlan | None:
         with self._lock:
             new = over_http(self.dep._slo_plan, now=time.time())
             if new is None:
