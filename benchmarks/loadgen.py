@@ -120,24 +120,27 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
             break
         schedule.append(t)
     latencies = [None] * len(schedule)   # None: failed or unanswered
-    turns, turns_lock = iter(range(len(schedule))), threading.Lock()
-    # (a process started after start_at sends what is due at once; latency counts from the schedule)
-    start = time.perf_counter() + (0.05 if start_at is None else start_at - time.time())
+    turns, turns_lock, go = iter(range(len(schedule))), threading.Lock(), threading.Event()
+    clock = {}   # the schedule's start and end on this process's perf_counter, set once the senders run
 
     def sender():
         """Takes the next request of the schedule, sleeps until it is due and sends it itself:
         one thread wakes per request (a dispatcher handing requests to senders through a queue
-        woke two, and its hand-off's delay counted as the system's)."""
+        woke two, and its hand-off's delay counted as the system's). A request still unsent at
+        the deadline is a miss, not sent into the next phase's measurement."""
         conn = ep.connect()
+        go.wait()
         while True:
             with turns_lock:
                 i = next(turns, None)
             if i is None:
                 return
-            at = start + schedule[i]
+            at = clock["start"] + schedule[i]
             delay = at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            if time.perf_counter() > clock["deadline"]:
+                return
             ok, conn = ep.send(conn)
             if ok:
                 latencies[i] = time.perf_counter() - at
@@ -145,9 +148,12 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(connections)]
     for th in threads:
         th.start()
-    deadline = start + seconds + ep.timeout
+    # (a process started after start_at sends what is due at once; latency counts from the schedule)
+    clock["start"] = time.perf_counter() + (0.05 if start_at is None else start_at - time.time())
+    clock["deadline"] = clock["start"] + seconds + ep.timeout
+    go.set()
     for th in threads:
-        th.join(max(0.0, deadline - time.perf_counter()))
+        th.join(max(0.0, clock["deadline"] - time.perf_counter()))
     return {"rate": rate, "sent": len(schedule), "schedule_s": schedule,
             "latencies_ms": [None if x is None else x * 1000 for x in latencies]}
 

@@ -47,10 +47,11 @@ from .errors import FlowError
 from .plan import AnyOf, Map, Plan, Stage
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "calibrated", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
+           "calibrated", "fewest_workers", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 BATCHES = (1, 2, 4, 8, 16, 32)   # the batch sizes a batching stage may be planned with
+MARGIN = 0.1   # fewest_workers' allowance for predict's Monte Carlo draws (their means wander from the profile's)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -416,6 +417,35 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
                       float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(demand.mean()),
                       tuple(stages))
+
+
+def fewest_workers(specs: Sequence[StageSpec], rate: float, resources: Resources, overheads: Overheads = Overheads(),
+                   rows: int = 1) -> int:
+    """A lower bound on the workers any knob setting of ``specs`` needs at ``rate``: the least
+    CPU time a request can take — each stage at its cheapest batch per row (a high-variance
+    stage, which a race may cut short, at its fastest run), plus the worker's own time
+    (``Overheads.worker_ms``) — times the rate, over the cores that many workers get, less
+    ``MARGIN`` for the model's sampling. With fewer, the CPU cannot keep up whatever the plan
+    batches or races (``predict``'s CPU utilization is at least this); ``max_workers + 1`` when
+    even all of them cannot.
+
+    >>> from flowkit.profiling import Profile
+    >>> spec = StageSpec("m", (Profile.from_latencies({"m": {1: [10.0], 8: [40.0]}})["m"],), batching=True)
+    >>> fewest_workers([spec], 500, Resources(16)), fewest_workers([spec], 500, Resources(16, cores=2))
+    (3, 17)
+    """
+    cpu_ms = overheads.worker_ms
+    for s in specs:
+        if s.high_variance:
+            cpu_ms += s.cpu_share * sum(float(np.min(m.samples(rows))) for m in s.members)
+            continue
+        measured = {b for m in s.members for b in m.batch_sizes}
+        sizes = sorted({b for b in set(BATCHES) | measured if b <= s.max_batch}) if s.batching else [rows]
+        cpu_ms += s.cpu_share * rows * min(sum(m.mean(b) for m in s.members) / b for b in sizes)
+    need = rate * cpu_ms / 1000 * (1 - MARGIN)   # cores busy
+    if resources.cores is not None and need >= resources.cores:
+        return resources.max_workers + 1
+    return max(1, math.floor(need / resources.threads_per_worker) + 1)
 
 
 def calibrated(overheads: Overheads, specs: Sequence[StageSpec], flow_ms: Sequence[float],

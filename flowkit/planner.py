@@ -38,7 +38,7 @@ from typing import Any
 from .errors import FlowError
 from .flow import Flow
 from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, calibrated,
-                            erlang_c, placed, predict, stage_specs)
+                            erlang_c, fewest_workers, placed, predict, stage_specs)
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
 __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "require_positive",
@@ -46,6 +46,7 @@ __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_kno
            "RACE_WIDTHS",
            # the model's records and functions, for the planner's callers
            "Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
+           "fewest_workers",
            "erlang_c"]
 
 WAITS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
@@ -150,16 +151,18 @@ def _candidate(flow: Flow, fusion: bool) -> Plan:
     return optimize(flow, fusion=fusion, compete=1, batching=True).plan
 
 
-def overheads_for(flow: Flow, profile, http: bool = False) -> Overheads:
+def overheads_for(flow: Flow, profile, http: bool = False, fused: list[StageSpec] | None = None) -> Overheads:
     """The overheads ``profile`` measured (``Overheads.of``; over HTTP served by the workers
     with ``http``), calibrated by the flow's own requests where it timed them (``calibrated``:
-    ``Profile.flow_http_ms`` over HTTP, else ``flow_path_ms``)."""
+    ``Profile.flow_http_ms`` over HTTP, else ``flow_path_ms``; ``fused``: the fused candidate's
+    stages, the plan those requests ran, where the caller has them)."""
     overheads = Overheads.of(profile, http)
     measured = getattr(profile, "flow_http_ms" if overheads.http else "flow_path_ms", ())
     if not measured:
         return overheads
     at_worker = getattr(profile, "flow_worker_ms", ()) if overheads.http else ()
-    return calibrated(overheads, stage_specs(_candidate(flow.original, True), profile), measured, at_worker)
+    fused = fused if fused is not None else stage_specs(_candidate(flow.original, True), profile)
+    return calibrated(overheads, fused, measured, at_worker)
 
 
 def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources, overheads: Overheads,
@@ -256,7 +259,6 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     require_positive("slo_ms", slo_ms, "of milliseconds ")
     require_positive("rate", rate, "of requests per second ")
     flow = flow.original
-    overheads = overheads or overheads_for(flow, profile)
     t0 = time.perf_counter()
     counter = [0]
     candidates = []
@@ -265,11 +267,13 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         if fusion is False and [s.name for s in specs] == [s.name for s in candidates[0][1]]:
             continue   # nothing to fuse: one candidate
         candidates.append((fusion, specs))
+    overheads = overheads or overheads_for(flow, profile, fused=candidates[0][1])
+    W = resources.max_workers   # (fewer workers than the CPU needs cannot hold: not searched)
+    fewest = min(W, min(fewest_workers(specs, rate, resources, overheads, rows) for _, specs in candidates))
     (knobs, pred, specs), ok = _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter,
-                                        range(1, resources.max_workers + 1))
+                                        range(fewest, W + 1))
     if not ok:
         holds = _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter)
-        W = resources.max_workers
         best_p99 = pred.p99_ms
         if holds > 0:
             tail = f"it holds up to about {holds:.3g} req/s" if holds < 1000 else \

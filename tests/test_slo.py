@@ -176,6 +176,29 @@ def test_shedding_drains_the_queue_at_the_bottlenecks_own_time_per_request():
     assert shed_limit(p, 50) == 21
 
 
+def test_the_planner_skips_the_worker_counts_the_cpu_cannot_carry_and_plans_the_same():
+    """At 900 req/s of 10 ms of CPU each, 9 cores are busy: fewer than 10 one-thread workers
+    cannot keep up whatever they batch, so the search starts at 9 (10% below, for the model's
+    sampling) — with the same answer as a search from 1, on fewer model evaluations; and a live
+    re-plan does the same."""
+    from flowkit.planner import _best_at, fewest_workers
+    from flowkit.runtime.replanner import retarget
+
+    f, prof = single(10.0)
+    resources = Resources(16)
+    specs = stage_specs(_candidate(f, True), prof)
+    assert fewest_workers(specs, 900, resources, NO_OVERHEAD) == 9
+    plan = plan_slo(f, prof, 50, 900, resources, NO_OVERHEAD)
+    counter = [0]
+    (knobs, _, _), ok = _best_at(f, [(True, specs)], 900, resources, NO_OVERHEAD, 1, 50, 2000, counter, range(1, 17))
+    assert ok and plan.workers == knobs.workers >= 10 and plan.evaluated < counter[0]
+    assert any(r.startswith(f"workers: {plan.workers}, the fewest that hold the objective ({plan.workers - 1} "
+                            f"would give") for r in plan.explain())
+    again = retarget(plan, rate=1200)   # a third more: 12 cores busy
+    assert again.workers >= 13 and fewest_workers(specs, 1200, resources, NO_OVERHEAD) == 11
+    assert any(r.startswith(f"workers: {again.workers}, the fewest that hold") for r in again.explain())
+
+
 def test_queueing_grows_the_tail_as_utilization_rises():
     f, prof = single(10.0)
     specs = stage_specs(_candidate(f, True), prof)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from ..plan import Stage
-from ..planner import SLOPlan, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
+from ..planner import SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
 
 __all__ = ["Replan", "decide", "retarget", "over_http", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
 
@@ -226,7 +226,9 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     target = slo_ms / calibration
     windows = resizable(plan)
     chosen, fewer = None, []
-    for w in range(min(fewest, plan.resources.max_workers), plan.resources.max_workers + 1):
+    W = plan.resources.max_workers   # (fewer workers than the CPU needs cannot hold: not searched)
+    for w in range(min(max(fewest, fewest_workers(plan.specs, rate, plan.resources, plan.overheads, plan.rows)), W),
+                   W + 1):
         knobs, pred = search_knobs(plan.specs, replace(plan.knobs, workers=w), rate, plan.resources, plan.overheads,
                                    plan.rows, target, windows=windows, race=False)
         if pred.p99_ms <= target:
@@ -237,6 +239,9 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     if chosen is None:   # even every worker cannot hold it: all of them, and shedding keeps the rest in time
         chosen = (knobs, pred)
     knobs, pred = chosen
+    if not fewer and knobs.workers > max(1, fewest):   # (skipped for the CPU: for explain(), what one fewer gives)
+        fewer = [predict(plan.specs, replace(knobs, workers=knobs.workers - 1), rate, plan.resources, plan.overheads,
+                         plan.rows)]
     shed = shed_limit(pred, target)
     changes = tuple((what, old, new) for what, old, new in
                     [("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed)]
