@@ -20,7 +20,9 @@ for all its stages:
   workers until it finishes; the draws share the request's input and differ only by the noise
   the profile saw around each input's own cost (``OpProfile.by_input``): a stage whose latency
   follows its input gains nothing from a race; a CPU-bound one is hedged
-  (``runtime/racing.py``): the others start only after the first has run for the stage's p95;
+  (``runtime/racing.py``): the others start only after the first has run for the stage's p95.
+  A race that finds its worker's threads taken runs one replica (``runtime/execution.py``):
+  with the probability all of a worker's threads are taken (``race_skipped``), it takes one draw;
 - every other stage takes one draw, at the request's ``r`` rows.
 
 Each request adds its round trip outside the operators, drawn from the request path measured
@@ -47,7 +49,7 @@ from .errors import FlowError
 from .plan import AnyOf, Map, Plan, Stage
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "calibrated", "fewest_workers", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
+           "calibrated", "fewest_workers", "race_skipped", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 BATCHES = (1, 2, 4, 8, 16, 32)   # the batch sizes a batching stage may be planned with
@@ -282,6 +284,7 @@ class StagePrediction:
     replicas: int = 1
     demand_ms: float = 0.0    # mean worker time a request takes from this stage
     cpu_share: float = 1.0
+    race_skipped: float = 0.0  # the share of its races run with one replica (their worker busy)
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     if any(s.eager and s.batching and knobs.batch_of(s.name)[0] > 1 for s in specs):
         alone_rng = np.random.default_rng([seed, 2])
         alone = {s.name: float(s.draw(alone_rng, rows, n, inputs).mean()) for s in specs}
+    skip = race_skipped(specs, knobs, rate, resources, rows, inputs, seed)
     lat = np.zeros(n)
     wall = np.zeros(n)
     cpu = np.zeros(n)
@@ -373,6 +377,8 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             else:
                 svc = draws.min(axis=0)
                 busy = k * svc
+            alone = rng.random(n) < skip   # the worker's threads were taken: the first replica alone
+            svc, busy = np.where(alone, draws[0], svc), np.where(alone, draws[0], busy)
         else:
             svc = s.draw(rng, rows, n, inputs)
             busy = svc
@@ -383,7 +389,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
         cpu += busy * share
         stages.append(StagePrediction(s.name, float(np.percentile(svc, 50)), float(np.percentile(svc, 99)),
                                       float(np.percentile(wait, 99)), rows_in, b, w_ms if b > 1 else 0.0, k,
-                                      float(busy.mean()), share))
+                                      float(busy.mean()), share, skip if k > 1 else 0.0))
     per_stage = 0.0 if simple else overheads.stage_ms * len(specs)
     overhead = overheads.request_ms + per_stage + overheads.extra_ms
     wall += overheads.worker_ms   # (the worker's own time per request holds its GIL: its plan's threads wait)
@@ -417,6 +423,34 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
                       float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(demand.mean()),
                       tuple(stages))
+
+
+def race_skipped(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources, rows: int = 1,
+                 inputs: np.ndarray | None = None, seed: int = 0) -> float:
+    """The share of races that run one replica: a race finds all of its worker's threads taken
+    (a stage running there, or another race) and races nothing (``runtime/execution.py``).
+    Erlang C's probability that all ``threads_per_worker`` are taken, with each worker's load
+    its requests' stages (their means, one replica each) and the other workers' replicas sent
+    to it (``k - 1`` per race that is run); found with the share it sets, from none skipped.
+
+    >>> from flowkit.profiling import Profile
+    >>> spec = StageSpec("r", (Profile.from_latencies({"r": {1: [5.0, 10.0, 20.0] * 10}})["r"],), high_variance=True)
+    >>> [round(race_skipped([spec], Knobs(race=(("r", 2),), workers=2), r, Resources(2)), 2) for r in (10, 60)]
+    [0.11, 0.51]
+    """
+    W = knobs.workers
+    raced = [s for s in specs if s.high_variance and min(knobs.race_of(s.name), W) > 1]
+    if not raced or rate <= 0:
+        return 0.0
+    rng = np.random.default_rng([seed, 3])
+    n = 400 if inputs is None else len(inputs)
+    mean = {s.name: float(s.draw(rng, rows, n, inputs).mean()) / 1000 for s in specs}
+    own = sum(mean.values())
+    sent = sum((min(knobs.race_of(s.name), W) - 1) * mean[s.name] for s in raced)
+    c, lam_w, p = resources.threads_per_worker, rate / W, 0.0
+    for _ in range(30):   # (halfway to the share it sets each time: the load falls as the share rises)
+        p = (p + erlang_c(c, min(float(c), lam_w * (own + (1 - p) * sent)))) / 2
+    return p
 
 
 def fewest_workers(specs: Sequence[StageSpec], rate: float, resources: Resources, overheads: Overheads = Overheads(),

@@ -389,7 +389,8 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
                          "rate batches would not fill before the wait cost more than they save, and batching runs "
                          "the plan stage by stage)")
         if s.high_variance:
-            line += (f"; {sp.replicas} replicas race (latency cv {s.members[0].cv(1) if s.members else 0:.2f})"
+            line += (f"; {sp.replicas} replicas race (latency cv {max((m.cv(1) for m in s.members), default=0):.2f}); "
+                     f"{sp.race_skipped:.0%} of races expected to find their worker busy and run one"
                      if sp.replicas > 1 else "; no race: racing predicted no lower p99 (its latency follows its input, "
                      "which every replica gets alike, or too few workers)")
         if s.missing:

@@ -16,7 +16,7 @@ import pytest
 import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
                              plan_slo, predict, search_knobs, stage_specs, _candidate)
-from flowkit.latency_model import wait_tail
+from flowkit.latency_model import race_skipped, wait_tail
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
 from flowkit.runtime.replanner import Replan, beyond_chance, decide
 
@@ -359,6 +359,31 @@ def test_racing_cuts_a_high_variance_stage_tail_at_the_cost_of_work():
     three = predict([spec], Knobs(race=(("translate", 3),), workers=3), 10, Resources(3), NO_OVERHEAD)
     assert three.stages[0].p99_ms < one.stages[0].p99_ms
     assert three.stages[0].demand_ms > one.stages[0].demand_ms
+
+
+def test_a_race_on_a_busy_worker_runs_one_replica_and_the_model_counts_it():
+    """The runtime races only on a worker with a free thread (runtime/execution.py): as the
+    rate rises, more races find their worker busy, so the raced stage's tail moves from the
+    fastest of the draws back towards one draw; explain() says what share."""
+    prof = cascade_profile()
+    spec = StageSpec("translate", (prof["translate"],), high_variance=True)
+    knobs, res = Knobs(race=(("translate", 2),), workers=2), Resources(2)
+    shares = [race_skipped([spec], knobs, r, res) for r in (1, 20, 60)]
+    assert 0 < shares[0] < shares[1] < shares[2] < 1
+    # one worker thread each, 2-wide races: a worker is taken by its own requests and the other's replicas
+    mean_s = float(spec.draw(np.random.default_rng(0), 1, 4000).mean()) / 1000
+    lam_w = 20 / 2
+    assert shares[1] == pytest.approx(2 * lam_w * mean_s / (1 + lam_w * mean_s), rel=0.05)
+    calm, busy = (predict([spec], knobs, r, res, NO_OVERHEAD) for r in (1, 60))
+    alone = predict([spec], Knobs(race=(("translate", 1),), workers=2), 60, res, NO_OVERHEAD)
+    assert calm.stages[0].p99_ms < busy.stages[0].p99_ms < alone.stages[0].p99_ms
+    assert busy.stages[0].race_skipped == pytest.approx(shares[2], rel=0.1)   # (predict: its own draws)
+    f = fk.Flow("busy_race", {"x": int})
+    f.map(translate, names=["t"], high_variance=True)
+    plan = plan_slo(f, prof, 20, 20, Resources(2), NO_OVERHEAD)   # one worker's p99 is over 20 ms: two race
+    assert plan.knobs.race_of("translate") == 2 and plan.prediction.stages[0].race_skipped > 0
+    assert any(f"{plan.prediction.stages[0].race_skipped:.0%} of races expected to find their worker busy" in r
+               for r in plan.explain())
 
 
 def input_driven(seed: int = 3, inputs: int = 20, noise: float = 0.02) -> tuple[list[float], list[int]]:
