@@ -333,11 +333,12 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     lam_w = rate / W
     simple = not placed(specs, knobs)
     inputs = np.random.default_rng([seed, 1]).random(n)   # each request's input, for all its stages (StageSpec.draw)
-    alone: dict[str, float] = {}   # each stage's mean unbatched (ms), for an eager batching stage's busy threads
-    if any(s.eager and s.batching and knobs.batch_of(s.name)[0] > 1 for s in specs):
+    alone: dict[str, float] = {}   # each stage's mean unbatched (ms): the load on a worker's threads
+    if any(s.eager and s.batching and knobs.batch_of(s.name)[0] > 1 for s in specs) or any(
+            s.high_variance and min(knobs.race_of(s.name), W) > 1 for s in specs):
         alone_rng = np.random.default_rng([seed, 2])
         alone = {s.name: float(s.draw(alone_rng, rows, n, inputs).mean()) for s in specs}
-    skip = race_skipped(specs, knobs, rate, resources, rows, inputs, seed)
+    skip = race_skipped(specs, knobs, rate, resources, rows, inputs, seed, alone)
     lat = np.zeros(n)
     wall = np.zeros(n)
     cpu = np.zeros(n)
@@ -377,8 +378,8 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             else:
                 svc = draws.min(axis=0)
                 busy = k * svc
-            alone = rng.random(n) < skip   # the worker's threads were taken: the first replica alone
-            svc, busy = np.where(alone, draws[0], svc), np.where(alone, draws[0], busy)
+            solo = rng.random(n) < skip   # the worker's threads were taken: the first replica alone
+            svc, busy = np.where(solo, draws[0], svc), np.where(solo, draws[0], busy)
         else:
             svc = s.draw(rng, rows, n, inputs)
             busy = svc
@@ -426,15 +427,18 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
 
 
 def race_skipped(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources, rows: int = 1,
-                 inputs: np.ndarray | None = None, seed: int = 0) -> float:
+                 inputs: np.ndarray | None = None, seed: int = 0, means: dict[str, float] | None = None) -> float:
     """The share of races that run one replica: a race finds all of its worker's threads taken
     (a stage running there, or another race) and races nothing (``runtime/execution.py``).
     Erlang C's probability that all ``threads_per_worker`` are taken, with each worker's load
-    its requests' stages (their means, one replica each) and the other workers' replicas sent
-    to it (``k - 1`` per race that is run); found with the share it sets, from none skipped.
+    its requests' stages (their means, one replica each: ``means``, in ms, when the caller has
+    them) and the other workers' replicas sent to it (``k - 1`` per race that is run, for as
+    long as they run: a whole race, or from the hedge's p95 on); the share that sets a load
+    whose share is itself, found by bisection (the load falls as the share rises).
 
     >>> from flowkit.profiling import Profile
-    >>> spec = StageSpec("r", (Profile.from_latencies({"r": {1: [5.0, 10.0, 20.0] * 10}})["r"],), high_variance=True)
+    >>> waits = Profile.from_latencies({"r": {1: [5.0, 10.0, 20.0] * 10}}, cpu_share=0.1)["r"]   # raced at once
+    >>> spec = StageSpec("r", (waits,), high_variance=True)
     >>> [round(race_skipped([spec], Knobs(race=(("r", 2),), workers=2), r, Resources(2)), 2) for r in (10, 60)]
     [0.11, 0.51]
     """
@@ -444,20 +448,34 @@ def race_skipped(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resource
         return 0.0
     rng = np.random.default_rng([seed, 3])
     n = 400 if inputs is None else len(inputs)
-    mean = {s.name: float(s.draw(rng, rows, n, inputs).mean()) / 1000 for s in specs}
-    own = sum(mean.values())
-    sent = sum((min(knobs.race_of(s.name), W) - 1) * mean[s.name] for s in raced)
-    c, lam_w, p = resources.threads_per_worker, rate / W, 0.0
-    for _ in range(30):   # (halfway to the share it sets each time: the load falls as the share rises)
-        p = (p + erlang_c(c, min(float(c), lam_w * (own + (1 - p) * sent)))) / 2
-    return p
+    if means is None:
+        means = {s.name: float(s.draw(rng, rows, n, inputs).mean()) for s in specs}
+    own = sum(means.values()) / 1000
+    sent = 0.0
+    for s in raced:
+        if s.cpu_share >= HEDGE_CPU_SHARE:   # hedged: the others run from the p95 until the race ends
+            first, other, h = s.draw(rng, rows, n, inputs), s.draw(rng, rows, n, inputs), s.p95(rows)
+            run = float(np.where(first > h, np.minimum(first, h + other) - h, 0.0).mean())
+        else:
+            run = means[s.name]
+        sent += (min(knobs.race_of(s.name), W) - 1) * run / 1000
+    c, lam_w = resources.threads_per_worker, rate / W
+
+    def excess(p: float) -> float:   # falls as p rises, from >= 0 at p = 0 to <= 0 at p = 1
+        return erlang_c(c, min(float(c), lam_w * (own + (1 - p) * sent))) - p
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def fewest_workers(specs: Sequence[StageSpec], rate: float, resources: Resources, overheads: Overheads = Overheads(),
                    rows: int = 1) -> int:
     """A lower bound on the workers any knob setting of ``specs`` needs at ``rate``: the least
-    CPU time a request can take — each stage at its cheapest batch per row (a high-variance
-    stage, which a race may cut short, at its fastest run), plus the worker's own time
+    CPU time a request can take — each stage at its cheapest batch per row (or, where a race may
+    cut a high-variance stage short, at its fastest run if that is less), plus the worker's own time
     (``Overheads.worker_ms``) — times the rate, over the cores that many workers get, less
     ``MARGIN`` for the model's sampling. With fewer, the CPU cannot keep up whatever the plan
     batches or races (``predict``'s CPU utilization is at least this); ``max_workers + 1`` when
@@ -470,12 +488,12 @@ def fewest_workers(specs: Sequence[StageSpec], rate: float, resources: Resources
     """
     cpu_ms = overheads.worker_ms
     for s in specs:
-        if s.high_variance:
-            cpu_ms += s.cpu_share * sum(float(np.min(m.samples(rows))) for m in s.members)
-            continue
         measured = {b for m in s.members for b in m.batch_sizes}
         sizes = sorted({b for b in set(BATCHES) | measured if b <= s.max_batch}) if s.batching else [rows]
-        cpu_ms += s.cpu_share * rows * min(sum(m.mean(b) for m in s.members) / b for b in sizes)
+        cheapest = rows * min(sum(m.mean(b) for m in s.members) / b for b in sizes)
+        if s.high_variance:
+            cheapest = min(cheapest, sum(float(np.min(m.samples(rows))) for m in s.members))
+        cpu_ms += s.cpu_share * cheapest
     need = rate * cpu_ms / 1000 * (1 - MARGIN)   # cores busy
     if resources.cores is not None and need >= resources.cores:
         return resources.max_workers + 1

@@ -390,7 +390,7 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
                          "the plan stage by stage)")
         if s.high_variance:
             line += (f"; {sp.replicas} replicas race (latency cv {max((m.cv(1) for m in s.members), default=0):.2f}); "
-                     f"{sp.race_skipped:.0%} of races expected to find their worker busy and run one"
+                     f"{sp.race_skipped:.0%} of races expected to find their worker's threads all taken and run one replica"
                      if sp.replicas > 1 else "; no race: racing predicted no lower p99 (its latency follows its input, "
                      "which every replica gets alike, or too few workers)")
         if s.missing:

@@ -194,6 +194,10 @@ def test_the_planner_skips_the_worker_counts_the_cpu_cannot_carry_and_plans_the_
     assert ok and plan.workers == knobs.workers >= 10 and plan.evaluated < counter[0]
     assert any(r.startswith(f"workers: {plan.workers}, the fewest that hold the objective ({plan.workers - 1} "
                             f"would give") for r in plan.explain())
+    # a stage that both batches and races is charged at the cheaper of its batch per row and its fastest run
+    both = Profile.from_latencies({"m": {1: [10.0, 12.0] * 50, 8: [16.0, 18.0] * 50}}, batching=["m"])["m"]
+    both_spec = StageSpec("m", (both,), batching=True, high_variance=True)
+    assert fewest_workers([both_spec], 400, resources, NO_OVERHEAD) <= 1   # 17/8 ms a row: 0.85 cores, not 4
     again = retarget(plan, rate=1200)   # a third more: 12 cores busy
     assert again.workers >= 13 and fewest_workers(specs, 1200, resources, NO_OVERHEAD) == 11
     assert any(r.startswith(f"workers: {again.workers}, the fewest that hold") for r in again.explain())
@@ -382,8 +386,41 @@ def test_a_race_on_a_busy_worker_runs_one_replica_and_the_model_counts_it():
     f.map(translate, names=["t"], high_variance=True)
     plan = plan_slo(f, prof, 20, 20, Resources(2), NO_OVERHEAD)   # one worker's p99 is over 20 ms: two race
     assert plan.knobs.race_of("translate") == 2 and plan.prediction.stages[0].race_skipped > 0
-    assert any(f"{plan.prediction.stages[0].race_skipped:.0%} of races expected to find their worker busy" in r
-               for r in plan.explain())
+    assert any(f"{plan.prediction.stages[0].race_skipped:.0%} of races expected to find their worker's threads all "
+               "taken" in r for r in plan.explain())
+
+
+def test_a_race_before_a_batching_stage_is_predicted():
+    """A raced stage upstream of an eagerly batching one: both need the stages' mean load."""
+    prof = cascade_profile()
+    specs = [StageSpec("translate", (prof["translate"],), high_variance=True),
+             StageSpec("model", (prof["model"],), batching=True)]
+    knobs = Knobs(batch=(("model", 8, 2.0),), race=(("translate", 2),), workers=2)
+    pred = predict(specs, knobs, 50, Resources(2), NO_OVERHEAD)
+    assert pred.stages[0].race_skipped > 0 and pred.stages[1].batch_rows > 1 and math.isfinite(pred.p99_ms)
+
+
+def test_the_share_of_races_skipped_is_the_share_its_load_sets():
+    """With several threads a worker's load falls steeply as more races are skipped: the share
+    is still the one whose load gives it back (not an oscillation between two)."""
+    waiting = Profile.from_latencies({"r": {1: [5.0, 10.0, 20.0] * 10}}, cpu_share=0.1)["r"]   # raced at once
+    spec = StageSpec("r", (waiting,), high_variance=True)
+    for threads, rate in ((1, 40), (8, 900), (16, 1800)):
+        res, knobs = Resources(4, threads_per_worker=threads), Knobs(race=(("r", 4),), workers=4)
+        p = race_skipped([spec], knobs, rate, res)
+        mean_s = float(spec.draw(np.random.default_rng([0, 3]), 1, 400).mean()) / 1000
+        load = rate / 4 * mean_s * (1 + 3 * (1 - p))
+        assert 0 < p < 1 and p == pytest.approx(erlang_c(threads, min(load, threads)), abs=1e-6)
+
+
+def test_a_hedged_race_sends_its_other_workers_only_its_tail():
+    """A CPU-bound stage is hedged: its other replicas start at its p95, so they load the other
+    workers far less than a race started at once, and fewer races find their worker taken."""
+    latencies = {"r": {1: [5.0, 10.0, 20.0] * 30 + [80.0] * 5}}
+    raced, hedged = (StageSpec("r", (Profile.from_latencies(latencies, cpu_share=cpu)["r"],), high_variance=True)
+                     for cpu in (0.1, 1.0))
+    knobs, res = Knobs(race=(("r", 2),), workers=2), Resources(2)
+    assert 0 < race_skipped([hedged], knobs, 40, res) < race_skipped([raced], knobs, 40, res)
 
 
 def input_driven(seed: int = 3, inputs: int = 20, noise: float = 0.02) -> tuple[list[float], list[int]]:
