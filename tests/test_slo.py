@@ -163,6 +163,20 @@ def test_the_flows_own_requests_calibrate_the_path_and_the_workers_time_per_requ
     assert near[0].utilization > near[1].utilization and near[0].p99_ms > near[1].p99_ms
 
 
+def test_a_replan_for_http_keeps_its_workers_and_says_so():
+    """The HTTP path is cheaper than the client's: one worker would hold, but serving over HTTP
+    never retires one; explain() says they were kept, not that they are the fewest possible."""
+    from flowkit.runtime.replanner import over_http
+
+    f, prof = single(1.0)
+    cheaper = replace(prof, request_path_ms=(4.0,) * 50, http_path_ms=(0.5,) * 50)
+    plan = plan_slo(f, cheaper, 6, 500, Resources(max_workers=2))
+    http = over_http(plan)
+    assert plan.workers == http.workers == 2
+    line = next(r for r in http.explain() if r.startswith("workers: "))
+    assert line.startswith("workers: 2, kept: this re-plan does not retire workers")
+
+
 def test_shedding_drains_the_queue_at_the_bottlenecks_own_time_per_request():
     """Eight threads waiting on a model that barely uses the CPU, and the worker's own 2 ms of
     CPU per request: the CPU is the bottleneck, and the queue ahead drains at 2.5 ms of CPU a

@@ -6,6 +6,7 @@ the replicas of a high-variance stage raced or hedged (``_race``, deciding with 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from ..plan import AnyOf
@@ -106,7 +107,7 @@ class Execution(Demand):
                 hedged = True
         if len(replicas) > 1:
             others = await self.dep.peers.others()
-            places = others[: len(replicas) - 1]
+            places = random.sample(others, min(len(others), len(replicas) - 1))   # spread over the other workers
             places += [None] * (len(replicas) - 1 - len(places))
             for rep, where in zip(replicas[1:], places):
                 start(rep, where, Token())
