@@ -538,6 +538,35 @@ def test_races_only_use_idle_capacity(client):
     assert race["races skipped (busy)"] >= 1
 
 
+def test_a_race_takes_one_thread_so_another_races_while_one_is_free(make_cluster, tmp_path):
+    """One worker of 3 threads: a race runs its 2 replicas there (no other worker), and a second
+    race still finds a thread free, so it races too (a race was once counted twice: its first
+    replica, and itself)."""
+    m = _module(tmp_path, "gate_models", f"""
+        import os, time, uuid
+        DIR = {str(tmp_path)!r}
+        def held(row) -> int:
+            open(os.path.join(DIR, "started-" + uuid.uuid4().hex), "w").close()
+            t0 = time.monotonic()
+            while not os.path.exists(os.path.join(DIR, "go")) and time.monotonic() - t0 < 120:
+                time.sleep(0.005)
+            return row["x"] + 1
+    """)
+    started = lambda: len(list(tmp_path.glob("started-*")))
+    flow = fk.Flow("one_thread_a_race", SCHEMA)
+    flow.map(m.held, names=["y"], high_variance=True)
+    client = make_cluster(n_workers=1, threads_per_worker=3)
+    with fk.deploy(flow, cluster=client, optimize={"compete": 2}) as dep:
+        first = dep.submit({"x": [1]})
+        wait_until(lambda: started() == 2, "the first race's two replicas to start")
+        second = dep.submit({"x": [2]})
+        wait_until(lambda: started() == 4, lambda: f"the second race's replicas to start ({started()} started)")
+        (tmp_path / "go").touch()
+        assert [first.result(60).column("y"), second.result(60).column("y")] == [[2], [3]]
+        race = dep.stats().loc["held"]
+    assert not race.get("races skipped (busy)", 0) > 0   # (NaN where never counted)
+
+
 def _spin(row) -> int:
     end = time.perf_counter() + 0.003
     while time.perf_counter() < end:   # computing, not waiting

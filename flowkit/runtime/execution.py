@@ -67,10 +67,13 @@ class Execution(Demand):
         if len(replicas) > 1 and hedge_after is not None and self._hedge_futile(op.name):
             stats.count("hedges held (they lost)")
             replicas = replicas[:1]
-        self.dep.racing += 1   # counted before any await, so a burst of requests sees it
+        # The race takes a thread from now (before any await: a burst of requests sees it) until
+        # its first replica starts and busy counts it instead (_run_race's ``first``).
+        self.dep.racing += 1
+        claim = [True]   # (until released)
         tasks: dict = {}   # each replica's task -> (replica, where, token)
         try:
-            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after, tasks)
+            return await self._run_race(op, replicas, inputs, stats, t0, hedge_after, tasks, claim)
         except asyncio.CancelledError:   # the request was abandoned: so are its replicas
             for task, (_, _, token) in tasks.items():
                 token.cancel("the request was cancelled")
@@ -78,7 +81,7 @@ class Execution(Demand):
                 task.add_done_callback(retrieved)
             raise
         finally:
-            self.dep.racing -= 1
+            self._release(claim)
 
     def _hedge_futile(self, name: str) -> bool:
         """Whether this race should not hedge: its stage's hedges keep losing (``hedges_losing``);
@@ -88,12 +91,22 @@ class Execution(Demand):
         self.dep.hedges_held[name] += 1
         return self.dep.hedges_held[name] % racing.HEDGE_PROBE != 0
 
-    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after, tasks: dict):
+    def _release(self, claim: list) -> None:
+        if claim[0]:
+            claim[0] = False
+            self.dep.racing -= 1
+
+    async def _run_race(self, op, replicas, inputs, stats, t0, hedge_after, tasks: dict, claim: list):
+        async def first(rep, token):   # the race's thread, from here on counted in busy
+            self._release(claim)
+            return await self.dep.local(rep, inputs, token)
+
         def start(rep, where, token):
             coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs)
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
 
-        start(replicas[0], None, Token())
+        token = Token()
+        tasks[asyncio.ensure_future(first(replicas[0], token))] = (replicas[0], None, token)
         pending = set(tasks)
         hedged = False
         if len(replicas) > 1 and hedge_after is not None:

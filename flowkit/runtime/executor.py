@@ -73,7 +73,7 @@ class WorkerDeployment:
                                                       (isinstance(op, Stage) and op.batching) for op in self.ops)
         threads = self.threads = max(1, worker_threads(worker))
         self.busy = 0     # stage executions running or queued in this deployment's threads
-        self.racing = 0   # races this worker is coordinating
+        self.racing = 0   # races this worker coordinates whose first replica has not started (execution._race)
         self.hedge_wins = {op.name: deque(maxlen=50) for op in self.ops if isinstance(op, AnyOf)}   # recent hedges: won?
         self.hedges_held = {op.name: 0 for op in self.ops if isinstance(op, AnyOf)}
         # Racing replicas, remote stages and batches must not queue behind each other.
