@@ -798,6 +798,23 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         assert dep.replanner.measure().late == m.judged
 
 
+def test_the_replanner_measures_a_load_that_began_within_its_window_at_its_own_rate(client):
+    """A deployment idle for most of the window, then a burst: the rate is the burst's (its
+    requests over the time since the first began), not the burst spread over the idle part —
+    which made a re-plan for a p99 over the objective plan for half the offered rate."""
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=200, rate=20, profile=prof) as dep:
+        dep.replanner.stop()
+        dep.replanner.window = 3600.0
+        dep.replanner._started -= 3600.0   # as if deployed an hour ago, and idle since
+        t0 = time.perf_counter()
+        dep.map([{"x": [i]} for i in range(40)], progress=False)
+        m = dep.replanner.measure()
+        elapsed = time.perf_counter() - t0
+        assert m.requests == 40 and m.rate >= 40 / elapsed   # (all 40 began and ended within elapsed)
+
+
 def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
     """HTTP served by the workers never passes the client: the re-planner and the serving
     autoscaler ask the workers for the requests their endpoints finished (the answers arrive

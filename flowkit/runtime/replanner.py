@@ -303,7 +303,8 @@ class Replanner:
             self._thread.join(timeout=10)
 
     def measure(self) -> Window:
-        """The requests finished in the last ``window`` seconds (``Window``)."""
+        """The requests finished in the last ``window`` seconds (``Window``); their rate over
+        the time since the first of them started, when that is shorter."""
         now = time.perf_counter()
         if self._arriving():
             self._settled = now
@@ -311,6 +312,9 @@ class Replanner:
         recent = self.dep.recent(span)
         if not recent:
             return Window(0.0, math.nan, 0, 0, 0)
+        # the rate over the time the requests span: a load that began within the window (the
+        # deployment idle before it) is not spread over the idle part
+        span = max(1e-3, min(span, now - min(t - s for t, s in recent)))
         settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
         p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
         late = sum(1 for s in settled if s * 1000 > self.dep._slo_plan.slo_ms)
