@@ -433,8 +433,9 @@ def race_skipped(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resource
     Erlang C's probability that all ``threads_per_worker`` are taken, with each worker's load
     its requests' stages (their means, one replica each: ``means``, in ms, when the caller has
     them) and the other workers' replicas sent to it (``k - 1`` per race that is run, for as
-    long as they run: a whole race, or from the hedge's p95 on); the share that sets a load
-    whose share is itself, found by bisection (the load falls as the share rises).
+    long as they run: a whole race, or from the hedge's p95 on). The share sets that load (the
+    fewer races run, the less the others send): found by bisection, the share whose load gives
+    it back.
 
     >>> from flowkit.profiling import Profile
     >>> waits = Profile.from_latencies({"r": {1: [5.0, 10.0, 20.0] * 10}}, cpu_share=0.1)["r"]   # raced at once
