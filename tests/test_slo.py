@@ -789,9 +789,11 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         dep.replanner.stop()
         dep.replanner.window = 3600.0   # every request of the test is in the window
         dep.map([{"x": [i]} for i in range(P99_SAMPLES // 2)], progress=False)
+        wait_until(lambda: len(dep.recent(3600)) == P99_SAMPLES // 2, "the client to record the last request")
         m = dep.replanner.measure()
         assert m.requests == P99_SAMPLES // 2 and m.rate > 0 and math.isnan(m.p99_ms)
         dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
+        wait_until(lambda: len(dep.recent(3600)) == P99_SAMPLES * 3 // 2, "the client to record the last request")
         m = dep.replanner.measure()
         assert m.requests == m.judged == P99_SAMPLES * 3 // 2 and 0 < m.p99_ms < math.inf
         dep.set_objective(slo_ms=1e-3)   # now every one of them is late
@@ -810,6 +812,7 @@ def test_the_replanner_measures_a_load_that_began_within_its_window_at_its_own_r
         dep.replanner._started -= 3600.0   # as if deployed an hour ago, and idle since
         t0 = time.perf_counter()
         dep.map([{"x": [i]} for i in range(40)], progress=False)
+        wait_until(lambda: len(dep.recent(3600)) == 40, "the client to record the last request")   # (after its result)
         m = dep.replanner.measure()
         elapsed = time.perf_counter() - t0
         assert m.requests == 40 and m.rate >= 40 / elapsed   # (all 40 began and ended within elapsed)
