@@ -351,12 +351,13 @@ def _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overhead
                    profile=profile)
 
 
-def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer=()) -> list[str]:
-    """``explain()``'s lines for a plan; ``fewer``: the predictions on one worker fewer."""
-    return _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, list(fewer), shed)
+def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer=(), kept: bool = False) -> list[str]:
+    """``explain()``'s lines for a plan; ``fewer``: the predictions on one worker fewer;
+    ``kept``: its workers are a floor it was given (a re-plan that retires none), not the fewest."""
+    return _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, list(fewer), shed, kept)
 
 
-def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed) -> list[str]:
+def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed, kept=False) -> list[str]:
     W = knobs.workers
     out = [f"objective: p99 <= {slo_ms:g} ms at {rate:g} req/s; predicted p99 {pred.p99_ms:.3g} ms "
            f"(p50 {pred.p50_ms:.3g} ms) on {W} worker{'s' if W != 1 else ''} of "
@@ -368,6 +369,9 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
         why = (f"utilization {f.utilization:.0%}: it cannot keep up" if not f.holds else
                f"predicted p99 {f.p99_ms:.3g} ms")
         out.append(f"workers: {W}, the fewest that hold the objective ({W - 1} would give {why})")
+    elif kept:
+        out.append(f"workers: {W}, kept: this re-plan does not retire workers (a measured fall of the rate does, "
+                   "once it lasts)")
     else:
         out.append(f"workers: {W}, the fewest possible")
     fused = [s for s in specs if len(s.members) > 1]

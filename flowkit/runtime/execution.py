@@ -101,12 +101,13 @@ class Execution(Demand):
             self._release(claim)
             return await self.dep.local(rep, inputs, token)
 
-        def start(rep, where, token):
-            coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs)
+        def start(rep, where, token, coro=None):
+            if coro is None:
+                coro = self.dep.local(rep, inputs, token) if where is None else self.dep.remote(where, rep, inputs)
             tasks[asyncio.ensure_future(coro)] = (rep, where, token)
 
         token = Token()
-        tasks[asyncio.ensure_future(first(replicas[0], token))] = (replicas[0], None, token)
+        start(replicas[0], None, token, first(replicas[0], token))
         pending = set(tasks)
         hedged = False
         if len(replicas) > 1 and hedge_after is not None:

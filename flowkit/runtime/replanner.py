@@ -251,10 +251,8 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
         return None, f"{reason}; re-planned: nothing to change"
     if not held:
         reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
-    reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed, fewer)
-    if not fewer and knobs.workers == fewest > 1:   # held at the floor it was given: not the fewest possible
-        reasons = [f"workers: {fewest}, kept: this re-plan does not retire workers (a measured fall of the rate "
-                   "does, once it lasts)" if r.startswith("workers: ") else r for r in reasons]
+    reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed, fewer,
+                          kept=knobs.workers == fewest > 1)
     if calibration > 1:
         reasons.append(f"calibration: measured p99s ran {calibration:.2g}x the model's, so the plan holds "
                        f"{target:.3g} ms as the model predicts")
