@@ -135,18 +135,25 @@ def _draw(rng, samples: tuple[float, ...], mean: float, n: int) -> np.ndarray | 
 @dataclass(frozen=True)
 class Knobs:
     """One candidate: fusion, ``(max_batch, max_wait_ms)`` per batching stage, race width per
-    high-variance stage, and the number of workers."""
+    high-variance stage, and the number of workers. ``room``: replicas per stage deployed beyond
+    those racing (``race``), for a live re-plan to race them once it adds workers
+    (``runtime/replanner.py``); a race deployed is placed stage by stage whatever its width."""
 
     fusion: bool = True
     batch: tuple[tuple[str, int, float], ...] = ()
     race: tuple[tuple[str, int], ...] = ()
     workers: int = 1
+    room: tuple[tuple[str, int], ...] = ()
 
     def batch_of(self, stage: str) -> tuple[int, float]:
         return next(((b, w) for s, b, w in self.batch if s == stage), (1, 0.0))
 
     def race_of(self, stage: str) -> int:
         return next((k for s, k in self.race if s == stage), 1)
+
+    def deployed_of(self, stage: str) -> int:
+        """The replicas of ``stage`` deployed: its race width, or its room when that is wider."""
+        return max(self.race_of(stage), next((k for s, k in self.room if s == stage), 1))
 
 
 @dataclass(frozen=True)
@@ -309,7 +316,7 @@ class Prediction:
 def placed(specs: Sequence[StageSpec], knobs: Knobs) -> bool:
     """Whether the plan runs stage by stage on its worker (a batch window or a race: see
     ``runtime/executor.py``), each stage a hop through the worker's event loop, rather than in one go."""
-    return any((s.batching and knobs.batch_of(s.name)[0] > 1) or knobs.race_of(s.name) > 1 for s in specs)
+    return any((s.batching and knobs.batch_of(s.name)[0] > 1) or knobs.deployed_of(s.name) > 1 for s in specs)
 
 
 def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources,

@@ -41,7 +41,7 @@ from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, St
                             erlang_c, fewest_workers, placed, predict, stage_specs)
 from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
 
-__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_knobs", "apply_knobs", "shed_limit", "reasons_for", "require_positive",
+__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_knobs", "apply_knobs", "with_room", "shed_limit", "reasons_for", "require_positive",
            "BATCHES", "WAITS_MS",
            "RACE_WIDTHS",
            # the model's records and functions, for the planner's callers
@@ -100,6 +100,12 @@ class SLOPlan:
     @property
     def plan(self) -> Plan:
         return self.flow.plan
+
+    @property
+    def race_widths(self) -> dict[str, int]:
+        """The replicas racing per race where fewer than deployed (``with_room``)."""
+        k = self.knobs
+        return {s: k.race_of(s) for s, _ in k.room if k.deployed_of(s) > k.race_of(s)}
 
     def explain(self) -> list[str]:
         return list(self.reasons) + [str(r) for r in self.replans]
@@ -178,7 +184,8 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                  race: bool = True) -> tuple[Knobs, Prediction]:
     """From ``start``, a coordinate search for the batch windows and race widths minimizing the
     predicted p99 (``start``'s fusion and workers stay). ``windows``: the stages whose batch
-    window may change (default: every batching stage); ``race``: whether race widths may."""
+    window may change (default: every batching stage); ``race``: whether race widths may (with
+    ``start.room``, each only up to the replicas deployed: ``Knobs.deployed_of``)."""
     counter = [0] if counter is None else counter
     knobs = start
 
@@ -206,7 +213,8 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                         best, pred, knobs, changed = sc, p, k, True
             if s.high_variance and race:
                 for width in RACE_WIDTHS:
-                    if width > knobs.workers or width == knobs.race_of(s.name):
+                    if width > knobs.workers or width == knobs.race_of(s.name) or \
+                            (knobs.room and width > knobs.deployed_of(s.name)):
                         continue
                     k = replace(knobs, race=tuple((x, width if x == s.name else kk) for x, kk in knobs.race))
                     sc, p = score(k)
@@ -293,7 +301,38 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         for fusion, sp in candidates:
             k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, counter)
             fewer.append(p)
+    knobs, pred = with_room(specs, knobs, pred, rate, resources, overheads, rows, slo_ms, n)
     return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
+
+
+def with_room(specs, knobs: Knobs, pred: Prediction, rate: float, resources: Resources, overheads: Overheads,
+              rows: int, slo_ms: float, n: int = 2000) -> tuple[Knobs, Prediction]:
+    """``knobs`` with room to race (``Knobs.room``): each high-variance stage deployed with as
+    many replicas as ``resources.max_workers`` could race (up to ``max(RACE_WIDTHS)``), those
+    beyond its race width idle until a live re-plan adds workers and races them
+    (``runtime/replanner.py``: a live re-plan cannot deploy replicas). Only where the plan still
+    meets ``slo_ms`` with them: a race deployed runs the plan stage by stage, a hop per stage
+    (``placed``), even while it races one replica. ``(knobs, pred)`` unchanged otherwise.
+
+    >>> from flowkit.profiling import Profile
+    >>> import flowkit as fk
+    >>> f = fk.Flow("f", {"x": int}); _ = f.map(abs, names=["y"], high_variance=True)
+    >>> prof = Profile.from_latencies({"abs": {1: [2.0, 2.0, 9.0] * 20}}, cpu_share=0.1)
+    >>> specs = stage_specs(_candidate(f, True), prof)
+    >>> one = Knobs(race=(("abs", 1),))
+    >>> pred = predict(specs, one, 10, Resources(2), Overheads(0.5, 0.2))
+    >>> with_room(specs, one, pred, 10, Resources(2), Overheads(0.5, 0.2), 1, 30)[0].room
+    (('abs', 2),)
+    >>> with_room(specs, one, pred, 10, Resources(2), Overheads(0.5, 0.2), 1, 9.0)[0].room   # (it predicts 9.7 ms)
+    ()
+    """
+    width = min(max(RACE_WIDTHS), resources.max_workers)
+    room = tuple((s.name, width) for s in specs if s.high_variance and knobs.race_of(s.name) < width)
+    if not room:
+        return knobs, pred
+    roomy = replace(knobs, room=room)
+    p = predict(specs, roomy, rate, resources, overheads, rows, n)
+    return (roomy, p) if p.p99_ms <= slo_ms else (knobs, pred)
 
 
 def require_positive(what: str, v, unit: str = "") -> None:
@@ -392,7 +431,10 @@ def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed
                 line += (f"; not batched: no batch window was predicted to cut the p99 by {BATCH_GAIN:.0%} (at this "
                          "rate batches would not fill before the wait cost more than they save, and batching runs "
                          "the plan stage by stage)")
-        if s.high_variance:
+        if s.high_variance and knobs.deployed_of(s.name) > max(sp.replicas, knobs.race_of(s.name)):
+            line += (f"; {knobs.deployed_of(s.name)} replicas deployed, {knobs.race_of(s.name)} racing: the others "
+                     "race once a live re-plan adds workers")
+        elif s.high_variance:
             line += (f"; {sp.replicas} replicas race (latency cv {max((m.cv(1) for m in s.members), default=0):.2f}); "
                      f"{sp.race_skipped:.0%} of races expected to find their worker's threads all taken and run one replica"
                      if sp.replicas > 1 else "; no race: racing predicted no lower p99 (its latency follows its input, "
@@ -437,7 +479,7 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
                                                                if spec else "not batched (batch 1)"),
                                      (op.name,), (op.name,)))
                 op = replace(op, batching=spec)
-        k = knobs.race_of(op.name)
+        k = knobs.deployed_of(op.name)
         hv = (isinstance(op, Map) and op.high_variance) or (isinstance(op, Stage) and op.high_variance
                                                              and op.replica_of is None)
         if hv and k > 1:
@@ -445,7 +487,10 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
             reps = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
             nodes += reps
             nodes.append(AnyOf(name=op.name, inputs=tuple(r.name for r in reps), schema=op.schema, race=op.name))
-            notes.append(Rewrite("slo", f"{op.name!r}: {k} replicas race", (op.name,),
+            live = knobs.race_of(op.name)
+            notes.append(Rewrite("slo", f"{op.name!r}: {k} replicas race" if live == k else
+                                 f"{op.name!r}: {k} replicas deployed, {live} racing (the others once a live "
+                                 "re-plan adds workers)", (op.name,),
                                  tuple(r.name for r in reps) + (op.name,)))
             continue
         nodes.append(op)

@@ -527,7 +527,7 @@ def test_explain_gives_a_reason_for_every_choice():
     for stage in ("pre", "model", "translate", "post"):
         assert f"'{stage}': p99" in text
     assert "rows per batch" in text or "not batched" in text
-    assert "replicas race" in text or "no race" in text
+    assert "replicas race" in text or "no race" in text or "replicas deployed, 1 racing" in text   # (with_room)
 
 
 def test_the_plan_is_the_optimizers_plan_with_the_chosen_knobs():
@@ -535,8 +535,9 @@ def test_the_plan_is_the_optimizers_plan_with_the_chosen_knobs():
     b, w = p.knobs.batch_of("model")
     stage = p.plan["model"]
     assert (stage.batching.max_batch, stage.batching.max_wait_ms) == (b, w) if b > 1 else stage.batching is None
-    k = p.knobs.race_of("translate")
+    k = p.knobs.deployed_of("translate")   # (its race width, or the room to race more)
     assert p.plan["translate"].kind == ("anyof" if k > 1 else "map")
+    assert p.race_widths == ({"translate": p.knobs.race_of("translate")} if k > p.knobs.race_of("translate") else {})
     assert [s.name for s in p.prediction.stages] == ["pre", "model", "translate", "post"]
     assert p.shed_inflight >= p.workers
 
@@ -753,6 +754,64 @@ def test_a_replan_that_changes_nothing_is_none_and_decide_is_pure():
     new = first[0]
     again, why = decide(new, new.rate, p99_ms=new.slo_ms * 0.5)
     assert again is None
+
+
+def raced_alone(slo: float = 40, rate: float = 10):
+    """A flow of one high-variance stage whose tail one worker holds within ``slo`` and two
+    racing it cut: planned on one worker, with room for a second replica (``with_room``)."""
+    f = fk.Flow("raced", {"x": int})
+    f.map(waits, names=["t"], high_variance=True)
+    tail = cascade_profile()["translate"].latencies[1]
+    return f, Profile.from_latencies({"waits": {1: list(tail)}}, cpu_share=0.1, high_variance=["waits"])
+
+
+def waits(row):
+    time.sleep(0.003)
+    return row["x"] + 1
+
+
+def test_a_plan_deploys_room_to_race_and_a_replan_that_adds_workers_races_it():
+    """A live re-plan cannot deploy replicas, so the planner deploys them: one worker holds the
+    objective unraced, and the second replica waits for a re-plan that adds a worker."""
+    f, prof = raced_alone()
+    plan = plan_slo(f, prof, 40, 10, Resources(max_workers=2))
+    assert plan.workers == 1 and plan.knobs.race_of("waits") == 1 and plan.knobs.room == (("waits", 2),)
+    assert plan.race_widths == {"waits": 1}
+    assert [op.name for op in plan.plan.stages()] == ["waits~1", "waits~2", "waits"]
+    assert any("2 replicas deployed, 1 racing" in line for line in plan.explain())
+    assert plan.prediction.stages[0].replicas == 1   # predicted as it runs: one replica
+    new, why = decide(plan, 10, p99_ms=60)   # its tail ran long: two workers, racing
+    assert new.workers == 2 and new.knobs.race_of("waits") == 2 and new.race_widths == {}
+    assert ("race width waits", 1, 2) in new.replans[-1].changes
+    assert new.prediction.p99_ms < plan.prediction.p99_ms and new.flow is plan.flow   # the same plan deployed
+    back, _ = decide(replace(new, calibration=1.0), 1, p99_ms=5)   # a trickle: one worker again, which cannot race
+    assert back.workers == 1 and back.knobs.race_of("waits") == 1 and back.race_widths == {"waits": 1}
+    tight = plan_slo(f, prof, 40, 10, Resources(max_workers=1))   # no second worker to race on: no room
+    assert tight.knobs.room == () and [op.name for op in tight.plan.stages()] == ["waits"]
+
+
+def test_a_replan_races_the_deployed_replicas_on_every_worker(client):
+    f, prof = raced_alone()
+
+    def races() -> tuple[int, int]:   # (races run, replicas that lost)
+        s = dep.stats().loc["waits"]
+        lost = s.get("cancelled losers", 0)
+        return int(s["requests"]), 0 if lost != lost else int(lost)   # (nan: none counted)
+
+    with fk.deploy(f, cluster=client, slo_ms=40, rate=10, profile=prof, max_workers=2) as dep:
+        dep.replanner.stop()
+        assert dep.slo_plan.race_widths == {"waits": 1}
+        assert [s["race_widths"] for s in dep._router.broadcast("stats")] == [{"waits": 1}] * 2
+        assert [t.column("t")[0] for t in dep.map([{"x": [i]} for i in range(8)], progress=False)] == \
+            [i + 1 for i in range(8)]
+        assert races() == (8, 0)   # one replica each
+        new = dep.replanner.step(rate=10, p99_ms=60)
+        assert new.knobs.race_of("waits") == 2 and "race width waits: 2 replicas" in new.replans[-1].applied
+        wait_until(lambda: [s["race_widths"] for s in dep._router.broadcast("stats")] == [{"waits": 2}] * 2,
+                   "the race width on both workers")
+        assert [dep.run({"x": [i]}).column("t")[0] for i in range(8)] == [i + 1 for i in range(8)]
+        ran, lost = races()
+        assert ran == 16 and lost >= 1   # both replicas raced (a race that found its worker busy ran one)
 
 
 def test_the_replanner_applies_a_new_rate_and_never_drops_a_request(client):

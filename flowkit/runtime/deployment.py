@@ -171,7 +171,8 @@ class Deployment:
         self._stored = StoredObjects(self.id, self.client, self._router, routing_column(self.plan))
         self.client.subscribe_topic(ready_topic(self.id), self._on_ready)
         self._plugin_name = f"flowkit-{self.id}"   # (close() removes it, even when its set-up failed)
-        register(self.client, self.id, self.plan, self._plan_bytes, self._plugin_name, tune_workers)
+        register(self.client, self.id, self.plan, self._plan_bytes, self._plugin_name, tune_workers,
+                 {"race_widths": self._slo_plan.race_widths} if self._slo_plan is not None else None)
         known = list(self.client.scheduler_info().get("workers", {}))
         for address in known:
             self._joined(address)

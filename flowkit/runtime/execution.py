@@ -56,7 +56,7 @@ class Execution(Demand):
         the input itself (``racing.hedge_after``). Stages that mostly wait (sleep, I/O, a device, a remote call) race at once.
         Hedges that keep losing (a slow input is slow on every replica) stop: see ``_hedge_futile``.
         """
-        replicas = [self.dep.by_name[r] for r in op.inputs]
+        replicas = [self.dep.by_name[r] for r in op.inputs][:self.dep.race_widths.get(op.name)]   # (None: all)
         inputs = [await self.value(i) for i in replicas[0].inputs]
         t0 = time.perf_counter()
         stats = self.dep.stats[op.name]

@@ -88,7 +88,9 @@ class WorkerDeployment:
         self.working: set = set()   # pool work submitted and not finished (abandoned requests' included)
         self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
-        self.windows_version = 0   # of the batch windows last set live (resize_batches)
+        self.windows_version = 0   # of the batch windows and race widths last set live (set_live)
+        # replicas racing per race, where fewer than deployed (a plan deployed with room to race)
+        self.race_widths: dict[str, int] = dict(options.get("race_widths", {}))
         self.tuned = False         # whether its set-up froze the worker's heap (plugin.freeze_heap)
         self.closed = False
 
@@ -136,14 +138,16 @@ class WorkerDeployment:
                         logger.warning("deployment %s: creating %s for operator %r failed: %r",
                                        self.id, fn.__name__, m.name, e)
 
-    def resize_batches(self, version: int, windows: dict) -> None:
-        """Set ``{stage: (max_batch, max_wait_ms)}`` unless a later version was set already."""
+    def set_live(self, version: int, windows: dict, widths: dict) -> None:
+        """Set batch windows (``{stage: (max_batch, max_wait_ms)}``) and race widths (``{race:
+        replicas}``) unless a later version was set already."""
         if version <= self.windows_version:
             return
         self.windows_version = version
         for name, (b, w) in windows.items():
             if name in self.batchers:
                 self.batchers[name].resize(b, w)
+        self.race_widths.update({name: k for name, k in widths.items() if isinstance(self.by_name.get(name), AnyOf)})
 
     def close(self) -> None:
         self.closed = True
@@ -197,8 +201,8 @@ class WorkerDeployment:
             if kind == "limit":    # the deployment's max_inflight changed (a live re-plan sheds earlier)
                 limit_http(self, loads(call.payload))
                 return p.Answer(rid, True)
-            if kind == "window":   # a live re-plan resized batch windows (see windows)
-                self.resize_batches(*loads(call.payload))
+            if kind == "window":   # a live re-plan set batch windows and race widths (see windows)
+                self.set_live(*loads(call.payload))
                 return p.Answer(rid, True)
             if kind == "forget":   # dep.put stored this key again: drop where it was remembered
                 self.store.forget(*loads(call.payload))
@@ -359,4 +363,4 @@ class WorkerDeployment:
         snap[STORE] = self.store.stats.snapshot()
         snap[SERVED] = self.served.snapshot()
         windows = {name: (b.max_batch, b.max_wait * 1000) for name, b in self.batchers.items()}
-        return {"worker": self.worker.address, "stages": snap, "windows": windows}
+        return {"worker": self.worker.address, "stages": snap, "windows": windows, "race_widths": dict(self.race_widths)}

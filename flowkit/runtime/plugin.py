@@ -38,12 +38,14 @@ def ready_topic(deployment: str) -> str:
     return f"flowkit-ready-{deployment}"
 
 
-def register(client, deployment: str, plan, plan_bytes: bytes, name: str, tune_workers: bool) -> None:
+def register(client, deployment: str, plan, plan_bytes: bytes, name: str, tune_workers: bool,
+             options: dict | None = None) -> None:
     """Give ``client``'s workers the deployment (``DeploymentPlugin``, registered as ``name``:
     the scheduler keeps a plugin whose set-up failed, so its remover must know the name before
-    this can fail). A module the workers cannot import names the operator that needs it."""
+    this can fail). A module the workers cannot import names the operator that needs it.
+    ``options``: ``race_widths``, the replicas racing per race where fewer than deployed."""
     try:
-        client.register_plugin(DeploymentPlugin(deployment, plan_bytes, tune_workers=tune_workers), name=name)
+        client.register_plugin(DeploymentPlugin(deployment, plan_bytes, options, tune_workers=tune_workers), name=name)
     except ImportError as e:   # the workers lack a module the plan's functions need
         op = operator_needing(plan, e.name) if e.name else None
         raise FlowError(f"{f'operator {op!r}' if op else 'the plan'} needs the module {e.name!r}, which the "

@@ -47,7 +47,8 @@ class Call:
     """Client -> worker: ``run`` a request (payload: its input Table), run one ``stage``
     (payload: ``(stage name, input tables)``), send ``stats``, ``forget`` where a stored key
     lived (payload: the key), ``keep`` a copy of an object put with ``broadcast`` (payload:
-    ``(key, object)``), resize batch ``window``s, ``serve`` HTTP on the worker (payload: the
+    ``(key, object)``), set batch ``window``s and race widths (payload: ``(version, windows,
+    widths)``), ``serve`` HTTP on the worker (payload: the
     options; answered with the port) or ``unserve`` it, send its endpoints' ``http`` answer
     counts, or the ``recent`` requests they finished (payload: since when, on the worker's
     monotonic clock; answered with its clock now, those requests and those in flight)."""

@@ -4,11 +4,13 @@
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
 measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
-than 1% late would make). The new plan keeps the deployed operators (fusion and race widths:
-changing them means installing another plan on every worker) and chooses again what can change
-live: the workers (the fewest that hold the objective at the measured rate, up to the
-resources' maximum), each deployed batching stage's window (``resizable``; the batch size and
-wait the model finds best at that rate on those workers), and the shedding limit. A p99 above
+than 1% late would make). The new plan keeps the deployed operators (fusion and the replicas
+deployed: changing them means installing another plan on every worker) and chooses again what
+can change live: the workers (the fewest that hold the objective at the measured rate, up to
+the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
+and wait the model finds best at that rate on those workers), how many of each race's deployed
+replicas race (no more than the workers: the planner deploys room for them,
+``planner.with_room``), and the shedding limit. A p99 above
 the objective that the model did not predict also calibrates it: the objective the model must
 meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimism is paid for
 with workers, and, once they run out, with earlier shedding.
@@ -17,7 +19,7 @@ with workers, and, once they run out, with earlier shedding.
 ``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
 lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
 rise at once): the adaptive minimum and maximum workers of ``dep.adaptive`` (both the plan's:
-the serving autoscaler adds none beyond it), the batch windows on every worker
+the serving autoscaler adds none beyond it), the batch windows and race widths on every worker
 (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked
 for). None loses a request: admission only refuses new requests, a resized batch queue keeps
 what it holds, and dask retires a worker gracefully (requests in flight on it are sent again).
@@ -225,12 +227,15 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     unless ``always``."""
     target = slo_ms / calibration
     windows = resizable(plan)
+    deployed = replace(plan.knobs, room=tuple((s.name, plan.knobs.deployed_of(s.name)) for s in plan.specs
+                                              if s.high_variance))   # (races only as wide as deployed)
     chosen, fewer = None, []
     W = plan.resources.max_workers   # (fewer workers than the CPU needs cannot hold: not searched)
     for w in range(min(max(fewest, fewest_workers(plan.specs, rate, plan.resources, plan.overheads, plan.rows)), W),
                    W + 1):
-        knobs, pred = search_knobs(plan.specs, replace(plan.knobs, workers=w), rate, plan.resources, plan.overheads,
-                                   plan.rows, target, windows=windows, race=False)
+        start = replace(deployed, workers=w, race=tuple((s, min(k, w)) for s, k in deployed.race))
+        knobs, pred = search_knobs(plan.specs, start, rate, plan.resources, plan.overheads,
+                                   plan.rows, target, windows=windows)
         if pred.p99_ms <= target:
             chosen = (knobs, pred)
             break
@@ -246,6 +251,7 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     changes = tuple((what, old, new) for what, old, new in
                     [("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed)]
                     + [(f"batch window {s}", plan.knobs.batch_of(s), knobs.batch_of(s)) for s in sorted(windows)]
+                    + [(f"race width {s}", plan.knobs.race_of(s), knobs.race_of(s)) for s, _ in deployed.room]
                     if old != new)
     if not changes and not always:
         return None, f"{reason}; re-planned: nothing to change"
@@ -399,9 +405,12 @@ class Replanner:
         dep, done = self.dep, []
         windows = {s: plan.knobs.batch_of(s) for s in resizable(plan)}
         resized = {s: bw for s, bw in windows.items() if bw != dep._slo_plan.knobs.batch_of(s)}
-        if resized:
-            dep.windows.resize(resized)
+        widths = {s: plan.knobs.race_of(s) for s, k in plan.knobs.room if k > 1}
+        rewidth = {s: k for s, k in widths.items() if k != dep._slo_plan.knobs.race_of(s)}
+        if resized or rewidth:
+            dep.windows.resize(resized, rewidth)
             done += [f"batch window {s}: up to {b} rows, waiting at most {w:g} ms" for s, (b, w) in resized.items()]
+            done += [f"race width {s}: {k} replicas" for s, k in rewidth.items()]
         limit = min(self.max_inflight, plan.shed_inflight or self.max_inflight)
         if limit != dep.max_inflight:
             done.append(f"max_inflight {dep.max_inflight} -> {limit}")
