@@ -3,7 +3,8 @@ an objective at a request rate on the fewest workers.
 
 Everything here is a pure function of a flow, a ``Profile`` (``flowkit.profiling``) and the
 resources offered; ``fk.deploy(flow, slo_ms=..., rate=...)`` calls ``plan_slo`` and deploys
-the plan it returns, or raises ``SLOUnreachable`` before anything is installed on a worker.
+the plan it returns (an ``SLOPlan``, ``flowkit.slo_plan``), or raises ``SLOUnreachable`` before
+anything is installed on a worker.
 
 **The model** is ``latency_model``'s: a sampled sum of stage latencies (batch forming and
 waiting, racing and hedging) queued in an M/G/c queue.
@@ -32,14 +33,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from .errors import FlowError
 from .flow import Flow
 from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, calibrated,
                             erlang_c, fewest_workers, placed, predict, stage_specs)
-from .plan import AnyOf, Batching, Map, Op, Plan, Rewrite, Stage, stage_of
+from .optimize.compete import high_variance, racing
+from .plan import Batching, Op, Plan, Rewrite, Stage
+from .slo_plan import SLOPlan
 
 __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_knobs", "apply_knobs", "with_room", "shed_limit", "reasons_for", "require_positive",
            "BATCHES", "WAITS_MS",
@@ -65,90 +67,6 @@ class SLOUnreachable(FlowError):
         self.best_p99_ms = best_p99_ms
         self.holds_rate = holds_rate
         self.best = best
-
-
-# -- the plan -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SLOPlan:
-    """The chosen plan: the knobs, its prediction, the optimized flow to deploy, and why.
-
-    ``explain()`` lists the reasons; ``table()`` is predicted per stage (and measured, once a
-    deployment attached its statistics: ``dep.slo_plan``)."""
-
-    slo_ms: float
-    rate: float
-    knobs: Knobs
-    prediction: Prediction
-    flow: Flow
-    resources: Resources
-    reasons: tuple[str, ...] = ()
-    shed_inflight: int | None = None
-    planning_s: float = 0.0
-    evaluated: int = 0
-    measured: Any = None      # dep.stats() when attached by a deployment
-    specs: tuple = ()         # the model's view of the planned stages (for re-planning: runtime/replanner.py)
-    overheads: Overheads = Overheads()
-    rows: int = 1
-    calibration: float = 1.0  # measured p99 / predicted p99 seen live (>= 1); the objective planned is slo_ms / this
-    replans: tuple = ()       # runtime.replanner.Replan records, oldest first
-    profile: Any = None       # the profile it was planned from (to plan again: the notebook's sliders)
-
-    @property
-    def workers(self) -> int:
-        return self.knobs.workers
-
-    @property
-    def plan(self) -> Plan:
-        return self.flow.plan
-
-    @property
-    def race_widths(self) -> dict[str, int]:
-        """The replicas racing per race where fewer than deployed (``with_room``)."""
-        k = self.knobs
-        return {s: k.race_of(s) for s, _ in k.room if k.deployed_of(s) > k.race_of(s)}
-
-    def explain(self) -> list[str]:
-        return list(self.reasons) + [str(r) for r in self.replans]
-
-    def with_measured(self, stats) -> "SLOPlan":
-        return replace(self, measured=stats)
-
-    def table(self):
-        """One row per stage after an ``(end to end)`` row: the predicted p50/p99 (ms), batch,
-        wait, replicas and utilization; with ``measured``: the measured p50/p99 and the p99's
-        error (predicted / measured - 1)."""
-        import pandas as pd
-
-        pr = self.prediction
-        rows = [{"stage": "(end to end)", "predicted_p50_ms": pr.p50_ms, "predicted_p99_ms": pr.p99_ms,
-                 "max_batch": None, "max_wait_ms": None, "replicas": None, "utilization": pr.utilization}]
-        for s in pr.stages:
-            rows.append({"stage": s.name, "predicted_p50_ms": s.p50_ms, "predicted_p99_ms": s.p99_ms,
-                         "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "replicas": s.replicas,
-                         "utilization": self.rate * s.demand_ms / 1000 / (self.workers * self.resources.threads_per_worker)})
-        df = pd.DataFrame(rows)
-        if self.measured is not None:
-            m = self.measured.set_index("stage") if "stage" in self.measured else self.measured
-            df["measured_p50_ms"] = [m["p50_ms"].get(s, math.nan) for s in df["stage"]]
-            df["measured_p99_ms"] = [m["p99_ms"].get(s, math.nan) for s in df["stage"]]
-            df["requests"] = [m["requests"].get(s, 0) for s in df["stage"]]
-            df["p99_error"] = df["predicted_p99_ms"] / df["measured_p99_ms"] - 1
-        return df
-
-    def _repr_html_(self) -> str:
-        items = "".join(f"<li>{_esc(r)}</li>" for r in self.reasons)
-        return f"<ul>{items}</ul>" + self.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="")
-
-    def __repr__(self) -> str:
-        pr = self.prediction
-        again = f"; re-planned {len(self.replans)}x" if self.replans else ""
-        return (f"<SLOPlan {self.plan.name!r}: p99 <= {self.slo_ms:g} ms at {self.rate:g} req/s on {self.workers} "
-                f"worker{'s' if self.workers != 1 else ''}; predicted p99 {pr.p99_ms:.3g} ms, utilization "
-                f"{pr.utilization:.0%}{again}>")
-
-
-def _esc(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _candidate(flow: Flow, fusion: bool) -> Plan:
@@ -480,18 +398,14 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
                                      (op.name,), (op.name,)))
                 op = replace(op, batching=spec)
         k = knobs.deployed_of(op.name)
-        hv = (isinstance(op, Map) and op.high_variance) or (isinstance(op, Stage) and op.high_variance
-                                                             and op.replica_of is None)
-        if hv and k > 1:
-            stage = op if isinstance(op, Stage) else stage_of((op,))
-            reps = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
-            nodes += reps
-            nodes.append(AnyOf(name=op.name, inputs=tuple(r.name for r in reps), schema=op.schema, race=op.name))
+        if high_variance(op) and k > 1:
+            raced = racing(op, k)
+            nodes += raced
             live = knobs.race_of(op.name)
             notes.append(Rewrite("slo", f"{op.name!r}: {k} replicas race" if live == k else
                                  f"{op.name!r}: {k} replicas deployed, {live} racing (the others once a live "
                                  "re-plan adds workers)", (op.name,),
-                                 tuple(r.name for r in reps) + (op.name,)))
+                                 tuple(r.name for r in raced)))
             continue
         nodes.append(op)
     return plan.with_nodes(nodes, rewrites=notes)

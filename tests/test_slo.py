@@ -175,6 +175,10 @@ def test_a_replan_for_http_keeps_its_workers_and_says_so():
     assert plan.workers == http.workers == 2
     line = next(r for r in http.explain() if r.startswith("workers: "))
     assert line.startswith("workers: 2, kept: this re-plan does not retire workers")
+    dearer = replace(prof, request_path_ms=(4.0,) * 50, http_path_ms=(4.5,) * 50)   # one worker would not hold
+    plan = plan_slo(f, dearer, 7, 500, Resources(max_workers=2))
+    line = next(r for r in over_http(plan).explain() if r.startswith("workers: "))
+    assert plan.workers == 2 and line.startswith("workers: 2, the fewest that hold the objective (1 would give")
 
 
 def test_shedding_drains_the_queue_at_the_bottlenecks_own_time_per_request():
@@ -908,6 +912,11 @@ def test_the_replanner_sees_the_requests_the_workers_serve_over_http(client):
 
             assert [post(i) for i in range(12)] == [i * 10 + 1 for i in range(12)]
             wait_until(lambda: len(dep.recent(3600.0)) == 12, "the 12 requests the workers served reach the client")
+            # the re-planner's window ends where the workers' reports do: what they served since
+            # has not arrived, and the time without it would read the rate low
+            last = max(t for t, _ in dep.recent(3600.0))
+            wait_until(lambda: dep.recorded_until() >= last, "both workers' reports to reach past the last request")
+            assert dep.recorded_until() <= time.perf_counter()
             dep.run({"x": [1]})   # and one from this process
             m = wait_until(lambda: (lambda m: m if m.requests == 13 else None)(dep.replanner.measure()),
                            lambda: f"the re-planner sees 13 requests, not {dep.replanner.measure().requests}")

@@ -19,10 +19,10 @@ from dataclasses import replace
 
 from ..plan import AnyOf, Map, Plan, Rewrite, Stage, stage_of
 
-__all__ = ["race"]
+__all__ = ["race", "racing", "high_variance"]
 
 
-def _high_variance(op) -> bool:
+def high_variance(op) -> bool:
     """A high-variance operator or stage that is not already a replica (racing is idempotent:
     optimizing an optimized flow again adds no replicas)."""
     return (isinstance(op, Map) and op.high_variance) or \
@@ -35,15 +35,20 @@ def race(plan: Plan, k: int) -> Plan:
         return plan
     nodes, rewrites = [], []
     for op in plan.nodes:
-        if not _high_variance(op):
+        if not high_variance(op):
             nodes.append(op)
             continue
-        stage = op if isinstance(op, Stage) else stage_of((op,))
-        replicas = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
-        nodes += replicas
-        nodes.append(AnyOf(name=op.name, inputs=tuple(r.name for r in replicas), schema=op.schema, race=op.name))
-        rewrites.append(Rewrite("compete", f"{op.name!r} is high-variance: {k} replicas race "
-                                           f"({', '.join(r.name for r in replicas)}); the first result wins and "
-                                           f"the others are cancelled", (op.name,),
-                                tuple(r.name for r in replicas) + (op.name,)))
+        raced = racing(op, k)
+        nodes += raced
+        replicas = ", ".join(r.name for r in raced[:-1])
+        rewrites.append(Rewrite("compete", f"{op.name!r} is high-variance: {k} replicas race ({replicas}); the "
+                                           f"first result wins and the others are cancelled", (op.name,),
+                                tuple(r.name for r in raced)))
     return plan.with_nodes(nodes, rewrites=rewrites)
+
+
+def racing(op, k: int) -> list:
+    """What replaces ``op`` in a race of ``k``: its replica stages, then the ``anyof`` joining them."""
+    stage = op if isinstance(op, Stage) else stage_of((op,))
+    replicas = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]
+    return replicas + [AnyOf(name=op.name, inputs=tuple(r.name for r in replicas), schema=op.schema, race=op.name)]

@@ -289,6 +289,15 @@ class Deployment:
         now = time.perf_counter()
         return [(t, s) for t, s in list(self._recent) + self._from_workers() if now - t <= seconds]
 
+    def recorded_until(self) -> float:
+        """The time (``time.perf_counter()``) up to which ``recent`` holds every request finished:
+        now, unless the workers serve HTTP themselves — then when their last reports arrived,
+        about a second ago (``ServedByWorkers.complete_until``)."""
+        now = time.perf_counter()
+        serving = any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers)
+        until = self._served.complete_until if serving else None
+        return now if until is None else min(now, until)
+
     def _from_workers(self) -> list[tuple[float, float]]:
         """Ask the workers for what their endpoints served (answers arrive later), when they
         serve; what has arrived."""

@@ -216,7 +216,8 @@ class ServedByWorkers:
     that worker finished since — their finish times turned into this process's
     ``perf_counter`` — and its requests in flight now. Nothing waits on the caller's thread,
     which may be dask's event loop (``Adaptive.target``): what is read is what has arrived,
-    about one asking interval behind. Requests older than ``keep_s`` are dropped."""
+    about one asking interval behind (``complete_until``). Requests older than ``keep_s`` are
+    dropped."""
 
     def __init__(self, dep, keep_s: float = 30.0):
         self.dep = dep
@@ -225,6 +226,7 @@ class ServedByWorkers:
         self._finished: dict[str, deque] = {}   # worker -> (perf_counter here, seconds), oldest first
         self._since: dict[str, float] = {}      # worker -> its clock when it last answered
         self._inflight: dict[str, int] = {}     # worker -> its endpoints' requests in flight then
+        self._answered_at: dict[str, float] = {}   # worker -> perf_counter here when its answer arrived
         self._asking: set[str] = set()
 
     def ask(self) -> None:
@@ -233,6 +235,7 @@ class ServedByWorkers:
             for gone in set(self._since) - live:   # a worker that left (what it served stays until old)
                 del self._since[gone]
                 self._inflight.pop(gone, None)
+                self._answered_at.pop(gone, None)
             todo = [a for a in live if a not in self._asking]
             self._asking.update(todo)
         for a in todo:
@@ -254,6 +257,7 @@ class ServedByWorkers:
             there, served, inflight = fut.result()
             self._since[address] = there
             self._inflight[address] = inflight
+            self._answered_at[address] = here
             kept = self._finished.setdefault(address, deque())
             kept.extend((here - (there - t), s) for t, s in served)
             for q in self._finished.values():
@@ -265,6 +269,14 @@ class ServedByWorkers:
         """(finish time on this process's ``perf_counter``, seconds) of the requests served."""
         with self._lock:
             return [r for q in self._finished.values() for r in q]
+
+    @property
+    def complete_until(self) -> float | None:
+        """The time (this process's ``perf_counter``) up to which ``finished`` holds every request
+        the workers that answered served: the oldest of their last answers' arrivals (None: none
+        answered yet). A request finished later may not have been reported yet."""
+        with self._lock:
+            return min(self._answered_at.values(), default=None)
 
     @property
     def inflight(self) -> int:

@@ -244,9 +244,10 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     if chosen is None:   # even every worker cannot hold it: all of them, and shedding keeps the rest in time
         chosen = (knobs, pred)
     knobs, pred = chosen
-    if not fewer and knobs.workers > max(1, fewest):   # (skipped for the CPU: for explain(), what one fewer gives)
+    if not fewer and knobs.workers > 1:   # (skipped for the CPU, or a floor: for explain(), what one fewer gives)
         fewer = [predict(plan.specs, replace(knobs, workers=knobs.workers - 1), rate, plan.resources, plan.overheads,
                          plan.rows)]
+    kept = knobs.workers == fewest > 1 and fewer[-1].p99_ms <= target   # (one fewer would hold: a floor kept them)
     shed = shed_limit(pred, target)
     changes = tuple((what, old, new) for what, old, new in
                     [("workers", plan.workers, knobs.workers), ("max_inflight", plan.shed_inflight, shed)]
@@ -257,8 +258,8 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
         return None, f"{reason}; re-planned: nothing to change"
     if not held:
         reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
-    reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed, fewer,
-                          kept=knobs.workers == fewest > 1)
+    reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed,
+                          () if kept else fewer, kept=kept)
     if calibration > 1:
         reasons.append(f"calibration: measured p99s ran {calibration:.2g}x the model's, so the plan holds "
                        f"{target:.3g} ms as the model predicts")
@@ -307,18 +308,21 @@ class Replanner:
             self._thread.join(timeout=10)
 
     def measure(self) -> Window:
-        """The requests finished in the last ``window`` seconds (``Window``); their rate over
-        the time since the first of them started, when that is shorter."""
+        """The requests finished in the ``window`` seconds up to ``dep.recorded_until()`` (now, or
+        when the workers serving HTTP last reported: what they served since has not arrived, and
+        counting the time without its requests would read the rate low) (``Window``); their rate
+        over the time since the first of them started, when that is shorter."""
         now = time.perf_counter()
         if self._arriving():
             self._settled = now
-        span = max(1e-3, min(self.window, now - self._started))
-        recent = self.dep.recent(span)
+        end = self.dep.recorded_until()
+        span = max(1e-3, min(self.window, end - self._started))
+        recent = [(t, s) for t, s in self.dep.recent(now - end + span) if t <= end]
         if not recent:
             return Window(0.0, math.nan, 0, 0, 0)
         # the rate over the time the requests span: a load that began within the window (the
         # deployment idle before it) is not spread over the idle part
-        span = max(1e-3, min(span, now - min(t - s for t, s in recent)))
+        span = max(1e-3, min(span, end - min(t - s for t, s in recent)))
         settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
         p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
         late = sum(1 for s in settled if s * 1000 > self.dep._slo_plan.slo_ms)
