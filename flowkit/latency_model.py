@@ -135,9 +135,10 @@ def _draw(rng, samples: tuple[float, ...], mean: float, n: int) -> np.ndarray | 
 @dataclass(frozen=True)
 class Knobs:
     """One candidate: fusion, ``(max_batch, max_wait_ms)`` per batching stage, race width per
-    high-variance stage, and the number of workers. ``room``: replicas per stage deployed beyond
-    those racing (``race``), for a live re-plan to race them once it adds workers
-    (``runtime/replanner.py``); a race deployed is placed stage by stage whatever its width."""
+    high-variance stage, and the number of workers. ``room``: the replicas deployed per stage
+    where more than race (``deployed_of``), for a live re-plan to race once it adds workers
+    (``runtime/replanner.py``; empty: none deployed yet, the race widths are free); a race
+    deployed is placed stage by stage whatever its width."""
 
     fusion: bool = True
     batch: tuple[tuple[str, int, float], ...] = ()

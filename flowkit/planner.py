@@ -39,7 +39,7 @@ from .errors import FlowError
 from .flow import Flow
 from .latency_model import (BATCHES, Knobs, Overheads, Prediction, Resources, StagePrediction, StageSpec, calibrated,
                             erlang_c, fewest_workers, placed, predict, stage_specs)
-from .optimize.compete import high_variance, racing
+from .optimize.compete import high_variance, race_nodes
 from .plan import Batching, Op, Plan, Rewrite, Stage
 from .slo_plan import SLOPlan
 
@@ -225,17 +225,19 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
 
 def with_room(specs, knobs: Knobs, pred: Prediction, rate: float, resources: Resources, overheads: Overheads,
               rows: int, slo_ms: float, n: int = 2000) -> tuple[Knobs, Prediction]:
-    """``knobs`` with room to race (``Knobs.room``): each high-variance stage deployed with as
-    many replicas as ``resources.max_workers`` could race (up to ``max(RACE_WIDTHS)``), those
-    beyond its race width idle until a live re-plan adds workers and races them
-    (``runtime/replanner.py``: a live re-plan cannot deploy replicas). Only where the plan still
-    meets ``slo_ms`` with them: a race deployed runs the plan stage by stage, a hop per stage
-    (``placed``), even while it races one replica. ``(knobs, pred)`` unchanged otherwise.
+    """``knobs`` with room to race (``Knobs.room``) for a plan on fewer workers than
+    ``resources.max_workers``: each high-variance stage deployed with as many replicas as those
+    could race (up to ``max(RACE_WIDTHS)``), those beyond its race width idle until a live
+    re-plan adds workers and races them (``runtime/replanner.py``: a live re-plan cannot deploy
+    replicas). Only where racing them on every worker is predicted to cut the p99 by
+    ``RACE_GAIN``, and where the plan still meets ``slo_ms`` with them: a race deployed runs the
+    plan stage by stage, a hop per stage (``placed``), even while it races one replica.
+    ``(knobs, pred)`` unchanged otherwise.
 
     >>> from flowkit.profiling import Profile
     >>> import flowkit as fk
     >>> f = fk.Flow("f", {"x": int}); _ = f.map(abs, names=["y"], high_variance=True)
-    >>> prof = Profile.from_latencies({"abs": {1: [2.0, 2.0, 9.0] * 20}}, cpu_share=0.1)
+    >>> prof = Profile.from_latencies({"abs": {1: ([2.0] * 19 + [9.0]) * 3}}, cpu_share=0.1)
     >>> specs = stage_specs(_candidate(f, True), prof)
     >>> one = Knobs(race=(("abs", 1),))
     >>> pred = predict(specs, one, 10, Resources(2), Overheads(0.5, 0.2))
@@ -244,10 +246,16 @@ def with_room(specs, knobs: Knobs, pred: Prediction, rate: float, resources: Res
     >>> with_room(specs, one, pred, 10, Resources(2), Overheads(0.5, 0.2), 1, 9.0)[0].room   # (it predicts 9.7 ms)
     ()
     """
-    width = min(max(RACE_WIDTHS), resources.max_workers)
+    W = resources.max_workers
+    width = min(max(RACE_WIDTHS), W)
     room = tuple((s.name, width) for s in specs if s.high_variance and knobs.race_of(s.name) < width)
-    if not room:
+    if not room or knobs.workers >= W:
         return knobs, pred
+    everywhere = replace(knobs, workers=W)
+    raced = replace(everywhere, race=tuple((s, max(k, width) if s in dict(room) else k) for s, k in knobs.race))
+    wide, narrow = (predict(specs, k, rate, resources, overheads, rows, n) for k in (raced, everywhere))
+    if not _better((wide.p99_ms, wide.utilization), (narrow.p99_ms, narrow.utilization), RACE_GAIN, simpler=False):
+        return knobs, pred   # (a re-plan would not race them)
     roomy = replace(knobs, room=room)
     p = predict(specs, roomy, rate, resources, overheads, rows, n)
     return (roomy, p) if p.p99_ms <= slo_ms else (knobs, pred)
@@ -302,26 +310,26 @@ def shed_limit(pred: Prediction, slo_ms: float) -> int:
 def _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer) -> SLOPlan:
     planned = Flow.from_plan(apply_knobs(_candidate(flow, knobs.fusion), knobs), original=flow)
     shed = shed_limit(pred, slo_ms)
-    reasons = _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed)
+    reasons = reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer)
     return SLOPlan(slo_ms, rate, knobs, pred, planned, resources, tuple(reasons), shed,
                    time.perf_counter() - t0, counter[0], specs=tuple(specs), overheads=overheads, rows=rows,
                    profile=profile)
 
 
-def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer=(), kept: bool = False) -> list[str]:
+def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer=(), kept: bool = False,
+                holds: bool = True) -> list[str]:
     """``explain()``'s lines for a plan; ``fewer``: the predictions on one worker fewer;
-    ``kept``: its workers are a floor it was given (a re-plan that retires none), not the fewest."""
-    return _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, list(fewer), shed, kept)
-
-
-def _reasons(specs, knobs, pred, slo_ms, rate, resources, overheads, fewer, shed, kept=False) -> list[str]:
+    ``kept``: its workers are a floor it was given (a re-plan that retires none), not the fewest;
+    ``holds``: False where no plan on the workers there may be holds the objective."""
     W = knobs.workers
     out = [f"objective: p99 <= {slo_ms:g} ms at {rate:g} req/s; predicted p99 {pred.p99_ms:.3g} ms "
            f"(p50 {pred.p50_ms:.3g} ms) on {W} worker{'s' if W != 1 else ''} of "
            f"{resources.threads_per_worker} thread{'s' if resources.threads_per_worker != 1 else ''}; "
            f"bottleneck: {pred.bottleneck} at {pred.utilization:.0%} utilization; queueing adds "
            f"{pred.queue_p99_ms:.3g} ms at p99 (a request waits with probability {pred.wait_probability:.2f})"]
-    if fewer:
+    if not holds:
+        out.append(f"workers: {W}, all there may be: no plan on them holds the objective")
+    elif fewer:
         f = min(fewer, key=lambda p: p.p99_ms)
         why = (f"utilization {f.utilization:.0%}: it cannot keep up" if not f.holds else
                f"predicted p99 {f.p99_ms:.3g} ms")
@@ -399,7 +407,7 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
                 op = replace(op, batching=spec)
         k = knobs.deployed_of(op.name)
         if high_variance(op) and k > 1:
-            raced = racing(op, k)
+            raced = race_nodes(op, k)
             nodes += raced
             live = knobs.race_of(op.name)
             notes.append(Rewrite("slo", f"{op.name!r}: {k} replicas race" if live == k else

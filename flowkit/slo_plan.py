@@ -51,9 +51,10 @@ class SLOPlan:
 
     @property
     def race_widths(self) -> dict[str, int]:
-        """The replicas racing per race where fewer than deployed (``with_room``)."""
+        """The replicas racing per race deployed, which may be fewer than deployed
+        (``planner.with_room``): each worker races as many, each on a worker of its own."""
         k = self.knobs
-        return {s: k.race_of(s) for s, _ in k.room if k.deployed_of(s) > k.race_of(s)}
+        return {s: k.race_of(s) for s in dict(k.race) | dict(k.room) if k.deployed_of(s) > 1}
 
     def explain(self) -> list[str]:
         return list(self.reasons) + [str(r) for r in self.replans]

@@ -541,7 +541,7 @@ def test_the_plan_is_the_optimizers_plan_with_the_chosen_knobs():
     assert (stage.batching.max_batch, stage.batching.max_wait_ms) == (b, w) if b > 1 else stage.batching is None
     k = p.knobs.deployed_of("translate")   # (its race width, or the room to race more)
     assert p.plan["translate"].kind == ("anyof" if k > 1 else "map")
-    assert p.race_widths == ({"translate": p.knobs.race_of("translate")} if k > p.knobs.race_of("translate") else {})
+    assert p.race_widths == ({"translate": p.knobs.race_of("translate")} if k > 1 else {})
     assert [s.name for s in p.prediction.stages] == ["pre", "model", "translate", "post"]
     assert p.shed_inflight >= p.workers
 
@@ -733,6 +733,7 @@ def test_a_p99_above_the_objective_calibrates_the_model_and_adds_workers():
     capped = single_plan(rate=150, workers=3)
     new, why = decide(capped, 150, p99_ms=60)
     assert new.workers == 3 and "no plan holds it on 3 workers" in why
+    assert "workers: 3, all there may be: no plan on them holds the objective" in new.explain()
     assert new.replans[-1].changes == (("max_inflight", capped.shed_inflight, new.shed_inflight),)
 
 
@@ -760,9 +761,9 @@ def test_a_replan_that_changes_nothing_is_none_and_decide_is_pure():
     assert again is None
 
 
-def raced_alone(slo: float = 40, rate: float = 10):
-    """A flow of one high-variance stage whose tail one worker holds within ``slo`` and two
-    racing it cut: planned on one worker, with room for a second replica (``with_room``)."""
+def raced_alone():
+    """A flow of one high-variance stage whose tail one worker holds within 40 ms at 10 req/s
+    and two racing it cut: planned on one worker, with room for a second replica (``with_room``)."""
     f = fk.Flow("raced", {"x": int})
     f.map(waits, names=["t"], high_variance=True)
     tail = cascade_profile()["translate"].latencies[1]
@@ -785,13 +786,17 @@ def test_a_plan_deploys_room_to_race_and_a_replan_that_adds_workers_races_it():
     assert any("2 replicas deployed, 1 racing" in line for line in plan.explain())
     assert plan.prediction.stages[0].replicas == 1   # predicted as it runs: one replica
     new, why = decide(plan, 10, p99_ms=60)   # its tail ran long: two workers, racing
-    assert new.workers == 2 and new.knobs.race_of("waits") == 2 and new.race_widths == {}
+    assert new.workers == 2 and new.knobs.race_of("waits") == 2 and new.race_widths == {"waits": 2}
     assert ("race width waits", 1, 2) in new.replans[-1].changes
     assert new.prediction.p99_ms < plan.prediction.p99_ms and new.flow is plan.flow   # the same plan deployed
     back, _ = decide(replace(new, calibration=1.0), 1, p99_ms=5)   # a trickle: one worker again, which cannot race
     assert back.workers == 1 and back.knobs.race_of("waits") == 1 and back.race_widths == {"waits": 1}
     tight = plan_slo(f, prof, 40, 10, Resources(max_workers=1))   # no second worker to race on: no room
     assert tight.knobs.room == () and [op.name for op in tight.plan.stages()] == ["waits"]
+    runs, rows = input_driven()   # a tail that follows the input: racing on two workers would not cut it
+    follows = Profile.from_latencies({"waits": {1: runs}}, cpu_share=0.1, high_variance=["waits"], input_rows=rows)
+    plan = plan_slo(f, follows, 60, 10, Resources(max_workers=2))
+    assert plan.workers == 1 and plan.knobs.room == () and plan.race_widths == {}
 
 
 def test_a_replan_races_the_deployed_replicas_on_every_worker(client):
@@ -816,6 +821,21 @@ def test_a_replan_races_the_deployed_replicas_on_every_worker(client):
         assert [dep.run({"x": [i]}).column("t")[0] for i in range(8)] == [i + 1 for i in range(8)]
         ran, lost = races()
         assert ran == 16 and lost >= 1   # both replicas raced (a race that found its worker busy ran one)
+
+
+def test_a_planned_race_runs_no_replica_beside_another_on_one_worker(make_cluster):
+    """The model races a planned stage at most as wide as there are workers: a width set live
+    before the worker that needs it arrives races nothing on the worker there is."""
+    cluster = make_cluster(n_workers=1, client=False)
+    f, prof = raced_alone()
+    with fk.deploy(f, cluster=cluster, slo_ms=40, rate=10, profile=prof, max_workers=2) as dep:
+        dep.replanner.stop()
+        dep.windows.resize({}, {"waits": 2})
+        wait_until(lambda: [s["race_widths"] for s in dep._router.broadcast("stats")] == [{"waits": 2}],
+                   "the race width on the worker")
+        assert [dep.run({"x": [i]}).column("t")[0] for i in range(6)] == [i + 1 for i in range(6)]
+        s = dep.stats()
+    assert s.loc["waits", "requests"] == 6 and s.loc["waits~2", "requests"] == 0
 
 
 def test_the_replanner_applies_a_new_rate_and_never_drops_a_request(client):

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from ..plan import AnyOf, Map, Plan, Rewrite, Stage, stage_of
 
-__all__ = ["race", "racing", "high_variance"]
+__all__ = ["race", "race_nodes", "high_variance"]
 
 
 def high_variance(op) -> bool:
@@ -38,7 +38,7 @@ def race(plan: Plan, k: int) -> Plan:
         if not high_variance(op):
             nodes.append(op)
             continue
-        raced = racing(op, k)
+        raced = race_nodes(op, k)
         nodes += raced
         replicas = ", ".join(r.name for r in raced[:-1])
         rewrites.append(Rewrite("compete", f"{op.name!r} is high-variance: {k} replicas race ({replicas}); the "
@@ -47,7 +47,7 @@ def race(plan: Plan, k: int) -> Plan:
     return plan.with_nodes(nodes, rewrites=rewrites)
 
 
-def racing(op, k: int) -> list:
+def race_nodes(op, k: int) -> list:
     """What replaces ``op`` in a race of ``k``: its replica stages, then the ``anyof`` joining them."""
     stage = op if isinstance(op, Stage) else stage_of((op,))
     replicas = [replace(stage, name=f"{op.name}~{i}", replica_of=op.name, replica=i) for i in range(1, k + 1)]

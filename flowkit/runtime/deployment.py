@@ -295,7 +295,7 @@ class Deployment:
         about a second ago (``ServedByWorkers.complete_until``)."""
         now = time.perf_counter()
         serving = any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers)
-        until = self._served.complete_until if serving else None
+        until = self._served.complete_until() if serving else None
         return now if until is None else min(now, until)
 
     def _from_workers(self) -> list[tuple[float, float]]:
@@ -306,8 +306,10 @@ class Deployment:
         return self._served.finished
 
     def _load(self) -> Load:
-        """The serving autoscaler's measure (``scaling.load_of``)."""
-        return load_of(time.perf_counter(), list(self._recent), self._from_workers(), self._router.mean_inflight(),
+        """The serving autoscaler's measure (``scaling.load_of``), over a window that ends where
+        the requests are all recorded (``recorded_until``)."""
+        served = self._from_workers()
+        return load_of(self.recorded_until(), list(self._recent), served, self._router.mean_inflight(),
                        self._served.inflight, self._router.threads_per_worker())
 
     # -- store ------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ class Deployment:
 
     @property
     def slo_plan(self):
-        """The latency objective's plan (None without ``slo_ms``): a ``planner.SLOPlan`` with
+        """The latency objective's plan (None without ``slo_ms``): a ``slo_plan.SLOPlan`` with
         this deployment's statistics attached — ``.table()`` is predicted against measured p50
         and p99 per stage, ``.explain()`` says why each choice was made, ending with the
         re-plans made live (``.replans``: when, why, what changed). (``dep.plan`` stays the

@@ -238,6 +238,9 @@ class ServedByWorkers:
                 self._answered_at.pop(gone, None)
             todo = [a for a in live if a not in self._asking]
             self._asking.update(todo)
+            asked = time.perf_counter()
+            for a in todo:   # a worker not heard from yet: complete only until it was first asked
+                self._answered_at.setdefault(a, asked)
         for a in todo:
             try:
                 fut = self.dep._router.submit("recent", dumps(self._since.get(a, -1.0)), worker=a)
@@ -253,6 +256,7 @@ class ServedByWorkers:
         with self._lock:
             self._asking.discard(address)
             if fut.cancelled() or fut.exception() is not None:   # a worker that left answers nothing
+                self._answered_at.pop(address, None)
                 return
             there, served, inflight = fut.result()
             self._since[address] = there
@@ -270,13 +274,15 @@ class ServedByWorkers:
         with self._lock:
             return [r for q in self._finished.values() for r in q]
 
-    @property
-    def complete_until(self) -> float | None:
+    def complete_until(self, fresh_s: float = 3.0) -> float | None:
         """The time (this process's ``perf_counter``) up to which ``finished`` holds every request
-        the workers that answered served: the oldest of their last answers' arrivals (None: none
-        answered yet). A request finished later may not have been reported yet."""
+        the workers served: the oldest of their last answers' arrivals (a worker not heard from
+        yet: when it was first asked). A request finished later may not have been reported yet.
+        Workers last heard from more than ``fresh_s`` ago are left out (one that stopped
+        answering must not hold the time back for good); None when none is left."""
+        now = time.perf_counter()
         with self._lock:
-            return min(self._answered_at.values(), default=None)
+            return min((t for t in self._answered_at.values() if now - t <= fresh_s), default=None)
 
     @property
     def inflight(self) -> int:

@@ -60,7 +60,7 @@ class Execution(Demand):
         inputs = [await self.value(i) for i in replicas[0].inputs]
         t0 = time.perf_counter()
         stats = self.dep.stats[op.name]
-        if self.dep.busy + self.dep.racing >= self.dep.threads:
+        if len(replicas) > 1 and self.dep.busy + self.dep.racing >= self.dep.threads:
             stats.count("races skipped (busy)")
             replicas = replicas[:1]
         hedge_after = racing.hedge_after(self.dep.stats[replicas[0].name].cpu_share(), stats.latencies)
@@ -122,6 +122,8 @@ class Execution(Demand):
         if len(replicas) > 1:
             others = await self.dep.peers.others()
             places = random.sample(others, min(len(others), len(replicas) - 1))   # spread over the other workers
+            if op.name in self.dep.race_widths:   # a width set by a plan races on as many workers, as its model
+                replicas = replicas[:1 + len(places)]   # has it (one still arriving races nothing here)
             places += [None] * (len(replicas) - 1 - len(places))
             for rep, where in zip(replicas[1:], places):
                 start(rep, where, Token())

@@ -169,8 +169,9 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
 
 def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = None, *, now: float = 0.0) -> SLOPlan:
     """``plan`` re-planned for a new objective (``slo_ms``) and/or rate (``rate``), what a
-    slider or ``dep.set_objective`` asks: the same live choices as ``decide`` (workers and
-    shedding), whether or not they change; the plan's calibration is kept (examples: ``decide``).
+    slider or ``dep.set_objective`` asks: the same live choices as ``decide`` (workers, batch
+    windows, race widths and shedding), whether or not they change; the plan's calibration is
+    kept (examples: ``decide``).
     """
     slo_ms = plan.slo_ms if slo_ms is None else slo_ms
     rate = plan.rate if rate is None else rate
@@ -259,7 +260,7 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     if not held:
         reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
     reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed,
-                          () if kept else fewer, kept=kept)
+                          () if kept else fewer, kept=kept, holds=held)
     if calibration > 1:
         reasons.append(f"calibration: measured p99s ran {calibration:.2g}x the model's, so the plan holds "
                        f"{target:.3g} ms as the model predicts")
@@ -317,7 +318,7 @@ class Replanner:
             self._settled = now
         end = self.dep.recorded_until()
         span = max(1e-3, min(self.window, end - self._started))
-        recent = [(t, s) for t, s in self.dep.recent(now - end + span) if t <= end]
+        recent = [(t, s) for t, s in self.dep.recent(now - end + span) if end - span <= t <= end]
         if not recent:
             return Window(0.0, math.nan, 0, 0, 0)
         # the rate over the time the requests span: a load that began within the window (the

@@ -38,7 +38,7 @@ def load_of(now: float, sent: list, served: list, sent_inflight: float, served_i
             threads_per_worker: int, window: float = 2.0) -> Load:
     """The load over the last ``window`` seconds: ``sent`` and ``served`` are ``(finish time,
     latency s)`` of the requests sent through the client and of those the workers' own HTTP
-    endpoints served; in flight, the router's mean (``sent_inflight``) plus the endpoints' — by
+    endpoints served (``now``: where both are recorded in full); in flight, the router's mean (``sent_inflight``) plus the endpoints' — by
     Little's law, their latencies summed over the window divided by it (which misses requests
     still running: at least ``served_inflight``, what they last reported). The p99 of the window
     and, with 200 requests to judge by, of those before it.
@@ -47,9 +47,9 @@ def load_of(now: float, sent: list, served: list, sent_inflight: float, served_i
     Load(inflight=1.5, threads_per_worker=1, p99_recent_ms=500.0, p99_history_ms=0.0)
     """
     both = sent + served
-    recent = [s for t, s in both if now - t <= window]
+    recent = [s for t, s in both if 0 <= now - t <= window]   # (finished after now: the next window's)
     history = [s for t, s in both if now - t > window]
-    littles = sum(s for t, s in served if now - t <= window) / window
+    littles = sum(s for t, s in served if 0 <= now - t <= window) / window
     return Load(inflight=sent_inflight + max(littles, served_inflight), threads_per_worker=threads_per_worker,
                 p99_recent_ms=percentile(recent, 99) * 1000 if recent else 0.0,
                 p99_history_ms=percentile(history, 99) * 1000 if len(history) >= 200 else 0.0)
