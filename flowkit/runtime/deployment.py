@@ -294,14 +294,16 @@ class Deployment:
         now, unless the workers serve HTTP themselves — then when their last reports arrived,
         about a second ago (``ServedByWorkers.complete_until``)."""
         now = time.perf_counter()
-        serving = any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers)
-        until = self._served.complete_until() if serving else None
+        until = self._served.complete_until() if self._workers_serve() else None
         return now if until is None else min(now, until)
+
+    def _workers_serve(self) -> bool:
+        return any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers)
 
     def _from_workers(self) -> list[tuple[float, float]]:
         """Ask the workers for what their endpoints served (answers arrive later), when they
         serve; what has arrived."""
-        if any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers):
+        if self._workers_serve():
             self._served.ask()
         return self._served.finished
 
