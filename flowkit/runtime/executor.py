@@ -89,7 +89,8 @@ class WorkerDeployment:
         self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.windows_version = 0   # of the batch windows and race widths last set live (set_live)
-        # replicas racing per race, where fewer than deployed (a plan deployed with room to race)
+        # replicas racing per race whose width a latency plan set (each on a worker of its own, up to
+        # those deployed: execution._race); a race not listed races every replica deployed
         self.race_widths: dict[str, int] = dict(options.get("race_widths", {}))
         self.tuned = False         # whether its set-up froze the worker's heap (plugin.freeze_heap)
         self.closed = False

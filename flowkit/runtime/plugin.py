@@ -43,7 +43,8 @@ def register(client, deployment: str, plan, plan_bytes: bytes, name: str, tune_w
     """Give ``client``'s workers the deployment (``DeploymentPlugin``, registered as ``name``:
     the scheduler keeps a plugin whose set-up failed, so its remover must know the name before
     this can fail). A module the workers cannot import names the operator that needs it.
-    ``options``: ``race_widths``, the replicas racing per race where fewer than deployed."""
+    ``options``: ``race_widths``, the replicas racing per race a latency plan set
+    (``SLOPlan.race_widths``)."""
     try:
         client.register_plugin(DeploymentPlugin(deployment, plan_bytes, options, tune_workers=tune_workers), name=name)
     except ImportError as e:   # the workers lack a module the plan's functions need
