@@ -237,6 +237,9 @@ def test_the_inspector_labels_nodes_with_a_plans_predicted_latency_batch_and_rep
     view = Inspector(f, slo_plan=slo)
     assert "planned for p99 &lt;= 50 ms" in view.after.value or "planned for p99 <= 50 ms" in view.after.value
     assert "predicted p50" in view.after.value and "objective" in view.explain.value
+    roomy = plan_slo(f, prof, slo_ms=50, rate=10, resources=Resources(max_workers=3))   # one worker, room to race
+    (stage, width), = roomy.race_widths.items()   # (fused with the stages before it, at this rate)
+    assert roomy.workers == 1 and width == 1 and "3 replicas deployed, 1 racing" in slo_labels(roomy)[stage]
     plain = Inspector(f, labels={"preprocess": "a note from the caller"})   # an operator inside a fused stage
     assert "a note from the caller" in plain.after.value and "a note from the caller" not in plain.before.value
 

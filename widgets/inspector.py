@@ -20,14 +20,18 @@ __all__ = ["Inspector", "explain_html", "slo_labels"]
 
 
 def slo_labels(slo_plan) -> dict[str, str]:
-    """``{stage: "predicted p50/p99 · batch · replicas"}`` from a ``planner.SLOPlan`` (pure),
-    for ``plan_to_svg(labels=...)`` and ``Inspector(labels=...)``."""
+    """``{stage: "predicted p50/p99 · batch · replicas"}`` from an ``SLOPlan`` (pure), for
+    ``plan_to_svg(labels=...)`` and ``Inspector(labels=...)``. A stage deployed with more
+    replicas than race (room for a live re-plan to race them) says how many of them race."""
     out = {}
     for s in slo_plan.prediction.stages:
         parts = [f"predicted p50 {s.p50_ms:.3g} ms · p99 {s.p99_ms:.3g} ms"]
         if s.max_batch > 1:
             parts.append(f"batch ≤ {s.max_batch} / {s.max_wait_ms:g} ms (~{s.batch_rows:.2g} rows)")
-        if s.replicas > 1:
+        deployed = slo_plan.knobs.deployed_of(s.name)
+        if deployed > max(s.replicas, 1) and deployed > slo_plan.knobs.race_of(s.name):
+            parts.append(f"{deployed} replicas deployed, {s.replicas} racing")
+        elif s.replicas > 1:
             parts.append(f"{s.replicas} replicas race")
         out[s.name] = " · ".join(parts)
     return out
