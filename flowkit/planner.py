@@ -358,7 +358,7 @@ def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fe
                          "rate batches would not fill before the wait cost more than they save, and batching runs "
                          "the plan stage by stage)")
         if s.high_variance and knobs.deployed_of(s.name) > max(sp.replicas, knobs.race_of(s.name)):
-            line += (f"; {knobs.deployed_of(s.name)} replicas deployed, {knobs.race_of(s.name)} racing: the others "
+            line += (f"; {knobs.deployed_of(s.name)} replicas deployed, {knobs.race_of(s.name)} racing: the rest "
                      "race once a live re-plan adds workers")
         elif s.high_variance:
             line += (f"; {sp.replicas} replicas race (latency cv {max((m.cv(1) for m in s.members), default=0):.2f}); "
@@ -411,7 +411,7 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
             nodes += raced
             live = knobs.race_of(op.name)
             notes.append(Rewrite("slo", f"{op.name!r}: {k} replicas race" if live == k else
-                                 f"{op.name!r}: {k} replicas deployed, {live} racing (the others once a live "
+                                 f"{op.name!r}: {k} replicas deployed, {live} racing (the rest once a live "
                                  "re-plan adds workers)", (op.name,),
                                  tuple(r.name for r in raced)))
             continue
