@@ -342,7 +342,7 @@ def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fe
     fused = [s for s in specs if len(s.members) > 1]
     if knobs.fusion and fused:
         out.append(f"fusion: on — {', '.join(repr(s.name) for s in fused)} run as one task each "
-                   f"(no hop of ~{overheads.stage_ms:g} ms between their operators)")
+                   f"(no hop of ~{overheads.stage_ms:.2g} ms between their operators)")
     elif not knobs.fusion:
         out.append("fusion: off — predicted no better fused")
     for s, sp in zip(specs, pred.stages):
