@@ -98,12 +98,12 @@ def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources
 
 
 def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overheads: Overheads, rows: int,
-                 slo_ms: float, n: int = 2000, counter: list | None = None, *, windows=None,
-                 race: bool = True) -> tuple[Knobs, Prediction]:
+                 slo_ms: float, n: int = 2000, counter: list | None = None, *,
+                 windows=None) -> tuple[Knobs, Prediction]:
     """From ``start``, a coordinate search for the batch windows and race widths minimizing the
     predicted p99 (``start``'s fusion and workers stay). ``windows``: the stages whose batch
-    window may change (default: every batching stage); ``race``: whether race widths may (with
-    ``start.room``, each only up to the replicas deployed: ``Knobs.deployed_of``)."""
+    window may change (default: every batching stage); race widths, with ``start.room``, only up
+    to the replicas deployed (``Knobs.deployed_of``)."""
     counter = [0] if counter is None else counter
     knobs = start
 
@@ -129,7 +129,7 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                     now, was = placed(specs, k), placed(specs, knobs)
                     if _better(sc, best, BATCH_GAIN if now != was else 0.0, simpler=was and not now):
                         best, pred, knobs, changed = sc, p, k, True
-            if s.high_variance and race:
+            if s.high_variance:
                 for width in RACE_WIDTHS:
                     if width > knobs.workers or width == knobs.race_of(s.name) or \
                             (knobs.room and width > knobs.deployed_of(s.name)):
@@ -252,7 +252,8 @@ def with_room(specs, knobs: Knobs, pred: Prediction, rate: float, resources: Res
     if not room or knobs.workers >= W:
         return knobs, pred
     everywhere = replace(knobs, workers=W)
-    raced = replace(everywhere, race=tuple((s, max(k, width) if s in dict(room) else k) for s, k in knobs.race))
+    roomed = {s for s, _ in room}
+    raced = replace(everywhere, race=tuple((s, width if s in roomed else k) for s, k in knobs.race))
     wide, narrow = (predict(specs, k, rate, resources, overheads, rows, n) for k in (raced, everywhere))
     if not _better((wide.p99_ms, wide.utilization), (narrow.p99_ms, narrow.utilization), RACE_GAIN, simpler=False):
         return knobs, pred   # (a re-plan would not race them)

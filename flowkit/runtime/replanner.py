@@ -410,8 +410,7 @@ class Replanner:
         dep, done = self.dep, []
         windows = {s: plan.knobs.batch_of(s) for s in resizable(plan)}
         resized = {s: bw for s, bw in windows.items() if bw != dep._slo_plan.knobs.batch_of(s)}
-        widths = {s: plan.knobs.race_of(s) for s, k in plan.knobs.room if k > 1}
-        rewidth = {s: k for s, k in widths.items() if k != dep._slo_plan.knobs.race_of(s)}
+        rewidth = {s: k for s, k in plan.race_widths.items() if k != dep._slo_plan.knobs.race_of(s)}
         if resized or rewidth:
             dep.windows.resize(resized, rewidth)
             done += [f"batch window {s}: up to {b} rows, waiting at most {w:g} ms" for s, (b, w) in resized.items()]
