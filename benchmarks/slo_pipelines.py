@@ -7,6 +7,10 @@ as one function, for Ray Serve in slo_ray.py).
 - ``recommender``: a CPU-light step (0.3 ms) choosing the user's shard, a dynamic lookup of the
   shard (``dep.put``), the user's vector and item category from it, a dynamic lookup of the
   category's item matrix, then a small batching top-k (1 ms + 0.2 ms per row, plus the scores).
+- ``scorer``: a 0.3 ms CPU step, a CPU-bound batching model (6 ms + 0.5 ms per row, spun), a
+  high-variance remote call (lognormal, ~2 ms median, capped at 40 ms). Its model keeps one
+  worker busy enough that a x3 rate step needs a second one, and its remote call is worth racing
+  once there is: the case for a plan with room to race (``planner.with_room``).
 """
 
 from __future__ import annotations
@@ -99,10 +103,36 @@ def recommender_request(i: int) -> dict:
     return {"user": [(i * 7919) % (SHARDS * PER_SHARD)]}
 
 
+# -- scorer -------------------------------------------------------------------------------------
+def features(row):
+    spin(0.0003)
+    return row["x"] * 3
+
+
+def rank(table):
+    spin(0.006 + 0.0005 * len(table))
+    return [r["f"] % 97 for r in table]
+
+
+def enrich(row):
+    time.sleep(min(0.04, random.lognormvariate(np.log(0.002), 0.9)))
+    return row["r"] + 1
+
+
+def scorer():
+    import flowkit as fk
+
+    f = fk.Flow("slo_scorer", {"x": int})
+    f.map(features, names=["f"]).map(rank, names=["r"], batching=True) \
+        .map(enrich, names=["e"], high_variance=True)
+    return f
+
+
 # -- the registry -------------------------------------------------------------------------------
 PIPELINES = {
     "cascade": {"flow": cascade, "request": cascade_request, "store": dict},
     "recommender": {"flow": recommender, "request": recommender_request, "store": recommender_store},
+    "scorer": {"flow": scorer, "request": cascade_request, "store": dict},
 }
 
 
@@ -114,6 +144,8 @@ def sample(name: str, n: int = 8) -> dict:
 
 def floor(name: str, row: dict, store: dict) -> dict:
     """The pipeline's stages as one plain function over one row (Ray Serve's replica runs this)."""
+    if name == "scorer":
+        return {"e": enrich({"r": rank([{"f": features(row)}])[0]})}
     if name == "cascade":
         y = prep(row)
         m = model([{"y": y}])[0]
@@ -125,6 +157,8 @@ def floor(name: str, row: dict, store: dict) -> dict:
 
 def floor_batch(name: str, rows: list[dict], store: dict) -> list[dict]:
     """As ``floor`` with the batching stage run once over ``rows`` (Ray Serve's @serve.batch)."""
+    if name == "scorer":
+        return [{"e": enrich({"r": r})} for r in rank([{"f": features(row)} for row in rows])]
     if name == "cascade":
         ms = model([{"y": prep(r)} for r in rows])
         return [{"z": post({"t": remote({"m": m})})} for m in ms]
