@@ -107,10 +107,10 @@ def flow_paths(client, flow: Flow, table, runs: int, timeout: float = 120.0, gap
         with dep.serve(where="workers") as server:
             http_ms = _http_round_trips(server.url, f"/v1/flows/{dep.name}/predict", runs, timeout, gap_s, bodies)
             deadline = time.monotonic() + 10
-            while len(dep._served.finished) < len(http_ms) + 20 and time.monotonic() < deadline:
+            while len(dep._finished.by_workers.finished) < len(http_ms) + 20 and time.monotonic() < deadline:
                 dep.recent(0.0)   # (asks the workers what they served: their answers arrive later)
                 time.sleep(0.05)
-        served = sorted(dep._served.finished)[-len(http_ms):]
+        served = sorted(dep._finished.by_workers.finished)[-len(http_ms):]
         return own, http_ms, tuple(s * 1000 for _, s in served)
 
 

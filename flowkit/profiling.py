@@ -9,7 +9,7 @@ distribution, the share of it spent computing (CPU time over wall time: 1 is CPU
 waits on sleep, I/O or a device) and its output size. The planner (``flowkit.planner``)
 predicts a deployment's latency from these.
 
-A profile is cached per flow version (``flow_version``: a hash of the plan and of its
+A profile is cached per flow version (``versions.flow_version``: a hash of the plan and of its
 functions' code), so ``fk.profile`` then ``fk.deploy(flow, slo_ms=..., rate=...)`` measures once.
 
 Profiles are plain data and can be written by hand (the planner's tests do):
@@ -22,7 +22,6 @@ Profiles are plain data and can be written by hand (the planner's tests do):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import numbers
 import time
@@ -36,6 +35,7 @@ from .errors import FlowError
 from .flow import Flow
 from .plan import Map, Op, Plan, Source
 from .probes import flow_paths, http_path, probed, request_path, stage_hops
+from .versions import flow_version
 
 __all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES",
            "ONE_ROW_RUNS"]
@@ -239,69 +239,7 @@ class Profile:
         return f"<Profile {self.version[:12] or '(by hand)'}: p50 at batch 1 — {parts}>"
 
 
-# -- the flow's version -------------------------------------------------------------------------
-def _code_digest(obj: Any, h, seen: set) -> None:
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    code = getattr(obj, "__code__", None)
-    if isinstance(obj, type):
-        h.update(obj.__qualname__.encode())
-        for k, v in sorted(vars(obj).items(), key=lambda kv: kv[0]):
-            if callable(v) or isinstance(v, (staticmethod, classmethod)):
-                h.update(k.encode())
-                _code_digest(getattr(v, "__func__", v), h, seen)
-        return
-    if code is None:
-        h.update(repr(getattr(obj, "__qualname__", obj)).encode())
-        return
-    _code_obj(code, h)
-    for d in getattr(obj, "__defaults__", None) or ():
-        h.update(repr(d).encode())
-
-
-def _code_obj(code, h) -> None:
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    for c in code.co_consts:
-        if hasattr(c, "co_code"):
-            _code_obj(c, h)
-        else:
-            h.update(repr(c).encode())
-
-
-def flow_version(flow: Flow | Plan) -> str:
-    """A hash of the plan (every operator's kind, name, inputs, schema and options) and of its
-    functions' code: it changes when the flow or any of its functions does.
-
-    >>> import flowkit as fk
-    >>> f = fk.Flow("f", {"x": int}); _ = f.map(abs, names=["y"])
-    >>> g = fk.Flow("f", {"x": int}); _ = g.map(abs, names=["y"])
-    >>> flow_version(f) == flow_version(g), flow_version(f) == flow_version(fk.Flow("f", {"x": int}))
-    (True, False)
-    """
-    plan = flow.plan if isinstance(flow, Flow) else flow
-    h = hashlib.sha256(plan.name.encode())
-    seen: set = set()
-
-    def visit(op: Op) -> None:
-        h.update(f"{type(op).__name__}|{op.name}|{op.inputs}|{op.schema!r}".encode())
-        for k, v in sorted(vars(op).items()):
-            if k in ("name", "inputs", "schema"):
-                continue
-            if k == "members":
-                for m in v:
-                    visit(m)
-            elif k == "fn" and callable(v):
-                _code_digest(v, h, seen)
-            else:
-                h.update(f"{k}={v!r}".encode())
-
-    for op in plan.nodes:
-        visit(op)
-    return h.hexdigest()[:20]
-
-
+# -- the cache ----------------------------------------------------------------------------------
 def cached_profile(flow: Flow | Plan) -> "Profile | None":
     """The most recent profile of this flow version measured in this process, if any."""
     v = flow_version(flow)

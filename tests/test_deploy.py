@@ -217,16 +217,16 @@ def test_the_load_is_sampled_while_requests_run_and_an_idle_router_waits_for_the
     flow.map(held, names=["y"])
     with fk.deploy(flow, cluster=client) as dep:
         router = dep._router
-        wait_until(lambda: not router.sampling, "the sampler to wait, nothing having been in flight")
-        assert router.mean_inflight() == 0 and not router._work.is_set()
+        wait_until(lambda: not router.load.sampling, "the sampler to wait, nothing having been in flight")
+        assert router.mean_inflight() == 0 and not router.load._work.is_set()
         futs = [dep.submit({"x": [i], "s": [gate]}) for i in range(2)]
         try:
-            wait_until(lambda: router.sampling and router.mean_inflight() > 1, "2 requests in flight to be sampled")
+            wait_until(lambda: router.load.sampling and router.mean_inflight() > 1, "2 requests in flight to be sampled")
         finally:
             open_gate(gate)
         assert [f.result(timeout=30).column("y") for f in futs] == [[0], [2]]
-        wait_until(lambda: not router.sampling, "the sampler to wait again, a window after the last request")
-        assert set(n for _, n in router._load) == {0} and router.mean_inflight() == 0
+        wait_until(lambda: not router.load.sampling, "the sampler to wait again, a window after the last request")
+        assert set(n for _, n in router.load.samples) == {0} and router.mean_inflight() == 0
 
 
 @pytest.mark.parametrize("raced", [False, True])

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import Future
 from typing import Any, Iterable, Mapping
 
@@ -22,11 +21,12 @@ from ..errors import DeploymentClosed, FlowError, Overloaded
 from ..flow import Flow
 from ..table import Table, as_table
 from .clusters import connect
-from .endpoints import ServedByWorkers, WorkerEndpoints, open_server
+from .endpoints import WorkerEndpoints, open_server
 from .plugin import ready_topic, register
 from .progress import score_many
 from .router import Request, Router
-from .scaling import Load, ServingAdaptive, load_of
+from .scaling import Load, ServingAdaptive
+from .served import RecentRequests
 from .stats import StageStats, stats_frame
 from .store_client import StoredObjects, routing_column
 from .windows import BatchWindows
@@ -113,8 +113,7 @@ class Deployment:
         self._inflight = 0
         self._lock = threading.Lock()
         self._e2e = StageStats()
-        self._recent: deque = deque(maxlen=8192)   # (finish time, seconds) of recent requests
-        self._served = ServedByWorkers(self)        # and those the workers' own HTTP endpoints served
+        self._finished = RecentRequests(self)   # what it served lately (the re-planner's and autoscaler's measure)
         self._stored: StoredObjects | None = None   # (set up once the router exists)
         self._closed = False
         self._owned: list = []
@@ -238,7 +237,7 @@ class Deployment:
             return
         now = time.perf_counter()
         self._e2e.record(now - req.started, ok)
-        self._recent.append((now, now - req.started))
+        self._finished.record(now, now - req.started)
 
     def run(self, data: Any, timeout: float | None = None) -> Table:
         """Send one request and wait for its result. After ``timeout`` seconds it raises
@@ -284,35 +283,17 @@ class Deployment:
     def recent(self, seconds: float) -> list[tuple[float, float]]:
         """The requests finished in the last ``seconds``, as ``(finish time on this process's
         ``time.perf_counter()``, latency s)``: those sent from this process, and — while the
-        workers serve HTTP themselves — those their endpoints served, from arrival at the
-        endpoint to the answer (as the workers last reported: ``ServedByWorkers``)."""
-        now = time.perf_counter()
-        return [(t, s) for t, s in list(self._recent) + self._from_workers() if now - t <= seconds]
+        workers serve HTTP themselves — those their endpoints served (``served.RecentRequests``)."""
+        return self._finished.within(seconds)
 
     def recorded_until(self) -> float:
         """The time (``time.perf_counter()``) up to which ``recent`` holds every request finished:
-        now, unless the workers serve HTTP themselves — then when their last reports arrived,
-        about a second ago (``ServedByWorkers.complete_until``)."""
-        now = time.perf_counter()
-        until = self._served.complete_until() if self._workers_serve() else None
-        return now if until is None else min(now, until)
-
-    def _workers_serve(self) -> bool:
-        return any(isinstance(server, WorkerEndpoints) and not server.stopped for server in self._servers)
-
-    def _from_workers(self) -> list[tuple[float, float]]:
-        """Ask the workers for what their endpoints served (answers arrive later), when they
-        serve; what has arrived."""
-        if self._workers_serve():
-            self._served.ask()
-        return self._served.finished
+        now, unless the workers serve HTTP themselves — then about a second ago."""
+        return self._finished.until()
 
     def _load(self) -> Load:
-        """The serving autoscaler's measure (``scaling.load_of``), over a window that ends where
-        the requests are all recorded (``recorded_until``)."""
-        served = self._from_workers()
-        return load_of(self.recorded_until(), list(self._recent), served, self._router.mean_inflight(),
-                       self._served.inflight, self._router.threads_per_worker())
+        """The serving autoscaler's measure (``scaling.load_of``)."""
+        return self._finished.load(self._router.mean_inflight(), self._router.threads_per_worker())
 
     # -- store ------------------------------------------------------------------------------
     def put(self, key: Any, obj: Any, *, restore: bool = True, broadcast: bool = False) -> None:
@@ -326,11 +307,6 @@ class Deployment:
         with ``broadcast``, which the deployment keeps (pickled) for workers that join. See
         ``store_client``."""
         self._check_open("put")
-        try:
-            hash(key)
-        except TypeError:
-            raise FlowError(f"dep.put: a key must be hashable (a str, a number, a tuple ...), not "
-                            f"{type(key).__name__}") from None
         self._stored.put(key, obj, restore, broadcast)
 
     # -- observability ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import FlowError
 from ..flow import Flow
-from ..planner import Overheads, Resources, SLOPlan, plan_slo
+from ..planner import Overheads, Resources, SLOPlan, plan_slo, require_positive
 from ..profiling import Profile, cached_profile, profile as measure
 from .compat import address_host
 
@@ -29,10 +29,8 @@ def check_request(slo_ms, rate, optimize, profile, sample) -> bool:
         return False
     if slo_ms is None or rate is None:
         raise FlowError("a latency objective needs both slo_ms (the end-to-end p99, ms) and rate (requests/s)")
-    if not (isinstance(slo_ms, (int, float)) and not isinstance(slo_ms, bool) and slo_ms > 0):
-        raise FlowError(f"slo_ms must be a number of milliseconds > 0, not {slo_ms!r}")
-    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
-        raise FlowError(f"rate must be a number of requests per second > 0, not {rate!r}")
+    require_positive("slo_ms", slo_ms, "of milliseconds ")
+    require_positive("rate", rate, "of requests per second ")
     if optimize is not True:
         raise FlowError("with slo_ms the planner chooses the optimizer's rules (fusion, batching, racing); "
                         "leave optimize at its default")

@@ -19,7 +19,6 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -28,14 +27,13 @@ from ..errors import DeploymentClosed, FlowError, NoWorkers, WorkerLost
 from . import protocol as p
 from .dial import dial
 from .protocol import CANCELLABLE
+from .scaling import LOAD_WINDOW_S, InflightSamples
 from .wire import loads
 
 __all__ = ["Router", "Request", "WorkerGone"]
 
 logger = logging.getLogger("flowkit.router")
 
-LOAD_SAMPLE_S = 0.02   # how often the requests in flight are sampled (mean_inflight)
-LOAD_WINDOW_S = 2.0    # how far back the samples reach; after that long with none in flight, sampling waits
 
 
 class WorkerGone(WorkerLost):
@@ -168,11 +166,9 @@ class Router:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"flowkit-router-{deployment}", daemon=True)
         self.thread.start()
         self.ready = threading.Event()
-        self._load: deque = deque(maxlen=round(LOAD_WINDOW_S / LOAD_SAMPLE_S))   # (time, requests in flight)
-        self._work = asyncio.Event()   # set by each request: the load sampler, idle, waits for it
-        self.sampling = True           # False while the sampler waits (nothing in flight for a whole window)
+        self.load = InflightSamples(lambda: sum(s.busy for s in self.sessions.values()) + len(self.waiting))
         self._timer = asyncio.run_coroutine_threadsafe(self._expire_waiting(), self.loop)
-        self._sampler = asyncio.run_coroutine_threadsafe(self._sample_load(), self.loop)
+        self._sampler = asyncio.run_coroutine_threadsafe(self.load.sample(), self.loop)
 
     # -- called from any thread -------------------------------------------------------------
     def add_worker(self, address: str) -> None:
@@ -229,11 +225,9 @@ class Router:
         return sum(s.busy for s in sessions) + len(self.waiting)
 
     def mean_inflight(self, seconds: float = LOAD_WINDOW_S) -> float:
-        """Mean requests in flight over the last ``seconds`` (at most ``LOAD_WINDOW_S``), sampled
-        every 20 ms; none sampled there (idle: see ``_sample_load``): those in flight now."""
-        now = time.monotonic()
-        samples = [n for t, n in list(self._load) if now - t <= seconds]
-        return sum(samples) / len(samples) if samples else float(self.inflight())
+        """Mean requests in flight over the last ``seconds`` (``scaling.InflightSamples``); none
+        sampled there: those in flight now."""
+        return self.load.mean(seconds, self.inflight)
 
     def threads_per_worker(self) -> int:
         sessions = list(self.sessions.values())
@@ -315,7 +309,7 @@ class Router:
     def _dispatch(self, req: Request) -> None:
         if req.future.cancelled():
             return
-        self._work.set()
+        self.load.wake()
         if req.id == 0:
             req.id = next(self.ids)
         if req.target is not None:
@@ -431,22 +425,6 @@ class Router:
                                        f"({', '.join(req.workers)}); giving up"))
         else:
             self._dispatch(req)
-
-    async def _sample_load(self) -> None:
-        """Requests in flight (those broadcast, as ``stats``, included) every 20 ms; after a whole
-        window with none, it waits for the next request (``_dispatch``) instead: an idle
-        deployment's router thread does not wake 50 times a second."""
-        idle = 0
-        while True:
-            await asyncio.sleep(LOAD_SAMPLE_S)
-            n = sum(s.busy for s in self.sessions.values()) + len(self.waiting)
-            self._load.append((time.monotonic(), n))
-            idle = 0 if n else idle + 1
-            if idle >= self._load.maxlen:   # (the window holds only zeros: mean_inflight is 0 either way)
-                self._work.clear()
-                self.sampling = False
-                await self._work.wait()
-                self.sampling, idle = True, 0
 
     async def _expire_waiting(self) -> None:
         while True:

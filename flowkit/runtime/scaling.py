@@ -13,7 +13,10 @@ objects move first, and requests in flight on them are sent again).
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +24,47 @@ from distributed.deploy.adaptive import Adaptive
 
 from .stats import percentile
 
-__all__ = ["ServingAdaptive", "Load", "load_of", "serving_target"]
+__all__ = ["ServingAdaptive", "Load", "load_of", "serving_target", "InflightSamples"]
+
+LOAD_SAMPLE_S = 0.02   # how often the requests in flight are sampled (InflightSamples)
+LOAD_WINDOW_S = 2.0    # how far back the samples reach; after that long with none in flight, sampling waits
+
+
+class InflightSamples:
+    """A router's requests in flight (``count``), sampled every ``LOAD_SAMPLE_S`` over the last
+    ``LOAD_WINDOW_S`` (``Router.mean_inflight``: the utilization ``load_of`` reads). ``sample``
+    runs on the router's event loop; after a whole window with none in flight it waits for the
+    next request (``wake``) instead: an idle deployment's router thread does not wake 50 times
+    a second (``sampling`` is False meanwhile)."""
+
+    def __init__(self, count: Callable[[], int]):
+        self.count = count
+        self.samples: deque = deque(maxlen=round(LOAD_WINDOW_S / LOAD_SAMPLE_S))   # (time, requests in flight)
+        self._work = asyncio.Event()
+        self.sampling = True
+
+    def wake(self) -> None:
+        """A request arrived (called on the router's loop)."""
+        self._work.set()
+
+    def mean(self, seconds: float, now: Callable[[], int]) -> float:
+        """The mean of the samples of the last ``seconds``; none there: ``now()``."""
+        t = time.monotonic()
+        samples = [n for at, n in list(self.samples) if t - at <= seconds]
+        return sum(samples) / len(samples) if samples else float(now())
+
+    async def sample(self) -> None:
+        idle = 0
+        while True:
+            await asyncio.sleep(LOAD_SAMPLE_S)
+            n = self.count()
+            self.samples.append((time.monotonic(), n))
+            idle = 0 if n else idle + 1
+            if idle >= self.samples.maxlen:   # (the window holds only zeros: the mean is 0 either way)
+                self._work.clear()
+                self.sampling = False
+                await self._work.wait()
+                self.sampling, idle = True, 0
 
 
 @dataclass(frozen=True)

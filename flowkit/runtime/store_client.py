@@ -119,12 +119,17 @@ class StoredObjects:
                 self.where[key] = holders[0]
 
     def _check_sendable(self, key: Any, obj: Any) -> None:
-        """Raise ``FlowError`` unless dask can serialize ``obj`` (its own serializers, then pickle
-        and cloudpickle, as ``scatter`` would). Checked here, before anything is sent or an older
-        object under ``key`` is released: a scatter that fails deep in dask's comm layer raises
-        a bare ``TypeError`` after logging a traceback per serializer tried. (The object is
-        serialized twice; arrays, in dask's serializers or pickle's out-of-band buffers, are
-        not copied.)"""
+        """Raise ``FlowError`` unless ``key`` is hashable and dask can serialize ``obj`` (its own
+        serializers, then pickle and cloudpickle, as ``scatter`` would). Checked here, before
+        anything is sent or an older object under ``key`` is released: a scatter that fails deep
+        in dask's comm layer raises a bare ``TypeError`` after logging a traceback per serializer
+        tried. (The object is serialized twice; arrays, in dask's serializers or pickle's
+        out-of-band buffers, are not copied.)"""
+        try:
+            hash(key)
+        except TypeError:
+            raise FlowError(f"dep.put: a key must be hashable (a str, a number, a tuple ...), not "
+                            f"{type(key).__name__}") from None
         quiet = _NotFromThisThread()
         dask_pickle = logging.getLogger(PICKLE_LOGGER)   # logs every failed attempt
         dask_pickle.addFilter(quiet)
