@@ -12,7 +12,11 @@ waiting, racing and hedging) queued in an M/G/c queue.
 **The plan** (``plan_slo``). For 1, 2 ... ``max_workers`` workers, with and without fusion, a
 coordinate search picks each batching stage's ``(b, w)`` and each high-variance stage's race
 width to minimize the predicted p99; the first worker count whose best p99 meets the objective
-is the plan. Where none does, ``SLOUnreachable`` says the best p99 reachable at that rate and
+is the plan. On fewer workers than ``max_workers`` it is deployed with room to race where that
+pays (``with_room``); where the best candidate gets none and another, also meeting the
+objective on as many workers, does (unfused, a high-variance stage stays a stage of its own,
+which a fused one's CPU-bound members would make too costly to race), that one is the plan: a
+rate step then re-plans into workers that race. Where none does, ``SLOUnreachable`` says the best p99 reachable at that rate and
 the highest rate at which the objective holds.
 
 >>> from flowkit.profiling import Profile
@@ -207,7 +211,7 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         else:
             floor = min(p.service_p99_ms for p in [pred])
             tail = f"the objective holds at no rate (the stages alone take {floor:.2g} ms at p99)"
-        at = (f"{best_p99:.2g} ms at {rate:g} req/s ({knobs.workers} workers)" if math.isfinite(best_p99) else
+        at = (f"{best_p99:.2g} ms at {rate:g} req/s ({knobs.workers} worker{'s' if knobs.workers != 1 else ''})" if math.isfinite(best_p99) else
               f"unbounded: at {rate:g} req/s even {W} workers run at {pred.utilization:.0%} of their capacity")
         best_plan = _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, [])
         raise SLOUnreachable(f"no plan holds p99 <= {slo_ms:g} ms at {rate:g} req/s on up to {W} worker"
@@ -220,6 +224,13 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
             k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, counter)
             fewer.append(p)
     knobs, pred = with_room(specs, knobs, pred, rate, resources, overheads, rows, slo_ms, n)
+    for fusion, sp in candidates if not knobs.room and knobs.workers < W else ():
+        if sp is not specs:   # no room: another candidate that holds on as many workers, with room to race?
+            k, p = _search(sp, fusion, knobs.workers, rate, resources, overheads, rows, slo_ms, n, counter)
+            k, p = with_room(sp, k, p, rate, resources, overheads, rows, slo_ms, n)
+            if k.room and p.p99_ms <= slo_ms:
+                knobs, pred, specs = k, p, sp
+                break
     return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
 
 
@@ -345,7 +356,10 @@ def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fe
         out.append(f"fusion: on — {', '.join(repr(s.name) for s in fused)} run as one task each "
                    f"(no hop of ~{overheads.stage_ms:.2g} ms between their operators)")
     elif not knobs.fusion:
-        out.append("fusion: off — predicted no better fused")
+        roomy = [s for s, k in knobs.room if k > knobs.race_of(s)]
+        out.append(f"fusion: off — {', '.join(map(repr, roomy))} stay{'s' if len(roomy) == 1 else ''} a stage of "
+                   "its own, deployed with room to race once a re-plan adds workers" if roomy else
+                   "fusion: off — predicted no better fused")
     for s, sp in zip(specs, pred.stages):
         line = (f"{s.name!r}: p99 {sp.p99_ms:.3g} ms (p50 {sp.p50_ms:.3g} ms), {sp.demand_ms:.3g} ms of worker "
                 f"time per request, CPU share {sp.cpu_share:.2f}")

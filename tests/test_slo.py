@@ -16,7 +16,8 @@ import pytest
 import flowkit as fk
 from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageSpec, apply_knobs, erlang_c,
                              plan_slo, predict, search_knobs, stage_specs, _candidate)
-from flowkit.latency_model import race_skipped, wait_tail
+from flowkit.latency_model import race_skipped
+from flowkit.queueing import wait_tail
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
 from flowkit.runtime.replanner import Replan, beyond_chance, decide
 
@@ -799,6 +800,25 @@ def test_a_plan_deploys_room_to_race_and_a_replan_that_adds_workers_races_it():
     assert plan.workers == 1 and plan.knobs.room == () and plan.race_widths == {}
 
 
+def test_a_plan_on_fewer_workers_keeps_a_high_variance_stage_apart_to_race_it_once_scaled():
+    """Fused with a CPU-bound model, a remote call would be hedged at the model's cost, so no room
+    to race pays; kept a stage of its own, a re-plan races it on the worker it adds: the plan holding the objective on as many workers with room is chosen."""
+    rng = np.random.default_rng(0)
+    f = fk.Flow("scorer", {"x": int})
+    f.map(abs, names=["r"], batching=True).map(abs, col="r", names=["e"], high_variance=True)
+    calls = np.minimum(40.0, 2.0 * np.exp(0.9 * rng.standard_normal(200))).tolist()
+    prof = Profile.from_latencies({"abs": {1: [6.5] * 200, 2: [7.0] * 30, 4: [8.0] * 30}, "abs#2": {1: calls}},
+                                  cpu_share=1.0, batching=["abs"], high_variance=["abs#2"])
+    prof = replace(prof, ops={**prof.ops, "abs#2": replace(prof.ops["abs#2"], cpu_share=0.02)})
+    plan = plan_slo(f, prof, 30, 10, Resources(max_workers=2))
+    assert plan.workers == 1 and not plan.knobs.fusion and plan.knobs.room == (("abs#2", 2),)
+    fused = plan_slo(f, prof, 30, 10, Resources(max_workers=1))   # (no second worker: no room to keep)
+    assert fused.knobs.fusion and fused.prediction.p99_ms < plan.prediction.p99_ms   # fused was the best p99
+    assert any(line.startswith("fusion: off — 'abs#2' stays a stage of its own") for line in plan.explain())
+    step, _ = decide(plan, 10, p99_ms=40)   # its tail ran long: two workers, racing the call
+    assert step.workers == 2 and step.race_widths == {"abs#2": 2} and step.flow is plan.flow
+
+
 def test_a_replan_races_the_deployed_replicas_on_every_worker(client):
     f, prof = raced_alone()
 
@@ -994,9 +1014,11 @@ def test_a_measured_fall_of_the_rate_replans_only_once_it_lasts_a_rise_at_once(c
             assert rp.step() is None
         fewer = rp.step()
         assert fewer is not None and fewer.rate == 20.0 and "the rate changed x0.067" in fewer.replans[-1].reason
-        measured.append(300.0)   # a rise: at once
+        # a rise: at once, as soon as the window's last seconds show it (RISE_S), at their rate
+        rp.measure = lambda: Window(40.0, math.nan, 100, 0, 0, 300.0)
         back = rp.step()
         assert back is not None and back.rate == 300.0 and back.workers > fewer.workers
+        assert "the rate changed x15" in back.replans[-1].reason
 
 
 def test_set_objective_replans_a_live_deployment_at_once(client):

@@ -18,7 +18,7 @@ with workers, and, once they run out, with earlier shedding.
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
 lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
-rise at once): the adaptive minimum and maximum workers of ``dep.adaptive`` (both the plan's:
+rise at once, judged over the window's last ``RISE_S`` seconds): the adaptive minimum and maximum workers of ``dep.adaptive`` (both the plan's:
 the serving autoscaler adds none beyond it), the batch windows and race widths on every worker
 (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked
 for). None loses a request: admission only refuses new requests, a resized batch queue keeps
@@ -37,13 +37,17 @@ from typing import NamedTuple
 from ..plan import Stage
 from ..planner import SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
 
-__all__ = ["Replan", "decide", "retarget", "over_http", "beyond_chance", "Window", "Replanner", "RATE_FACTOR"]
+__all__ = ["Replan", "decide", "retarget", "over_http", "beyond_chance", "Window", "window_rates", "Replanner",
+           "RATE_FACTOR", "RISE_S"]
 
 logger = logging.getLogger("flowkit.deploy")
 
 RATE_FACTOR = 3.0
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
 LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
+RISE_S = 2.0        # a rise of the rate is judged over the window's last seconds (a Poisson load at the planned
+                    # rate fills 2 s at x3 far beyond chance), so it is re-planned within seconds, not a window
+RISE_MIN = 10       # ... over at least this many requests (at a trickle, a few would pass for x3 by chance)
 LATE_ALPHA = 0.01   # how unlikely the late requests must be, were LATE_SHARE late, to call the p99 missed
 
 
@@ -75,13 +79,26 @@ def beyond_chance(late: int, requests: int, share: float = LATE_SHARE, alpha: fl
 class Window(NamedTuple):
     """What the re-planner measured over its window: the rate of finished requests, the p99 of
     those ``judged`` (started since the planned workers were all there; nan with fewer than
-    ``P99_SAMPLES``), and how many of those were ``late`` (over the objective)."""
+    ``P99_SAMPLES``), and how many of those were ``late`` (over the objective); ``rate_now``:
+    the rate over its last ``RISE_S`` seconds."""
 
     rate: float
     p99_ms: float
     requests: int
     late: int
     judged: int
+    rate_now: float = math.nan   # the rate over the window's last RISE_S seconds (``window_rates``)
+
+
+def window_rates(finished: list[float], end: float, span: float, rise_s: float = RISE_S) -> tuple[float, float]:
+    """``(rate, rate_now)``: the requests ``finished`` (their finish times, s) per second over the
+    ``span`` seconds up to ``end``, and over its last ``rise_s`` seconds (all of it when shorter).
+
+    >>> window_rates([0.5 * i for i in range(6)] + [3.05 + 0.1 * i for i in range(20)], end=5.0, span=5.0)
+    (5.2, 10.0)
+    """
+    rise = min(rise_s, span)
+    return len(finished) / span, sum(1 for t in finished if t > end - rise) / rise
 
 
 @dataclass(frozen=True)
@@ -327,7 +344,8 @@ class Replanner:
         settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
         p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
         late = sum(1 for s in settled if s * 1000 > self.dep._slo_plan.slo_ms)
-        return Window(len(recent) / span, p99, len(recent), late, len(settled))
+        rate, rate_now = window_rates([t for t, _ in recent], end, span)
+        return Window(rate, p99, len(recent), late, len(settled), rate_now)
 
     def _arriving(self) -> bool:
         """Whether workers the plan asks for are still starting (on a cluster flowkit scales)."""
@@ -345,9 +363,13 @@ class Replanner:
                     self.last_reason = f"{m.requests} requests in the last {self.window:g} s: too few to judge"
                     return None
                 late_of = (m.late, m.judged) if p99_ms is None else None
-                if rate is None and self._fallen(m.rate):
-                    return None
-                rate = m.rate if rate is None else rate
+                if rate is None:
+                    if m.rate_now >= max(RATE_FACTOR * self.dep._slo_plan.rate, RISE_MIN / RISE_S):   # a rise: at once
+                        rate = m.rate_now
+                    elif self._fallen(m.rate):
+                        return None
+                    else:
+                        rate = m.rate
                 p99_ms = m.p99_ms if p99_ms is None else p99_ms
             new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late_of=late_of, now=time.time())
             return None if new is None else self._adopt(new)
