@@ -4,7 +4,7 @@
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
 measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
-than 1% late would make). The new plan keeps the deployed operators (fusion and the replicas
+than 1% late would make; while the rate is changing, planned for, not calibrated on). The new plan keeps the deployed operators (fusion and the replicas
 deployed: changing them means installing another plan on every worker) and chooses again what
 can change live: the workers (the fewest that hold the objective at the measured rate, up to
 the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
@@ -47,6 +47,8 @@ P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slo
 LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
 RISE_S = 2.0        # a rise of the rate is judged over the window's last seconds (a Poisson load at the planned
                     # rate fills 2 s at x3 far beyond chance), so it is re-planned within seconds, not a window
+STEADY = 1.25       # a load whose last RISE_S run within this factor of its window's rate is steady: only then
+                    # does a p99 above the objective calibrate the model
 RISE_MIN = 10       # ... over at least this many requests (at a trickle, a few would pass for x3 by chance)
 LATE_ALPHA = 0.01   # how unlikely the late requests must be, were LATE_SHARE late, to call the p99 missed
 
@@ -121,13 +123,17 @@ class Replan:
 
 
 def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = None, *,
-           late_of: tuple[int, int] | None = None, now: float = 0.0,
+           late_of: tuple[int, int] | None = None, rate_now: float | None = None, now: float = 0.0,
            rate_factor: float = RATE_FACTOR) -> tuple[SLOPlan | None, str]:
     """``(new plan, why)`` when the measurements call for a re-plan that changes something,
     else ``(None, why not)``. ``rate``: measured requests/s; ``p99_ms``: measured end-to-end
     p99 (nan: too few requests to say); ``slo_ms``: the objective (default: the plan's);
     ``late_of``: ``(requests over the objective, requests)`` behind that p99 — a p99 above the
-    objective counts only when they are more than chance gives at 1% late (``beyond_chance``).
+    objective counts only when they are more than chance gives at 1% late (``beyond_chance``);
+    ``rate_now``: the rate over the window's last ``RISE_S`` seconds — where it differs from
+    ``rate`` by more than ``STEADY``, the load is changing, and a p99 above the objective is
+    re-planned for the higher of the two without calibrating the model (a queue that builds
+    after a rise is the rise, not the model's error).
 
     >>> import flowkit as fk
     >>> from flowkit.planner import Resources, plan_slo
@@ -151,6 +157,9 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     ('p99 40 ms measured, above the objective of 30 ms', 4, 2.0)
     >>> new.replans[-1].changes
     (('workers', 3, 4), ('max_inflight', 12, 9))
+    >>> new, why = decide(plan, rate=150, p99_ms=40, rate_now=250)   # a rise under way: planned for, not calibrated
+    >>> why, new.workers, new.calibration, new.rate
+    ('p99 40 ms measured, above the objective of 30 ms, while the rate changes (250 req/s over the last 2 s)', 4, 1.0, 250.0)
     >>> # asked for rather than measured (dep.set_objective):
     >>> new = retarget(plan, rate=40)
     >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
@@ -173,9 +182,13 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
         if late_of is not None and not beyond_chance(*late_of):
             return None, (f"{reason}, yet {late_of[0]} late of {late_of[1]} requests is within chance "
                           f"at {LATE_SHARE:.0%} late")
-        predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
-        if math.isfinite(predicted) and predicted > 0 and math.isfinite(p99_ms):   # (inf: nothing answered)
-            calibration = max(calibration, p99_ms / predicted)
+        if rate_now is not None and not 1 / STEADY <= rate_now / rate <= STEADY:
+            reason += f", while the rate changes ({rate_now:.3g} req/s over the last {RISE_S:g} s)"
+            rate = max(rate, rate_now)
+        else:
+            predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
+            if math.isfinite(predicted) and predicted > 0 and math.isfinite(p99_ms):   # (inf: nothing answered)
+                calibration = max(calibration, p99_ms / predicted)
     elif math.isnan(p99_ms):
         return None, f"{rate:.3g} req/s (planned for {plan.rate:.3g}); too few requests yet to judge a p99"
     else:
@@ -355,7 +368,7 @@ class Replanner:
     def step(self, rate: float | None = None, p99_ms: float | None = None) -> SLOPlan | None:
         """Measure (or take ``rate`` / ``p99_ms`` as measured), decide, apply; the new plan or None."""
         with self._lock:
-            late_of = None
+            late_of = rate_now = None
             if rate is None or p99_ms is None:
                 m = self.measure()
                 if m.requests < self.min_requests and rate is None and p99_ms is None:
@@ -369,9 +382,10 @@ class Replanner:
                     elif self._fallen(m.rate):
                         return None
                     else:
-                        rate = m.rate
+                        rate, rate_now = m.rate, m.rate_now
                 p99_ms = m.p99_ms if p99_ms is None else p99_ms
-            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late_of=late_of, now=time.time())
+            new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late_of=late_of, rate_now=rate_now,
+                                           now=time.time())
             return None if new is None else self._adopt(new)
 
     def _fallen(self, rate: float) -> bool:
