@@ -899,8 +899,12 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         wait_until(lambda: len(dep.recent(3600)) == P99_SAMPLES * 3 // 2, "the client to record the last request")
         m = dep.replanner.measure()
         assert m.requests == m.judged == P99_SAMPLES * 3 // 2 and 0 < m.p99_ms < math.inf
-        dep.set_objective(slo_ms=1e-3)   # now every one of them is late
-        assert dep.replanner.measure().late == m.judged
+        assert dep.set_objective(slo_ms=1e-3).workers == 2   # now every request is late, on every worker:
+        assert dep.replanner.measure().judged == 0           # judged from this re-plan on
+        dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
+        wait_until(lambda: len(dep.recent(3600)) == P99_SAMPLES * 5 // 2, "the client to record the last request")
+        m = dep.replanner.measure()
+        assert m.judged == m.late == P99_SAMPLES
 
 
 def test_the_replanner_measures_a_load_that_began_within_its_window_at_its_own_rate(client):

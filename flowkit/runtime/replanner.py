@@ -305,7 +305,8 @@ class Replanner:
     applies what ``decide`` re-plans (needs ``min_requests`` finished requests in the window to
     judge at all: an idle deployment keeps its plan). Its p99 is judged only over
     ``P99_SAMPLES`` requests or more, all started since the deployment last had the workers its
-    plan asks for: a worker starting (its first requests open connections) is no measure of the
+    plan asks for (and since its last re-plan that changed them: requests queued on fewer workers
+    through a rise measure the rise, not the plan that answered it): a worker starting (its first requests open connections) is no measure of the
     plan, and one slow request among a few dozen would pass for their p99, calibrate the model by
     it for good and shed requests the plan could serve."""
 
@@ -438,6 +439,8 @@ class Replanner:
     def _adopt(self, new: SLOPlan) -> SLOPlan:
         """Apply ``new``, note what was done in its last re-plan record, and make it the plan."""
         last = replace(new.replans[-1], applied=tuple(self._apply(new)))
+        if new.workers != self.dep._slo_plan.workers:   # a p99 is judged over requests started since they are all
+            self._settled = time.perf_counter()        # there (measure; a worker added may already have joined)
         new = self.dep._slo_plan = replace(new, replans=new.replans[:-1] + (last,))
         self._falls = 0   # (a fall is judged against this plan from now on)
         return new
