@@ -17,7 +17,8 @@ for all its stages:
   ``s(n)·r/n``, at ``λ/W``) as its probability, and ``n = min(b, r·(1 + ρ·λ/W·w'))``, found
   together by iterating from ``n = r``;
 - a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
-  workers until it finishes; the draws share the request's input and differ only by the noise
+  workers until it finishes; a replica on another worker pays a round trip there (a draw of
+  the request path: the same router and transport carry it); the draws share the request's input and differ only by the noise
   the profile saw around each input's own cost (``OpProfile.by_input``): a stage whose latency
   follows its input gains nothing from a race; a CPU-bound one is hedged
   (``runtime/racing.py``): the others start only after the first has run for the stage's p95.
@@ -154,6 +155,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             busy = svc * rows / rows_in
         elif k > 1:
             draws = np.stack([s.draw(rng, rows, n, inputs) for _ in range(k)])
+            draws[1:] += np.stack([overheads.draw(rng, n) * np.ones(n) for _ in range(k - 1)])   # (on other workers)
             if share >= HEDGE_CPU_SHARE:
                 h = s.p95(rows)
                 first, others = draws[0], draws[1:].min(axis=0)

@@ -38,13 +38,15 @@ from .probes import flow_paths, http_path, probed, request_path, stage_hops
 from .versions import flow_version
 
 __all__ = ["profile", "Profile", "OpProfile", "flow_version", "cached_profile", "clear_cache", "BATCH_SIZES",
-           "ONE_ROW_RUNS"]
+           "ONE_ROW_RUNS", "TAIL_RUNS"]
 
 logger = logging.getLogger("flowkit.profile")
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-ONE_ROW_RUNS = 200   # runs at one row: enough for a p99 (the tail of a high-variance stage) and for
-                     # telling each input's own cost from the noise (OpProfile.by_input)
+ONE_ROW_RUNS = 200   # runs at one row: enough for a p99 and for telling each input's own cost from the
+                     # noise (OpProfile.by_input)
+TAIL_RUNS = 5        # ... times as many where a high-variance operator's p99 lies in a long tail (within the
+                     # budget): from 200 runs a lognormal's p99 came out 14 and 18 ms in two profiles of one stage
 
 _CACHE: dict[tuple, "Profile"] = {}
 
@@ -258,7 +260,8 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     """Measure every operator of ``flow`` on a worker of ``cluster`` (a ``distributed.Client``,
     a dask cluster, a scheduler address, or None: an embedded one-worker cluster started for
     this and closed after) at each of ``batch_sizes`` rows, ``repeats`` times and at one row
-    ``max(repeats, one_row_runs)`` times (a request's size: its p99 needs the tail), fewer where
+    ``max(repeats, one_row_runs)`` times (a request's size: its p99 needs the tail; ``TAIL_RUNS``
+    times as many where an operator is marked ``high_variance``), fewer where
     the operators would take past ``budget_s`` seconds (half of it for one row, half for the
     batches); then the request path on the cluster, ``one_row_runs`` times, as many with
     stages placed one by one and as many over HTTP served by the workers (``probes``; about
@@ -294,7 +297,8 @@ def profile(flow: Flow, sample: Any, cluster: Any = None, *, batch_sizes: Sequen
     client, _, owned = connect(cluster, 1, timeout)
     t0 = time.perf_counter()
     try:
-        fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, one_row_runs, budget_s,
+        tail = TAIL_RUNS if any(_marked(op, "high_variance") for op in plan.nodes) else 1
+        fut = client.submit(_measure_on_worker, plan_bytes, dumps(table), sizes, repeats, one_row_runs * tail, budget_s,
                             dumps(dict(store or {})), pure=False, key=f"flowkit-profile-{version}-{time.time_ns()}")
         raw = fut.result(timeout=max(timeout, budget_s * 3))
         path = probed("request path", "1 ms per request", raw["notes"],

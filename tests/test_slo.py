@@ -618,6 +618,20 @@ def live_flow() -> fk.Flow:
     return f
 
 
+def test_a_high_variance_operator_is_profiled_with_more_runs_at_one_row(client):
+    """Its p99 lies in a long tail: TAIL_RUNS times the one-row runs (every operator runs each pass,
+    so each run's input stays known for all of them)."""
+    from flowkit.profiling import TAIL_RUNS
+
+    f = fk.Flow("tail", {"x": int})
+    f.map(slow, names=["y"], high_variance=True).map(spin, names=["z"])
+    prof = fk.profile(f, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 2), repeats=5, one_row_runs=20,
+                      refresh=True)
+    assert TAIL_RUNS > 1
+    assert [len(op.latencies[1]) for op in prof.ops.values()] == [20 * TAIL_RUNS] * 2
+    assert all(len(op.input_rows) == 20 * TAIL_RUNS for op in prof.ops.values())
+
+
 def test_profile_measures_every_operator_on_a_worker_and_caches_it(client):
     flow = live_flow()
     prof = fk.profile(flow, {"x": [1, 2, 3]}, cluster=client, batch_sizes=(1, 4), repeats=5, one_row_runs=30,
