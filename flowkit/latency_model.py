@@ -17,8 +17,9 @@ for all its stages:
   ``s(n)·r/n``, at ``λ/W``) as its probability, and ``n = min(b, r·(1 + ρ·λ/W·w'))``, found
   together by iterating from ``n = r``;
 - a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
-  workers until it finishes; a replica on another worker pays a round trip there (a draw of
-  the request path: the same router and transport carry it); the draws share the request's input and differ only by the noise
+  workers until it finishes; a replica on another worker first pays a round trip there and,
+  when that worker's threads are busy, the rest of the request running there
+  (``remote_delay``); the draws share the request's input and differ only by the noise
   the profile saw around each input's own cost (``OpProfile.by_input``): a stage whose latency
   follows its input gains nothing from a race; a CPU-bound one is hedged
   (``runtime/racing.py``): the others start only after the first has run for the stage's p95.
@@ -50,7 +51,7 @@ from .latency_inputs import BATCHES, Knobs, Overheads, Resources, StageSpec, sta
 from .queueing import erlang_c, wait_tail
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "calibrated", "fewest_workers", "race_skipped", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
+           "calibrated", "fewest_workers", "race_skipped", "remote_delay", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 MARGIN = 0.1   # fewest_workers' allowance for predict's Monte Carlo draws (their means wander from the profile's)
@@ -155,7 +156,8 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             busy = svc * rows / rows_in
         elif k > 1:
             draws = np.stack([s.draw(rng, rows, n, inputs) for _ in range(k)])
-            draws[1:] += np.stack([overheads.draw(rng, n) * np.ones(n) for _ in range(k - 1)])   # (on other workers)
+            draws[1:] += np.stack([remote_delay(rng, specs, alone, lam_w, resources, overheads, rows, n, inputs)
+                                   for _ in range(k - 1)])
             if share >= HEDGE_CPU_SHARE:
                 h = s.p95(rows)
                 first, others = draws[0], draws[1:].min(axis=0)
@@ -210,6 +212,30 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     return Prediction(float(np.percentile(total, 50)), float(np.percentile(total, 99)), util, bottleneck, c, pw,
                       float(np.percentile(queue, 99)), float(np.percentile(service, 99)), overhead, float(demand.mean()),
                       tuple(stages))
+
+
+def remote_delay(rng, specs: Sequence[StageSpec], alone: dict[str, float], lam_w: float, resources: Resources,
+                 overheads: Overheads, rows: float, n: int, inputs: np.ndarray | None = None) -> np.ndarray:
+    """What a replica raced on another worker waits before it runs (ms, ``n`` draws): a round
+    trip there (a draw of the request path: the same router and transport carry it), and, with
+    the probability that worker's threads are all busy (its requests' stages, ``alone``: their
+    unbatched means, at ``lam_w`` requests/s a worker), the rest of the request running there
+    (uniform over a draw of a whole request's stages).
+
+    >>> from flowkit.profiling import Profile
+    >>> spec = StageSpec("m", (Profile.from_latencies({"m": {1: [10.0] * 20}})["m"],))
+    >>> rng = np.random.default_rng(0)
+    >>> float(remote_delay(rng, [spec], {"m": 10.0}, 0.0, Resources(2), Overheads(1.0), 1, 4000).mean())
+    1.0
+    >>> round(float(remote_delay(rng, [spec], {"m": 10.0}, 50.0, Resources(2), Overheads(1.0), 1, 4000).mean()), 1)
+    3.5
+    """
+    trip = overheads.draw(rng, n) * np.ones(n)
+    busy = min(1.0, lam_w * sum(alone.values()) / 1000 / resources.threads_per_worker)
+    if busy <= 0:
+        return trip
+    request = sum(sp.draw(rng, rows, n, inputs) for sp in specs)
+    return trip + np.where(rng.random(n) < busy, rng.uniform(0, 1, n) * request, 0.0)
 
 
 def race_skipped(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Resources, rows: int = 1,
