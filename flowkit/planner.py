@@ -16,8 +16,9 @@ is the plan. On fewer workers than ``max_workers`` it is deployed with room to r
 pays (``with_room``); where the best candidate gets none and another, also meeting the
 objective on as many workers, does (unfused, a high-variance stage stays a stage of its own,
 which a fused one's CPU-bound members would make too costly to race), that one is the plan: a
-rate step then re-plans into workers that race. Where none does, ``SLOUnreachable`` says the best p99 reachable at that rate and
-the highest rate at which the objective holds.
+rate step then re-plans into workers that race. Where no plan meets the objective,
+``SLOUnreachable`` says the best p99 reachable at that rate and the highest rate at which the
+objective holds.
 
 >>> from flowkit.profiling import Profile
 >>> import flowkit as fk
@@ -211,7 +212,8 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         else:
             floor = min(p.service_p99_ms for p in [pred])
             tail = f"the objective holds at no rate (the stages alone take {floor:.2g} ms at p99)"
-        at = (f"{best_p99:.2g} ms at {rate:g} req/s ({knobs.workers} worker{'s' if knobs.workers != 1 else ''})" if math.isfinite(best_p99) else
+        on = f"{knobs.workers} worker{'s' if knobs.workers != 1 else ''}"
+        at = (f"{best_p99:.2g} ms at {rate:g} req/s ({on})" if math.isfinite(best_p99) else
               f"unbounded: at {rate:g} req/s even {W} workers run at {pred.utilization:.0%} of their capacity")
         best_plan = _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, [])
         raise SLOUnreachable(f"no plan holds p99 <= {slo_ms:g} ms at {rate:g} req/s on up to {W} worker"

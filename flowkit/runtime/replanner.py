@@ -4,8 +4,9 @@
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
 measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
-than 1% late would make; while the rate is changing, planned for, not calibrated on). The new plan keeps the deployed operators (fusion and the replicas
-deployed: changing them means installing another plan on every worker) and chooses again what
+than 1% late would make; while the rate is changing, planned for, not calibrated on). The new
+plan keeps the deployed operators (fusion and the replicas deployed: changing them means
+installing another plan on every worker) and chooses again what
 can change live: the workers (the fewest that hold the objective at the measured rate, up to
 the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
 and wait the model finds best at that rate on those workers), how many of each race's deployed
@@ -18,8 +19,9 @@ with workers, and, once they run out, with earlier shedding.
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
 lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
-rise at once, judged over the window's last ``RISE_S`` seconds): the adaptive minimum and maximum workers of ``dep.adaptive`` (both the plan's:
-the serving autoscaler adds none beyond it), the batch windows and race widths on every worker
+rise at once, judged over the window's last ``RISE_S`` seconds): the adaptive minimum and
+maximum workers of ``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond
+it), the batch windows and race widths on every worker
 (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked
 for). None loses a request: admission only refuses new requests, a resized batch queue keeps
 what it holds, and dask retires a worker gracefully (requests in flight on it are sent again).
@@ -47,9 +49,9 @@ P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slo
 LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
 RISE_S = 2.0        # a rise of the rate is judged over the window's last seconds (a Poisson load at the planned
                     # rate fills 2 s at x3 far beyond chance), so it is re-planned within seconds, not a window
+RISE_MIN = 10       # ... over at least this many requests (at a trickle, a few would pass for x3 by chance)
 STEADY = 1.25       # a load whose last RISE_S run within this factor of its window's rate is steady: only then
                     # does a p99 above the objective calibrate the model
-RISE_MIN = 10       # ... over at least this many requests (at a trickle, a few would pass for x3 by chance)
 LATE_ALPHA = 0.01   # how unlikely the late requests must be, were LATE_SHARE late, to call the p99 missed
 
 
@@ -306,9 +308,10 @@ class Replanner:
     judge at all: an idle deployment keeps its plan). Its p99 is judged only over
     ``P99_SAMPLES`` requests or more, all started since the deployment last had the workers its
     plan asks for (and since its last re-plan that changed them: requests queued on fewer workers
-    through a rise measure the rise, not the plan that answered it): a worker starting (its first requests open connections) is no measure of the
-    plan, and one slow request among a few dozen would pass for their p99, calibrate the model by
-    it for good and shed requests the plan could serve."""
+    through a rise measure the rise, not the plan that answered it): a worker starting (its
+    first requests open connections) is no measure of the plan, and one slow request among a
+    few dozen would pass for their p99, calibrate the model by it for good and shed requests
+    the plan could serve."""
 
     def __init__(self, dep, interval: float = 1.0, window: float = 5.0, min_requests: int = 20,
                  max_inflight: int | None = None):
