@@ -19,7 +19,8 @@ from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageS
 from flowkit.latency_model import race_skipped
 from flowkit.queueing import wait_tail
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
-from flowkit.runtime.replanner import Replan, beyond_chance, decide
+from flowkit.runtime.replanner import Replan, decide
+from flowkit.runtime.window import beyond_chance
 
 from .waiting import wait_until
 
@@ -898,7 +899,7 @@ def test_the_replanner_applies_a_new_rate_and_never_drops_a_request(client):
 def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
     """A p99 of a few dozen requests is their slowest one: the replanner does not re-plan (nor
     calibrate the model, nor shed) on it."""
-    from flowkit.runtime.replanner import P99_SAMPLES
+    from flowkit.runtime.window import P99_SAMPLES
 
     flow = live_flow()
     prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
@@ -1014,7 +1015,7 @@ def test_the_replanner_scales_through_the_adaptive_minimum(make_cluster):
 def test_a_measured_fall_of_the_rate_replans_only_once_it_lasts_a_rise_at_once(client):
     """A window reaching back before the load began (a warm-up, a pause) measures a fall that
     is none: a fall re-plans once it outlasts the window, a rise at the first measurement."""
-    from flowkit.runtime.replanner import Window
+    from flowkit.runtime.window import Window
 
     flow = live_flow()
     prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
