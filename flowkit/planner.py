@@ -375,8 +375,9 @@ def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fe
                          "rate batches would not fill before the wait cost more than they save, and batching runs "
                          "the plan stage by stage)")
         if s.high_variance and knobs.deployed_of(s.name) > max(sp.replicas, knobs.race_of(s.name)):
-            line += (f"; {knobs.deployed_of(s.name)} replicas deployed, {knobs.race_of(s.name)} racing: the rest "
-                     "race once a live re-plan adds workers")
+            line += (f"; {knobs.deployed_of(s.name)} replicas deployed, {knobs.race_of(s.name)} racing: "
+                     + ("the rest race once a live re-plan adds workers" if W < knobs.deployed_of(s.name) else
+                        f"racing more is not predicted to pay at {rate:g} req/s (its other workers are busy)"))
         elif s.high_variance:
             line += (f"; {sp.replicas} replicas race (latency cv {max((m.cv(1) for m in s.members), default=0):.2f}); "
                      f"{sp.race_skipped:.0%} of races expected to find their worker's threads all taken and run one replica"

@@ -832,6 +832,9 @@ def test_a_plan_on_fewer_workers_keeps_a_high_variance_stage_apart_to_race_it_on
     assert any(line.startswith("fusion: off — 'abs#2' stays a stage of its own") for line in plan.explain())
     step, _ = decide(plan, 10, p99_ms=40)   # its tail ran long: two workers, racing the call
     assert step.workers == 2 and step.race_widths == {"abs#2": 2} and step.flow is plan.flow
+    busy, _ = decide(plan, 120, p99_ms=25)   # x12: two workers, each too busy for the other's replicas
+    assert busy.workers == 2 and busy.race_widths == {"abs#2": 1}
+    assert any("1 racing: racing more is not predicted to pay at 120 req/s" in line for line in busy.explain())
 
 
 def test_a_replan_races_the_deployed_replicas_on_every_worker(client):
