@@ -51,7 +51,8 @@ from .latency_inputs import BATCHES, Knobs, Overheads, Resources, StageSpec, sta
 from .queueing import erlang_c, wait_tail
 
 __all__ = ["Resources", "Overheads", "Knobs", "StageSpec", "StagePrediction", "Prediction", "stage_specs", "predict",
-           "calibrated", "fewest_workers", "race_skipped", "remote_delay", "erlang_c", "wait_tail", "placed", "HEDGE_CPU_SHARE", "BATCHES"]
+           "calibrated", "fewest_workers", "race_skipped", "remote_delay", "erlang_c", "wait_tail", "placed",
+           "HEDGE_CPU_SHARE", "BATCHES"]
 
 HEDGE_CPU_SHARE = 0.5   # as runtime/racing.py: CPU-bound replicas are hedged, not raced at once
 MARGIN = 0.1   # fewest_workers' allowance for predict's Monte Carlo draws (their means wander from the profile's)
@@ -120,10 +121,14 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
     simple = not placed(specs, knobs)
     inputs = np.random.default_rng([seed, 1]).random(n)   # each request's input, for all its stages (StageSpec.draw)
     alone: dict[str, float] = {}   # each stage's mean unbatched (ms): the load on a worker's threads
+    request = np.zeros(n)          # ... and a request's stages summed, unbatched (ms; for remote_delay)
     if any(s.eager and s.batching and knobs.batch_of(s.name)[0] > 1 for s in specs) or any(
             s.high_variance and min(knobs.race_of(s.name), W) > 1 for s in specs):
         alone_rng = np.random.default_rng([seed, 2])
-        alone = {s.name: float(s.draw(alone_rng, rows, n, inputs).mean()) for s in specs}
+        for s in specs:
+            d = s.draw(alone_rng, rows, n, inputs)
+            alone[s.name], request = float(d.mean()), request + d
+    busy_elsewhere = min(1.0, lam_w * sum(alone.values()) / 1000 / resources.threads_per_worker)
     skip = race_skipped(specs, knobs, rate, resources, rows, inputs, seed, alone)
     lat = np.zeros(n)
     wall = np.zeros(n)
@@ -156,8 +161,7 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             busy = svc * rows / rows_in
         elif k > 1:
             draws = np.stack([s.draw(rng, rows, n, inputs) for _ in range(k)])
-            draws[1:] += np.stack([remote_delay(rng, specs, alone, lam_w, resources, overheads, rows, n, inputs)
-                                   for _ in range(k - 1)])
+            draws[1:] += np.stack([remote_delay(rng, overheads, busy_elsewhere, request) for _ in range(k - 1)])
             if share >= HEDGE_CPU_SHARE:
                 h = s.p95(rows)
                 first, others = draws[0], draws[1:].min(axis=0)
@@ -214,27 +218,23 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
                       tuple(stages))
 
 
-def remote_delay(rng, specs: Sequence[StageSpec], alone: dict[str, float], lam_w: float, resources: Resources,
-                 overheads: Overheads, rows: float, n: int, inputs: np.ndarray | None = None) -> np.ndarray:
-    """What a replica raced on another worker waits before it runs (ms, ``n`` draws): a round
-    trip there (a draw of the request path: the same router and transport carry it), and, with
-    the probability that worker's threads are all busy (its requests' stages, ``alone``: their
-    unbatched means, at ``lam_w`` requests/s a worker), the rest of the request running there
-    (uniform over a draw of a whole request's stages).
+def remote_delay(rng, overheads: Overheads, busy: float, request: np.ndarray) -> np.ndarray:
+    """What a replica raced on another worker waits before it runs (ms, one draw per entry of
+    ``request``): a round trip there (a draw of the request path: the same router and transport
+    carry it) and, with probability ``busy`` (that worker's threads all taken by its own
+    requests), the rest of a request running there (uniform over ``request``: draws of a whole
+    request's stages, ms).
 
-    >>> from flowkit.profiling import Profile
-    >>> spec = StageSpec("m", (Profile.from_latencies({"m": {1: [10.0] * 20}})["m"],))
     >>> rng = np.random.default_rng(0)
-    >>> float(remote_delay(rng, [spec], {"m": 10.0}, 0.0, Resources(2), Overheads(1.0), 1, 4000).mean())
+    >>> float(remote_delay(rng, Overheads(1.0), 0.0, np.full(4000, 10.0)).mean())
     1.0
-    >>> round(float(remote_delay(rng, [spec], {"m": 10.0}, 50.0, Resources(2), Overheads(1.0), 1, 4000).mean()), 1)
+    >>> round(float(remote_delay(rng, Overheads(1.0), 0.5, np.full(4000, 10.0)).mean()), 1)
     3.5
     """
+    n = len(request)
     trip = overheads.draw(rng, n) * np.ones(n)
-    busy = min(1.0, lam_w * sum(alone.values()) / 1000 / resources.threads_per_worker)
     if busy <= 0:
         return trip
-    request = sum(sp.draw(rng, rows, n, inputs) for sp in specs)
     return trip + np.where(rng.random(n) < busy, rng.uniform(0, 1, n) * request, 0.0)
 
 

@@ -226,13 +226,13 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
             k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, counter)
             fewer.append(p)
     knobs, pred = with_room(specs, knobs, pred, rate, resources, overheads, rows, slo_ms, n)
-    for fusion, sp in candidates if not knobs.room and knobs.workers < W else ():
-        if sp is not specs:   # no room: another candidate that holds on as many workers, with room to race?
-            k, p = _search(sp, fusion, knobs.workers, rate, resources, overheads, rows, slo_ms, n, counter)
-            k, p = with_room(sp, k, p, rate, resources, overheads, rows, slo_ms, n)
-            if k.room and p.p99_ms <= slo_ms:
-                knobs, pred, specs = k, p, sp
-                break
+    others = [(f, sp) for f, sp in candidates if sp is not specs] if not knobs.room and knobs.workers < W else []
+    for fusion, sp in others:   # no room: another candidate that holds on as many workers, with room to race?
+        k, p = _search(sp, fusion, knobs.workers, rate, resources, overheads, rows, slo_ms, n, counter)
+        k, p = with_room(sp, k, p, rate, resources, overheads, rows, slo_ms, n)
+        if k.room and p.p99_ms <= slo_ms:
+            knobs, pred, specs = k, p, sp
+            break
     return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer)
 
 

@@ -82,12 +82,15 @@ def connect(cluster: Any, n_workers: int | None, timeout: float) -> tuple:
         return cluster, getattr(cluster, "cluster", None), []
     if isinstance(cluster, str):
         try:
-            client = Client(cluster, timeout=timeout)
+            try:
+                client = Client(cluster, timeout=timeout)
+            except AssertionError:   # (under heavy load dask's client thread can fail to start: once more)
+                client = Client(cluster, timeout=timeout)
         except ValueError as e:
             raise FlowError(f"{cluster!r} is not a scheduler address (like tcp://host:8786): {e}") from e
         except (OSError, TimeoutError) as e:
             raise FlowError(f"no dask scheduler answered at {cluster!r} within {timeout:g} s: {e}") from e
-        except Exception as e:   # (under heavy load, dask's client thread can fail to start: an AssertionError)
+        except Exception as e:   # (its client thread failed to start twice, or what dask did not foresee)
             raise FlowError(f"connecting to the dask scheduler at {cluster!r} failed: {type(e).__name__}: {e}") from e
         return client, None, [client]
     if hasattr(cluster, "scheduler_address"):

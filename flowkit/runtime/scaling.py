@@ -79,12 +79,13 @@ class Load:
 
 def load_of(now: float, sent: list, served: list, sent_inflight: float, served_inflight: float,
             threads_per_worker: int, window: float = 2.0) -> Load:
-    """The load over the last ``window`` seconds: ``sent`` and ``served`` are ``(finish time,
-    latency s)`` of the requests sent through the client and of those the workers' own HTTP
-    endpoints served (``now``: where both are recorded in full); in flight, the router's mean (``sent_inflight``) plus the endpoints' — by
-    Little's law, their latencies summed over the window divided by it (which misses requests
-    still running: at least ``served_inflight``, what they last reported). The p99 of the window
-    and, with 200 requests to judge by, of those before it.
+    """The load over the last ``window`` seconds up to ``now`` (where both are recorded in full):
+    ``sent`` and ``served`` are ``(finish time, latency s)`` of the requests sent through the
+    client and of those the workers' own HTTP endpoints served; in flight, the router's mean
+    (``sent_inflight``) plus the endpoints' — by Little's law, their latencies summed over the
+    window divided by it (which misses requests still running: at least ``served_inflight``,
+    what they last reported). The p99 of the window and, with 200 requests to judge by, of those
+    before it.
 
     >>> load_of(10.0, [(9.5, 0.002)], [(9.0, 0.5), (9.9, 0.5), (5.0, 0.004)], 1.0, 0.0, 1)
     Load(inflight=1.5, threads_per_worker=1, p99_recent_ms=500.0, p99_history_ms=0.0)
