@@ -371,6 +371,14 @@ def block_batching() -> str:
     return "\n".join(out)
 
 
+def block_batch_cost() -> str:
+    d = load("batch_cost")
+    rows = [[r["batch"], r["calls"], num(r["ms_per_image"]), f"{num(r['p10_ms'])}-{num(r['p90_ms'])}",
+             f"{num(r['vs_batch_1'])}×", num(r["images_per_s_one_core"])] for r in d["batches"]]
+    return "\n".join([table(["batch", "calls", "ms per image (median)", "p10-p90", "vs batch 1", "images/s on one core"],
+                            rows), "", provenance("batch_cost", d)])
+
+
 def block_locality() -> str:
     out = []
     for name, link in (("locality", "loopback"), ("locality_10gbit", "10 Gbit/s link")):
@@ -420,6 +428,7 @@ BLOCKS = {
     "transport": (block_transport, ("transport",)),
     "compete": (block_compete, ("compete",)),
     "batching": (block_batching, ("batching",)),
+    "batch-cost": (block_batch_cost, ("batch_cost",)),
     "locality": (block_locality, ("locality", "locality_10gbit")),
     "autoscaling": (block_autoscaling, ("autoscaling",)),
 }
