@@ -7,7 +7,7 @@ The batch sizes take turns, round after round (``ROUNDS``), so that the machine'
 faster moments fall on all of them alike; each call is timed whole (pre-processing included, as
 the heavy variant's fused stage runs it) and divided by its batch size.
 
-Run: .venv/bin/python benchmarks/batch_cost.py        # ~20 s -> results/batch_cost.json/.md
+Run: .venv/bin/python benchmarks/batch_cost.py        # ~40 s -> results/batch_cost.json/.md
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 from _report import save, table  # noqa: E402
 
 BATCHES = (1, 2, 4, 8)
-ROUNDS, WARMUP = 40, 3
+ROUNDS, WARMUP = 100, 3
 
 
 def measure(rounds: int) -> list[dict]:
