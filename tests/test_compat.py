@@ -135,6 +135,22 @@ def test_noting_a_removed_worker(make_cluster):
                                           workers=[keep])[keep], "the other worker to be told of the removal")
 
 
+def test_a_workers_heartbeat_kept_at_least_so_long_and_given_back_to_the_scheduler(make_cluster):
+    client = make_cluster(n_workers=1)
+
+    async def beat(dask_worker, seconds):   # set the floor, then one heartbeat (the scheduler answers it)
+        if seconds != "keep":
+            compat.heartbeat_at_least(dask_worker, seconds)
+        await dask_worker.periodic_callbacks["heartbeat"].callback()
+        return compat.heartbeat_ms(dask_worker)
+
+    (dasks,) = client.run(beat, seconds="keep").values()
+    assert dasks < 3000   # the scheduler's interval (dask: 500 ms for one worker)
+    assert list(client.run(beat, seconds=3.0).values()) == [3000]   # kept, whatever the scheduler answered
+    assert list(client.run(beat, seconds="keep").values()) == [3000]
+    assert list(client.run(beat, seconds=None).values()) == [dasks]   # the scheduler's again
+
+
 def test_checking_that_an_object_can_be_sent(client):
     compat.check_serializable(client, {"a": np.arange(3)})
     with pytest.raises(Exception):

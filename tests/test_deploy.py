@@ -56,6 +56,8 @@ def test_the_embedded_default_cluster_is_adaptive_and_closed_with_the_deployment
         for intervals in dep.client.run(_housekeeping_ms).values():
             assert intervals["tick"] == 1000 and intervals["monitor"] == 10000
             assert intervals.get("memory_monitor", 1000) == 1000
+        # ... and with heartbeats to the scheduler every 5 s (plugin.HEARTBEAT_S) rather than 0.5 s
+        assert set(dep.client.run(_heartbeat_ms).values()) == {5000}
     finally:
         dep.close()
     assert dep.client.status == "closed" and cluster.status.name == "closed"
@@ -74,6 +76,12 @@ def _housekeeping_ms(dask_worker) -> dict:
             if name in ("tick", "monitor", "memory_monitor")}
 
 
+def _heartbeat_ms(dask_worker) -> float | None:
+    from flowkit.runtime import compat
+
+    return compat.heartbeat_ms(dask_worker)
+
+
 def _event_loop_module() -> str:
     """The top-level module of the running event loop's class (``client.run`` calls it on a
     worker's loop)."""
@@ -88,15 +96,20 @@ def test_workers_of_a_cluster_flowkit_did_not_start_are_tuned_only_when_asked(ma
     with fk.deploy(flow, cluster=client) as dep:
         assert rows(dep.run(data)) == expected
         assert list(client.run(gc.get_freeze_count).values()) == [0]
+        assert all(ms < 5000 for ms in client.run(_heartbeat_ms).values())
     with fk.deploy(flow, cluster=client, tune_workers=True) as dep:
         assert rows(dep.run(data)) == expected
         assert all(n > 0 for n in client.run(gc.get_freeze_count).values())
+        assert list(client.run(_heartbeat_ms).values()) == [5000]
         with fk.deploy(flow, cluster=client, tune_workers=True) as second:
             assert rows(second.run(data)) == expected
         # a tuned deployment that leaves thaws the heap (its objects can be collected), and the
         # worker freezes again for the one still there
         assert all(n > 0 for n in client.run(gc.get_freeze_count).values())
     wait_until(lambda: list(client.run(gc.get_freeze_count).values()) == [0], "the worker's heap thawed")
+    # ... and heartbeats as the scheduler asks again (from its answer to the next one)
+    wait_until(lambda: all(ms < 5000 for ms in client.run(_heartbeat_ms).values()),
+               "the worker's heartbeat to be the scheduler's again")
 
 
 def test_close_releases_only_what_the_deployment_started(client):

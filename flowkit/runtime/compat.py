@@ -2,8 +2,8 @@
 
 dask's public API (``Client``, ``LocalCluster``, ``WorkerPlugin``, ``Adaptive``) is used where
 it is needed; what is not public — a worker's RPC handler table, its thread count and
-resources, the ``dont_reply`` status, the scheduler's RPCs and the worker-to-worker data
-handshake — goes through the functions here, each with a test (``tests/test_compat.py``).
+resources, the ``dont_reply`` status, the scheduler's RPCs, the worker-to-worker data
+handshake and the worker's heartbeat — goes through the functions here, each with a test (``tests/test_compat.py``).
 pyproject.toml bounds ``distributed`` to the newest minor these were tested on.
 """
 
@@ -15,7 +15,7 @@ from distributed.comm.addressing import get_address_host
 from distributed.core import Status
 
 __all__ = ["add_handler", "DONT_REPLY", "worker_threads", "worker_resources", "address_host", "set_worker_resources",
-           "on_worker_removed", "stored_data", "run_on_worker_loop", "fetch_data", "scheduler_who_has",
+           "on_worker_removed", "heartbeat_at_least", "heartbeat_ms", "stored_data", "run_on_worker_loop", "fetch_data", "scheduler_who_has",
            "scheduler_workers", "task_known", "check_serializable"]
 
 #: what a comm handler returns when it answered on its own (the comm stays the handler's)
@@ -62,6 +62,33 @@ def on_worker_removed(worker, callback: Callable[[str], None]) -> None:
             await result
 
     worker.stream_handlers["remove-worker"] = noting_removal
+
+
+def heartbeat_at_least(worker, seconds: float | None) -> None:
+    """The worker heartbeats to the scheduler at most once every ``seconds`` (None: as often as
+    the scheduler asks again). The scheduler sets a worker's interval in its answer to each
+    heartbeat (dask: every 0.5 s up to 10 workers, slower in larger clusters); this keeps the
+    longer of that and ``seconds``, on the worker's own periodic heartbeat."""
+    beat = worker.periodic_callbacks.get("heartbeat")
+    if beat is None:
+        return
+    own = beat.__dict__.setdefault("flowkit_own_callback", beat.callback)
+    if seconds is None:
+        beat.callback = own   # (the scheduler's next answer sets its interval again)
+        return
+
+    async def heartbeat():
+        await own()
+        beat.callback_time = max(beat.callback_time, seconds * 1000)
+
+    beat.callback = heartbeat
+    beat.callback_time = max(beat.callback_time, seconds * 1000)
+
+
+def heartbeat_ms(worker) -> float | None:
+    """The worker's heartbeat interval now, in milliseconds (None: it has none)."""
+    beat = worker.periodic_callbacks.get("heartbeat")
+    return None if beat is None else beat.callback_time
 
 
 def stored_data(worker):

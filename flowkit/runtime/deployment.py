@@ -53,8 +53,9 @@ def deploy(flow: Flow, cluster: Any = None, optimize: bool | Mapping[str, Any] =
     ``tune_workers``: tune the worker processes for serving — raise glibc's mmap threshold
     (model code runs up to 3x faster under dask's nanny settings; ``plugin.tune_malloc``) and
     freeze the garbage collector's heap once the models are in (a full collection of a dask
-    worker's heap paused its event loop for over 100 ms; ``plugin.freeze_heap``); by default only
-    on the embedded cluster, which flowkit owns — it changes the whole worker process.
+    worker's heap paused its event loop for over 100 ms; ``plugin.freeze_heap``), and heartbeat
+    to the scheduler every 5 s rather than 0.5 s (``plugin.HEARTBEAT_S``); by default only on
+    the embedded cluster, which flowkit owns — it changes the whole worker process.
     Returns once every worker of the cluster (or the ``n_workers`` asked for) holds the flow,
     or after ``timeout`` with at least one.
 
