@@ -28,9 +28,10 @@ Phases, in the order a request passes them:
 
 Each of ``VARIANTS`` (flowkit's serving settings; those with dask's own intervals for the periodic
 housekeeping that they make rarer; a shorter switch interval for the interpreter lock on the
-workers; ``--variants`` picks) runs ``--reps`` times, alternating. The pipeline's in-process
-floor (its stages as plain calls, no flowkit) is timed on a worker after each run, on the same
-request, back to back: what the plan phase costs beyond the computation itself, at most.
+workers; the heartbeats dask sets instead of the tuned workers' rarer ones; ``--variants``
+picks) runs ``--reps`` times, alternating. The pipeline's in-process floor (its stages as plain
+calls, no flowkit) is timed on a worker after each run, on the same request, back to back: what
+the plan phase costs beyond the computation itself, at most.
 
 Run: .venv/bin/python benchmarks/request_split.py [--pipeline image|video] [--closed 3000] [--reps 3]
      [--variants "serving settings"] [--quick]
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import statistics
 import sys
@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _report import percentile, save, table  # noqa: E402
+
+from flowkit.runtime.plugin import HEARTBEAT_S  # noqa: E402
 
 STEPS = ["entry", "body read", "decoded", "submitted", "to thread", "thread start", "thread end", "back on loop",
          "answer", "encoded", "answered"]
@@ -210,33 +212,24 @@ DASK_HOUSEKEEPING = {"distributed.admin.tick.interval": "20ms", "distributed.wor
 #: the interpreter's switch interval tried on the workers (``--variants "switch interval"``): how
 #: long a thread holding the GIL keeps it once another asks (Python's default: 5 ms)
 SWITCH_INTERVAL_S = 0.0002
-RARE_HEARTBEAT_S = 5.0
 VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING,
             "switch interval": {"switch_interval_s": SWITCH_INTERVAL_S},
-            "rare heartbeats": {"heartbeat_s": RARE_HEARTBEAT_S}}
+            "dask's heartbeats": {"dask_heartbeats": True}}
 
 
 DESCRIBED = {"serving settings": "`serving_settings()`",
              "dask's housekeeping": f"those with dask's own intervals {DASK_HOUSEKEEPING}",
              "switch interval": f"serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` on the workers",
-             "rare heartbeats": f"serving settings with the workers' heartbeats to the scheduler every "
-                                f"{RARE_HEARTBEAT_S:g} s (dask: 0.5 s up to 10 workers; the scheduler sets it, and "
-                                "scales the client's heartbeat and its workers' time to live with it)"}
+             "dask's heartbeats": "serving settings with the workers' heartbeats to the scheduler as dask sets "
+                                  "them (0.5 s up to 10 workers) instead of the tuned workers' "
+                                  f"{HEARTBEAT_S:g} s (`plugin.HEARTBEAT_S`)"}
 
 
-@contextlib.contextmanager
-def heartbeats_every(seconds: float | None):
-    """The scheduler started in this process tells its workers to heartbeat every ``seconds``
-    (None: dask's own interval)."""
-    import distributed.scheduler as scheduler
+def dask_heartbeats(dask_worker) -> None:
+    """This tuned worker heartbeats as the scheduler asks again (``compat.heartbeat_at_least``)."""
+    from flowkit.runtime.compat import heartbeat_at_least
 
-    own = scheduler.heartbeat_interval
-    if seconds is not None:
-        scheduler.heartbeat_interval = lambda n: seconds
-    try:
-        yield
-    finally:
-        scheduler.heartbeat_interval = own
+    heartbeat_at_least(dask_worker, None)
 
 
 def set_switch_interval(seconds: float) -> None:
@@ -292,7 +285,7 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
         sys.path.insert(0, str(HERE))
 
     dask_settings = {k: v for k, v in settings.items() if k.startswith("distributed.")}
-    with heartbeats_every(settings.get("heartbeat_s")), dask.config.set({**serving_settings(), **dask_settings}), \
+    with dask.config.set({**serving_settings(), **dask_settings}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         client.run(set_up)
@@ -301,6 +294,8 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
             client.run(set_switch_interval, settings["switch_interval_s"])
         flow, optimize, _, _ = PIPELINES[pipeline]()
         with fk.deploy(flow, cluster=client, optimize=optimize, tune_workers=True) as dep, dep.serve() as server:
+            if settings.get("dask_heartbeats"):
+                client.run(dask_heartbeats)
             got = loadgen(f"{server.url}/v1/flows/{flow.name}/predict", body, "--closed", str(closed), "--warmup", "200")
             traces = client.run(take_trace)
         floors = client.run(time_floor, pipeline)
