@@ -34,8 +34,9 @@ logger = logging.getLogger("flowkit.worker")
 
 #: the longest interval between a tuned worker's heartbeats to the scheduler (dask's: 0.5 s up
 #: to 10 workers). Each heartbeat gathers the worker's metrics on its event loop, between the
-#: requests that loop serves: in ``benchmarks/request_split.py`` ("rare heartbeats") a closed
-#: loop's p99 over HTTP was lower in 4 of 5 alternating repetitions with heartbeats every 5 s.
+#: requests that loop serves: with dask's interval instead, a closed loop over HTTP had the
+#: higher p99 in 4 of 6 alternating repetitions, median 2.05 against 1.86 ms
+#: (``benchmarks/results/request_split_heartbeats.md``).
 #: The scheduler's view of the worker's memory and tasks is that much older; a worker that dies
 #: is still noticed at once (its connections close).
 HEARTBEAT_S = 5.0
