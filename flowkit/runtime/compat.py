@@ -3,7 +3,8 @@
 dask's public API (``Client``, ``LocalCluster``, ``WorkerPlugin``, ``Adaptive``) is used where
 it is needed; what is not public — a worker's RPC handler table, its thread count and
 resources, the ``dont_reply`` status, the scheduler's RPCs, the worker-to-worker data
-handshake and the worker's heartbeat — goes through the functions here, each with a test (``tests/test_compat.py``).
+handshake and the worker's heartbeat — goes through the functions here, each with a test
+(``tests/test_compat.py``).
 pyproject.toml bounds ``distributed`` to the newest minor these were tested on.
 """
 
@@ -15,8 +16,8 @@ from distributed.comm.addressing import get_address_host
 from distributed.core import Status
 
 __all__ = ["add_handler", "DONT_REPLY", "worker_threads", "worker_resources", "address_host", "set_worker_resources",
-           "on_worker_removed", "heartbeat_at_least", "heartbeat_ms", "stored_data", "run_on_worker_loop", "fetch_data", "scheduler_who_has",
-           "scheduler_workers", "task_known", "check_serializable"]
+           "on_worker_removed", "heartbeat_at_least", "heartbeat_ms", "stored_data", "run_on_worker_loop", "fetch_data",
+           "scheduler_who_has", "scheduler_workers", "task_known", "check_serializable"]
 
 #: what a comm handler returns when it answered on its own (the comm stays the handler's)
 DONT_REPLY = Status.dont_reply
