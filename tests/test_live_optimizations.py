@@ -34,6 +34,10 @@ def test_competitive_replicas_race_on_distinct_workers_and_losers_stop(client, t
         import os, time
         import flowkit as fk
         MARK = {str(tmp_path / "slow")!r}
+        def stopped(how):   # (whole when it appears: the test reads it as soon as it exists)
+            with open(MARK + ".tmp", "w") as f:
+                f.write(how)
+            os.replace(MARK + ".tmp", MARK + ".stopped")
         def translate(row) -> int:
             try:
                 os.close(os.open(MARK, os.O_CREAT | os.O_EXCL))
@@ -44,12 +48,10 @@ def test_competitive_replicas_race_on_distinct_workers_and_losers_stop(client, t
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < 120:
                     if fk.cancelled():
-                        with open(MARK + ".stopped", "w") as f:
-                            f.write("cancelled")
+                        stopped("cancelled")
                         return -1
                     time.sleep(0.005)           # (its simulated work)
-                with open(MARK + ".stopped", "w") as f:
-                    f.write("ran to the end")
+                stopped("ran to the end")
                 return -2
             return row["x"] * 10
     """)
