@@ -37,9 +37,17 @@ class SLOPlan:
     specs: tuple = ()         # the model's view of the planned stages (for re-planning: runtime/replanner.py)
     overheads: Overheads = Overheads()
     rows: int = 1
-    calibration: float = 1.0  # measured p99 / predicted p99 seen live (>= 1); the objective planned is slo_ms / this
+    calibration: float = 1.0  # measured p99 / predicted p99 seen live (>= 1)
+    margin: float = 0.0       # the share of the objective kept for the model's error until calibrated (planner.MODEL_ERROR)
+    short_of_margin: bool = False   # no plan was predicted within the margin: the best predicted was deployed
     replans: tuple = ()       # runtime.replanner.Replan records, oldest first
     profile: Any = None       # the profile it was planned from (to plan again: the notebook's sliders)
+
+    @property
+    def factor(self) -> float:
+        """The objective planned for is ``slo_ms / factor``: the measured calibration once it
+        exceeds the margin, the margin before."""
+        return max(self.calibration, 1 + self.margin)
 
     @property
     def workers(self) -> int:

@@ -101,7 +101,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     >>> why, new.workers, round(new.calibration, 1)
     ('p99 40 ms measured, above the objective of 30 ms', 4, 2.0)
     >>> new.replans[-1].changes
-    (('workers', 3, 4), ('max_inflight', 12, 9))
+    (('workers', 3, 4), ('max_inflight', 10, 9))
     >>> new, why = decide(plan, rate=150, p99_ms=40, rate_now=250)   # a rise under way: planned for, not calibrated
     >>> why, new.workers, new.calibration, new.rate
     ('p99 40 ms measured, above the objective of 30 ms, while the rate changes (250 req/s over the last 2 s)', 4, 1.0, 250.0)
@@ -110,7 +110,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
     (2, 30, 40.0, 'asked: p99 <= 30 ms at 40 req/s')
     >>> retarget(plan, slo_ms=18).replans[-1].changes
-    (('workers', 3, 4), ('max_inflight', 12, 11))
+    (('workers', 3, 4),)
     >>> retarget(plan, slo_ms=12).replans[-1].reason
     'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
     """
@@ -199,9 +199,11 @@ def resizable(plan: SLOPlan) -> set[str]:
 def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibration: float, reason: str, now: float,
             always: bool = False, fewest: int = 1) -> tuple[SLOPlan | None, str]:
     """The fewest workers, ``fewest`` at least (and the shedding limit), that hold ``slo_ms /
-    calibration`` at ``rate`` with the plan's other knobs; ``(None, why)`` when nothing changes,
-    unless ``always``."""
-    target = slo_ms / calibration
+    calibration`` at ``rate`` with the plan's other knobs — by the plan's margin for the model's
+    error too (``SLOPlan.margin``) while the calibration is below it, where a plan does;
+    ``(None, why)`` when nothing changes, unless ``always``."""
+    factor = max(calibration, 1 + plan.margin)
+    target = slo_ms / factor
     windows = resizable(plan)
     deployed = replace(plan.knobs, room=tuple((s.name, plan.knobs.deployed_of(s.name)) for s in plan.specs
                                               if s.high_variance))   # (races only as wide as deployed)
@@ -216,6 +218,9 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
             chosen = (knobs, pred)
             break
         fewer = [pred]
+    short = chosen is None and factor > calibration and pred.p99_ms <= slo_ms / calibration
+    if short:   # within the objective (as calibrated), not by the margin: the best there is, without shedding for it
+        chosen, target = (knobs, pred), slo_ms / calibration
     held = chosen is not None
     if chosen is None:   # even every worker cannot hold it: all of them, and shedding keeps the rest in time
         chosen = (knobs, pred)
@@ -234,14 +239,16 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
         return None, f"{reason}; re-planned: nothing to change"
     if not held:
         reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
+    measured = (f"calibration: measured p99s ran {calibration:.2g}x the model's"
+                if calibration > 1 and (short or calibration >= 1 + plan.margin) else "")
     reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed,
-                          () if kept else fewer, kept=kept, holds=held)
-    if calibration > 1:
-        reasons.append(f"calibration: measured p99s ran {calibration:.2g}x the model's, so the plan holds "
-                       f"{target:.3g} ms as the model predicts")
+                          () if kept else fewer, kept=kept, holds=held, target=target, why_target=measured)
+    if short:
+        reasons.insert(1, f"margin: none; no plan is predicted within {slo_ms / factor:.3g} ms (the objective "
+                          f"less {plan.margin:.0%} for the model's error), so this is the best predicted")
     record = Replan(now, reason, float(rate), float(p99_ms), changes)
     new = replace(plan, rate=float(rate), knobs=knobs, prediction=pred, shed_inflight=shed, reasons=tuple(reasons),
-                  calibration=calibration, replans=plan.replans + (record,), measured=None)
+                  calibration=calibration, replans=plan.replans + (record,), measured=None, short_of_margin=short)
     return new, reason
 
 
