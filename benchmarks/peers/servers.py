@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BYTES = {"img", "clip"}
 WORKERS = 2              # serving processes (replicas) per system
-MAX_BATCH = 8            # where flowkit batches (the heavy variant): its max_batch
+MAX_BATCH = 4            # where flowkit batches (the heavy variant): its max_batch (pipelines/heavy.py)
 BATCH_WAIT_S = 0.005     # and its max_wait_ms (5 ms)
 
 # What the results record about each peer's configuration (pipelines_vs_peers.py saves it).
