@@ -44,12 +44,6 @@ class SLOPlan:
     profile: Any = None       # the profile it was planned from (to plan again: the notebook's sliders)
 
     @property
-    def factor(self) -> float:
-        """The objective planned for is ``slo_ms / factor``: the measured calibration once it
-        exceeds the margin, the margin before."""
-        return max(self.calibration, 1 + self.margin)
-
-    @property
     def workers(self) -> int:
         return self.knobs.workers
 

@@ -543,12 +543,21 @@ def test_the_plan_keeps_a_margin_for_the_models_error_and_uses_what_it_has_witho
     assert kept.shed_inflight == shed_limit(kept.prediction, 30 / (1 + MODEL_ERROR))   # (shedding holds the margin too)
     short = plan_slo(f, prof, 30, 100, Resources(max_workers=edge.workers))
     assert short.short_of_margin and short.workers == edge.workers and short.prediction.p99_ms <= 30
-    assert any(r.startswith("margin: none; no plan is predicted within 25 ms") for r in short.explain())
+    assert any(r.startswith(f"margin: none; no plan is predicted within {30 / (1 + MODEL_ERROR):.3g} ms")
+               for r in short.explain())
+    assert f"workers: {short.workers}, those of the best predicted plan" in short.explain()
     again = retarget(short, rate=100)   # a live re-plan short of the margin sheds nothing for it
-    assert again.short_of_margin and again.shed_inflight == short.shed_inflight
+    assert again.short_of_margin and again.shed_inflight == short.shed_inflight == shed_limit(short.prediction, 30)
     assert not any("no plan holds" in r for r in again.explain())
-    with pytest.raises(SLOUnreachable):
+    # a measured p99 over the objective at a higher rate, by less than the margin: the margin stays
+    new, why = decide(kept, 200, p99_ms=31)
+    assert 1 < new.calibration < 1 + MODEL_ERROR and new.workers > kept.workers
+    assert new.prediction.p99_ms <= 30 / (1 + MODEL_ERROR) and not any(r.startswith("calibration:") for r in new.explain())
+    with pytest.raises(SLOUnreachable) as err:
         plan_slo(f, prof, 20, 100, Resources(max_workers=edge.workers))
+    best = err.value.best.explain()   # (no margin claimed for a plan that holds nothing)
+    assert f"workers: {edge.workers}, all there may be: no plan on them holds the objective" in best
+    assert not any(r.startswith("margin") for r in best)
     with pytest.raises(fk.FlowError, match="margin must be a share >= 0"):
         plan_slo(f, prof, 30, 100, margin=-0.1)
 

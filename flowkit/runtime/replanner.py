@@ -13,8 +13,11 @@ and wait the model finds best at that rate on those workers), how many of each r
 replicas race (no more than the workers: the planner deploys room for them,
 ``planner.with_room``), and the shedding limit. A p99 above
 the objective that the model did not predict also calibrates it: the objective the model must
-meet becomes ``slo_ms / (measured p99 / predicted p99)``, so the model's optimism is paid for
-with workers, and, once they run out, with earlier shedding.
+meet becomes ``slo_ms / (measured p99 / predicted p99)`` where that is tighter than the plan's
+margin for the model's error (``slo_ms / (1 + SLOPlan.margin)``), so the model's optimism is paid
+for with workers, and, once they run out, with earlier shedding (for the calibration only: a
+plan short of the margin is the best predicted, and sheds only where the queue would outlast
+the objective as calibrated).
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
 ``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
@@ -110,7 +113,7 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     >>> new.workers, new.slo_ms, new.rate, new.replans[-1].reason
     (2, 30, 40.0, 'asked: p99 <= 30 ms at 40 req/s')
     >>> retarget(plan, slo_ms=18).replans[-1].changes
-    (('workers', 3, 4),)
+    (('workers', 3, 4), ('max_inflight', 10, 9))
     >>> retarget(plan, slo_ms=12).replans[-1].reason
     'asked: p99 <= 12 ms at 150 req/s (no plan holds it on 4 workers: shedding beyond 8 in flight)'
     """
@@ -223,7 +226,7 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
         chosen, target = (knobs, pred), slo_ms / calibration
     held = chosen is not None
     if chosen is None:   # even every worker cannot hold it: all of them, and shedding keeps the rest in time
-        chosen = (knobs, pred)
+        chosen, target = (knobs, pred), slo_ms / calibration   # (in the objective as calibrated, not the margin)
     knobs, pred = chosen
     if not fewer and knobs.workers > 1:   # (skipped for the CPU, or a floor: for explain(), what one fewer gives)
         fewer = [predict(plan.specs, replace(knobs, workers=knobs.workers - 1), rate, plan.resources, plan.overheads,
@@ -240,12 +243,10 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
     if not held:
         reason += f" (no plan holds it on {plan.resources.max_workers} workers: shedding beyond {shed} in flight)"
     measured = (f"calibration: measured p99s ran {calibration:.2g}x the model's"
-                if calibration > 1 and (short or calibration >= 1 + plan.margin) else "")
+                if calibration > 1 and (short or not held or calibration >= 1 + plan.margin) else "")
     reasons = reasons_for(plan.specs, knobs, pred, slo_ms, rate, plan.resources, plan.overheads, shed,
-                          () if kept else fewer, kept=kept, holds=held, target=target, why_target=measured)
-    if short:
-        reasons.insert(1, f"margin: none; no plan is predicted within {slo_ms / factor:.3g} ms (the objective "
-                          f"less {plan.margin:.0%} for the model's error), so this is the best predicted")
+                          () if kept or short else fewer, kept=kept, holds=held, target=target, why_target=measured,
+                          short_of=slo_ms / factor if short else None)
     record = Replan(now, reason, float(rate), float(p99_ms), changes)
     new = replace(plan, rate=float(rate), knobs=knobs, prediction=pred, shed_inflight=shed, reasons=tuple(reasons),
                   calibration=calibration, replans=plan.replans + (record,), measured=None, short_of_margin=short)
