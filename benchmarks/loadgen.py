@@ -34,9 +34,17 @@ class Connection(http.client.HTTPConnection):
     Python's http.client sends a request's headers and body in two writes, and with Nagle's
     algorithm the body waits for the server's delayed ACK of the headers (~40 ms)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.used_at = time.monotonic()   # when its last answer arrived
+
     def connect(self):
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+IDLE_LIMIT_S = 4.0   # a connection idle longer is replaced before a request: below every server's keep-alive
+                     # timeout here (uvicorn's default is 5 s), so none closes one as a request arrives on it
 
 
 ANSWERS_KEPT = 4   # distinct answers kept per request body (a batched model's last digits may differ)
@@ -70,8 +78,12 @@ class Endpoint:
         A keep-alive connection the server closed while it sat idle (uvicorn closes one after 5 s,
         which at a low open-loop rate over many connections is most of them) is replaced before
         the request, as urllib3's pool does (``is_connection_dropped``): that is not the
-        request's failure."""
-        if conn.sock is not None and _readable(conn.sock):   # readable while idle: closed
+        request's failure. So is one idle longer than ``IDLE_LIMIT_S``, which the server may be
+        closing just then (found open, closed before the request arrives: a lost request that
+        is the client's race, not the system's fault), as clients with an idle limit below the
+        server's keep-alive timeout avoid it."""
+        if conn.sock is not None and (_readable(conn.sock)   # readable while idle: closed
+                                      or time.monotonic() - conn.used_at > IDLE_LIMIT_S):
             conn.close()
             conn = self.connect()
         index, body = self.next_body()
@@ -79,6 +91,7 @@ class Endpoint:
             conn.request("POST", self.path, body, {"Content-Type": "application/json"})
             r = conn.getresponse()
             data = r.read()
+            conn.used_at = time.monotonic()
             if r.status == 200:
                 self._answered(index, data)
             return r.status == 200, conn

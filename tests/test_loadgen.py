@@ -53,6 +53,29 @@ def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_co
         server.server_close()
 
 
+class _AnswersAndKeepsOpen(_AnswersThenCloses):
+    def do_POST(self):
+        super().do_POST()
+        self.close_connection = False
+
+
+def test_a_connection_idle_past_the_limit_is_replaced_before_a_server_could_be_closing_it():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersAndKeepsOpen)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ep = loadgen.Endpoint(f"http://127.0.0.1:{server.server_address[1]}/predict", b"{}", timeout=10)
+        first = ep.connect()
+        ok, conn = ep.send(first)
+        ok2, again = ep.send(conn)
+        assert ok and ok2 and again is first   # used within the limit: kept
+        again.used_at -= loadgen.IDLE_LIMIT_S + 1   # (as if idle that long)
+        ok, fresh = ep.send(again)
+        assert ok and fresh is not first and first.sock is None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _Echoes(http.server.BaseHTTPRequestHandler):
     """Answers each request with its own body, except request 2's, answered wrongly."""
 
