@@ -1,5 +1,6 @@
 """The benchmarks' load generator counts a system's failures, not its own."""
 
+import contextlib
 import http.server
 import select
 import sys
@@ -18,6 +19,21 @@ import request_split  # noqa: E402
 from peers.cycling_loadgen import CyclingEndpoint  # noqa: E402
 
 sys.path.pop(0)
+
+
+@contextlib.contextmanager
+def _serving(handler, **attrs):
+    """A local HTTP server answering with ``handler`` in threads of its own; yields its URL and
+    the server (``attrs`` set on it)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for name, value in attrs.items():
+        setattr(server, name, value)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/predict", server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class _AnswersThenCloses(http.server.BaseHTTPRequestHandler):
@@ -39,18 +55,13 @@ class _AnswersThenCloses(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_keep_alive_connection_the_server_closed_while_idle_is_replaced_not_counted_as_a_failure():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersThenCloses)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ep = loadgen.Endpoint(f"http://127.0.0.1:{server.server_address[1]}/predict", b"{}", timeout=10)
+    with _serving(_AnswersThenCloses) as (url, _):
+        ep = loadgen.Endpoint(url, b"{}", timeout=10)
         conn = ep.connect()
         for _ in range(3):
             ok, conn = ep.send(conn)
             assert ok
             wait_until(lambda: select.select([conn.sock], [], [], 0)[0], "the server to close the idle connection")
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _AnswersAndKeepsOpen(_AnswersThenCloses):
@@ -60,10 +71,8 @@ class _AnswersAndKeepsOpen(_AnswersThenCloses):
 
 
 def test_a_connection_idle_past_the_limit_is_replaced_before_a_server_could_be_closing_it():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnswersAndKeepsOpen)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ep = loadgen.Endpoint(f"http://127.0.0.1:{server.server_address[1]}/predict", b"{}", timeout=10)
+    with _serving(_AnswersAndKeepsOpen) as (url, _):
+        ep = loadgen.Endpoint(url, b"{}", timeout=10)
         first = ep.connect()
         ok, conn = ep.send(first)
         ok2, again = ep.send(conn)
@@ -71,9 +80,6 @@ def test_a_connection_idle_past_the_limit_is_replaced_before_a_server_could_be_c
         again.used_at -= loadgen.IDLE_LIMIT_S + 1   # (as if idle that long)
         ok, fresh = ep.send(again)
         assert ok and fresh is not first and first.sock is None
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _Echoes(http.server.BaseHTTPRequestHandler):
@@ -101,16 +107,11 @@ def test_the_answers_under_load_are_kept_per_request_and_the_wrong_ones_found():
         from pipelines_vs_peers import wrong_answers
     finally:
         sys.path.remove(bench)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echoes)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        bodies = [b'{"rows": [{"y": %d}]}' % i for i in range(3)]
-        ep = CyclingEndpoint(f"http://127.0.0.1:{server.server_address[1]}/predict", bodies, timeout=10)
+    bodies = [b'{"rows": [{"y": %d}]}' % i for i in range(3)]
+    with _serving(_Echoes) as (url, _):
+        ep = CyclingEndpoint(url, bodies, timeout=10)
         out = loadgen.closed_loop(ep, 6, 0)
         assert out["failures"] == 0 and len(out["latencies_ms"]) == 6
-    finally:
-        server.shutdown()
-        server.server_close()
     assert ep.answers == {0: {bodies[0]}, 1: {bodies[1]}, 2: {b'{"rows": [{"y": 3}]}'}}
     answers = {str(i): sorted(x.decode() for x in seen) for i, seen in ep.answers.items()}
     assert wrong_answers(answers, [{"y": 0}, {"y": 1}, {"y": 2}]) == ['request 2: {"rows": [{"y": 3}]}']
@@ -136,20 +137,14 @@ class _NotesArrivals(http.server.BaseHTTPRequestHandler):
 def test_an_open_loop_given_a_start_waits_for_it_and_counts_latency_from_its_schedule():
     """Phases sent by separate processes line up on one schedule (``--start-at``): nothing is
     sent before the start, and a start already past counts latency from the schedule."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotesArrivals)
-    server.arrivals = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ep = loadgen.Endpoint(f"http://127.0.0.1:{server.server_address[1]}/predict", b"{}", timeout=10)
+    with _serving(_NotesArrivals, arrivals=[]) as (url, server):
+        ep = loadgen.Endpoint(url, b"{}", timeout=10)
         start_at = time.time() + 0.5
         out = loadgen.open_loop(ep, rate=200, seconds=0.2, connections=4, seed=1, start_at=start_at)
         assert len(server.arrivals) == out["sent"] > 0 and min(server.arrivals) >= start_at + out["schedule_s"][0] - 0.01
         assert out["schedule_s"] == sorted(out["schedule_s"]) and max(out["schedule_s"]) <= 0.2
         late = loadgen.open_loop(ep, rate=200, seconds=0.2, connections=4, seed=1, start_at=time.time() - 5.0)
         assert min(x for x in late["latencies_ms"] if x is not None) >= 5000 - 300   # from its schedule, 5 s ago
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_an_http_load_in_phases_from_processes_of_its_own_reaches_the_workers_and_misses_nothing(client):
