@@ -12,7 +12,8 @@ waiting, racing and hedging) queued in an M/G/c queue.
 **The plan** (``plan_slo``). For 1, 2 ... ``max_workers`` workers, with and without fusion, a
 coordinate search picks each batching stage's ``(b, w)`` and each high-variance stage's race
 width to minimize the predicted p99; the first worker count whose best p99 meets the objective
-is the plan. On fewer workers than ``max_workers`` it is deployed with room to race where that
+less a margin for the model's own error (``MODEL_ERROR``) is the plan, or, where none does but
+one meets the objective itself, the best predicted (``SLOPlan.short_of_margin``). On fewer workers than ``max_workers`` it is deployed with room to race where that
 pays (``with_room``); where the best candidate gets none and another, also meeting the
 objective on as many workers, does (unfused, a high-variance stage stays a stage of its own,
 which a fused one's CPU-bound members would make too costly to race), that one is the plan: a
@@ -48,7 +49,7 @@ from .optimize.compete import high_variance, race_nodes
 from .plan import Batching, Op, Plan, Rewrite, Stage
 from .slo_plan import SLOPlan
 
-__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_knobs", "apply_knobs", "with_room", "shed_limit", "reasons_for", "require_positive",
+__all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "MODEL_ERROR", "overheads_for", "search_knobs", "apply_knobs", "with_room", "shed_limit", "reasons_for", "require_positive",
            "BATCHES", "WAITS_MS",
            "RACE_WIDTHS",
            # the model's records and functions, for the planner's callers
@@ -59,9 +60,9 @@ __all__ = ["SLOPlan", "SLOUnreachable", "plan_slo", "overheads_for", "search_kno
 WAITS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 RACE_WIDTHS = (1, 2, 3)
 RACE_GAIN = 0.05        # a race must cut the predicted p99 by this share: it costs its width in work
+BATCH_GAIN = 0.05       # so must a batch window where there was none: it runs the plan stage by stage
 MODEL_ERROR = 0.25      # a plan holds slo_ms / (1 + this) as predicted: measured p99s ran up to ~1.3x the
                         # model's on 2 shared cores (docs/slo.md, Measured) until a live p99 calibrates it
-BATCH_GAIN = 0.05       # so must a batch window where there was none: it runs the plan stage by stage
 
 
 class SLOUnreachable(FlowError):
