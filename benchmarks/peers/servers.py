@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.heavy import MAX_BATCH  # noqa: E402  (where flowkit batches, the heavy variant: its max_batch)
+
 BYTES = {"img", "clip"}
 WORKERS = 2              # serving processes (replicas) per system
-MAX_BATCH = 4            # where flowkit batches (the heavy variant): its max_batch (pipelines/heavy.py)
 BATCH_WAIT_S = 0.005     # and its max_wait_ms (5 ms)
 
 # What the results record about each peer's configuration (pipelines_vs_peers.py saves it).
