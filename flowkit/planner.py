@@ -97,27 +97,54 @@ def overheads_for(flow: Flow, profile, http: bool = False, fused: list[StageSpec
     return calibrated(overheads, fused, measured, at_worker)
 
 
+class Predictions:
+    """``predict`` for one planning, each plan at each rate computed once and counted (``count``:
+    the model evaluations made). A search meets the same knobs many times (its second pass, the
+    worker counts tried after one another, the search for the rate that holds); ``predict``'s
+    draws are seeded, so the same plan predicts the same. (A candidate's stages are known by
+    their list: the same list, the same stages.)
+
+    >>> from flowkit.profiling import Profile
+    >>> specs = [StageSpec("m", (Profile.from_latencies({"m": {1: [4.0] * 20}})["m"],))]
+    >>> seen = Predictions()
+    >>> a, b = (seen(specs, Knobs(), 100, Resources(2), Overheads(0, 0), 1, 500) for _ in range(2))
+    >>> a is b, seen.count, seen(specs, Knobs(), 150, Resources(2), Overheads(0, 0), 1, 500) is a, seen.count
+    (True, 1, False, 2)
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._seen: dict = {}   # key -> (specs, prediction): the specs kept, so that their id stays theirs
+
+    def __call__(self, specs, knobs: Knobs, rate: float, resources: Resources, overheads: Overheads, rows: int,
+                 n: int) -> Prediction:
+        key = (id(specs), knobs, rate, resources, overheads, rows, n)
+        if key not in self._seen:
+            self.count += 1
+            self._seen[key] = (specs, predict(specs, knobs, rate, resources, overheads, rows, n))
+        return self._seen[key][1]
+
+
 def _search(specs, fusion: bool, workers: int, rate: float, resources: Resources, overheads: Overheads,
-            rows: int, slo_ms: float, n: int, counter: list) -> tuple[Knobs, Prediction]:
+            rows: int, slo_ms: float, n: int, predictions: Predictions) -> tuple[Knobs, Prediction]:
     """The knobs minimizing the predicted p99 on ``workers`` workers (a coordinate search)."""
     start = Knobs(fusion, tuple((s.name, 1, 0.0) for s in specs if s.batching),
                   tuple((s.name, 1) for s in specs if s.high_variance), workers)
-    return search_knobs(specs, start, rate, resources, overheads, rows, slo_ms, n, counter)
+    return search_knobs(specs, start, rate, resources, overheads, rows, slo_ms, n, predictions)
 
 
 def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overheads: Overheads, rows: int,
-                 slo_ms: float, n: int = 2000, counter: list | None = None, *,
+                 slo_ms: float, n: int = 2000, predictions: Predictions | None = None, *,
                  windows=None) -> tuple[Knobs, Prediction]:
     """From ``start``, a coordinate search for the batch windows and race widths minimizing the
     predicted p99 (``start``'s fusion and workers stay). ``windows``: the stages whose batch
     window may change (default: every batching stage); race widths, with ``start.room``, only up
     to the replicas deployed (``Knobs.deployed_of``)."""
-    counter = [0] if counter is None else counter
+    predictions = Predictions() if predictions is None else predictions
     knobs = start
 
     def score(k: Knobs) -> tuple:
-        counter[0] += 1
-        p = predict(specs, k, rate, resources, overheads, rows, n)
+        p = predictions(specs, k, rate, resources, overheads, rows, n)
         return (p.p99_ms, p.utilization), p
 
     best, pred = score(knobs)
@@ -169,13 +196,13 @@ def _better(score: tuple, best: tuple, gain: float, *, simpler: bool) -> bool:
     return p99 * (1 - gain) <= before if simpler else p99 < before * (1 - gain)
 
 
-def _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter, workers_range):
+def _best_at(flow, candidates, rate, resources, overheads, rows, slo_ms, n, predictions, workers_range):
     """(knobs, prediction, specs) of the first worker count in ``workers_range`` whose best plan
     meets ``slo_ms``, else of the best plan seen (and False)."""
     best = None
     for w in workers_range:
         for fusion, specs in candidates:
-            knobs, pred = _search(specs, fusion, w, rate, resources, overheads, rows, slo_ms, n, counter)
+            knobs, pred = _search(specs, fusion, w, rate, resources, overheads, rows, slo_ms, n, predictions)
             if best is None or (pred.p99_ms, pred.utilization) < (best[1].p99_ms, best[1].utilization):
                 best = (knobs, pred, specs)
         if best[1].p99_ms <= slo_ms:
@@ -200,7 +227,7 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         raise FlowError(f"margin must be a share >= 0 of the objective, not {margin!r}")
     flow = flow.original
     t0 = time.perf_counter()
-    counter = [0]
+    predictions = Predictions()
     candidates = []
     for fusion in (True, False):
         specs = stage_specs(_candidate(flow, fusion), profile)
@@ -211,14 +238,14 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     W = resources.max_workers   # (fewer workers than the CPU needs cannot hold: not searched)
     fewest = min(W, min(fewest_workers(specs, rate, resources, overheads, rows) for _, specs in candidates))
     target = slo_ms / (1 + margin)
-    (knobs, pred, specs), ok = _best_at(flow, candidates, rate, resources, overheads, rows, target, n, counter,
+    (knobs, pred, specs), ok = _best_at(flow, candidates, rate, resources, overheads, rows, target, n, predictions,
                                         range(fewest, W + 1))
     short = not ok and pred.p99_ms <= slo_ms   # within the objective, not by the margin: the best there is
     if short:
         ok, target = True, slo_ms
     short_of = slo_ms / (1 + margin) if short else None
     if not ok:
-        holds = _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter)
+        holds = _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, predictions)
         best_p99 = pred.p99_ms
         if holds > 0:
             tail = f"it holds up to about {holds:.3g} req/s" if holds < 1000 else \
@@ -229,7 +256,7 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
         on = f"{knobs.workers} worker{'s' if knobs.workers != 1 else ''}"
         at = (f"{best_p99:.2g} ms at {rate:g} req/s ({on})" if math.isfinite(best_p99) else
               f"unbounded: at {rate:g} req/s even {W} workers run at {pred.utilization:.0%} of their capacity")
-        best_plan = _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, [],
+        best_plan = _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, predictions, [],
                             margin, slo_ms, holds=False)
         raise SLOUnreachable(f"no plan holds p99 <= {slo_ms:g} ms at {rate:g} req/s on up to {W} worker"
                              f"{'s' if W != 1 else ''}: the best predicted p99 is {at}; {tail}",
@@ -238,22 +265,23 @@ def plan_slo(flow: Flow, profile, slo_ms: float, rate: float, resources: Resourc
     fewer = []
     if knobs.workers > 1:
         for fusion, sp in candidates:
-            k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, counter)
+            k, p = _search(sp, fusion, knobs.workers - 1, rate, resources, overheads, rows, slo_ms, n, predictions)
             fewer.append(p)
-    knobs, pred = with_room(specs, knobs, pred, rate, resources, overheads, rows, target, n)
+    knobs, pred = with_room(specs, knobs, pred, rate, resources, overheads, rows, target, n, predictions)
     others = [(f, sp) for f, sp in candidates if sp is not specs] if not knobs.room and knobs.workers < W else []
     for fusion, sp in others:   # no room: another candidate that holds on as many workers, with room to race?
-        k, p = _search(sp, fusion, knobs.workers, rate, resources, overheads, rows, slo_ms, n, counter)
-        k, p = with_room(sp, k, p, rate, resources, overheads, rows, target, n)
+        k, p = _search(sp, fusion, knobs.workers, rate, resources, overheads, rows, slo_ms, n, predictions)
+        k, p = with_room(sp, k, p, rate, resources, overheads, rows, target, n, predictions)
         if k.room and p.p99_ms <= target:
             knobs, pred, specs = k, p, sp
             break
-    return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter,
+    return _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, predictions,
                    [] if short else fewer, margin, target, short_of=short_of)
 
 
 def with_room(specs, knobs: Knobs, pred: Prediction, rate: float, resources: Resources, overheads: Overheads,
-              rows: int, slo_ms: float, n: int = 2000) -> tuple[Knobs, Prediction]:
+              rows: int, slo_ms: float, n: int = 2000, predictions: Predictions | None = None
+              ) -> tuple[Knobs, Prediction]:
     """``knobs`` with room to race (``Knobs.room``) for a plan on fewer workers than
     ``resources.max_workers``: each high-variance stage deployed with as many replicas as those
     could race (up to ``max(RACE_WIDTHS)``), those beyond its race width idle until a live
@@ -283,11 +311,12 @@ def with_room(specs, knobs: Knobs, pred: Prediction, rate: float, resources: Res
     everywhere = replace(knobs, workers=W)
     roomed = {s for s, _ in room}
     raced = replace(everywhere, race=tuple((s, width if s in roomed else k) for s, k in knobs.race))
-    wide, narrow = (predict(specs, k, rate, resources, overheads, rows, n) for k in (raced, everywhere))
+    predictions = Predictions() if predictions is None else predictions
+    wide, narrow = (predictions(specs, k, rate, resources, overheads, rows, n) for k in (raced, everywhere))
     if not _better((wide.p99_ms, wide.utilization), (narrow.p99_ms, narrow.utilization), RACE_GAIN, simpler=False):
         return knobs, pred   # (a re-plan would not race them)
     roomy = replace(knobs, room=room)
-    p = predict(specs, roomy, rate, resources, overheads, rows, n)
+    p = predictions(specs, roomy, rate, resources, overheads, rows, n)
     return (roomy, p) if p.p99_ms <= slo_ms else (knobs, pred)
 
 
@@ -303,14 +332,14 @@ def require_positive(what: str, v, unit: str = "") -> None:
         raise FlowError(f"{what} must be a number {unit}> 0, not {v!r}")
 
 
-def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, counter) -> float:
+def _holding_rate(flow, candidates, rate, resources, overheads, rows, slo_ms, n, predictions) -> float:
     """The highest rate (to 5%) below ``rate`` at which some plan on all the workers meets the
     objective; 0 when none does even at a trickle."""
     W = resources.max_workers
     lo, hi = 0.0, rate
 
     def ok(r):
-        return _best_at(flow, candidates, r, resources, overheads, rows, slo_ms, n, counter, [W])[1]
+        return _best_at(flow, candidates, r, resources, overheads, rows, slo_ms, n, predictions, [W])[1]
 
     tiny = rate / 1000
     while not ok(tiny):   # (a rate far beyond the cluster: look a thousand times lower, to a trickle)
@@ -337,7 +366,7 @@ def shed_limit(pred: Prediction, slo_ms: float) -> int:
     return int(pred.servers + slo_ms / per_request)
 
 
-def _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, counter, fewer,
+def _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overheads, rows, t0, predictions, fewer,
             margin, target, *, holds: bool = True, short_of: float | None = None) -> SLOPlan:
     """The ``SLOPlan`` of the chosen knobs: made to hold ``target`` as predicted (the objective
     less the margin; the objective itself where no plan holds that, ``short_of``, or none holds
@@ -347,7 +376,7 @@ def _finish(flow, profile, knobs, pred, specs, slo_ms, rate, resources, overhead
     reasons = reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fewer, holds=holds,
                           target=target, short_of=short_of)
     return SLOPlan(slo_ms, rate, knobs, pred, planned, resources, tuple(reasons), shed,
-                   time.perf_counter() - t0, counter[0], specs=tuple(specs), overheads=overheads, rows=rows,
+                   time.perf_counter() - t0, predictions.count, specs=tuple(specs), overheads=overheads, rows=rows,
                    profile=profile, margin=margin, short_of_margin=short_of is not None)
 
 

@@ -201,7 +201,7 @@ def test_the_planner_skips_the_worker_counts_the_cpu_cannot_carry_and_plans_the_
     cannot keep up whatever they batch, so the search starts at 9 (10% below, for the model's
     sampling) — with the same answer as a search from 1, on fewer model evaluations; and a live
     re-plan does the same."""
-    from flowkit.planner import _best_at, fewest_workers
+    from flowkit.planner import Predictions, _best_at, fewest_workers
     from flowkit.runtime.replanner import retarget
 
     f, prof = single(10.0)
@@ -209,9 +209,9 @@ def test_the_planner_skips_the_worker_counts_the_cpu_cannot_carry_and_plans_the_
     specs = stage_specs(_candidate(f, True), prof)
     assert fewest_workers(specs, 900, resources, NO_OVERHEAD) == 9
     plan = plan_slo(f, prof, 50, 900, resources, NO_OVERHEAD, margin=0)
-    counter = [0]
-    (knobs, _, _), ok = _best_at(f, [(True, specs)], 900, resources, NO_OVERHEAD, 1, 50, 2000, counter, range(1, 17))
-    assert ok and plan.workers == knobs.workers >= 10 and plan.evaluated < counter[0]
+    seen = Predictions()
+    (knobs, _, _), ok = _best_at(f, [(True, specs)], 900, resources, NO_OVERHEAD, 1, 50, 2000, seen, range(1, 17))
+    assert ok and plan.workers == knobs.workers >= 10 and plan.evaluated < seen.count
     assert any(r.startswith(f"workers: {plan.workers}, the fewest that hold the objective ({plan.workers - 1} "
                             f"would give") for r in plan.explain())
     # a stage that both batches and races is charged at the cheaper of its batch per row and its fastest run
