@@ -141,11 +141,28 @@ def _post(conn, body: dict) -> tuple[int, dict]:
     return r.status, json.loads(r.read())
 
 
+def test_a_busy_worker_is_stuck_only_when_its_oldest_work_overstays():
+    """A worker serving HTTP sends a request on only while stuck: every thread busy and the
+    oldest work there well past how long work there usually takes (a hop costs more than a short
+    wait for a thread, or a place in the next batch)."""
+    from flowkit.runtime.executor import STUCK, STUCK_FLOOR_S, stuck
+
+    now, typical = 100.0, 0.010
+    assert not stuck((), 1, typical, now)                                   # idle
+    assert not stuck((now - 1.0,), 2, typical, now)                         # a thread free
+    assert not stuck((now - 0.5 * STUCK * typical,) * 3, 1, typical, now)    # busy, queued: not stuck
+    assert stuck((now - 0.001, now - 2 * STUCK * typical), 1, typical, now)  # the oldest overstays
+    assert stuck((now - 1.0, now - 1.0), 2, typical, now)
+    # before any work has finished (typical 0), the floor decides
+    assert not stuck((now - STUCK_FLOOR_S / 2,), 1, 0.0, now)
+    assert stuck((now - 2 * STUCK_FLOOR_S,), 1, 0.0, now)
+
+
 @pytest.mark.parametrize("where", ["workers", "client"])
 def test_requests_after_one_that_timed_out_over_http_are_answered(client, tmp_path, where):
     """A 504 abandons its request, whose function keeps its worker's one thread: the requests
     after it on the same connection are still answered (by the other worker) — served by the
-    workers, the one holding the connection sends them on while its thread is busy."""
+    workers, the one holding the connection sends them on while its thread is stuck."""
     gate = tmp_path / "gate"
     with fk.deploy(_flow("http-abandon"), cluster=client) as dep, dep.serve(where=where, timeout=3) as server:
         wait_until(lambda: len(dep.workers) == 2, "both workers to connect")

@@ -33,13 +33,29 @@ from .stats import SERVED, STORE, StageStats
 from .store_worker import RequestStore, WorkerStore, holder_of_most, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
-__all__ = ["WorkerDeployment", "request_threads"]
+__all__ = ["WorkerDeployment", "request_threads", "stuck"]
 
 logger = logging.getLogger("flowkit.worker")
+
+#: a worker is stuck (``WorkerDeployment.stuck``) when its oldest work has taken this many times
+#: as long as its work usually takes, and at least this many seconds
+STUCK, STUCK_FLOOR_S = 4.0, 0.005
 
 #: the pool threads a request's work occupies, shared by the tasks the request starts (the
 #: session's task for the request sets it; the tasks it creates inherit it)
 request_threads: contextvars.ContextVar[set] = contextvars.ContextVar("flowkit_request_threads")
+
+
+def stuck(started, threads: int, typical: float, now: float) -> bool:
+    """Whether work submitted to ``threads`` threads at ``started`` (monotonic seconds, the work
+    not finished by ``now``) holds them stuck: every thread is busy and the oldest work has taken
+    ``STUCK`` times as long as work there usually takes (``typical`` seconds) and at least
+    ``STUCK_FLOOR_S``. A worker merely busy is not stuck: a request reaching it waits for a
+    thread (or joins a batch) rather than paying a hop to another worker that may be as busy;
+    one held by a slow or abandoned request sends it on (``WorkerDeployment.run_elsewhere``)."""
+    if len(started) < threads:
+        return False
+    return now - min(started, default=now) > max(STUCK_FLOOR_S, STUCK * typical)
 
 
 class WorkerDeployment:
@@ -85,7 +101,9 @@ class WorkerDeployment:
             if self.one_thread else self.pool
         self.store = WorkerStore(deployment, worker)
         self._peers: Peers | None = None
-        self.working: set = set()   # pool work submitted and not finished (abandoned requests' included)
+        # pool work submitted and not finished (abandoned requests' included): when each was submitted
+        self.working: dict = {}
+        self.typical = 0.0   # a moving average of the seconds pool work takes, submitted to finished
         self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.windows_version = 0   # of the batch windows and race widths last set live (set_live)
@@ -103,14 +121,19 @@ class WorkerDeployment:
             self._peers = Peers(self.id, self.worker)
         return self._peers
 
-    @property
-    def saturated(self) -> bool:
-        """Whether every thread of this deployment here is busy (abandoned work included)."""
-        return len(self.working) >= self.threads
+    def stuck(self, now: float) -> bool:
+        """Whether a request reaching this worker now would wait behind stuck work (``stuck``)."""
+        return stuck(tuple(self.working.values()), self.threads, self.typical, now)
+
+    def _finished(self, work) -> None:
+        """(A done callback, in the thread that ran ``work``.)"""
+        t0 = self.working.pop(work, None)
+        if t0 is not None:
+            self.typical += 0.05 * (time.monotonic() - t0 - self.typical)
 
     async def run_elsewhere(self, table):
         """``table``'s request run by another worker (turn by turn over the others), or None
-        when there is no other: what a worker serving HTTP does while it is saturated."""
+        when there is no other: what a worker serving HTTP does while it is ``stuck``."""
         others = await self.peers.others()
         if not others:
             return None
@@ -247,8 +270,8 @@ class WorkerDeployment:
         request holds (see ``session``): user code never runs on the worker's event loop, whose
         other sessions, deployments and heartbeats it would hold up for as long as it ran."""
         work = (pool or self.pool).submit(fn, *args)
-        self.working.add(work)
-        work.add_done_callback(self.working.discard)
+        self.working[work] = time.monotonic()
+        work.add_done_callback(self._finished)
         held = request_threads.get(None)
         if held is not None:
             held.add(work)

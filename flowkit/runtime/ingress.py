@@ -52,7 +52,7 @@ class LocalEndpoint:
     async def _run(self, table):
         token = Token()
         try:
-            out = await self._elsewhere(table) if self.dep.saturated else None
+            out = await self._elsewhere(table) if self.dep.stuck(time.monotonic()) else None
             if out is None:
                 out = await self.dep.run(table, token)
         except asyncio.CancelledError:   # a 504 or a hang-up: its work stops between rows and operators
@@ -75,7 +75,7 @@ class LocalEndpoint:
             self.dep.served_recent.append((time.monotonic(), seconds))
 
     async def _elsewhere(self, table):
-        """While every thread of this worker is busy (a slow request, one abandoned whose
+        """While this worker is stuck (its threads held by a slow request, or one abandoned whose
         function has not returned yet), a request that reached it is run by another worker
         rather than queued here behind them; None when there is none to run it."""
         try:
