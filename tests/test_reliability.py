@@ -158,6 +158,22 @@ def test_a_busy_worker_is_stuck_only_when_its_oldest_work_overstays():
     assert stuck((now - 2 * STUCK_FLOOR_S,), 1, 0.0, now)
 
 
+def test_one_abandoned_request_does_not_make_its_worker_slow_to_call_itself_stuck():
+    """How long work usually takes moves with each finished piece, but one that overstayed (an
+    abandoned request finishing after minutes) counts only as the limit it passed."""
+    from flowkit.runtime.executor import STUCK, usual_time
+
+    typical = 0.010
+    for _ in range(100):
+        typical = usual_time(typical, 0.010)
+    after = usual_time(typical, 300.0)
+    assert typical < after <= typical + 0.05 * STUCK * typical
+    slower = typical
+    for _ in range(200):   # work that really takes ten times as long: the average follows
+        slower = usual_time(slower, 0.100)
+    assert 0.09 < slower <= 0.100
+
+
 @pytest.mark.parametrize("where", ["workers", "client"])
 def test_requests_after_one_that_timed_out_over_http_are_answered(client, tmp_path, where):
     """A 504 abandons its request, whose function keeps its worker's one thread: the requests

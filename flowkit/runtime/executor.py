@@ -33,7 +33,7 @@ from .stats import SERVED, STORE, StageStats
 from .store_worker import RequestStore, WorkerStore, holder_of_most, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
-__all__ = ["WorkerDeployment", "request_threads", "stuck"]
+__all__ = ["WorkerDeployment", "request_threads", "stuck", "usual_time"]
 
 logger = logging.getLogger("flowkit.worker")
 
@@ -56,6 +56,14 @@ def stuck(started, threads: int, typical: float, now: float) -> bool:
     if len(started) < threads:
         return False
     return now - min(started, default=now) > max(STUCK_FLOOR_S, STUCK * typical)
+
+
+def usual_time(typical: float, took: float) -> float:
+    """The moving average of how long work takes (``typical`` seconds) after work that took
+    ``took``. Work that overstayed (``stuck``) counts as the limit it passed: one abandoned
+    request must not make its worker slow to call itself stuck the next time; a worker whose
+    work really grows slower still adapts, the limit rising with each such sample."""
+    return typical + 0.05 * (min(took, max(STUCK_FLOOR_S, STUCK * typical)) - typical)
 
 
 class WorkerDeployment:
@@ -129,7 +137,7 @@ class WorkerDeployment:
         """(A done callback, in the thread that ran ``work``.)"""
         t0 = self.working.pop(work, None)
         if t0 is not None:
-            self.typical += 0.05 * (time.monotonic() - t0 - self.typical)
+            self.typical = usual_time(self.typical, time.monotonic() - t0)
 
     async def run_elsewhere(self, table):
         """``table``'s request run by another worker (turn by turn over the others), or None
