@@ -12,10 +12,10 @@ for all its stages:
   ``b`` rows arrive sooner); a request waits ``U(0, w')`` for its batch, then the batch's
   latency at ``n`` rows, and occupies the worker for its share ``r/n`` of the batch. An
   *eager* stage (``Batching.eager``) waits only when it finds the worker's threads busy, then
-  no longer than one batch's run ``s(n)``: ``w'`` is ``min(w', s(n))``, waited with the
-  threads' utilization ``ρ`` (per thread: the other stages' unbatched means and this stage's
-  ``s(n)·r/n``, at ``λ/W``) as its probability, and ``n = min(b, r·(1 + ρ·λ/W·w'))``, found
-  together by iterating from ``n = r``;
+  for the batch running to finish, whatever ``w`` (``runtime/batcher.batch_wait``): ``w'`` is
+  one batch's run ``s(n)``, waited with the threads' utilization ``ρ`` (per thread: the other
+  stages' unbatched means and this stage's ``s(n)·r/n``, at ``λ/W``) as its probability, and
+  ``n = min(b, r·(1 + ρ·λ/W·w'))``, found together by iterating from ``n = r``;
 - a *racing* stage with ``k`` replicas takes the fastest of ``k`` draws and occupies ``k``
   workers until it finishes; a replica on another worker first pays a round trip there and,
   when that worker's threads are busy, the rest of the request running there
@@ -145,14 +145,13 @@ def predict(specs: Sequence[StageSpec], knobs: Knobs, rate: float, resources: Re
             w_eff = min(w_ms / 1000, fill_s)
             waits = np.ones(n, bool)
             if s.eager:   # the batch's rows and the worker's busy threads, found together
-                rows_in, w_busy, rho = float(rows), w_eff, 0.0
+                rows_in, span, rho = float(rows), 0.0, 0.0
                 others = sum(v for name, v in alone.items() if name != s.name) / 1000
                 for _ in range(8):
                     span = float(s.draw(rng, rows_in, n, inputs).mean()) / 1000   # one batch's run
                     rho = min(1.0, lam_w * (others + span * rows / rows_in) / resources.threads_per_worker)
-                    w_busy = min(w_eff, span)
-                    rows_in = min(float(b), rows * (1 + rho * lam_w * w_busy))
-                w_eff = w_busy
+                    rows_in = min(float(b), rows * (1 + rho * lam_w * span))
+                w_eff = span
                 waits = rng.random(n) < rho
             else:
                 rows_in = min(float(b), rows * (1 + lam_w * w_eff))

@@ -93,9 +93,12 @@ class Batching:
     """Dynamic batching settings recorded on a batching map or stage.
 
     ``eager``: a batch goes at once while the stage has a free thread on its worker, and rows wait
-    (up to ``max_wait_ms``) to join one only while the stage's threads are busy — as Triton's
-    dynamic batcher without a queue delay. Not eager: every batch waits up to ``max_wait_ms`` to
-    fill, even a lone request on an idle worker (as Ray Serve's ``@serve.batch``). A GPU stage
+    to join one only while the worker's threads are busy, until one is free — as Triton's dynamic
+    batcher without a queue delay waits for a free model instance; ``max_wait_ms`` bounds that
+    wait only behind stuck work (``runtime/batcher.batch_wait``). Not eager: every batch waits
+    up to ``max_wait_ms`` to fill, even a lone request on an idle worker, and then goes whether
+    or not a thread is free (as Ray Serve's ``@serve.batch``; for a batching map that mostly
+    waits on I/O, whose batches gain from overlapping). A GPU stage
     batches on its GPU's scheduler (``flowkit.gpu``), which packs batches by its own rule."""
 
     max_batch: int = 32

@@ -158,6 +158,40 @@ def test_eager_batches_go_at_once_on_an_idle_stage_and_fill_while_it_is_busy(cli
     assert sum(batches.values()) <= 1 + threads + threads   # the queued ones went together, per worker
 
 
+@pytest.mark.parametrize("stuck", [False, True], ids=["busy", "stuck"])
+def test_eager_rows_wait_for_a_busy_thread_unless_its_work_is_stuck(client, tmp_path, stuck):
+    """With a 1 ms window, rows that find every thread running a batch as long as work there
+    usually takes wait for a thread, not for the window (a batch sent to a thread of its own
+    would share the cores with the one running), and then go together; behind stuck work (work
+    there usually takes no time at all) they go on threads of their own after the window."""
+    flow = fk.Flow("eager-busy", {"x": int, "s": str})
+    flow.map(held_batch, names=["n"], batching=True, max_batch=64, max_wait_ms=1)
+    hold = str(tmp_path / "hold")
+    with fk.deploy(flow, cluster=client) as dep:
+        assert dep.run({"x": [1], "s": [hold]}, timeout=60).column("n") == [1]
+
+        def usually(dask_worker, deployment=dep.id, seconds=0.0 if stuck else 600.0):
+            dask_worker._flowkit[deployment].typical = seconds
+
+        client.run(usually)
+        open(hold, "w").close()
+        threads = sum(client.nthreads().values())
+        busy = [dep.submit({"x": [i], "s": [hold]}) for i in range(threads)]
+        wait_until(lambda: _batches(client, dep) == (0, threads), "every worker thread to run a held batch")
+        queued = [dep.submit({"x": [i], "s": [hold]}) for i in range(10)]
+        if stuck:
+            wait_until(lambda: _batches(client, dep)[1] > threads, "a batch on a thread of its own")
+        else:
+            wait_until(lambda: _batches(client, dep) == (10, threads), "the others to wait for the busy threads")
+        os.unlink(hold)
+        assert [f.result(60).column("n") for f in busy] == [[1]] * threads
+        assert all(f.result(60).column("n")[0] >= 1 for f in queued)
+        batches = dep.stats().loc["held_batch", "batch_sizes"]
+    assert sum(n * c for n, c in batches.items()) == 1 + threads + 10   # every row ran once
+    if not stuck:
+        assert sum(batches.values()) <= 1 + threads + threads   # the queued ones went together, per worker
+
+
 def _batches(client, dep) -> tuple[int, int]:
     """(requests waiting in the deployment's batch queues, batches running), on every worker."""
     def counts(dask_worker, deployment=dep.id):

@@ -143,19 +143,21 @@ def _post(conn, body: dict) -> tuple[int, dict]:
 
 def test_a_busy_worker_is_stuck_only_when_its_oldest_work_overstays():
     """A worker serving HTTP sends a request on only while stuck: every thread busy and the
-    oldest work there well past how long work there usually takes (a hop costs more than a short
-    wait for a thread, or a place in the next batch)."""
+    oldest work there well past how long work there usually takes a row (a hop costs more than
+    a short wait for a thread, or a place in the next batch); a batch may take as long per row."""
     from flowkit.runtime.executor import STUCK, STUCK_FLOOR_S, stuck
 
     now, typical = 100.0, 0.010
-    assert not stuck((), 1, typical, now)                                   # idle
-    assert not stuck((now - 1.0,), 2, typical, now)                         # a thread free
-    assert not stuck((now - 0.5 * STUCK * typical,) * 3, 1, typical, now)    # busy, queued: not stuck
-    assert stuck((now - 0.001, now - 2 * STUCK * typical), 1, typical, now)  # the oldest overstays
-    assert stuck((now - 1.0, now - 1.0), 2, typical, now)
+    assert not stuck((), 1, typical, now)                                             # idle
+    assert not stuck(((now - 1.0, 1),), 2, typical, now)                             # a thread free
+    assert not stuck(((now - 0.5 * STUCK * typical, 1),) * 3, 1, typical, now)        # busy, queued: not stuck
+    assert stuck(((now - 0.001, 1), (now - 2 * STUCK * typical, 1)), 1, typical, now)  # the oldest overstays
+    assert stuck(((now - 1.0, 1), (now - 1.0, 1)), 2, typical, now)
+    assert not stuck(((now - 2 * STUCK * typical, 4),), 1, typical, now)              # a batch of 4 rows: not yet
+    assert stuck(((now - 5 * STUCK * typical, 4),), 1, typical, now)
     # before any work has finished (typical 0), the floor decides
-    assert not stuck((now - STUCK_FLOOR_S / 2,), 1, 0.0, now)
-    assert stuck((now - 2 * STUCK_FLOOR_S,), 1, 0.0, now)
+    assert not stuck(((now - STUCK_FLOOR_S / 2, 1),), 1, 0.0, now)
+    assert stuck(((now - 2 * STUCK_FLOOR_S, 1),), 1, 0.0, now)
 
 
 def test_one_abandoned_request_does_not_make_its_worker_slow_to_call_itself_stuck():

@@ -864,8 +864,8 @@ def test_a_plan_on_fewer_workers_keeps_a_high_variance_stage_apart_to_race_it_on
     prof = replace(prof, ops={**prof.ops, "abs#2": replace(prof.ops["abs#2"], cpu_share=0.02)})
     plan = plan_slo(f, prof, 30, 10, Resources(max_workers=2))
     assert plan.workers == 1 and not plan.knobs.fusion and plan.knobs.room == (("abs#2", 2),)
-    fused = plan_slo(f, prof, 30, 10, Resources(max_workers=1))   # (no second worker: no room to keep)
-    assert fused.knobs.fusion and fused.prediction.p99_ms < plan.prediction.p99_ms   # fused was the best p99
+    alone = plan_slo(f, prof, 30, 10, Resources(max_workers=1))   # no second worker: no room to keep
+    assert alone.workers == 1 and alone.knobs.room == ()
     assert any(line.startswith("fusion: off — 'abs#2' stays a stage of its own") for line in plan.explain())
     step, _ = decide(plan, 10, p99_ms=40)   # its tail ran long: two workers, racing the call
     assert step.workers == 2 and step.race_widths == {"abs#2": 2} and step.flow is plan.flow
@@ -1117,7 +1117,7 @@ def test_a_replan_resizes_batch_windows_on_every_worker_and_on_one_that_joins(ma
     f = fk.Flow("windows", {"x": int})
     f.map(pre_w, names=["y"]).map(model_w, names=["m"], batching=True)
     prof = Profile.from_latencies({"pre_w": {1: [0.5] * 50},
-                                   "model_w": {b: [3 + 0.4 * b] * 50 for b in (1, 2, 4, 8, 16, 32)}},
+                                   "model_w": {b: [3 + 0.1 * b] * 50 for b in (1, 2, 4, 8, 16, 32)}},
                                   batching=["model_w"])
 
     def windows_on_workers() -> dict:

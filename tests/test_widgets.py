@@ -221,7 +221,7 @@ def test_the_inspector_labels_nodes_with_a_plans_predicted_latency_batch_and_rep
         .map(translate, names=["t"], high_variance=True)
     prof = Profile.from_latencies({"preprocess": {1: [0.5] * 50},
                                    "batched_model": {b: [3 + 0.4 * b] * 50 for b in (1, 2, 4, 8, 16, 32)},
-                                   "translate": {1: list(np.random.default_rng(0).lognormal(1, 0.9, 400))}},
+                                   "translate": {1: list(np.random.default_rng(0).lognormal(0, 0.9, 400))}},
                                   batching=["batched_model"], high_variance=["translate"])
     slo = plan_slo(f, prof, slo_ms=50, rate=300, resources=Resources(max_workers=3))
     labels = slo_labels(slo)

@@ -4,25 +4,54 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 
 from ..plan import Stage
 from ..table import Table
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "batch_wait"]
+
+
+def batch_wait(eager: bool, free: bool, rows: int, max_batch: int, waited: float, max_wait: float,
+               until_stuck: float) -> float:
+    """Seconds the batch forming now still waits before it goes (0 or less: it goes now; inf:
+    until something changes), holding ``rows`` rows whose oldest has ``waited`` seconds.
+
+    Eager: it goes as soon as one of the worker's threads is ``free``; while they are busy its
+    rows wait for one, whatever their number (a CPU-bound batch sent to a thread of its own
+    would only share the cores with the one running: the batches would come out smaller and
+    each slower, as Triton's dynamic batcher waits for a free model instance) — unless the work
+    holding the threads is stuck (``executor.until_stuck``: a slow or abandoned request's), when
+    the batch goes on a thread of its own once its oldest row has waited ``max_wait``. Not eager
+    (``until_stuck`` unused): it goes when it holds ``max_batch`` rows or its oldest row has
+    waited ``max_wait``.
+
+    >>> batch_wait(True, True, 1, 8, 0.0, 0.005, 1.0)          # a free thread: at once
+    0.0
+    >>> batch_wait(True, False, 9, 8, 0.010, 0.005, 1.0)       # busy, not stuck: for the thread
+    1.0
+    >>> batch_wait(True, False, 2, 8, 0.001, 0.005, -0.5)      # busy and stuck: max_wait
+    0.004
+    >>> batch_wait(False, True, 2, 8, 0.001, 0.005, 0.0), batch_wait(False, False, 8, 8, 0.0, 0.005, 0.0)
+    (0.004, 0.0)
+    """
+    if eager:
+        return 0.0 if free else max(max_wait - waited, until_stuck)
+    return 0.0 if rows >= max_batch else max_wait - waited
 
 
 class Batcher:
     """Dynamic batching for one stage on one worker.
 
-    Requests queue; a batch closes when it holds ``max_batch`` rows or its oldest request has
-    waited ``max_wait_ms``, whichever comes first — or, when the stage batches ``eager``-ly
+    Requests queue and a batch closes by ``batch_wait``: when the stage batches ``eager``-ly
     (``Batching.eager``, not on a GPU stage), as soon as one of the deployment's threads on this
-    worker is free: a lone request on an idle worker goes at once, and rows accumulate only while
-    the threads are busy (with this stage's batches or any other stage). The stage's batching
-    maps run once over the batch's rows (``run_batched``; every row keeps its own qid) and each
-    request gets its own rows back. A request larger than ``max_batch`` is cut into batches of
-    its own.
+    worker is free — a lone request on an idle worker goes at once, and rows accumulate only while
+    the threads are busy (with this stage's batches or any other stage); otherwise when it holds
+    ``max_batch`` rows or its oldest request has waited ``max_wait_ms``, whichever comes first.
+    The stage's batching maps run once over the batch's rows (``run_batched``; every row keeps
+    its own qid) and each request gets its own rows back. A batch takes at most ``max_batch``
+    rows; a request larger than that is cut into batches of its own.
     """
 
     def __init__(self, dep, stage: Stage):  # dep: the WorkerDeployment that owns this stage
@@ -76,15 +105,12 @@ class Batcher:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            while sum(len(t) for t, _, _ in self.queue) < self.max_batch and not self._free():
-                remaining = self.queue[0][2] + self.max_wait - time.perf_counter()
-                if remaining <= 0:
-                    break
+            while self.queue and (remaining := self._wait()) > 0:
                 self.wakeup.clear()
                 try:
-                    await asyncio.wait_for(self.wakeup.wait(), remaining)
+                    await asyncio.wait_for(self.wakeup.wait(), None if math.isinf(remaining) else remaining)
                 except asyncio.TimeoutError:
-                    break
+                    pass
             batch, rows = [], 0
             # (the first request always goes: one queued before the window shrank may be larger)
             while self.queue and (not batch or rows + len(self.queue[0][0]) <= self.max_batch):
@@ -100,12 +126,17 @@ class Batcher:
             self.running += 1
             asyncio.ensure_future(self._run(batch, rows))
 
+    def _wait(self) -> float:
+        """Seconds the batch forming now still waits (``batch_wait``)."""
+        rows = sum(len(t) for t, _, _ in self.queue)
+        return batch_wait(self.eager, self._free(), rows, self.max_batch, time.perf_counter() - self.queue[0][2],
+                          self.max_wait, self.dep.until_stuck(time.monotonic()) if self.eager else 0.0)
+
     def _free(self) -> bool:
-        """Whether a batch may go now without waiting to fill: the stage batches eagerly and a
-        thread is free — fewer stage executions run or wait for the deployment's threads (its
-        ``busy``, and this stage's batches dispatched but not yet counted there) than the worker
-        has threads."""
-        return self.eager and self.dep.busy + self.running - self.entered < self.dep.threads
+        """Whether a thread is free: fewer stage executions run or wait for the deployment's
+        threads (its ``busy``, and this stage's batches dispatched but not yet counted there)
+        than the worker has threads."""
+        return self.dep.busy + self.running - self.entered < self.dep.threads
 
     def thread_freed(self) -> None:
         """A stage execution of the deployment ended (``WorkerDeployment.local``): rows waiting

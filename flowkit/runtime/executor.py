@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from .stats import SERVED, STORE, StageStats
 from .store_worker import RequestStore, WorkerStore, holder_of_most, store_key
 from .wire import dumps, dumps_error, dumps_table, loads
 
-__all__ = ["WorkerDeployment", "request_threads", "stuck", "usual_time"]
+__all__ = ["WorkerDeployment", "request_threads", "stuck", "until_stuck", "usual_time"]
 
 logger = logging.getLogger("flowkit.worker")
 
@@ -46,23 +47,39 @@ STUCK, STUCK_FLOOR_S = 4.0, 0.005
 request_threads: contextvars.ContextVar[set] = contextvars.ContextVar("flowkit_request_threads")
 
 
-def stuck(started, threads: int, typical: float, now: float) -> bool:
-    """Whether work submitted to ``threads`` threads at ``started`` (monotonic seconds, the work
-    not finished by ``now``) holds them stuck: every thread is busy and the oldest work has taken
-    ``STUCK`` times as long as work there usually takes (``typical`` seconds) and at least
-    ``STUCK_FLOOR_S``. A worker merely busy is not stuck: a request reaching it waits for a
-    thread (or joins a batch) rather than paying a hop to another worker that may be as busy;
-    one held by a slow or abandoned request sends it on (``WorkerDeployment.run_elsewhere``)."""
-    if len(started) < threads:
-        return False
-    return now - min(started, default=now) > max(STUCK_FLOOR_S, STUCK * typical)
+def stuck(work, threads: int, typical: float, now: float) -> bool:
+    """Whether ``work`` submitted to ``threads`` threads and not finished by ``now`` (for each,
+    when it was submitted, in monotonic seconds, and its rows: a batch's, else 1) holds them
+    stuck: every thread is busy and some work has taken ``STUCK`` times as long as work there
+    usually takes a row (``typical`` seconds), and at least ``STUCK_FLOOR_S``, per row of its
+    own (a batch of four rows may take four times a row's time). A worker merely busy is not
+    stuck: a request reaching it waits for a thread (or joins a batch) rather than paying a hop
+    to another worker that may be as busy; one held by a slow or abandoned request sends it on
+    (``WorkerDeployment.run_elsewhere``), and rows waiting for an eager batch go on a thread of
+    their own (``batcher.batch_wait``)."""
+    return until_stuck(work, threads, typical, now) < 0
+
+
+def until_stuck(work, threads: int, typical: float, now: float) -> float:
+    """Seconds from ``now`` until that ``work`` holds the threads ``stuck`` (negative: it does;
+    inf: a thread is free).
+
+    >>> until_stuck([(0.0, 1)], 1, 0.010, 0.015), until_stuck([(0.0, 2)], 1, 0.010, 0.045)
+    (0.025, 0.035)
+    >>> until_stuck([], 1, 0.010, 9.0)
+    inf
+    """
+    if len(work) < threads:
+        return math.inf
+    limit = max(STUCK_FLOOR_S, STUCK * typical)
+    return min(t + rows * limit for t, rows in work) - now
 
 
 def usual_time(typical: float, took: float) -> float:
-    """The moving average of how long work takes (``typical`` seconds) after work that took
-    ``took``. Work that overstayed (``stuck``) counts as the limit it passed: one abandoned
-    request must not make its worker slow to call itself stuck the next time; a worker whose
-    work really grows slower still adapts, the limit rising with each such sample."""
+    """The moving average of how long work takes a row (``typical`` seconds) after work that
+    took ``took`` a row. Work that overstayed (``stuck``) counts as the limit it passed: one
+    abandoned request must not make its worker slow to call itself stuck the next time; a
+    worker whose work really grows slower still adapts, the limit rising with each such sample."""
     return typical + 0.05 * (min(took, max(STUCK_FLOOR_S, STUCK * typical)) - typical)
 
 
@@ -109,9 +126,10 @@ class WorkerDeployment:
             if self.one_thread else self.pool
         self.store = WorkerStore(deployment, worker)
         self._peers: Peers | None = None
-        # pool work submitted and not finished (abandoned requests' included): when each was submitted
+        # pool work submitted and not finished (abandoned requests' included): when each was
+        # submitted, and its rows (a batch's; 1 for other work)
         self.working: dict = {}
-        self.typical = 0.0   # a moving average of the seconds pool work takes, submitted to finished
+        self.typical = 0.0   # a moving average of the seconds pool work takes a row, submitted to finished
         self._turn = 0
         self.batchers = {op.name: Batcher(self, op) for op in self.ops if isinstance(op, Stage) and op.batching}
         self.windows_version = 0   # of the batch windows and race widths last set live (set_live)
@@ -133,11 +151,15 @@ class WorkerDeployment:
         """Whether a request reaching this worker now would wait behind stuck work (``stuck``)."""
         return stuck(tuple(self.working.values()), self.threads, self.typical, now)
 
+    def until_stuck(self, now: float) -> float:
+        """Seconds until this worker's work holds its threads stuck (``until_stuck``)."""
+        return until_stuck(tuple(self.working.values()), self.threads, self.typical, now)
+
     def _finished(self, work) -> None:
         """(A done callback, in the thread that ran ``work``.)"""
-        t0 = self.working.pop(work, None)
+        t0, rows = self.working.pop(work, (None, 1))
         if t0 is not None:
-            self.typical = usual_time(self.typical, time.monotonic() - t0)
+            self.typical = usual_time(self.typical, (time.monotonic() - t0) / rows)
 
     async def run_elsewhere(self, table):
         """``table``'s request run by another worker (turn by turn over the others), or None
@@ -273,12 +295,13 @@ class WorkerDeployment:
                 raise
         return await Execution(self, table, token).value(self.plan.output)
 
-    async def in_thread(self, fn, *args, pool: ThreadPoolExecutor | None = None):
+    async def in_thread(self, fn, *args, pool: ThreadPoolExecutor | None = None, rows: int = 1):
         """``fn(*args)`` in the deployment's threads (``pool``), counted among the threads its
         request holds (see ``session``): user code never runs on the worker's event loop, whose
-        other sessions, deployments and heartbeats it would hold up for as long as it ran."""
+        other sessions, deployments and heartbeats it would hold up for as long as it ran.
+        ``rows``: a batch's (how long the work may take before it is ``stuck``)."""
         work = (pool or self.pool).submit(fn, *args)
-        self.working[work] = time.monotonic()
+        self.working[work] = (time.monotonic(), rows)
         work.add_done_callback(self._finished)
         held = request_threads.get(None)
         if held is not None:
@@ -331,7 +354,8 @@ class WorkerDeployment:
     async def local(self, op, inputs, token: Token | None = None, batched: bool = False):
         self.busy += 1
         try:
-            return await self.in_thread(self.apply, op, inputs, RequestStore(self.store), token, batched)
+            return await self.in_thread(self.apply, op, inputs, RequestStore(self.store), token, batched,
+                                        rows=sum(map(len, inputs)) if batched else 1)
         finally:
             self.busy -= 1
             for b in self.batchers.values():   # eager batches wait for a free thread
