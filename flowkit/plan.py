@@ -105,6 +105,16 @@ class Batching:
     max_wait_ms: float = 5.0
     eager: bool = True
 
+    def describe(self) -> str:
+        """The window in words.
+
+        >>> Batching(max_batch=8).describe(), Batching(max_batch=8, max_wait_ms=2, eager=False).describe()
+        ('batches of up to 8 rows, at once while a thread is free, else when one frees', 'batches of up to 8 rows, waiting at most 2 ms')
+        """
+        how = "at once while a thread is free, else when one frees" if self.eager else \
+            f"waiting at most {self.max_wait_ms:g} ms"
+        return f"batches of up to {self.max_batch} rows, {how}"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Map(Op):

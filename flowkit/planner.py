@@ -152,8 +152,9 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
         changed = False
         for s in specs:
             if s.batching and (windows is None or s.name in windows):
-                options = [(1, 0.0)] + [(b, w) for b in BATCHES if 1 < b <= s.max_batch for w in WAITS_MS
-                                        if w < slo_ms / 2]
+                # (an eager batch waits for a busy thread, not for its window: one wait will do)
+                options = [(1, 0.0)] + [(b, w) for b in BATCHES if 1 < b <= s.max_batch
+                                        for w in (WAITS_MS[:1] if s.eager else WAITS_MS) if w < slo_ms / 2]
                 for b, w in options:
                     cur = knobs.batch_of(s.name)
                     if (b, w) == cur:
@@ -434,7 +435,8 @@ def reasons_for(specs, knobs, pred, slo_ms, rate, resources, overheads, shed, fe
                 f"time per request, CPU share {sp.cpu_share:.2f}")
         if s.batching:
             if sp.max_batch > 1:
-                line += (f"; batches of up to {sp.max_batch} rows, waiting at most {sp.max_wait_ms:g} ms: "
+                window = Batching(max_batch=sp.max_batch, max_wait_ms=sp.max_wait_ms, eager=s.eager)
+                line += (f"; {window.describe()}: "
                          f"{sp.batch_rows:.2g} rows per batch expected at {rate / W:.3g} req/s per worker "
                          f"(batch wait p99 {sp.wait_p99_ms:.3g} ms)")
             else:
@@ -486,8 +488,7 @@ def apply_knobs(plan: Plan, knobs: Knobs) -> Plan:
             b, w = knobs.batch_of(op.name)
             spec = Batching(max_batch=b, max_wait_ms=w, eager=op.batching.eager) if b > 1 else None
             if spec != op.batching:
-                notes.append(Rewrite("slo", f"{op.name!r}: " + (f"batches of up to {b} rows, waiting at most {w:g} ms"
-                                                               if spec else "not batched (batch 1)"),
+                notes.append(Rewrite("slo", f"{op.name!r}: " + (spec.describe() if spec else "not batched (batch 1)"),
                                      (op.name,), (op.name,)))
                 op = replace(op, batching=spec)
         k = knobs.deployed_of(op.name)

@@ -126,7 +126,9 @@ def test_batching_marks_stages_with_per_operator_or_global_settings():
     p = mark_batching(fuse(f.plan), max_batch=16, max_wait_ms=10)
     stage = p["inc+embed"]
     assert (stage.batching.max_batch, stage.batching.max_wait_ms) == (16, 2)
-    assert "batches of up to 16 rows, waiting at most 2 ms" in str(p.rewrites[-1])
+    assert "batches of up to 16 rows, at once while a thread is free" in str(p.rewrites[-1])
+    waiting = mark_batching(fuse(f.plan), max_batch=16, max_wait_ms=10, eager=False)
+    assert "batches of up to 16 rows, waiting at most 2 ms" in str(waiting.rewrites[-1])
     assert fk.optimize(f, batching=False).plan["inc+embed"].batching is None
 
 

@@ -59,9 +59,7 @@ def mark_batching(plan: Plan, max_batch: int = 32, max_wait_ms: float = 5.0, eag
         else:
             op = stage_of((op,), batching=spec)
         nodes.append(op)
-        rewrites.append(Rewrite("batching", f"{op.name!r} merges concurrent requests into batches of up to "
-                                            f"{spec.max_batch} rows, waiting at most {spec.max_wait_ms:g} ms"
-                                            f"{' while it is busy' if spec.eager else ''} "
+        rewrites.append(Rewrite("batching", f"{op.name!r} merges concurrent requests into {spec.describe()} "
                                             f"(batching map{'s' if len(maps) > 1 else ''} "
                                             f"{', '.join(repr(m.name) for m in maps)})", (op.name,), (op.name,)))
     return plan.with_nodes(nodes, rewrites=rewrites)
