@@ -149,7 +149,7 @@ class WorkerDeployment:
 
     def stuck(self, now: float) -> bool:
         """Whether a request reaching this worker now would wait behind stuck work (``stuck``)."""
-        return stuck(tuple(self.working.values()), self.threads, self.typical, now)
+        return self.until_stuck(now) < 0
 
     def until_stuck(self, now: float) -> float:
         """Seconds until this worker's work holds its threads stuck (``until_stuck``)."""
