@@ -3,7 +3,9 @@ median request and for the slowest 1% (the p99 tail).
 
 ``--pipeline image`` (default): the pipeline and body of ``http_vs_fastapi.py`` (the 3-stage
 image flow); ``--pipeline video``: the video pipeline of ``pipelines_vs_peers.py`` (a 30-frame
-clip, about 120 kB of JSON per request), optimized as that benchmark serves it. 2 single-threaded
+clip, about 120 kB of JSON per request), optimized as that benchmark serves it;
+``--pipeline translation``: its translation pipeline, one 12-word sentence, raced as it serves
+it (``--variants unraced`` serves it unraced). 2 single-threaded
 workers set up as the clusters flowkit starts set them up, ``dep.serve()``. Each worker records
 a timestamp as a request passes each step of its path (by wrapping those steps in this script;
 nothing in flowkit changes), and every garbage collection. The load generator (its own process)
@@ -21,6 +23,8 @@ Phases, in the order a request passes them:
 - thread wake: until the pool's thread starts the plan
 - plan: the plan, in that thread
 - loop wake: until the event loop resumes the request after the thread finished
+- between stages: where the plan goes to the thread a stage at a time (a race), the loop's time
+  from one stage's return to the next stage's hand-off (the thread phases are then summed)
 - to handler: until the handler has the answer
 - encode: the answer encoded as JSON
 - count: counting and timing it (``HTTPServer._counted``)
@@ -33,7 +37,7 @@ picks) runs ``--reps`` times, alternating. The pipeline's in-process floor (its 
 calls, no flowkit) is timed on a worker after each run, on the same request, back to back: what
 the plan phase costs beyond the computation itself, at most.
 
-Run: .venv/bin/python benchmarks/request_split.py [--pipeline image|video] [--closed 3000] [--reps 3]
+Run: .venv/bin/python benchmarks/request_split.py [--pipeline image|video|translation] [--closed 3000] [--reps 3]
      [--variants "serving settings"] [--quick]
 """
 
@@ -54,6 +58,8 @@ from _report import percentile, save, table  # noqa: E402
 
 from flowkit.runtime.plugin import HEARTBEAT_S  # noqa: E402
 
+#: the steps of a hand-off to the deployment's thread and back (once per stage handed over)
+HOPS = ["to thread", "thread start", "thread end", "back on loop"]
 STEPS = ["entry", "body read", "decoded", "submitted", "to thread", "thread start", "thread end", "back on loop",
          "answer", "encoded", "answered"]
 COLUMNS = ["p50_ms", "p99_ms", "slowest 1% excess_ms"]
@@ -96,7 +102,7 @@ def install_tracing() -> None:
 
     in_thread = executor.WorkerDeployment.in_thread
 
-    async def traced_in_thread(self, fn, *args, pool=None):
+    async def traced_in_thread(self, fn, *args, **kw):
         def run(*a):
             trace.append(("thread start", now()))
             try:
@@ -105,7 +111,7 @@ def install_tracing() -> None:
                 trace.append(("thread end", now()))
         trace.append(("to thread", now()))
         try:
-            return await in_thread(self, run, *args, pool=pool)
+            return await in_thread(self, run, *args, **kw)
         finally:
             trace.append(("back on loop", now()))
 
@@ -150,7 +156,7 @@ def requests_of(trace: list) -> list[dict]:
     for ev in trace:
         step, t = ev[0], ev[1]
         if step == "entry":
-            cur = {"steps": {"entry": t}, "gc_ms": {}}
+            cur = {"steps": {"entry": t}, "hops": {}, "gc_ms": {}}
         elif cur is None:
             continue
         elif step == "gc start":
@@ -160,6 +166,9 @@ def requests_of(trace: list) -> list[dict]:
                 gen = ev[2]
                 cur["gc_ms"][gen] = cur["gc_ms"].get(gen, 0.0) + (t - gc_started) * 1000
             gc_started = None
+        elif step in HOPS:   # (a plan of several stages hands each to the thread in turn)
+            cur["hops"].setdefault(step, []).append(t)
+            cur["steps"].setdefault(step, t)
         else:
             cur["steps"].setdefault(step, t)
             if step == "answered":
@@ -169,8 +178,16 @@ def requests_of(trace: list) -> list[dict]:
 
 
 def phases_of(req: dict) -> dict:
-    s = req["steps"]
+    """Each phase's milliseconds; where the plan went to the thread more than once (a stage at a
+    time), the thread phases are summed over the hops and the loop's time between one hop's
+    return and the next is ``between stages``."""
+    s, hops = req["steps"], req["hops"]
     ms = {name: (s[b] - s[a]) * 1000 for name, a, b in zip(PHASES, STEPS, STEPS[1:])}
+    n = min(len(hops[h]) for h in HOPS)
+    for name, a, b in zip(PHASES[PHASES.index("thread wake"):], HOPS, HOPS[1:]):
+        ms[name] = sum(hops[b][i] - hops[a][i] for i in range(n)) * 1000
+    ms["between stages"] = sum(hops["to thread"][i + 1] - hops["back on loop"][i] for i in range(n - 1)) * 1000
+    ms["to handler"] = (s["answer"] - hops["back on loop"][n - 1]) * 1000
     ms["handler"] = (s["answered"] - s["entry"]) * 1000
     ms["gc"] = sum(req["gc_ms"].values())
     return ms
@@ -188,7 +205,7 @@ def split(client_ms: list[float], reqs: list[dict]) -> tuple[list[dict], dict]:
         ph["client"] = c
         rows.append(ph)
     slow = sorted(range(n), key=lambda i: client_ms[i])[-max(1, n // 100):]
-    names = PHASES + ["gc", "handler", "outside handler", "client"]
+    names = PHASES + ["between stages", "gc", "handler", "outside handler", "client"]
     table_rows = []
     for name in names:
         vals = [r[name] for r in rows]
@@ -214,7 +231,7 @@ DASK_HOUSEKEEPING = {"distributed.admin.tick.interval": "20ms", "distributed.wor
 SWITCH_INTERVAL_S = 0.0002
 VARIANTS = {"serving settings": {}, "dask's housekeeping": DASK_HOUSEKEEPING,
             "switch interval": {"switch_interval_s": SWITCH_INTERVAL_S},
-            "dask's heartbeats": {"dask_heartbeats": True}}
+            "dask's heartbeats": {"dask_heartbeats": True}, "unraced": {"rules": {"compete": 1}}}
 
 
 DESCRIBED = {"serving settings": "`serving_settings()`",
@@ -222,7 +239,8 @@ DESCRIBED = {"serving settings": "`serving_settings()`",
              "switch interval": f"serving settings with `sys.setswitchinterval({SWITCH_INTERVAL_S})` on the workers",
              "dask's heartbeats": "serving settings with the workers' heartbeats to the scheduler as dask sets "
                                   "them (0.5 s up to 10 workers) instead of the tuned workers' "
-                                  f"{HEARTBEAT_S:g} s (`plugin.HEARTBEAT_S`)"}
+                                  f"{HEARTBEAT_S:g} s (`plugin.HEARTBEAT_S`)",
+             "unraced": "serving settings, the pipeline's rules with `compete=1` (no race)"}
 
 
 def dask_heartbeats(dask_worker) -> None:
@@ -252,11 +270,23 @@ def video_pipeline():
     return video.flow(), video.RULES, video.requests(1)[0], lambda r: video.floor(r, store)
 
 
-PIPELINES = {"image": image_pipeline, "video": video_pipeline}
+def translation_pipeline():
+    """The same for the translation pipeline (its translator raced, ``compete=2``), on a request
+    of 12 words, the middle of the benchmark's 4 to 19."""
+    from pipelines import translation
+
+    row = next(r for r in translation.requests(100) if len(r["text"].split()) == 12)
+    return translation.flow(), translation.RULES, row, lambda r: translation.floor(r, {})
 
 
-def time_floor(pipeline: str, n: int = 300) -> float:
-    """On a worker: the median milliseconds of ``pipeline``'s in-process floor on its request."""
+PIPELINES = {"image": image_pipeline, "video": video_pipeline, "translation": translation_pipeline}
+
+
+FLOOR_N = 600   # calls of the in-process floor timed after each run
+
+
+def time_floor(pipeline: str, n: int = FLOOR_N) -> tuple[float, float]:
+    """On a worker: the p50 and p99 milliseconds of ``pipeline``'s in-process floor on its request."""
     import time
 
     _, _, row, floor = PIPELINES[pipeline]()
@@ -265,7 +295,7 @@ def time_floor(pipeline: str, n: int = 300) -> float:
         t0 = time.perf_counter()
         floor(row)
         times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return percentile(times, 50), percentile(times, 99)
 
 
 def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[list[dict], dict]:
@@ -293,6 +323,8 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
         if "switch_interval_s" in settings:
             client.run(set_switch_interval, settings["switch_interval_s"])
         flow, optimize, _, _ = PIPELINES[pipeline]()
+        if "rules" in settings:
+            optimize = {**(optimize if isinstance(optimize, dict) else {}), **settings["rules"]}
         with fk.deploy(flow, cluster=client, optimize=optimize, tune_workers=True) as dep, dep.serve() as server:
             if settings.get("dask_heartbeats"):
                 client.run(dask_heartbeats)
@@ -301,7 +333,7 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
         floors = client.run(time_floor, pipeline)
     worker, reqs = max(((w, requests_of(t)) for w, t in traces.items()), key=lambda wt: len(wt[1]))
     rows, summary = split(got["latencies_ms"], reqs)   # (one connection: one worker served them)
-    return rows, {**summary, "floor_p50_ms": floors[worker]}
+    return rows, {**summary, "floor_p50_ms": floors[worker][0], "floor_p99_ms": floors[worker][1]}
 
 
 def main() -> None:
@@ -317,7 +349,8 @@ def main() -> None:
     closed, reps = (300, 1) if a.quick else (a.closed, a.reps)
     body = Path(tempfile.mkdtemp()) / "body.json"
     row = PIPELINES[a.pipeline]()[2]
-    body.write_text(json.dumps({"rows": [{k: base64.b64encode(v).decode() for k, v in row.items()}]}))
+    body.write_text(json.dumps({"rows": [{k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
+                                          for k, v in row.items()}]}))
     runs = []
     for rep in range(reps):   # (the variants alternate)
         for variant in (a.variants if rep % 2 == 0 else a.variants[::-1]):
@@ -336,11 +369,14 @@ def main() -> None:
            "client's time minus the phase's median. Garbage collections: see the JSON (`summary`). Variants: "
            + "; ".join(f"{v} = {DESCRIBED[v]}" for v in a.variants)
            + ". The pipeline's in-process floor on the same request, on the worker that served "
-           f"them: p50 {statistics.median(r['summary']['floor_p50_ms'] for r in runs):.3g} ms.")
+           f"them, {FLOOR_N} calls back to back after each run: p50 "
+           f"{statistics.median(r['summary']['floor_p50_ms'] for r in runs):.3g} ms, p99 "
+           f"{statistics.median(r['summary']['floor_p99_ms'] for r in runs):.3g} ms (medians over the runs).")
     print(md)
     name = a.name or ("request_split" if a.pipeline == "image" else f"request_split_{a.pipeline}")
     pipelines = {"image": "flowkit.demo.image_flow (http_vs_fastapi's)",
-                 "video": "pipelines.video, optimized with its RULES (pipelines_vs_peers's)"}
+                 "video": "pipelines.video, optimized with its RULES (pipelines_vs_peers's)",
+                 "translation": "pipelines.translation, optimized with its RULES (pipelines_vs_peers's)"}
     save(name, {"phases": out, "runs": runs, "quick": a.quick,
                 "config": {"workers": 2, "threads_per_worker": 1, "torch_threads": 1, "closed": closed, "reps": reps,
                            "variants": {v: VARIANTS[v] for v in a.variants}, "pipeline": pipelines[a.pipeline],
