@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -387,6 +388,39 @@ def block_batch_cost() -> str:
                             rows), "", provenance("batch_cost", d)])
 
 
+def block_request_split(name: str) -> str:
+    """Where a request's time went on the worker serving it (``request_split.py``), per variant:
+    the client's and the plan's percentiles, the rest of the path (the mean client time less the
+    mean plan time: means add up, percentiles do not), where the slowest 1% lost their time, and the
+    same stages called as plain functions on that worker."""
+    d = load(name)
+
+    def med(runs, phase, col):
+        return statistics.median(next(r[col] for r in run["phases"] if r["phase"] == phase) for run in runs)
+
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in d["runs"]):
+        runs = [r for r in d["runs"] if r["variant"] == variant]
+        path = statistics.median(next(r["mean_ms"] for r in run["phases"] if r["phase"] == "client")
+                                 - next(r["mean_ms"] for r in run["phases"] if r["phase"] == "plan") for run in runs)
+        floor = [statistics.median(r["summary"][k] for r in runs) if all(k in r["summary"] for r in runs) else None
+                 for k in ("floor_p50_ms", "floor_p99_ms")]
+        rows.append([variant, len(runs), num(med(runs, "client", "p50_ms")), num(med(runs, "client", "p99_ms")),
+                     num(med(runs, "plan", "p50_ms")), num(med(runs, "plan", "p99_ms")), num(path),
+                     f"{num(med(runs, 'client', 'slowest 1% excess_ms'))} / {num(med(runs, 'plan', 'slowest 1% excess_ms'))}",
+                     num(floor[0]), num(floor[1])])
+    return "\n".join([
+        f"{d['config']['closed']} requests a run, one after another on one connection (one worker serves them); "
+        "each value the median over the runs. Path outside the plan: the mean client time less the mean "
+        "time in the plan (reading, decoding, the hand-offs to the plan's thread and back, encoding, the "
+        "kernel and the client). Floor: the same stages called as plain functions on that worker, "
+        "back to back after each run.",
+        "", table(["variant", "runs", "client p50 ms", "client p99 ms", "plan p50 ms", "plan p99 ms",
+                   "path outside the plan, mean ms", "slowest 1%: excess ms, client / in the plan",
+                   "floor p50 ms", "floor p99 ms"], rows),
+        "", provenance(name, d)])
+
+
 def block_locality() -> str:
     out = []
     for name, link in (("locality", "loopback"), ("locality_10gbit", "10 Gbit/s link")):
@@ -439,6 +473,8 @@ BLOCKS = {
     "batch-cost": (block_batch_cost, ("batch_cost",)),
     "locality": (block_locality, ("locality", "locality_10gbit")),
     "autoscaling": (block_autoscaling, ("autoscaling",)),
+    "request-split-translation": (lambda: block_request_split("request_split_translation"),
+                                  ("request_split_translation",)),
 }
 
 
