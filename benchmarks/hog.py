@@ -3,6 +3,7 @@
     python benchmarks/hog.py -- python3 tasks.py test              # the suite, 3 times in a row
     python benchmarks/hog.py --runs 1 -- .venv/bin/python -m pytest -q tests/test_table.py
     python benchmarks/hog.py --procs 4 --runs 5 -- <command> [args...]
+    python benchmarks/hog.py --nice 19 --runs 1 -- <benchmark>   # the cores kept from idling
 
 The proof that the test suite "passes on any machine": a test that asserts a wall-clock bound, a
 CPU-time share or a utilization figure, or that sleeps instead of waiting for a condition, fails
@@ -32,8 +33,9 @@ while os.getppid() == parent:
 """
 
 
-def start_hog(procs: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", SPIN], stdin=subprocess.DEVNULL) for _ in range(procs)]
+def start_hog(procs: int, nice: int = 0) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", SPIN], stdin=subprocess.DEVNULL,
+                             preexec_fn=(lambda: os.nice(nice)) if nice else None) for _ in range(procs)]
 
 
 def stop_hog(hog: list[subprocess.Popen]) -> None:
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hog.py", description="Run a command under a CPU hog.")
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one per core)")
     ap.add_argument("--runs", type=int, default=3, help="how many times to run the command (default 3)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="the busy processes' niceness (19: they take only CPU time nothing else wants, which "
+                         "keeps the cores from idling: how much a measurement pays for waking idle cores)")
     args = ap.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command or args.runs < 1 or args.procs < 0:
@@ -67,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stopped)
-    hog = start_hog(args.procs)
+    hog = start_hog(args.procs, args.nice)
     codes: list[int] = []
-    print(f"hog: {args.procs} busy process(es) on {os.cpu_count()} core(s); running {' '.join(command)!r} "
+    print(f"hog: {args.procs} busy process(es) (nice {args.nice}) on {os.cpu_count()} core(s); running {' '.join(command)!r} "
           f"{args.runs} time(s)", flush=True)
     try:
         for run in range(1, args.runs + 1):
