@@ -133,6 +133,7 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
             break
         schedule.append(t)
     latencies = [None] * len(schedule)   # None: failed or unanswered
+    late = [None] * len(schedule)   # how late each request was sent (its sender's wake-up): None: unsent
     turns, turns_lock, go = iter(range(len(schedule))), threading.Lock(), threading.Event()
     clock = {}   # the schedule's start and end on this process's perf_counter, set once the senders run
 
@@ -152,8 +153,10 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
             delay = at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            if time.perf_counter() > clock["deadline"]:
+            sent = time.perf_counter()
+            if sent > clock["deadline"]:
                 return
+            late[i] = max(0.0, sent - at)
             ok, conn = ep.send(conn)
             if ok:
                 latencies[i] = time.perf_counter() - at
@@ -168,7 +171,8 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
     for th in threads:
         th.join(max(0.0, clock["deadline"] - time.perf_counter()))
     return {"rate": rate, "sent": len(schedule), "schedule_s": schedule,
-            "latencies_ms": [None if x is None else x * 1000 for x in latencies]}
+            "latencies_ms": [None if x is None else x * 1000 for x in latencies],
+            "late_ms": [None if x is None else x * 1000 for x in late]}
 
 
 def main(body_option: str = "--body", endpoint=None, timeout: float = 30) -> None:

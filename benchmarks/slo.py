@@ -37,7 +37,9 @@ time is reported apart from planning), then for every case (objective ``slo_ms``
 Over HTTP (``--load http``) each measured deployment also reports its requests as its workers'
 endpoints timed them (``server_p99_ms``: from a request's arrival at the handler to its answer's
 bytes; the load generator, the kernel's network stack and uvicorn's header parsing left out):
-what the deployment itself spent, beside what the client saw.
+what the deployment itself spent, beside what the client saw; and how late the load generator
+sent them (``sender_late_p99_ms``: its sender thread waking from its sleep until the scheduled
+time, which every latency includes, as it counts from the schedule).
 
 And per pipeline a **×3 rate step** (``--step slo:rate``): the planned deployment (its
 re-planner running every 1 s) driven at the rate for ``--step-before`` seconds, then at 3× for
@@ -223,7 +225,7 @@ def ray_case(name: str, rate: float, seconds: float, slos, workers: int) -> dict
         subprocess.run([sys.executable, str(slo_drive.LOADGEN), "--url", url, "--bodies", str(bodies),
                         "--closed", "50", "--warmup", "0"], capture_output=True, timeout=300)
         at = json.loads((tmp / "replicas.json").read_text())[-1][0] if (tmp / "replicas.json").exists() else 0
-        _, lat = slo_drive.http_load(url, bodies, [(seconds, rate)], 0, time.time() + slo_drive.LEAD_S, 20.0)
+        _, lat, _ = slo_drive.http_load(url, bodies, [(seconds, rate)], 0, time.time() + slo_drive.LEAD_S, 20.0)
         seen = json.loads((tmp / "replicas.json").read_text()) if (tmp / "replicas.json").exists() else []
         during = [n for t, n in seen if t >= at and n is not None] or [0]
         out = {"by_slo": {s: slo_drive.summarize(lat, s) for s in slos}, "start_s": start_s,
@@ -589,39 +591,42 @@ def markdown(out) -> str:
     lines = [f"# benchmarks/slo.py — {m['date']}, commit {str(m['commit'])[:10]}, {m['cpu_count']} cores",
              "", f"Arguments: `{json.dumps({k: v for k, v in m['args'].items()})}`", "",
              "| pipeline | objective | rate | system | workers | within objective | p99 (misses: inf) | p99 at the workers "
-             "| predicted p99 | planning / search s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| sent late, p99 | predicted p99 | planning / search s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     steps = []
     for n, pipe in out["pipelines"].items():
         for row in pipe.get("cases", []):
             head = f"| {n} | {row['slo_ms']:g} ms | {row['rate']:g}/s"
             p = row["planned"]
             if "refused" in p:
-                lines.append(f"{head} | planned | refused | | | | | |")
+                lines.append(f"{head} | planned | refused | | | | | | |")
             else:
                 lines.append(f"{head} | planned | {p['workers']} (max {p['workers_max']}) | {p['within_slo']:.1%} | "
-                             f"{_f(p['p99_all_ms'])} | {_f(p.get('server_p99_ms'))} | {p['predicted_p99_ms']:.3g} | "
+                             f"{_f(p['p99_all_ms'])} | {_f(p.get('server_p99_ms'))} | {_f(p.get('sender_late_p99_ms'))} | "
+                             f"{p['predicted_p99_ms']:.3g} | "
                              f"{p['planning_s']:.2f} (+ profile {pipe.get('profile_s', 0):.1f}) |")
             if "defaults" in row:
                 d = row["defaults"]
                 lines.append(f"{head} | defaults | {d['workers']} | {d['within_slo']:.1%} | "
-                             f"{_f(d['p99_all_ms'])} | {_f(d.get('server_p99_ms'))} | | |")
+                             f"{_f(d['p99_all_ms'])} | {_f(d.get('server_p99_ms'))} | {_f(d.get('sender_late_p99_ms'))} | | |")
             if "grid" in row:
                 g, b = row["grid"], row["grid"]["best"]
                 lines.append(f"{head} | grid best ({b['config'] if b else '-'}) | {b['workers'] if b else '-'} | "
-                             f"{b['within_slo']:.1%} | {_f(b['p99_all_ms'])} | {_f(b.get('server_p99_ms'))} | | "
+                             f"{b['within_slo']:.1%} | {_f(b['p99_all_ms'])} | {_f(b.get('server_p99_ms'))} | "
+                             f"{_f(b.get('sender_late_p99_ms'))} | | "
                              f"{g['grid_search_s']:.1f} "
                              f"({g['configs']} configs; {g['grid_search_to_best_s']:.1f} to the best's workers) |"
-                             if b else f"{head} | grid best (none holds) | - | | | | | {g['grid_search_s']:.1f} |")
+                             if b else f"{head} | grid best (none holds) | - | | | | | | {g['grid_search_s']:.1f} |")
                 c = g.get("confirmed")
                 if c:
                     lines.append(f"{head} | grid best, driven {c['seconds']:g} s | {b['workers']} | "
-                                 f"{c['within_slo']:.1%} | {_f(c['p99_all_ms'])} | {_f(c.get('server_p99_ms'))} | | |")
+                                 f"{c['within_slo']:.1%} | {_f(c['p99_all_ms'])} | {_f(c.get('server_p99_ms'))} | "
+                                 f"{_f(c.get('sender_late_p99_ms'))} | | |")
             if "ray" in row:
                 r = row["ray"]
                 lines.append(f"{head} | Ray Serve autoscaling | {r.get('workers_mean', 0):.2g} "
                              f"(max {r.get('workers_max')}) | "
-                             f"{_f(r.get('within_slo'), '.1%')} | {_f(r.get('p99_all_ms'))} | | | |"
-                             if "skipped" not in r else f"{head} | Ray Serve | skipped: {r['skipped']} | | | | | |")
+                             f"{_f(r.get('within_slo'), '.1%')} | {_f(r.get('p99_all_ms'))} | | | | |"
+                             if "skipped" not in r else f"{head} | Ray Serve | skipped: {r['skipped']} | | | | | | |")
         st = pipe.get("step")
         if st and "refused" not in st:
             rec = "never" if st["recovery_s"] is None else f"{st['recovery_s']:.0f} s"

@@ -39,6 +39,7 @@ class Run:
     wall_start: float = 0.0
     lead_s: float = 0.0   # of the drive's time, seconds before the load began (load generators starting)
     server_ms: np.ndarray = field(default_factory=lambda: np.array([]))   # the workers' own times (drive_http)
+    late_ms: np.ndarray = field(default_factory=lambda: np.array([]))   # how late each was sent (drive_http)
 
     def summary(self, slo_ms: float | None = None, lo: float = 0.0, hi: float = math.inf) -> dict:
         keep = (self.sched >= lo) & (self.sched < hi)
@@ -46,9 +47,13 @@ class Run:
 
     def server_summary(self) -> dict:
         """The same requests as the workers' HTTP endpoints timed them (arrival to answer; the
-        load generator, the kernel and uvicorn's header parsing left out): how many, p50, p99."""
+        load generator, the kernel and uvicorn's header parsing left out): how many, p50, p99;
+        and the p99 of how late the load generator sent them (its sender thread waking from its
+        sleep until the scheduled time: in every latency, which counts from the schedule)."""
         p50, p99 = _p50_p99(self.server_ms)
-        return {"server_requests": int(len(self.server_ms)), "server_p50_ms": p50, "server_p99_ms": p99}
+        late = self.late_ms[~np.isnan(self.late_ms)] if len(self.late_ms) else self.late_ms
+        return {"server_requests": int(len(self.server_ms)), "server_p50_ms": p50, "server_p99_ms": p99,
+                "sender_late_p99_ms": _p50_p99(late)[1]}
 
     def workers_used(self) -> dict:
         counts = [n for _, n in self.workers] or [0]
@@ -182,12 +187,12 @@ def write_bodies(path: Path, request, n: int = BODIES) -> Path:
 
 
 def http_load(url: str, bodies: Path, phases: list[tuple[float, float]], seed: int, wall_start: float,
-              timeout: float) -> tuple[np.ndarray, np.ndarray]:
+              timeout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Send ``phases`` (``[(seconds, rate), ...]``) of open-loop Poisson requests to ``url``, one
     load generator process per phase, each starting its schedule at ``wall_start``
     (``time.time()``) plus the phases before it; returns (scheduled times from the first phase's
-    start, latencies in ms, nan: a miss). The processes are killed and waited for however it
-    ends."""
+    start, latencies in ms, nan: a miss; how late each was sent, in ms, nan: unsent). The processes
+    are killed and waited for however it ends."""
     procs, offset = [], 0.0
     try:
         for k, (seconds, rate) in enumerate(phases):
@@ -197,7 +202,7 @@ def http_load(url: str, bodies: Path, phases: list[tuple[float, float]], seed: i
                  "--seed", str(seed + k), "--start-at", str(wall_start + offset)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             offset += seconds
-        sched, lat, offset = [], [], 0.0
+        sched, lat, late, offset = [], [], [], 0.0
         for (seconds, _), proc in zip(phases, procs):
             out, err = proc.communicate(timeout=wall_start + offset + seconds + timeout + 120 - time.time())
             if proc.returncode or not out.strip():
@@ -205,8 +210,9 @@ def http_load(url: str, bodies: Path, phases: list[tuple[float, float]], seed: i
             got = json.loads(out)
             sched += [offset + t for t in got["schedule_s"]]
             lat += [math.nan if x is None else x for x in got["latencies_ms"]]
+            late += [math.nan if x is None else x for x in got["late_ms"]]
             offset += seconds
-        return np.array(sched), np.array(lat)
+        return np.array(sched), np.array(lat), np.array(late)
     finally:
         for proc in procs:
             proc.kill()
@@ -229,7 +235,7 @@ def drive_http(dep, request, phases: list[tuple[float, float]], seed: int = 0, d
             wall_start, start = time.time() + LEAD_S, time.perf_counter() + LEAD_S
             watcher = _watch_workers(dep, start, stop, workers, served)
             try:
-                sched, lat = http_load(server.url + f"/v1/flows/{dep.name}/predict",
+                sched, lat, late = http_load(server.url + f"/v1/flows/{dep.name}/predict",
                                        write_bodies(tmp / "bodies.json", request), phases, seed, wall_start, drain_s)
             finally:
                 stop.set()
@@ -238,7 +244,7 @@ def drive_http(dep, request, phases: list[tuple[float, float]], seed: int = 0, d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Run(sched, lat, 0, int(np.isnan(lat).sum()), workers, wall_start, LEAD_S,
-               np.array(sorted(s for _, s in served)) * 1000)
+               np.array(sorted(s for _, s in served)) * 1000, late)
 
 
 def _add_served(dep, served: set, start: float) -> None:

@@ -145,6 +145,10 @@ def test_an_open_loop_given_a_start_waits_for_it_and_counts_latency_from_its_sch
         assert out["schedule_s"] == sorted(out["schedule_s"]) and max(out["schedule_s"]) <= 0.2
         late = loadgen.open_loop(ep, rate=200, seconds=0.2, connections=4, seed=1, start_at=time.time() - 5.0)
         assert min(x for x in late["latencies_ms"] if x is not None) >= 5000 - 300   # from its schedule, 5 s ago
+        # and the sender's own lateness is reported apart: all of it here, each within its latency
+        assert min(x for x in late["late_ms"] if x is not None) >= 5000 - 300
+        assert all(s <= x for s, x in zip(out["late_ms"] + late["late_ms"], out["latencies_ms"] + late["latencies_ms"])
+                   if x is not None)
 
 
 def test_an_http_load_in_phases_from_processes_of_its_own_reaches_the_workers_and_misses_nothing(client):
@@ -173,6 +177,9 @@ def test_an_http_load_in_phases_from_processes_of_its_own_reaches_the_workers_an
     # order statistic (the k-th shortest on the workers is no longer than the k-th at the client)
     assert len(run.server_ms) == len(run.sched)
     assert (np.sort(run.server_ms) <= np.sort(run.lat_ms)).all() and (run.server_ms > 0).all()
+    # how late each was sent: part of its latency, and summarized beside the workers' times
+    assert len(run.late_ms) == len(run.sched) and (run.late_ms >= 0).all() and (run.late_ms <= run.lat_ms).all()
+    assert run.server_summary()["sender_late_p99_ms"] <= np.percentile(run.lat_ms, 99)
 
 
 def _served(dep) -> int:
