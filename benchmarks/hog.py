@@ -4,6 +4,7 @@
     python benchmarks/hog.py --runs 1 -- .venv/bin/python -m pytest -q tests/test_table.py
     python benchmarks/hog.py --procs 4 --runs 5 -- <command> [args...]
     python benchmarks/hog.py --nice 19 --runs 1 -- <benchmark>   # the cores kept from idling
+    python benchmarks/hog.py --procs 0 --cpu-latency-us 0 --runs 1 -- <benchmark>   # ... by the kernel
 
 The proof that the test suite "passes on any machine": a test that asserts a wall-clock bound, a
 CPU-time share or a utilization figure, or that sleeps instead of waiting for a condition, fails
@@ -38,6 +39,17 @@ def start_hog(procs: int, nice: int = 0) -> list[subprocess.Popen]:
                              preexec_fn=(lambda: os.nice(nice)) if nice else None) for _ in range(procs)]
 
 
+def hold_cpu_latency(us: int):
+    """Ask the kernel (PM QoS, ``/dev/cpu_dma_latency``: needs root) to keep every core in idle
+    states it can leave within ``us`` microseconds, until the returned file is closed; 0 keeps
+    them polling instead of halting, as the latency-performance profile of ``tuned`` does."""
+    import struct
+
+    f = open("/dev/cpu_dma_latency", "wb", buffering=0)
+    f.write(struct.pack("i", us))
+    return f
+
+
 def stop_hog(hog: list[subprocess.Popen]) -> None:
     for p in hog:
         if p.poll() is None:
@@ -63,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=0,
                     help="the busy processes' niceness (19: they take only CPU time nothing else wants, which "
                          "keeps the cores from idling: how much a measurement pays for waking idle cores)")
+    ap.add_argument("--cpu-latency-us", type=int, default=None,
+                    help="also hold the cores' wake-up latency at most this (PM QoS; root only; 0: poll, never halt)")
     args = ap.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command or args.runs < 1 or args.procs < 0:
@@ -72,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stopped)
+    qos = None if args.cpu_latency_us is None else hold_cpu_latency(args.cpu_latency_us)
     hog = start_hog(args.procs, args.nice)
     codes: list[int] = []
     print(f"hog: {args.procs} busy process(es) (nice {args.nice}) on {os.cpu_count()} core(s); running {' '.join(command)!r} "
@@ -87,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         codes.append(130)
     finally:
         stop_hog(hog)
+        if qos is not None:
+            qos.close()
     passed = sum(c == 0 for c in codes)
     print(f"hog: {passed} of {args.runs} run(s) passed under the hog", flush=True)
     return next((c for c in codes if c != 0), 0)
