@@ -9,15 +9,22 @@
 The proof that the test suite "passes on any machine": a test that asserts a wall-clock bound, a
 CPU-time share or a utilization figure, or that sleeps instead of waiting for a condition, fails
 under the hog sooner or later. The hog starts ``--procs`` processes (default: one per core) that
-spin at normal priority, runs the command ``--runs`` times (default 3) one after another, each to
-its end, then stops the hog, whatever happened (a failed run, Ctrl-C, SIGTERM; a hog process also
-ends by itself if this script dies, as it checks its parent). Prints one line per run and a
-summary; the exit status is 0 only if every run exited with 0, else that of the first failed run.
+spin (at normal priority, or at ``--nice``), runs the command ``--runs`` times (default 3) one
+after another, each to its end, then stops the hog, whatever happened (a failed run, Ctrl-C,
+SIGTERM; a hog process also ends by itself if this script dies, as it checks its parent). Prints
+one line per run and a summary; the exit status is 0 only if every run exited with 0, else that
+of the first failed run.
+
+For benchmarks: ``--nice 19`` hogs take only CPU time nothing else wants, which keeps the cores
+from idling; ``--cpu-latency-us 0`` (root) has the kernel keep them polling instead (PM QoS).
+Either way the summary says how often the cores entered each idle state while the command ran
+(Linux's ``cpuidle`` counts), and ``--save NAME`` writes that to ``benchmarks/results/NAME``.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import subprocess
@@ -32,6 +39,20 @@ while os.getppid() == parent:
     for _ in range(200_000):
         pass
 """
+
+
+def idle_state_entries() -> dict[str, int]:
+    """How often this machine's cores have entered each idle state, summed over the cores, by the
+    state's name (Linux's ``cpuidle``; empty where there is none)."""
+    out: dict[str, int] = {}
+    for state in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpuidle/state[0-9]*"):
+        try:
+            with open(f"{state}/name") as n, open(f"{state}/usage") as u:
+                name, usage = n.read().strip(), int(u.read())
+        except OSError:
+            continue
+        out[name] = out.get(name, 0) + usage
+    return out
 
 
 def start_hog(procs: int, nice: int = 0) -> list[subprocess.Popen]:
@@ -77,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                          "keeps the cores from idling: how much a measurement pays for waking idle cores)")
     ap.add_argument("--cpu-latency-us", type=int, default=None,
                     help="also hold the cores' wake-up latency at most this (PM QoS; root only; 0: poll, never halt)")
+    ap.add_argument("--save", metavar="NAME",
+                    help="write the runs, the hog and the idle-state counts to benchmarks/results/NAME.json and .md")
     args = ap.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command or args.runs < 1 or args.procs < 0:
@@ -86,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stopped)
+    idle_before, t_start = idle_state_entries(), time.monotonic()
     qos = None if args.cpu_latency_us is None else hold_cpu_latency(args.cpu_latency_us)
     hog = start_hog(args.procs, args.nice)
     codes: list[int] = []
@@ -105,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         if qos is not None:
             qos.close()
     passed = sum(c == 0 for c in codes)
-    print(f"hog: {passed} of {args.runs} run(s) passed under the hog", flush=True)
+    idle = {k: v - idle_before.get(k, 0) for k, v in idle_state_entries().items()}
+    seconds = time.monotonic() - t_start
+    print(f"hog: {passed} of {args.runs} run(s) passed under the hog; idle-state entries over {seconds:.0f} s: "
+          + (", ".join(f"{k} {v}" for k, v in idle.items()) or "not counted here"), flush=True)
+    if args.save:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _report import save
+
+        record = {"command": command, "procs": args.procs, "nice": args.nice, "cpu_latency_us": args.cpu_latency_us,
+                  "exit_codes": codes, "seconds": seconds, "idle_state_entries": idle}
+        save(args.save, record, "\n".join(f"- {k}: {v}" for k, v in record.items()))
     return next((c for c in codes if c != 0), 0)
 
 
