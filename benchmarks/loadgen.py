@@ -133,7 +133,7 @@ def open_loop(ep: Endpoint, rate: float, seconds: float, connections: int, seed:
             break
         schedule.append(t)
     latencies = [None] * len(schedule)   # None: failed or unanswered
-    late = [None] * len(schedule)   # how late each request was sent (its sender's wake-up): None: unsent
+    late = [None] * len(schedule)   # how late each was sent (a sender's wake-up, or none free): None: unsent
     turns, turns_lock, go = iter(range(len(schedule))), threading.Lock(), threading.Event()
     clock = {}   # the schedule's start and end on this process's perf_counter, set once the senders run
 

@@ -395,14 +395,16 @@ def block_request_split(name: str) -> str:
     same stages called as plain functions on that worker."""
     d = load(name)
 
-    def med(runs, phase, col):
-        return statistics.median(next(r[col] for r in run["phases"] if r["phase"] == phase) for run in runs)
+    def phase(run, name, col):
+        return next(r[col] for r in run["phases"] if r["phase"] == name)
+
+    def med(runs, name, col):
+        return statistics.median(phase(run, name, col) for run in runs)
 
     rows = []
     for variant in dict.fromkeys(r["variant"] for r in d["runs"]):
         runs = [r for r in d["runs"] if r["variant"] == variant]
-        path = statistics.median(next(r["mean_ms"] for r in run["phases"] if r["phase"] == "client")
-                                 - next(r["mean_ms"] for r in run["phases"] if r["phase"] == "plan") for run in runs)
+        path = statistics.median(phase(run, "client", "mean_ms") - phase(run, "plan", "mean_ms") for run in runs)
         floor = [statistics.median(r["summary"][k] for r in runs) if all(k in r["summary"] for r in runs) else None
                  for k in ("floor_p50_ms", "floor_p99_ms")]
         rows.append([variant, len(runs), num(med(runs, "client", "p50_ms")), num(med(runs, "client", "p99_ms")),
@@ -412,8 +414,8 @@ def block_request_split(name: str) -> str:
     return "\n".join([
         f"{d['config']['closed']} requests a run, one after another on one connection (one worker serves them); "
         "each value the median over the runs. Path outside the plan: the mean client time less the mean "
-        "time in the plan (reading, decoding, the hand-offs to the plan's thread and back, encoding, the "
-        "kernel and the client). Floor: the same stages called as plain functions on that worker, "
+        "time in the plan (reading, decoding, the hand-offs to the plan's thread and back, the loop's time "
+        "between a plan's stages, encoding, the kernel and the client). Floor: the same stages called as plain functions on that worker, "
         "back to back after each run.",
         "", table(["variant", "runs", "client p50 ms", "client p99 ms", "plan p50 ms", "plan p99 ms",
                    "path outside the plan, mean ms", "slowest 1%: excess ms, client / in the plan",

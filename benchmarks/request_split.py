@@ -49,6 +49,7 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,8 +61,7 @@ from flowkit.runtime.plugin import HEARTBEAT_S  # noqa: E402
 
 #: the steps of a hand-off to the deployment's thread and back (once per stage handed over)
 HOPS = ["to thread", "thread start", "thread end", "back on loop"]
-STEPS = ["entry", "body read", "decoded", "submitted", "to thread", "thread start", "thread end", "back on loop",
-         "answer", "encoded", "answered"]
+STEPS = ["entry", "body read", "decoded", "submitted", "answer", "encoded", "answered"]   # (and the HOPS between)
 COLUMNS = ["p50_ms", "p99_ms", "slowest 1% excess_ms"]
 PHASES = ["read body", "decode", "submit", "task start", "thread wake", "plan", "loop wake", "to handler",
           "encode", "count"]
@@ -71,6 +71,7 @@ def install_tracing() -> None:
     """On a worker: wrap each step of the HTTP request path to record ``(step, perf_counter())``,
     and every garbage collection, in ``flowkit.runtime.http._trace``."""
     import gc
+    import itertools
     import time
 
     from flowkit.runtime import executor, http, ingress
@@ -102,18 +103,22 @@ def install_tracing() -> None:
 
     in_thread = executor.WorkerDeployment.in_thread
 
+    hops = itertools.count()
+
     async def traced_in_thread(self, fn, *args, **kw):
+        hop = next(hops)   # (a hand-off's four steps carry its number: a cancelled one's thread ends late)
+
         def run(*a):
-            trace.append(("thread start", now()))
+            trace.append(("thread start", now(), hop))
             try:
                 return fn(*a)
             finally:
-                trace.append(("thread end", now()))
-        trace.append(("to thread", now()))
+                trace.append(("thread end", now(), hop))
+        trace.append(("to thread", now(), hop))
         try:
             return await in_thread(self, run, *args, **kw)
         finally:
-            trace.append(("back on loop", now()))
+            trace.append(("back on loop", now(), hop))
 
     executor.WorkerDeployment.in_thread = traced_in_thread
 
@@ -149,13 +154,22 @@ def take_trace() -> list:
     return list(getattr(http, "_trace", []))
 
 
-def requests_of(trace: list) -> list[dict]:
-    """Each traced request's steps (``{step: time}``) and the garbage collections during it
-    (``gc_ms`` by generation), from ``entry`` to ``answered``."""
-    out, cur, gc_started = [], None, None
+def requests_of(trace: list) -> list[dict | None]:
+    """Each answered request, in order: its steps (``{step: time}``), its hand-offs to the plan's
+    thread (each ``{step: time}`` of ``HOPS``, in order) and the garbage collections during it
+    (``gc_ms`` by generation), from ``entry`` to ``answered``; None for one left out (kept in
+    place, to pair requests with the client's): a step or hand-off not seen whole, or a hand-off
+    whose thread ran on after the loop took the request back (a raced replica that lost: its
+    steps do not split the request's time)."""
+    out, cur, gc_started, owner = [], None, None, {}
     for ev in trace:
         step, t = ev[0], ev[1]
-        if step == "entry":
+        if step in HOPS:   # (a hop's later steps may come after its request was answered)
+            if step == "to thread" and cur is not None:
+                owner[ev[2]] = cur["hops"].setdefault(ev[2], {})
+            if ev[2] in owner:
+                owner[ev[2]][step] = t
+        elif step == "entry":
             cur = {"steps": {"entry": t}, "hops": {}, "gc_ms": {}}
         elif cur is None:
             continue
@@ -166,40 +180,50 @@ def requests_of(trace: list) -> list[dict]:
                 gen = ev[2]
                 cur["gc_ms"][gen] = cur["gc_ms"].get(gen, 0.0) + (t - gc_started) * 1000
             gc_started = None
-        elif step in HOPS:   # (a plan of several stages hands each to the thread in turn)
-            cur["hops"].setdefault(step, []).append(t)
-            cur["steps"].setdefault(step, t)
         else:
             cur["steps"].setdefault(step, t)
             if step == "answered":
                 out.append(cur)
                 cur = None
-    return [r for r in out if all(s in r["steps"] for s in STEPS)]
+    whole: list[dict | None] = []
+    for r in out:
+        hops = sorted(r["hops"].values(), key=lambda h: h.get("to thread", 0.0))
+        ok = hops and all(s in r["steps"] for s in STEPS) and \
+            all(len(h) == len(HOPS) and h["thread end"] <= h["back on loop"] for h in hops)
+        whole.append({**r, "hops": hops} if ok else None)
+    return whole
 
 
 def phases_of(req: dict) -> dict:
-    """Each phase's milliseconds; where the plan went to the thread more than once (a stage at a
-    time), the thread phases are summed over the hops and the loop's time between one hop's
-    return and the next is ``between stages``."""
+    """Each phase's milliseconds (they add up to the handler's time); where the plan went to the
+    thread more than once (a stage at a time), the thread's phases are summed over the hand-offs
+    and the loop's time from one's return to the next is ``between stages``."""
     s, hops = req["steps"], req["hops"]
-    ms = {name: (s[b] - s[a]) * 1000 for name, a, b in zip(PHASES, STEPS, STEPS[1:])}
-    n = min(len(hops[h]) for h in HOPS)
-    for name, a, b in zip(PHASES[PHASES.index("thread wake"):], HOPS, HOPS[1:]):
-        ms[name] = sum(hops[b][i] - hops[a][i] for i in range(n)) * 1000
-    ms["between stages"] = sum(hops["to thread"][i + 1] - hops["back on loop"][i] for i in range(n - 1)) * 1000
-    ms["to handler"] = (s["answer"] - hops["back on loop"][n - 1]) * 1000
+    ms = {name: (s[b] - s[a]) * 1000 for name, a, b in
+          zip(PHASES[:3], STEPS, STEPS[1:4])}   # read body, decode, submit
+    ms["task start"] = (hops[0]["to thread"] - s["submitted"]) * 1000
+    for name, a, b in zip(("thread wake", "plan", "loop wake"), HOPS, HOPS[1:]):
+        ms[name] = sum(h[b] - h[a] for h in hops) * 1000
+    ms["between stages"] = sum(nxt["to thread"] - h["back on loop"] for h, nxt in zip(hops, hops[1:])) * 1000
+    ms["to handler"] = (s["answer"] - hops[-1]["back on loop"]) * 1000
+    ms["encode"] = (s["encoded"] - s["answer"]) * 1000
+    ms["count"] = (s["answered"] - s["encoded"]) * 1000
     ms["handler"] = (s["answered"] - s["entry"]) * 1000
     ms["gc"] = sum(req["gc_ms"].values())
     return ms
 
 
-def split(client_ms: list[float], reqs: list[dict]) -> tuple[list[dict], dict]:
+def split(client_ms: list[float], reqs: list[dict | None]) -> tuple[list[dict], dict]:
     """The phase table (p50, p99, mean over all requests, mean over the slowest 1% by the
-    client's time, and that excess over the median request) and a summary."""
+    client's time, and that excess over the median request) and a summary; the last requests the
+    client and the worker both saw, paired in order, less those ``requests_of`` left out."""
     n = min(len(client_ms), len(reqs))
-    client_ms, reqs = client_ms[-n:], reqs[-n:]
+    pairs = [(c, r) for c, r in zip(client_ms[-n:], reqs[-n:]) if r is not None]
+    left_out, client_all = n - len(pairs), client_ms[-n:]
+    n = len(pairs)
+    client_ms, reqs = [c for c, _ in pairs], [r for _, r in pairs]
     rows = []
-    for c, r in zip(client_ms, reqs):
+    for c, r in pairs:
         ph = phases_of(r)
         ph["outside handler"] = c - ph["handler"]
         ph["client"] = c
@@ -215,11 +239,11 @@ def split(client_ms: list[float], reqs: list[dict]) -> tuple[list[dict], dict]:
                            "mean_ms": sum(vals) / n, "slowest 1% mean_ms": sum(tail) / len(tail),
                            "slowest 1% excess_ms": sum(tail) / len(tail) - p50})
     gcs = [i for i in range(n) if rows[i]["gc"] > 0]
-    summary = {"requests": n, "slowest": len(slow),
+    summary = {"requests": n, "left_out": left_out, "slowest": len(slow),
                "slowest_with_gc": sum(1 for i in slow if rows[i]["gc"] > 0),
                "requests_with_gc": len(gcs),
                "full_collections": sum(1 for r in reqs if 2 in r["gc_ms"]),
-               "client_p50_ms": percentile(client_ms, 50), "client_p99_ms": percentile(client_ms, 99)}
+               "client_p50_ms": percentile(client_all, 50), "client_p99_ms": percentile(client_all, 99)}
     return table_rows, summary
 
 
@@ -324,7 +348,9 @@ def run_once(pipeline: str, body: Path, closed: int, settings: dict) -> tuple[li
             client.run(set_switch_interval, settings["switch_interval_s"])
         flow, optimize, _, _ = PIPELINES[pipeline]()
         if "rules" in settings:
-            optimize = {**(optimize if isinstance(optimize, dict) else {}), **settings["rules"]}
+            if optimize is False:
+                raise SystemExit(f"the {pipeline} pipeline is served unoptimized: no rules to change")
+            optimize = {**(optimize if isinstance(optimize, Mapping) else {}), **settings["rules"]}
         with fk.deploy(flow, cluster=client, optimize=optimize, tune_workers=True) as dep, dep.serve() as server:
             if settings.get("dask_heartbeats"):
                 client.run(dask_heartbeats)

@@ -39,7 +39,8 @@ endpoints timed them (``server_p99_ms``: from a request's arrival at the handler
 bytes; the load generator, the kernel's network stack and uvicorn's header parsing left out):
 what the deployment itself spent, beside what the client saw; and how late the load generator
 sent them (``sender_late_p99_ms``: its sender thread waking from its sleep until the scheduled
-time, which every latency includes, as it counts from the schedule).
+time, or every sender busy; every latency includes it, as it counts from the schedule). Ray
+Serve's rows have neither (its load is sent by ``ray_case``, which keeps only the latencies).
 
 And per pipeline a **×3 rate step** (``--step slo:rate``): the planned deployment (its
 re-planner running every 1 s) driven at the rate for ``--step-before`` seconds, then at 3× for

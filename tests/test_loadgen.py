@@ -194,23 +194,49 @@ def _double(row) -> int:
 
 def test_the_request_split_attributes_each_phase_and_each_collection_to_its_request():
     rs = request_split
-    def request(start, plan_ms, gc_ms=None):
+    hop_ids = iter(range(100))
+
+    def request(start, plans_ms, gc_ms=None, lost=False):
+        """A request's events: each step 0.1 ms after the one before, but for its plan's stages
+        (one hand-off to the thread each); ``lost``: a hand-off whose thread ends after its answer."""
         events, t = [], start
-        for step in rs.STEPS:
-            events.append((step, t))
-            if step == "thread start" and gc_ms:   # a full collection inside the plan
-                events += [("gc start", t, 2), ("gc stop", t + gc_ms / 1000, 2)]
-            t += (plan_ms if step == "thread start" else 0.1) / 1000
-        return events
+
+        def step(name, *extra, took=0.1):
+            nonlocal t
+            events.append((name, t, *extra))
+            t += took / 1000
+        for name in rs.STEPS[:4]:
+            step(name)
+        late = []
+        for plan_ms in plans_ms:
+            hop = next(hop_ids)
+            step("to thread", hop)
+            step("thread start", hop, took=plan_ms)
+            if gc_ms:   # a full collection inside the plan
+                events += [("gc start", t - plan_ms / 1000, 2), ("gc stop", t - plan_ms / 1000 + gc_ms / 1000, 2)]
+            (late if lost else events).append(("thread end", t, hop))
+            t += 0.1 / 1000
+            step("back on loop", hop)
+        for name in rs.STEPS[4:]:
+            step(name)
+        return events + [(name, t + 1, hop) for name, _, hop in late]
 
     trace = [("gc start", 0.0, 0), ("gc stop", 0.001, 0)]   # before any request: nobody's
-    trace += request(1.0, 2.0) + request(2.0, 9.0, gc_ms=6.0) + request(3.0, 2.0)
-    trace += [("entry", 4.0), ("body read", 4.001)]         # unfinished: left out
+    trace += request(1.0, [2.0]) + request(2.0, [9.0], gc_ms=6.0) + request(3.0, [2.0])
+    trace += request(4.0, [1.0, 3.0])                       # two stages handed over in turn
+    trace += request(6.0, [2.0], lost=True)                 # its thread ran on: left out, in its place
+    trace += [("entry", 8.0), ("body read", 8.001)]         # unfinished: not there
     reqs = rs.requests_of(trace)
-    assert [round(rs.phases_of(r)["plan"], 6) for r in reqs] == [2.0, 9.0, 2.0]
-    assert [r["gc_ms"] for r in reqs] == [{}, {2: pytest.approx(6.0)}, {}]
-    rows, summary = rs.split([3.5, 11.0, 3.4], reqs)
+    assert reqs[4] is None and len(reqs) == 5
+    phases = [rs.phases_of(r) for r in reqs[:4]]
+    assert [round(p["plan"], 6) for p in phases] == [2.0, 9.0, 2.0, 4.0]
+    assert [round(p["between stages"], 6) for p in phases] == [0, 0, 0, 0.1]
+    for p in phases:   # the phases add up to the handler's time
+        assert sum(p[name] for name in rs.PHASES + ["between stages"]) == pytest.approx(p["handler"])
+    assert [r["gc_ms"] for r in reqs[:4]] == [{}, {2: pytest.approx(6.0)}, {}, {}]
+    rows, summary = rs.split([3.5, 11.0, 3.4, 5.6, 3.0], reqs)
     by = {r["phase"]: r for r in rows}
+    assert summary["requests"] == 4 and summary["left_out"] == 1
     assert by["plan"]["slowest 1% mean_ms"] == pytest.approx(9.0)   # the slowest by the client's time is the 2nd
     assert by["outside handler"]["slowest 1% mean_ms"] == pytest.approx(11.0 - (9.0 + 9 * 0.1))   # 9 other phases of 0.1 ms
     assert summary["slowest_with_gc"] == 1 and summary["full_collections"] == 1
