@@ -373,6 +373,9 @@ def main() -> None:
                     "predicted_p99_ms": plan.prediction.p99_ms, **s, **run.server_summary(),
                     "p99_error": plan.prediction.p99_ms / s["p99_all_ms"] - 1 if s["p99_all_ms"] else None,
                     "replans": [str(r) for r in plan.replans], "explain": plan.explain(),
+                    # per 1-s window of scheduled time (from wall_start): whether late requests came
+                    # in a burst (a stall) or spread (a plan short of the load) before a re-plan
+                    "windows": slo_drive.windows(run, slo), "wall_start": run.wall_start,
                     "stages": table.drop(columns=[c for c in table.columns if c == "utilization"]).to_dict("records")}
             except fk.SLOUnreachable as e:
                 row["planned"] = {"refused": str(e), "holds_rate": e.holds_rate, "best_p99_ms": e.best_p99_ms}
