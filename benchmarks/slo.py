@@ -590,47 +590,49 @@ def charts(out, dest: Path) -> list[Path]:
     return made
 
 
+COLUMNS = ("pipeline", "objective", "rate", "system", "workers", "within objective", "p99 (misses: inf)",
+           "p99 at the workers", "sent late, p99", "predicted p99", "planning / search s")
+
+
 def markdown(out) -> str:
     m = out["meta"]
     lines = [f"# benchmarks/slo.py — {m['date']}, commit {str(m['commit'])[:10]}, {m['cpu_count']} cores",
              "", f"Arguments: `{json.dumps({k: v for k, v in m['args'].items()})}`", "",
-             "| pipeline | objective | rate | system | workers | within objective | p99 (misses: inf) | p99 at the workers "
-             "| sent late, p99 | predicted p99 | planning / search s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+
+    def line(*cells) -> str:   # (the cells after the last one given stay empty)
+        return "|" + "".join(f" {c} |" if str(c) else " |" for c in cells + ("",) * (len(COLUMNS) - len(cells)))
+
+    def measured(x) -> tuple:   # within, p99, the workers' p99, the sender's lateness
+        return (f"{x['within_slo']:.1%}", _f(x["p99_all_ms"]), _f(x.get("server_p99_ms")),
+                _f(x.get("sender_late_p99_ms")))
+
     steps = []
     for n, pipe in out["pipelines"].items():
         for row in pipe.get("cases", []):
-            head = f"| {n} | {row['slo_ms']:g} ms | {row['rate']:g}/s"
+            head = (n, f"{row['slo_ms']:g} ms", f"{row['rate']:g}/s")
             p = row["planned"]
-            if "refused" in p:
-                lines.append(f"{head} | planned | refused | | | | | | |")
-            else:
-                lines.append(f"{head} | planned | {p['workers']} (max {p['workers_max']}) | {p['within_slo']:.1%} | "
-                             f"{_f(p['p99_all_ms'])} | {_f(p.get('server_p99_ms'))} | {_f(p.get('sender_late_p99_ms'))} | "
-                             f"{p['predicted_p99_ms']:.3g} | "
-                             f"{p['planning_s']:.2f} (+ profile {pipe.get('profile_s', 0):.1f}) |")
+            lines.append(line(*head, "planned", "refused") if "refused" in p else
+                         line(*head, "planned", f"{p['workers']} (max {p['workers_max']})", *measured(p),
+                              f"{p['predicted_p99_ms']:.3g}",
+                              f"{p['planning_s']:.2f} (+ profile {pipe.get('profile_s', 0):.1f})"))
             if "defaults" in row:
-                d = row["defaults"]
-                lines.append(f"{head} | defaults | {d['workers']} | {d['within_slo']:.1%} | "
-                             f"{_f(d['p99_all_ms'])} | {_f(d.get('server_p99_ms'))} | {_f(d.get('sender_late_p99_ms'))} | | |")
+                lines.append(line(*head, "defaults", row["defaults"]["workers"], *measured(row["defaults"])))
             if "grid" in row:
                 g, b = row["grid"], row["grid"]["best"]
-                lines.append(f"{head} | grid best ({b['config'] if b else '-'}) | {b['workers'] if b else '-'} | "
-                             f"{b['within_slo']:.1%} | {_f(b['p99_all_ms'])} | {_f(b.get('server_p99_ms'))} | "
-                             f"{_f(b.get('sender_late_p99_ms'))} | | "
-                             f"{g['grid_search_s']:.1f} "
-                             f"({g['configs']} configs; {g['grid_search_to_best_s']:.1f} to the best's workers) |"
-                             if b else f"{head} | grid best (none holds) | - | | | | | | {g['grid_search_s']:.1f} |")
+                lines.append(line(*head, f"grid best ({b['config']})", b["workers"], *measured(b), "",
+                                  f"{g['grid_search_s']:.1f} ({g['configs']} configs; "
+                                  f"{g['grid_search_to_best_s']:.1f} to the best's workers)") if b else
+                             line(*head, "grid best (none holds)", "-", "", "", "", "", "", f"{g['grid_search_s']:.1f}"))
                 c = g.get("confirmed")
                 if c:
-                    lines.append(f"{head} | grid best, driven {c['seconds']:g} s | {b['workers']} | "
-                                 f"{c['within_slo']:.1%} | {_f(c['p99_all_ms'])} | {_f(c.get('server_p99_ms'))} | "
-                                 f"{_f(c.get('sender_late_p99_ms'))} | | |")
+                    lines.append(line(*head, f"grid best, driven {c['seconds']:g} s", b["workers"], *measured(c)))
             if "ray" in row:
                 r = row["ray"]
-                lines.append(f"{head} | Ray Serve autoscaling | {r.get('workers_mean', 0):.2g} "
-                             f"(max {r.get('workers_max')}) | "
-                             f"{_f(r.get('within_slo'), '.1%')} | {_f(r.get('p99_all_ms'))} | | | | |"
-                             if "skipped" not in r else f"{head} | Ray Serve | skipped: {r['skipped']} | | | | | | |")
+                lines.append(line(*head, "Ray Serve autoscaling",
+                                  f"{r.get('workers_mean', 0):.2g} (max {r.get('workers_max')})",
+                                  _f(r.get("within_slo"), ".1%"), _f(r.get("p99_all_ms")))
+                             if "skipped" not in r else line(*head, "Ray Serve", f"skipped: {r['skipped']}"))
         st = pipe.get("step")
         if st and "refused" not in st:
             rec = "never" if st["recovery_s"] is None else f"{st['recovery_s']:.0f} s"

@@ -16,6 +16,7 @@ from .waiting import wait_until
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loadgen  # noqa: E402
 import request_split  # noqa: E402
+import slo  # noqa: E402
 from peers.cycling_loadgen import CyclingEndpoint  # noqa: E402
 
 sys.path.pop(0)
@@ -240,3 +241,19 @@ def test_the_request_split_attributes_each_phase_and_each_collection_to_its_requ
     assert by["plan"]["slowest 1% mean_ms"] == pytest.approx(9.0)   # the slowest by the client's time is the 2nd
     assert by["outside handler"]["slowest 1% mean_ms"] == pytest.approx(11.0 - (9.0 + 9 * 0.1))   # 9 other phases of 0.1 ms
     assert summary["slowest_with_gc"] == 1 and summary["full_collections"] == 1
+
+
+def test_the_slo_table_gives_every_row_the_header_s_cells():
+    """benchmarks/slo.py's markdown, from a committed result with every kind of row it has
+    (planned, defaults, the grid's best and its confirmation, Ray Serve) and from rows refused,
+    skipped and held by no configuration: each row has as many cells as the header."""
+    import json
+
+    out = json.loads((Path(slo.__file__).parent / "results" / "slo.json").read_text())
+    case = out["pipelines"]["cascade"]["cases"][0]
+    extra = {**case, "planned": {"refused": "no plan holds it"}, "ray": {"skipped": "no peers"},
+             "grid": {**{k: v for k, v in case["grid"].items() if k != "confirmed"}, "best": None}}
+    out["pipelines"]["cascade"]["cases"].append(extra)
+    rows = [line for line in slo.markdown(out).splitlines() if line.startswith("|")]
+    assert len(rows) > 10 and {line.count("|") for line in rows} == {len(slo.COLUMNS) + 1}
+    assert any("| planned | refused |" in line for line in rows) and any("skipped: no peers" in line for line in rows)
