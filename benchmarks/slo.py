@@ -108,10 +108,11 @@ def _warm(dep, name: str, n: int = 20) -> None:
     dep.map([P.PIPELINES[name]["request"](i) for i in range(n)], progress=False, return_exceptions=True)
 
 
-def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "slo_drive.Run", object]:
+def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "slo_drive.Run", object, list]:
     """Deploy (``make_dep()``), store the pipeline's objects, warm up, ``drive`` ``phases``
     (``slo_drive.drive`` or ``drive_http``); returns (times, run, the deployment's slo_plan or
-    None) with the deployment closed. The times leave out the harness's own lead (``Run.lead_s``:
+    None, the stalls its re-planner set aside as ``[wall-clock start, requests, late]``) with
+    the deployment closed. The times leave out the harness's own lead (``Run.lead_s``:
     load generator processes starting), which a grid search would not spend."""
     t0 = time.perf_counter()
     dep = make_dep()
@@ -126,12 +127,13 @@ def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "s
         run = drive(dep, P.PIPELINES[name]["request"], phases, seed)
         times["measure_s"] = time.perf_counter() - t2 - run.lead_s
         plan = dep.slo_plan
+        stalls = [[at, st.requests, st.late] for at, st in dep.replanner.stalls] if dep.replanner else []
     finally:
         t3 = time.perf_counter()
         dep.close()
         times["close_s"] = time.perf_counter() - t3
     times["total_s"] = time.perf_counter() - t0 - run.lead_s
-    return times, run, plan
+    return times, run, plan, stalls
 
 
 def grid_configs(flow, prof, workers: int, batches, waits, races):
@@ -170,7 +172,7 @@ def confirm_grid_best(grid, grid_flows, confirmed, cases, workers, client, args)
             if best is None or best["workers"] != workers or (n, rate, best["knobs"]) in confirmed:
                 continue
             flow = grid_flows[n, workers, best["knobs"]]
-            times, run, _ = measure(lambda: fk.deploy(flow, cluster=client, optimize=False), n,
+            times, run, _, _ = measure(lambda: fk.deploy(flow, cluster=client, optimize=False), n,
                                     [(args.seconds, rate)], DRIVES[args.load])
             confirmed[n, rate, best["knobs"]] = {"times": times, "server": run.server_summary(),
                                                  "by_slo": {s: run.summary(s) for s in sorted({s for s, _ in cases})}}
@@ -336,7 +338,7 @@ def main() -> None:
                 for n in names:
                     for rate in rates:
                         for knobs, planned in grid_configs(flows[n], profiles[n], w, batches, waits, (1, 2)):
-                            times, run, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False), n,
+                            times, run, _, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False), n,
                                                     [(args.grid_seconds, rate)], DRIVES[args.load])
                             grid_flows[n, w, repr(knobs)] = planned
                             grid[n][rate].append({"knobs": repr(knobs), "config": describe(knobs), "workers": w,
@@ -350,7 +352,7 @@ def main() -> None:
             if w == W:
                 for n in names:
                     for rate in rates:
-                        times, run, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)],
+                        times, run, _, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)],
                                                 DRIVES[args.load])
                         defaults[n][rate] = {"workers": W, "times": times, "server": run.server_summary(),
                                              "by_slo": {s: run.summary(s) for s in slos}}
@@ -363,7 +365,7 @@ def main() -> None:
         for slo, rate in cases:
             row = {"slo_ms": slo, "rate": rate}
             try:
-                times, run, plan = measure(lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n],
+                times, run, plan, stalls = measure(lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n],
                                                              max_workers=W), n, [(args.seconds, rate)], DRIVES[args.load])
                 table = plan.table()
                 s = run.summary(slo)
@@ -372,7 +374,7 @@ def main() -> None:
                     "planning_s": plan.planning_s, "evaluated": plan.evaluated, "times": times,
                     "predicted_p99_ms": plan.prediction.p99_ms, **s, **run.server_summary(),
                     "p99_error": plan.prediction.p99_ms / s["p99_all_ms"] - 1 if s["p99_all_ms"] else None,
-                    "replans": [str(r) for r in plan.replans], "explain": plan.explain(),
+                    "replans": [str(r) for r in plan.replans], "explain": plan.explain(), "stalls": stalls,
                     # per 1-s window of scheduled time (from wall_start): whether late requests came
                     # in a burst (a stall) or spread (a plan short of the load) before a re-plan
                     "windows": slo_drive.windows(run, slo), "wall_start": run.wall_start,
@@ -436,7 +438,7 @@ def step(name, flow, prof, args, W) -> dict:
     slo, rate = parse_cases(args.step)[0]
     S1, S2 = args.step_before, args.step_after
     try:
-        times, run, plan = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W), name,
+        times, run, plan, stalls = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W), name,
                                    [(S1, rate), (S2, 3 * rate)], DRIVES[args.load])
     except fk.SLOUnreachable as e:
         return {"slo_ms": slo, "rate": rate, "refused": str(e)}
@@ -446,6 +448,7 @@ def step(name, flow, prof, args, W) -> dict:
     out = {"slo_ms": slo, "rate": rate, "after_rate": 3 * rate, "before_s": S1, "after_s": S2,
            "recovery_s": rec, "before": run.summary(slo, 0, S1), "after": run.summary(slo, S1),
            "windows": wins, "workers_planned_final": plan.workers, "times": times,
+           "stalls": [[at - step_wall, n, late] for at, n, late in stalls],
            "replans": [{"at_s": r.at - step_wall, "reason": r.reason, "changes": [list(map(str, c)) for c in r.changes],
                         "applied": list(r.applied)} for r in plan.replans]}
     print(f"\n== {name}: x3 rate step {rate:g} -> {3 * rate:g} req/s at p99 <= {slo:g} ms: "
@@ -456,6 +459,8 @@ def step(name, flow, prof, args, W) -> dict:
               f"{w['within_slo']:6.1%} within  workers {w['workers']}")
     for r in out["replans"]:
         print(f"   re-plan at {r['at_s']:+.1f} s: {r['reason']}; {'; '.join(r['applied'])}")
+    for at, n, late in out["stalls"]:
+        print(f"   stall set aside at {at:+.1f} s: {late} late of {n} requests started within a second")
     return out
 
 

@@ -959,8 +959,42 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         assert dep.replanner.measure().judged == 0           # judged from this re-plan on
         dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
         wait_until(lambda: len(dep.recent(3600)) == P99_SAMPLES * 5 // 2, "the client to record the last request")
-        m = dep.replanner.measure()
-        assert m.judged == m.late == P99_SAMPLES
+        m = dep.replanner.measure()   # (a burst: the second that held most of them is set aside as a stall)
+        assert m.late == m.judged and m.late + m.stall.late == m.judged + m.stall.requests == P99_SAMPLES
+
+
+def test_a_stall_is_set_aside_and_kept_once_and_a_shortfall_in_every_second_calibrates(client):
+    """Forty requests made late together within half a second of a steady 100 req/s (a core
+    waking, the host taking the CPU) would put the window's p99 over the objective and calibrate
+    the model by it for good: the re-planner sets that second aside, keeps the plan, and notes
+    the stall once however many measurements see it; late requests in every second are a
+    shortfall, and calibrate."""
+    flow = live_flow()
+    prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
+    with fk.deploy(flow, cluster=client, slo_ms=25, rate=100, profile=prof) as dep:
+        rp = dep.replanner
+        rp.stop()
+        now = time.perf_counter()
+        rp._started = rp._settled = now - 3600
+        recorded = []
+        dep.recent, dep.recorded_until = (lambda seconds: recorded), (lambda: now)   # (what the client recorded)
+
+        def load(latency_of):   # 5 s at 100 req/s up to now: (finish, latency)
+            starts = [now - 5.2 + i / 100 for i in range(500)]
+            recorded[:] = [(s + latency_of(i), latency_of(i)) for i, s in enumerate(starts)]
+
+        load(lambda i: 0.060 if 220 <= i < 260 else 0.004)   # (starting 3 s ago, for 0.4 s)
+        assert rp.measure().p99_ms < 25 and rp.measure().stall.late == 40
+        for _ in range(3):
+            assert rp.step() is None and dep.slo_plan.replans == () and dep.slo_plan.calibration == 1.0
+        assert "40 late of 100 requests that started within 1 s set aside: a stall" in rp.last_reason
+        assert [st.late for _, st in rp.stalls] == [40]
+        assert abs(rp.stalls[0][0] - (time.time() - 3.0)) < 1.0   # when it began, on the wall clock
+
+        load(lambda i: 0.030 if i % 20 == 0 else 0.004)   # 5% late, in every second
+        new = rp.step()
+        assert new is not None and new.calibration > 1 and "above the objective" in new.replans[-1].reason
+        assert len(rp.stalls) == 1
 
 
 def test_the_replanner_measures_a_load_that_began_within_its_window_at_its_own_rate(client):

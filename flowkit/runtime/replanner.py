@@ -4,7 +4,8 @@
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
 measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
-than 1% late would make; while the rate is changing, planned for, not calibrated on). The new
+than 1% late would make, once the second with the most late requests is set aside, as a stall:
+``window.judge``; while the rate is changing, planned for, not calibrated on). The new
 plan keeps the deployed operators (fusion and the replicas deployed: changing them means
 installing another plan on every worker) and chooses again what
 can change live: the workers (the fewest that hold the objective at the measured rate, up to
@@ -40,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from ..plan import Stage
 from ..planner import SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
-from .window import LATE_SHARE, P99_SAMPLES, RISE_MIN, RISE_S, Window, beyond_chance, window_rates
+from .window import LATE_SHARE, P99_SAMPLES, RISE_MIN, RISE_S, STALL_S, Stall, Window, beyond_chance, judge, window_rates
 
 __all__ = ["Replan", "decide", "retarget", "over_http", "Replanner", "RATE_FACTOR", "STEADY"]
 
@@ -262,7 +263,10 @@ class Replanner:
     through a rise measure the rise, not the plan that answered it): a worker starting (its
     first requests open connections) is no measure of the plan, and one slow request among a
     few dozen would pass for their p99, calibrate the model by it for good and shed requests
-    the plan could serve."""
+    the plan could serve. For the same reason the second of starts that held the most late
+    requests is set aside (``window.judge``): a stall late requests crowd into is not the plan's
+    shortfall, which shows in the other seconds too; ``stalls`` keeps those that alone would
+    have re-planned (with the wall-clock time each began)."""
 
     def __init__(self, dep, interval: float = 1.0, window: float = 5.0, min_requests: int = 20,
                  max_inflight: int | None = None):
@@ -281,6 +285,7 @@ class Replanner:
         # more, as the workers' answers arrive one asking interval late (ServedByWorkers)
         self.fall_steps = math.ceil(window / interval) + 1
         self._falls = 0                 # measurements running that found the rate fallen
+        self.stalls: list[tuple[float, Stall]] = []   # (time.time() it began, the stall) set aside (_note_stall)
         self._thread = threading.Thread(target=self._run, name=f"flowkit-replanner-{dep.id}", daemon=True)
 
     def start(self) -> "Replanner":
@@ -309,11 +314,10 @@ class Replanner:
         # the rate over the time the requests span: a load that began within the window (the
         # deployment idle before it) is not spread over the idle part
         span = max(1e-3, min(span, end - min(t - s for t, s in recent)))
-        settled = sorted(s for t, s in recent if t - s >= self._settled)   # (started since)
-        p99 = settled[math.ceil(0.99 * len(settled)) - 1] * 1000 if len(settled) >= P99_SAMPLES else math.nan
-        late = sum(1 for s in settled if s * 1000 > self.dep._slo_plan.slo_ms)
+        settled = [(t - s, s) for t, s in recent if t - s >= self._settled]   # (started since)
+        p99, late, judged, stall = judge(settled, self.dep._slo_plan.slo_ms)
         rate, rate_now = window_rates([t for t, _ in recent], end, span)
-        return Window(rate, p99, len(recent), late, len(settled), rate_now)
+        return Window(rate, p99, len(recent), late, judged, rate_now, stall)
 
     def _arriving(self) -> bool:
         """Whether workers the plan asks for are still starting (on a cluster flowkit scales)."""
@@ -324,6 +328,7 @@ class Replanner:
         """Measure (or take ``rate`` / ``p99_ms`` as measured), decide, apply; the new plan or None."""
         with self._lock:
             late_of = rate_now = None
+            stalled = False
             if rate is None or p99_ms is None:
                 m = self.measure()
                 if m.requests < self.min_requests and rate is None and p99_ms is None:
@@ -339,9 +344,27 @@ class Replanner:
                     else:
                         rate, rate_now = m.rate, m.rate_now
                 p99_ms = m.p99_ms if p99_ms is None else p99_ms
+                stalled = late_of is not None and self._note_stall(m)
             new, self.last_reason = decide(self.dep._slo_plan, rate, p99_ms, late_of=late_of, rate_now=rate_now,
                                            now=time.time())
+            if stalled:
+                self.last_reason += (f" ({m.stall.late} late of {m.stall.requests} requests that started within "
+                                     f"{STALL_S:g} s set aside: a stall)")
             return None if new is None else self._adopt(new)
+
+    def _note_stall(self, m: Window) -> bool:
+        """Whether ``judge`` set aside a stall that alone made the window's late requests more
+        than chance — what would have re-planned, and calibrated the model, had it been judged
+        with the rest; each such stall is kept once in ``stalls``."""
+        st = m.stall
+        if st is None or beyond_chance(m.late, m.judged) or not beyond_chance(m.late + st.late, m.judged + st.requests):
+            return False
+        if self.stalls and abs(self.stalls[-1][1].start - st.start) < STALL_S:   # the same stall, measured again
+            if st.late > self.stalls[-1][1].late:
+                self.stalls[-1] = (self.stalls[-1][0], st)
+        else:
+            self.stalls.append((time.time() - (time.perf_counter() - st.start), st))
+        return True
 
     def _fallen(self, rate: float) -> bool:
         """Whether a measured ``rate`` below the plan's by ``RATE_FACTOR`` or more is to wait

@@ -1,7 +1,8 @@
 """What the re-planner (``replanner``) measures over its window: the rate of the requests
 finished (over the whole window and over its last seconds, where a rise shows first), their
-p99, and whether the late ones are more than chance gives at 1% late. Pure functions and a
-record.
+p99 with the second that held the most late requests set aside (``judge``: one stall is not
+the plan's shortfall), and whether the late ones are more than chance gives at 1% late. Pure
+functions and a record.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["Window", "window_rates", "beyond_chance", "P99_SAMPLES", "LATE_SHARE", "LATE_ALPHA", "RISE_S", "RISE_MIN"]
+__all__ = ["Window", "Stall", "judge", "window_rates", "beyond_chance", "P99_SAMPLES", "LATE_SHARE", "LATE_ALPHA", "RISE_S", "RISE_MIN"]
 
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
 LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
 RISE_S = 2.0        # a rise of the rate is judged over the window's last seconds (a Poisson load at the planned
                     # rate fills 2 s at x3 far beyond chance), so it is re-planned within seconds, not a window
 RISE_MIN = 10       # ... over at least this many requests (at a trickle, a few would pass for x3 by chance)
+STALL_S = 1.0       # the span of starts judge() sets aside: the one holding the most late requests
 LATE_ALPHA = 0.01   # how unlikely the late requests must be, were LATE_SHARE late, to call the p99 missed
 
 
@@ -44,11 +46,21 @@ def beyond_chance(late: int, requests: int, share: float = LATE_SHARE, alpha: fl
     return False
 
 
+class Stall(NamedTuple):
+    """The ``STALL_S`` seconds of starts that held the most late requests (``judge``): from
+    ``start`` (s, the requests' clock), ``requests`` of which ``late``."""
+
+    start: float
+    requests: int
+    late: int
+
+
 class Window(NamedTuple):
     """What the re-planner measured over its window: the rate of finished requests, the p99 of
-    those ``judged`` (started since the planned workers were all there; nan with fewer than
-    ``P99_SAMPLES``), and how many of those were ``late`` (over the objective); ``rate_now``:
-    the rate over its last ``RISE_S`` seconds."""
+    those ``judged`` (started since the planned workers were all there, less those of the
+    ``stall`` set aside; nan with fewer than ``P99_SAMPLES`` before it was), and how many of
+    those were ``late`` (over the objective); ``rate_now``: the rate over its last ``RISE_S``
+    seconds."""
 
     rate: float
     p99_ms: float
@@ -56,6 +68,46 @@ class Window(NamedTuple):
     late: int
     judged: int
     rate_now: float = math.nan   # the rate over the window's last RISE_S seconds (``window_rates``)
+    stall: Stall | None = None   # the second of starts set aside (``judge``)
+
+
+def judge(requests: list[tuple[float, float]], slo_ms: float,
+          stall_s: float = STALL_S) -> tuple[float, int, int, Stall | None]:
+    """``(p99_ms, late, judged, stall)`` of ``requests`` (``(start, latency)``, s), setting aside
+    those that started within the ``stall_s`` seconds holding the most late ones (``stall``;
+    None when none is late). One stall — a core that slept, the host taking the CPU away, a
+    garbage collection — makes a second's requests late together; set aside, what remains tells
+    whether the plan falls short (late requests in the other seconds too), and a p99 that one
+    second made would otherwise calibrate the model by it for good. The p99 needs
+    ``P99_SAMPLES`` requests before setting aside (nan with fewer), and is over what remains.
+
+    >>> steady = [(i / 100, 0.005) for i in range(500)]         # 5 s at 100 req/s, 5 ms each
+    >>> stalled = [(s, 0.060 if 2.0 <= s < 2.4 else t) for s, t in steady]   # 40 late, within 0.4 s
+    >>> p99, late, judged, stall = judge(stalled, 25)
+    >>> round(p99, 1), late, judged, stall
+    (5.0, 0, 400, Stall(start=2.0, requests=100, late=40))
+    >>> short = [(s, 0.030 if i % 20 == 0 else t) for i, (s, t) in enumerate(steady)]   # 5% late, all along
+    >>> p99, late, judged, stall = judge(short, 25)
+    >>> round(p99, 1), late, judged, stall.late
+    (30.0, 20, 400, 5)
+    >>> judge(steady[:50], 25)[0], judge([], 25)
+    (nan, (nan, 0, 0, None))
+    """
+    late_starts = sorted(s for s, t in requests if t * 1000 > slo_ms)
+    stall = None
+    if late_starts:   # the span of stall_s from a late start that holds the most late starts
+        most, start, j = 0, 0.0, 0
+        for i, s in enumerate(late_starts):   # (late_starts[j..i]: those within stall_s before the i-th)
+            while late_starts[j] <= s - stall_s:
+                j += 1
+            if i - j + 1 > most:
+                most, start = i - j + 1, late_starts[j]
+        inside = [t for s, t in requests if start <= s < start + stall_s]
+        stall = Stall(start, len(inside), sum(1 for t in inside if t * 1000 > slo_ms))
+    kept = sorted(t for s, t in requests if stall is None or not stall.start <= s < stall.start + stall_s)
+    late = sum(1 for t in kept if t * 1000 > slo_ms)
+    p99 = kept[math.ceil(0.99 * len(kept)) - 1] * 1000 if len(requests) >= P99_SAMPLES and kept else math.nan
+    return p99, late, len(kept), stall
 
 
 def window_rates(finished: list[float], end: float, span: float, rise_s: float = RISE_S) -> tuple[float, float]:
