@@ -351,6 +351,26 @@ def test_a_batch_window_must_cut_the_predicted_p99_by_its_margin(monkeypatch):
     assert chosen(275)[0] > 1   # (without the margin, the model's noise would have picked one)
 
 
+def test_a_live_replan_resizes_a_batch_window_only_for_a_cut_beyond_the_margin():
+    """The scorer at two workers, shedding, re-planned its batch window (2, 0.5 ms) <-> (2, 1 ms)
+    a dozen times in a minute as the measured rate moved: from a deployed window, another must
+    cut the predicted p99 by the margin a first window must."""
+    from flowkit.planner import BATCH_GAIN
+
+    f, prof = steady_pair()
+    specs = stage_specs(_candidate(f, True), prof)
+    name = specs[0].name
+    start = Knobs(True, ((name, 4, 1.0),), (), 1)
+
+    def chosen(rate, gain):
+        return search_knobs(specs, start, rate, Resources(1), Overheads(0.5, 0.1), 1, 100.0,
+                            resize_gain=gain)[0].batch_of(name)
+
+    moved = [r for r in range(600, 1300, 100) if chosen(r, 0.0) != (4, 1.0)]
+    assert moved and all(chosen(r, BATCH_GAIN) == (4, 1.0) for r in moved)   # (noise alone moved it)
+    assert chosen(1600, BATCH_GAIN)[0] > 4   # a rate it cannot serve well: resized
+
+
 def test_cpu_bound_stages_share_the_cores_but_waiting_ones_scale_with_workers():
     busy = single(10.0, cpu=1.0)
     idle = single(10.0, cpu=0.05)

@@ -10,7 +10,9 @@ plan keeps the deployed operators (fusion and the replicas deployed: changing th
 installing another plan on every worker) and chooses again what
 can change live: the workers (the fewest that hold the objective at the measured rate, up to
 the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
-and wait the model finds best at that rate on those workers), how many of each race's deployed
+and wait the model finds best at that rate on those workers, where it cuts the predicted p99
+by the margin a first batch window must: the model's noise between two measured rates would
+otherwise resize it back and forth), how many of each race's deployed
 replicas race (no more than the workers: the planner deploys room for them,
 ``planner.with_room``), and the shedding limit. A p99 above
 the objective that the model did not predict also calibrates it: the objective the model must
@@ -40,7 +42,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..plan import Stage
-from ..planner import SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
+from ..planner import BATCH_GAIN, SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
 from .window import LATE_SHARE, P99_SAMPLES, RISE_MIN, RISE_S, STALL_S, Stall, Window, beyond_chance, judge, window_rates
 
 __all__ = ["Replan", "decide", "retarget", "over_http", "Replanner", "RATE_FACTOR", "STEADY"]
@@ -217,7 +219,7 @@ def _replan(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float, calibratio
                    W + 1):
         start = replace(deployed, workers=w, race=tuple((s, min(k, w)) for s, k in deployed.race))
         knobs, pred = search_knobs(plan.specs, start, rate, plan.resources, plan.overheads,
-                                   plan.rows, target, windows=windows)
+                                   plan.rows, target, windows=windows, resize_gain=BATCH_GAIN)
         if pred.p99_ms <= target:
             chosen = (knobs, pred)
             break
