@@ -34,6 +34,7 @@ Harness, per pipeline and repetition (the systems' order alternates between repe
 (a short closed loop and one open-loop rate per HTTP system); CI runs it. It saves nothing.
 
 Run: .venv/bin/python benchmarks/pipelines_vs_peers.py [--quick] [--only cascade,heavy,...] [--reps 3]
+     [--systems "flowkit optimized, HTTP;FastAPI fused (HTTP floor)"] [--name NAME]
 """
 
 from __future__ import annotations
@@ -338,7 +339,11 @@ def flowkit_group(name: str, mod, reqs: list, shared: SharedCluster):
 
     return {"in-process floor": floor, "flowkit optimized": deployment(mod.RULES or True, False),
             "flowkit unoptimized": deployment(False, False), "dask chained futures": dask,
-            "flowkit optimized, HTTP": deployment(mod.RULES or True, True)}
+            "flowkit optimized, HTTP": deployment(mod.RULES or True, True),
+            "flowkit unraced, HTTP": deployment({**(mod.RULES or {}), "compete": 1}, True)}
+
+
+ON_REQUEST = {"flowkit unraced, HTTP"}   # measured only when named (--systems): the race's cost
 
 
 def start_peer(system: str, names: list[str], variants=("fused",), replicas: int = 2):
@@ -374,17 +379,25 @@ def peer(sys_name: str, name: str, running: dict | None):
     return run
 
 
-def systems_for(name: str, mod, reqs: list, shared: SharedCluster, running: dict | None) -> dict:
+def systems_for(name: str, mod, reqs: list, shared: SharedCluster, running: dict | None,
+                chosen: list[str] | None = None) -> dict:
+    """The systems measured: every one but those only measured when named (``ON_REQUEST``), or
+    those ``chosen``, in that order."""
     out = flowkit_group(name, mod, reqs, shared)
     if peers.available():
         out.update({s: peer(s, name, running) for s in PEERS})
-    return out
+    if chosen is None:
+        return {s: run for s, run in out.items() if s not in ON_REQUEST}
+    unknown = [s for s in chosen if s not in out]
+    if unknown:
+        raise SystemExit(f"no system {unknown} for {name}; there are: {'; '.join(out)}")
+    return {s: out[s] for s in chosen}
 
 
 def run_pipeline(name: str, reps: int, quick: bool, running: dict | None = None, load: bool = True,
-                 shared: SharedCluster | None = None) -> list[dict]:
-    """Every system on pipeline ``name``, ``reps`` times; ``load=False`` (--quick, after the first
-    pipeline) only checks the answers."""
+                 shared: SharedCluster | None = None, systems: list[str] | None = None) -> list[dict]:
+    """Every system on pipeline ``name`` (or those named in ``systems``), ``reps`` times;
+    ``load=False`` (--quick, after the first pipeline) only checks the answers."""
     mod = importlib.import_module(f"pipelines.{name}")
     reqs = mod.requests(4 if quick else 64, seed=1)
     expected = [mod.floor(r, mod.store()) for r in reqs]
@@ -392,7 +405,7 @@ def run_pipeline(name: str, reps: int, quick: bool, running: dict | None = None,
     bodies.write_text(json.dumps([json.dumps({"rows": [peers.encode_row(r)]}) for r in reqs]))
     mine = shared is None
     shared = shared or SharedCluster()
-    systems = systems_for(name, mod, reqs, shared, running)
+    systems = systems_for(name, mod, reqs, shared, running, systems)
     runs = []
     try:
         for rep in range(reps):
@@ -497,7 +510,8 @@ def summarize(name: str, runs: list[dict], reps: int) -> tuple[list, list]:
     return closed, opened
 
 
-def main(quick: bool = False, only: list[str] | None = None, reps: int = 3) -> dict:
+def main(quick: bool = False, only: list[str] | None = None, reps: int = 3, name: str | None = None,
+         systems: list[str] | None = None) -> dict:
     names = only or (list(PIPELINES) if quick else [*PIPELINES, *EXTRA])
     reps = 1 if quick else reps
     if not peers.available():
@@ -524,8 +538,8 @@ def main(quick: bool = False, only: list[str] | None = None, reps: int = 3) -> d
                             procs.append(f.result()[0])
                             _peer_pids.add(f.result()[0].pid)
             print(f"peers serving {len(names)} pipelines after {time.time() - t1:.0f} s", flush=True)
-        for i, name in enumerate(names):
-            _pipeline(name, reps, quick, running, i == 0, closed, opened, raw, shared)
+        for i, pipe in enumerate(names):
+            _pipeline(pipe, reps, quick, running, i == 0, closed, opened, raw, shared, systems)
     finally:
         for proc in procs:
             peers.stop(proc)
@@ -534,12 +548,12 @@ def main(quick: bool = False, only: list[str] | None = None, reps: int = 3) -> d
             shared.close(final=True)
         starter.shutdown(wait=True)
     elapsed = time.time() - t0
-    return _finish(names, only, reps, quick, closed, opened, raw, elapsed)
+    return _finish(names, only, reps, quick, closed, opened, raw, elapsed, name)
 
 
-def _pipeline(name, reps, quick, running, first, closed, opened, raw, shared) -> None:
+def _pipeline(name, reps, quick, running, first, closed, opened, raw, shared, systems=None) -> None:
     t0 = time.time()
-    runs = run_pipeline(name, reps, quick, running, load=first or not quick, shared=shared)
+    runs = run_pipeline(name, reps, quick, running, load=first or not quick, shared=shared, systems=systems)
     print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     c, o = summarize(name, runs, reps)
     closed += c
@@ -550,7 +564,7 @@ def _pipeline(name, reps, quick, running, first, closed, opened, raw, shared) ->
           flush=True)
 
 
-def _finish(names, only, reps, quick, closed, opened, raw, elapsed) -> dict:
+def _finish(names, only, reps, quick, closed, opened, raw, elapsed, name=None) -> dict:
     if quick:
         print(f"quick: every system answered every pipeline correctly ({elapsed:.0f} s)")
         return {"closed": [{"pipeline": c["pipeline"], "system": c["system"], "correct": True} for c in closed],
@@ -568,19 +582,19 @@ def _finish(names, only, reps, quick, closed, opened, raw, elapsed) -> dict:
               "open_requests_per_rate": OPEN_REQUESTS, "min_seconds": MIN_SECONDS, "timeout_s": TIMEOUT_S,
               "drain_s": DRAIN_S, "idle_s": IDLE_S, "rates": {n: RATES[n] for n in names}, "peers": CONFIG,
               "loadgen": "benchmarks/peers/cycling_loadgen.py (benchmarks/loadgen.py), its own process"}
-    save("pipelines" if not only else "pipelines_" + "_".join(names),
+    save(name or ("pipelines" if not only else "pipelines_" + "_".join(names)),
          {"closed": closed, "open": opened, "runs": raw, "seconds": elapsed, "config": config,
           "load_average_at_end": os.getloadavg()}, md)
     systems = list(dict.fromkeys(r["system"] for r in opened))
-    for name in names:
+    for pipe in names:
         series = {}
         for s in systems:
-            rows = sorted((r for r in opened if r["pipeline"] == name and r["system"] == s), key=lambda r: r["rate"])
+            rows = sorted((r for r in opened if r["pipeline"] == pipe and r["system"] == s), key=lambda r: r["rate"])
             if rows:
                 series[f"{s} p50"] = ([r["rate"] for r in rows], [r["p50_ms"] for r in rows])
                 series[f"{s} p99"] = ([r["rate"] for r in rows], [min(r["p99_ms"], 20_000) for r in rows])
-        plot(RESULTS / f"pipelines_{name}.png", series, "offered load (req/s)", "latency (ms)",
-             f"{name}: p50 and p99 under open-loop load", logy=True)
+        plot(RESULTS / f"{name or 'pipelines'}_{pipe}.png", series, "offered load (req/s)", "latency (ms)",
+             f"{pipe}: p50 and p99 under open-loop load", logy=True)
     return {"closed": closed, "open": opened}
 
 
@@ -589,5 +603,10 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--name", default=None, help="save as results/NAME.json (and NAME_<pipeline>.png) rather than "
+                    "pipelines[_<names>], which the docs' tables read (report.py)")
+    ap.add_argument("--systems", default=None, help="only these systems, ';'-separated, in this order (as the "
+                    "tables name them; 'flowkit unraced, HTTP' is measured only when named)")
     args = ap.parse_args()
-    main(args.quick, args.only.split(",") if args.only else None, args.reps)
+    main(args.quick, args.only.split(",") if args.only else None, args.reps, args.name,
+         args.systems.split(";") if args.systems else None)
