@@ -127,7 +127,7 @@ def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "s
         run = drive(dep, P.PIPELINES[name]["request"], phases, seed)
         times["measure_s"] = time.perf_counter() - t2 - run.lead_s
         plan = dep.slo_plan
-        stalls = [[at, st.requests, st.late] for at, st in dep.replanner.stalls] if dep.replanner else []
+        stalls = [[at, st.requests, st.late] for at, st in list(dep.replanner.stalls)] if dep.replanner else []
     finally:
         t3 = time.perf_counter()
         dep.close()
@@ -173,7 +173,7 @@ def confirm_grid_best(grid, grid_flows, confirmed, cases, workers, client, args)
                 continue
             flow = grid_flows[n, workers, best["knobs"]]
             times, run, _, _ = measure(lambda: fk.deploy(flow, cluster=client, optimize=False), n,
-                                    [(args.seconds, rate)], DRIVES[args.load])
+                                       [(args.seconds, rate)], DRIVES[args.load])
             confirmed[n, rate, best["knobs"]] = {"times": times, "server": run.server_summary(),
                                                  "by_slo": {s: run.summary(s) for s in sorted({s for s, _ in cases})}}
             print(f"   grid best {n} @ {rate:g}/s again for {args.seconds:g} s: {best['config']}: "
@@ -338,8 +338,8 @@ def main() -> None:
                 for n in names:
                     for rate in rates:
                         for knobs, planned in grid_configs(flows[n], profiles[n], w, batches, waits, (1, 2)):
-                            times, run, _, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False), n,
-                                                    [(args.grid_seconds, rate)], DRIVES[args.load])
+                            times, run, _, _ = measure(lambda: fk.deploy(planned, cluster=client, optimize=False),
+                                                       n, [(args.grid_seconds, rate)], DRIVES[args.load])
                             grid_flows[n, w, repr(knobs)] = planned
                             grid[n][rate].append({"knobs": repr(knobs), "config": describe(knobs), "workers": w,
                                                   "times": times, "server": run.server_summary(),
@@ -352,8 +352,8 @@ def main() -> None:
             if w == W:
                 for n in names:
                     for rate in rates:
-                        times, run, _, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n, [(args.seconds, rate)],
-                                                DRIVES[args.load])
+                        times, run, _, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n,
+                                                   [(args.seconds, rate)], DRIVES[args.load])
                         defaults[n][rate] = {"workers": W, "times": times, "server": run.server_summary(),
                                              "by_slo": {s: run.summary(s) for s in slos}}
                         print(f"   defaults {n} @ {rate:g}/s on {W} workers: p99 "
@@ -365,8 +365,9 @@ def main() -> None:
         for slo, rate in cases:
             row = {"slo_ms": slo, "rate": rate}
             try:
-                times, run, plan, stalls = measure(lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n],
-                                                             max_workers=W), n, [(args.seconds, rate)], DRIVES[args.load])
+                times, run, plan, stalls = measure(
+                    lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n], max_workers=W), n,
+                    [(args.seconds, rate)], DRIVES[args.load])
                 table = plan.table()
                 s = run.summary(slo)
                 row["planned"] = {
@@ -438,8 +439,8 @@ def step(name, flow, prof, args, W) -> dict:
     slo, rate = parse_cases(args.step)[0]
     S1, S2 = args.step_before, args.step_after
     try:
-        times, run, plan, stalls = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W), name,
-                                   [(S1, rate), (S2, 3 * rate)], DRIVES[args.load])
+        times, run, plan, stalls = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W),
+                                           name, [(S1, rate), (S2, 3 * rate)], DRIVES[args.load])
     except fk.SLOUnreachable as e:
         return {"slo_ms": slo, "rate": rate, "refused": str(e)}
     wins = slo_drive.windows(run, slo)

@@ -139,8 +139,8 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
     """From ``start``, a coordinate search for the batch windows and race widths minimizing the
     predicted p99 (``start``'s fusion and workers stay). ``windows``: the stages whose batch
     window may change (default: every batching stage); race widths, with ``start.room``, only up
-    to the replicas deployed (``Knobs.deployed_of``). ``resize_gain``: the share of the p99 one
-    batch window must cut to replace another (a live re-plan's, from the deployed windows: the
+    to the replicas deployed (``Knobs.deployed_of``). ``resize_gain``: the share of the p99 a
+    batch window must cut to replace ``start``'s (a live re-plan's, from the deployed windows: the
     model's noise between two measured rates would otherwise move a window back and forth)."""
     predictions = Predictions() if predictions is None else predictions
     knobs = start
@@ -165,7 +165,8 @@ def search_knobs(specs, start: Knobs, rate: float, resources: Resources, overhea
                                                    for x, bb, ww in knobs.batch))
                     sc, p = score(k)
                     now, was = placed(specs, k), placed(specs, knobs)
-                    if _better(sc, best, BATCH_GAIN if now != was else resize_gain, simpler=was and not now):
+                    gain = BATCH_GAIN if now != was else resize_gain if cur == start.batch_of(s.name) else 0.0
+                    if _better(sc, best, gain, simpler=was and not now):
                         best, pred, knobs, changed = sc, p, k, True
             if s.high_variance:
                 for width in RACE_WIDTHS:

@@ -19,7 +19,7 @@ from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageS
 from flowkit.latency_model import race_skipped
 from flowkit.queueing import wait_tail
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
-from flowkit.runtime.replanner import Replan, decide
+from flowkit.runtime.replanner import Replan, decide, retarget
 from flowkit.runtime.window import beyond_chance
 
 from .waiting import wait_until
@@ -202,7 +202,6 @@ def test_the_planner_skips_the_worker_counts_the_cpu_cannot_carry_and_plans_the_
     sampling) — with the same answer as a search from 1, on fewer model evaluations; and a live
     re-plan does the same."""
     from flowkit.planner import Predictions, _best_at, fewest_workers
-    from flowkit.runtime.replanner import retarget
 
     f, prof = single(10.0)
     resources = Resources(16)
@@ -351,7 +350,7 @@ def test_a_batch_window_must_cut_the_predicted_p99_by_its_margin(monkeypatch):
     assert chosen(275)[0] > 1   # (without the margin, the model's noise would have picked one)
 
 
-def test_a_live_replan_resizes_a_batch_window_only_for_a_cut_beyond_the_margin():
+def test_a_live_replan_resizes_a_batch_window_only_for_a_cut_beyond_the_margin(monkeypatch):
     """The scorer at two workers, shedding, re-planned its batch window (2, 0.5 ms) <-> (2, 1 ms)
     a dozen times in a minute as the measured rate moved: from a deployed window, another must
     cut the predicted p99 by the margin a first window must."""
@@ -369,6 +368,18 @@ def test_a_live_replan_resizes_a_batch_window_only_for_a_cut_beyond_the_margin()
     moved = [r for r in range(600, 1300, 100) if chosen(r, 0.0) != (4, 1.0)]
     assert moved and all(chosen(r, BATCH_GAIN) == (4, 1.0) for r in moved)   # (noise alone moved it)
     assert chosen(1600, BATCH_GAIN)[0] > 4   # a rate it cannot serve well: resized
+    # and so re-plans live (runtime.replanner._replan), from the window deployed
+    from flowkit.runtime import replanner
+
+    plan = plan_slo(f, prof, 40, 600, Resources(max_workers=1))
+    deployed = replace(plan, knobs=replace(plan.knobs, batch=((name, 4, 1.0),)))
+
+    def windows():
+        return [retarget(deployed, rate=r).knobs.batch_of(name) for r in (600, 650, 700, 750)]
+
+    assert windows() == [(4, 1.0)] * 4
+    monkeypatch.setattr(replanner, "BATCH_GAIN", 0.0)
+    assert windows() != [(4, 1.0)] * 4
 
 
 def test_cpu_bound_stages_share_the_cores_but_waiting_ones_scale_with_workers():
@@ -551,7 +562,6 @@ def test_the_plan_keeps_a_margin_for_the_models_error_and_uses_what_it_has_witho
     margin as predicted (more workers where that needs them); where no plan does but one holds
     the objective itself, the best is deployed and explain() says so; none at all still raises."""
     from flowkit.planner import MODEL_ERROR, shed_limit
-    from flowkit.runtime.replanner import retarget
 
     f, prof = single(10.0)
     edge = plan_slo(f, prof, 30, 100, Resources(max_workers=4), margin=0)
@@ -810,6 +820,21 @@ def test_a_p99_above_the_objective_calibrates_the_model_and_adds_workers():
     assert new.replans[-1].changes == (("max_inflight", capped.shed_inflight, new.shed_inflight),)
 
 
+def test_a_calibration_eases_at_most_by_half_at_a_time_once_the_measured_p99_falls_back_while_steady():
+    plan = single_plan(rate=150)
+    hot, _ = decide(plan, 150, p99_ms=4 * plan.prediction.p99_ms)   # a slow spell: calibrated x4
+    assert hot.calibration == pytest.approx(4, rel=0.05) and hot.workers > plan.workers
+    calm = hot.prediction.p99_ms   # (measured as predicted on the workers the spell brought)
+    assert decide(hot, 150, p99_ms=calm, rate_now=300)[0] is None   # a rise under way: kept
+    eased, why = decide(hot, 150, p99_ms=calm)
+    assert eased.calibration == pytest.approx(hot.calibration / 2) and "eased to" in why   # (halved at most)
+    near = 0.9 * eased.calibration * eased.prediction.p99_ms   # within the objective, not a quarter below
+    assert near <= 30 and decide(eased, 150, p99_ms=near)[0] is None
+    again, _ = decide(eased, 150, p99_ms=calm)
+    assert again.calibration == 1.0 and again.workers == plan.workers   # back to the plan for the rate
+    assert decide(again, 150, p99_ms=calm)[0] is None                   # (nothing left to ease)
+
+
 def test_a_p99_over_the_objective_by_chance_alone_keeps_the_plan():
     """Two late requests of 150 put a window's p99 over the objective; at 1% late that happens in
     about every other window, so only more late requests than chance gives re-plan."""
@@ -830,8 +855,8 @@ def test_a_replan_that_changes_nothing_is_none_and_decide_is_pure():
     assert plan.replans == () and plan.calibration == 1.0   # the plan given is untouched
     assert decide(plan, 160, p99_ms=31)[0].workers == 3
     new = first[0]
-    again, why = decide(new, new.rate, p99_ms=new.slo_ms * 0.5)
-    assert again is None
+    again, why = decide(new, new.rate, p99_ms=60)   # measured as before: calibrated as before, on every worker
+    assert again is None and why.endswith("re-planned: nothing to change")
 
 
 def raced_alone():
@@ -979,16 +1004,17 @@ def test_the_replanner_judges_a_p99_only_over_enough_requests(client):
         assert dep.replanner.measure().judged == 0           # judged from this re-plan on
         dep.map([{"x": [i]} for i in range(P99_SAMPLES)], progress=False)
         wait_until(lambda: len(dep.recent(3600)) == P99_SAMPLES * 5 // 2, "the client to record the last request")
-        m = dep.replanner.measure()   # (a burst: the second that held most of them is set aside as a stall)
-        assert m.late == m.judged and m.late + m.stall.late == m.judged + m.stall.requests == P99_SAMPLES
+        m = dep.replanner.measure()   # (a burst, all late: nothing beside it to set it aside against)
+        assert m.judged == m.late == P99_SAMPLES and m.stall is None
 
 
-def test_a_stall_is_set_aside_and_kept_once_and_a_shortfall_in_every_second_calibrates(client):
+def test_a_stall_is_set_aside_a_shortfall_calibrates_and_its_end_eases_the_calibration(client):
     """Forty requests made late together within half a second of a steady 100 req/s (a core
     waking, the host taking the CPU) would put the window's p99 over the objective and calibrate
     the model by it for good: the re-planner sets that second aside, keeps the plan, and notes
     the stall once however many measurements see it; late requests in every second are a
-    shortfall, and calibrate."""
+    shortfall, and calibrate; once the p99 is back to the model's for a window, the calibration
+    eases."""
     flow = live_flow()
     prof = Profile.from_latencies({"slow": {1: [2.5] * 50}, "spin": {1: [2.2] * 50}}, cpu_share=0.6)
     with fk.deploy(flow, cluster=client, slo_ms=25, rate=100, profile=prof) as dep:
@@ -1015,6 +1041,14 @@ def test_a_stall_is_set_aside_and_kept_once_and_a_shortfall_in_every_second_cali
         new = rp.step()
         assert new is not None and new.calibration > 1 and "above the objective" in new.replans[-1].reason
         assert len(rp.stalls) == 1
+
+        load(lambda i: 0.004)   # the spell passed: the calibration eases, once that lasts the window
+        for k in range(1, rp.fall_steps):
+            assert rp.step() is None and dep.slo_plan.calibration == new.calibration
+            assert rp.last_reason.endswith(f"if it lasts {rp.fall_steps} measurements running ({k} so far)")
+        eased = rp.step()
+        assert eased is not None and eased.calibration == max(1.0, new.calibration / 2)
+        assert "calibration more than measured: eased to" in eased.replans[-1].reason
 
 
 def test_the_replanner_measures_a_load_that_began_within_its_window_at_its_own_rate(client):

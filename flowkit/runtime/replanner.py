@@ -4,8 +4,8 @@
 request rate and p99 and the objective, it says whether to re-plan and returns the new plan
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
 measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
-than 1% late would make, once the second with the most late requests is set aside, as a stall:
-``window.judge``; while the rate is changing, planned for, not calibrated on). The new
+than 1% late would make, with the second that held most of them set aside as a stall where the
+rest are on time: ``window.judge``; while the rate is changing, planned for, not calibrated on). The new
 plan keeps the deployed operators (fusion and the replicas deployed: changing them means
 installing another plan on every worker) and chooses again what
 can change live: the workers (the fewest that hold the objective at the measured rate, up to
@@ -20,10 +20,14 @@ meet becomes ``slo_ms / (measured p99 / predicted p99)`` where that is tighter t
 margin for the model's error (``slo_ms / (1 + SLOPlan.margin)``), so the model's optimism is paid
 for with workers, and, once they run out, with earlier shedding (for the calibration only: a
 plan short of the margin is the best predicted, and sheds only where the queue would outlast
-the objective as calibrated).
+the objective as calibrated). A calibration eases when, within the objective and with the load
+steady, the measured p99 runs a quarter or more below the calibrated ratio (a slow spell
+passed): to what is measured, halved at most at a time, not below 1 (``EASE``) — the workers and
+shedding a spell brought are not kept for good. (Shedding also lowers the p99 measured: where
+the spell lasts, an eased plan calibrates again.)
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
-``interval`` seconds and applies a new plan (a measured fall of the rate only once it has
+``interval`` seconds and applies a new plan (a measured fall of the rate, and an eased calibration, only once it has
 lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
 rise at once, judged over the window's last ``RISE_S`` seconds): the adaptive minimum and
 maximum workers of ``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond
@@ -50,6 +54,9 @@ __all__ = ["Replan", "decide", "retarget", "over_http", "Replanner", "RATE_FACTO
 logger = logging.getLogger("flowkit.deploy")
 
 RATE_FACTOR = 3.0
+EASE = 2.0          # a calibration eases by this factor at most at a time ...
+EASE_GAP = 1.25     # ... once measured p99s run this far below it (the model's margin, MODEL_ERROR: within it,
+                    # a calibration changes nothing)
 STEADY = 1.25       # a load whose last RISE_S run within this factor of its window's rate is steady: only then
                     # does a p99 above the objective calibrate the model
 
@@ -143,9 +150,30 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     elif math.isnan(p99_ms):
         return None, f"{rate:.3g} req/s (planned for {plan.rate:.3g}); too few requests yet to judge a p99"
     else:
-        return None, (f"within the objective: p99 {p99_ms:.3g} ms <= {slo_ms:g} ms at {rate:.3g} req/s "
-                      f"(planned for {plan.rate:.3g} req/s)")
+        within = (f"within the objective: p99 {p99_ms:.3g} ms <= {slo_ms:g} ms at {rate:.3g} req/s "
+                  f"(planned for {plan.rate:.3g} req/s)")
+        steady = rate_now is None or 1 / STEADY <= rate_now / rate <= STEADY
+        eased = _eased(plan, rate, p99_ms) if steady else calibration
+        if eased >= calibration:
+            return None, within
+        reason = (f"{within}, the model's {calibration:.2g}x calibration more than measured: eased to "
+                  f"{eased:.2g}x")
+        return _replan(plan, rate, p99_ms, slo_ms, eased, reason, now, always=True)
     return _replan(plan, rate, p99_ms, slo_ms, calibration, reason, now)
+
+
+def _eased(plan: SLOPlan, rate: float, p99_ms: float) -> float:
+    """The plan's calibration eased where the measured ``p99_ms`` runs ``EASE_GAP`` times below
+    it or more (a slow spell passed): to what is measured, but by ``EASE`` at most at a time,
+    and not below 1. A calibration raised by a spell would otherwise keep its workers and
+    shedding for good."""
+    if plan.calibration <= 1 or not math.isfinite(p99_ms):
+        return plan.calibration
+    predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
+    if not (math.isfinite(predicted) and predicted > 0):
+        return plan.calibration
+    measured = p99_ms / predicted
+    return max(1.0, plan.calibration / EASE, measured) if measured * EASE_GAP <= plan.calibration else plan.calibration
 
 
 def retarget(plan: SLOPlan, slo_ms: float | None = None, rate: float | None = None, *, now: float = 0.0) -> SLOPlan:
@@ -266,9 +294,9 @@ class Replanner:
     first requests open connections) is no measure of the plan, and one slow request among a
     few dozen would pass for their p99, calibrate the model by it for good and shed requests
     the plan could serve. For the same reason the second of starts that held the most late
-    requests is set aside (``window.judge``): a stall late requests crowd into is not the plan's
-    shortfall, which shows in the other seconds too; ``stalls`` keeps those that alone would
-    have re-planned (with the wall-clock time each began)."""
+    requests is set aside where the rest are on time (``window.judge``): a stall late requests
+    crowd into is not the plan's shortfall, which shows in the other seconds too; ``stalls``
+    keeps those that alone would have re-planned (with the wall-clock time each began)."""
 
     def __init__(self, dep, interval: float = 1.0, window: float = 5.0, min_requests: int = 20,
                  max_inflight: int | None = None):
@@ -287,6 +315,7 @@ class Replanner:
         # more, as the workers' answers arrive one asking interval late (ServedByWorkers)
         self.fall_steps = math.ceil(window / interval) + 1
         self._falls = 0                 # measurements running that found the rate fallen
+        self._eases = 0                 # ... that found the calibration more than measured (decide)
         self.stalls: list[tuple[float, Stall]] = []   # (time.time() it began, the stall) set aside (_note_stall)
         self._thread = threading.Thread(target=self._run, name=f"flowkit-replanner-{dep.id}", daemon=True)
 
@@ -334,7 +363,7 @@ class Replanner:
             if rate is None or p99_ms is None:
                 m = self.measure()
                 if m.requests < self.min_requests and rate is None and p99_ms is None:
-                    self._falls = 0
+                    self._falls = self._eases = 0
                     self.last_reason = f"{m.requests} requests in the last {self.window:g} s: too few to judge"
                     return None
                 late_of = (m.late, m.judged) if p99_ms is None else None
@@ -342,6 +371,7 @@ class Replanner:
                     if m.rate_now >= max(RATE_FACTOR * self.dep._slo_plan.rate, RISE_MIN / RISE_S):   # a rise: at once
                         rate = m.rate_now
                     elif self._fallen(m.rate):
+                        self._eases = 0
                         return None
                     else:
                         rate, rate_now = m.rate, m.rate_now
@@ -352,6 +382,13 @@ class Replanner:
             if stalled:
                 self.last_reason += (f" ({m.stall.late} late of {m.stall.requests} requests that started within "
                                      f"{STALL_S:g} s set aside: a stall)")
+            if new is not None and late_of is not None and new.calibration < self.dep._slo_plan.calibration:
+                self._eases += 1   # (a calibration eased, like a fall of the rate, once it lasts: never urgent)
+                if self._eases < self.fall_steps:
+                    self.last_reason += f"; if it lasts {self.fall_steps} measurements running ({self._eases} so far)"
+                    return None
+            else:
+                self._eases = 0
             return None if new is None else self._adopt(new)
 
     def _note_stall(self, m: Window) -> bool:
@@ -359,13 +396,14 @@ class Replanner:
         than chance — what would have re-planned, and calibrated the model, had it been judged
         with the rest; each such stall is kept once in ``stalls``."""
         st = m.stall
-        if st is None or beyond_chance(m.late, m.judged) or not beyond_chance(m.late + st.late, m.judged + st.requests):
+        if st is None or not beyond_chance(m.late + st.late, m.judged + st.requests):
             return False
+        began = time.time() - (time.perf_counter() - st.start)
         if self.stalls and abs(self.stalls[-1][1].start - st.start) < STALL_S:   # the same stall, measured again
             if st.late > self.stalls[-1][1].late:
-                self.stalls[-1] = (self.stalls[-1][0], st)
+                self.stalls[-1] = (began, st)
         else:
-            self.stalls.append((time.time() - (time.perf_counter() - st.start), st))
+            self.stalls.append((began, st))
         return True
 
     def _fallen(self, rate: float) -> bool:
@@ -421,7 +459,7 @@ class Replanner:
         if new.workers != self.dep._slo_plan.workers:   # a p99 is judged over requests started since they are all
             self._settled = time.perf_counter()        # there (measure; a worker added may already have joined)
         new = self.dep._slo_plan = replace(new, replans=new.replans[:-1] + (last,))
-        self._falls = 0   # (a fall is judged against this plan from now on)
+        self._falls = self._eases = 0   # (a fall is judged against this plan from now on)
         return new
 
     def _apply(self, plan: SLOPlan) -> list[str]:

@@ -1,8 +1,8 @@
 """What the re-planner (``replanner``) measures over its window: the rate of the requests
 finished (over the whole window and over its last seconds, where a rise shows first), their
-p99 with the second that held the most late requests set aside (``judge``: one stall is not
-the plan's shortfall), and whether the late ones are more than chance gives at 1% late. Pure
-functions and a record.
+p99 with the second that held the most late requests set aside where the rest are on time
+(``judge``: one stall is not the plan's shortfall), and whether the late ones are more than
+chance gives at 1% late. Pure functions and a record.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Stall(NamedTuple):
 class Window(NamedTuple):
     """What the re-planner measured over its window: the rate of finished requests, the p99 of
     those ``judged`` (started since the planned workers were all there, less those of the
-    ``stall`` set aside; nan with fewer than ``P99_SAMPLES`` before it was), and how many of
+    ``stall`` set aside, if any; nan with fewer than ``P99_SAMPLES``), and how many of
     those were ``late`` (over the objective); ``rate_now``: the rate over its last ``RISE_S``
     seconds."""
 
@@ -73,40 +73,45 @@ class Window(NamedTuple):
 
 def judge(requests: list[tuple[float, float]], slo_ms: float,
           stall_s: float = STALL_S) -> tuple[float, int, int, Stall | None]:
-    """``(p99_ms, late, judged, stall)`` of ``requests`` (``(start, latency)``, s), setting aside
-    those that started within the ``stall_s`` seconds holding the most late ones (``stall``;
-    None when none is late). One stall — a core that slept, the host taking the CPU away, a
-    garbage collection — makes a second's requests late together; set aside, what remains tells
-    whether the plan falls short (late requests in the other seconds too), and a p99 that one
-    second made would otherwise calibrate the model by it for good. The p99 needs
-    ``P99_SAMPLES`` requests before setting aside (nan with fewer), and is over what remains.
+    """``(p99_ms, late, judged, stall)`` of ``requests`` (``(start, latency)``, s): where the
+    late ones crowd into one ``stall_s`` span of starts and the rest — ``P99_SAMPLES`` or more —
+    are no more than ``LATE_SHARE`` late, that span is set aside (``stall``) and the rest judged;
+    otherwise all of them (``stall`` None). One stall — a core that slept, the host taking the CPU away, a garbage
+    collection — makes a second's requests late together and alone puts a window's p99 over the
+    objective, which would calibrate the model by it for good; a plan short of its load has
+    late requests in the other seconds too, and is judged whole. The p99 is over the requests
+    judged, nan with fewer than ``P99_SAMPLES``.
 
     >>> steady = [(i / 100, 0.005) for i in range(500)]         # 5 s at 100 req/s, 5 ms each
-    >>> stalled = [(s, 0.060 if 2.0 <= s < 2.4 else t) for s, t in steady]   # 40 late, within 0.4 s
+    >>> stalled = [(s, 0.060 if 200 <= i < 240 else t) for i, (s, t) in enumerate(steady)]   # 40 late in 0.4 s
     >>> p99, late, judged, stall = judge(stalled, 25)
     >>> round(p99, 1), late, judged, stall
     (5.0, 0, 400, Stall(start=2.0, requests=100, late=40))
     >>> short = [(s, 0.030 if i % 20 == 0 else t) for i, (s, t) in enumerate(steady)]   # 5% late, all along
     >>> p99, late, judged, stall = judge(short, 25)
-    >>> round(p99, 1), late, judged, stall.late
-    (30.0, 20, 400, 5)
+    >>> round(p99, 1), late, judged, stall
+    (30.0, 25, 500, None)
+    >>> judge(stalled[150:300], 25)[1:]   # too few beside the stall to judge without it: all judged
+    (40, 150, None)
     >>> judge(steady[:50], 25)[0], judge([], 25)
     (nan, (nan, 0, 0, None))
     """
     late_starts = sorted(s for s, t in requests if t * 1000 > slo_ms)
-    stall = None
+    every = sorted(t for _, t in requests)
+    stall, kept = None, every
     if late_starts:   # the span of stall_s from a late start that holds the most late starts
         most, start, j = 0, 0.0, 0
-        for i, s in enumerate(late_starts):   # (late_starts[j..i]: those within stall_s before the i-th)
-            while late_starts[j] <= s - stall_s:
+        for i, s in enumerate(late_starts):   # (late_starts[j..i]: those less than stall_s before the i-th)
+            while s - late_starts[j] >= stall_s:
                 j += 1
             if i - j + 1 > most:
                 most, start = i - j + 1, late_starts[j]
-        inside = [t for s, t in requests if start <= s < start + stall_s]
-        stall = Stall(start, len(inside), sum(1 for t in inside if t * 1000 > slo_ms))
-    kept = sorted(t for s, t in requests if stall is None or not stall.start <= s < stall.start + stall_s)
+        inside = [t for s, t in requests if 0 <= s - start < stall_s]
+        rest = sorted(t for s, t in requests if not 0 <= s - start < stall_s)
+        if len(rest) >= P99_SAMPLES and sum(1 for t in rest if t * 1000 > slo_ms) <= LATE_SHARE * len(rest):
+            stall, kept = Stall(start, len(inside), sum(1 for t in inside if t * 1000 > slo_ms)), rest
     late = sum(1 for t in kept if t * 1000 > slo_ms)
-    p99 = kept[math.ceil(0.99 * len(kept)) - 1] * 1000 if len(requests) >= P99_SAMPLES and kept else math.nan
+    p99 = kept[math.ceil(0.99 * len(kept)) - 1] * 1000 if len(kept) >= P99_SAMPLES else math.nan
     return p99, late, len(kept), stall
 
 
