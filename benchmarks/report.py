@@ -423,6 +423,36 @@ def block_request_split(name: str) -> str:
         "", provenance(name, d)])
 
 
+def block_side_by_side(name: str) -> str:
+    """A few systems on one pipeline, their repetitions taking turns (``pipelines_vs_peers.py
+    --systems ... --name``): closed loop, then each open-loop rate's pooled p50 / p99 and share
+    within the target, and the highest rate held."""
+    d = load(name)
+    closed = [[r["system"], r["n"], num(r["p50_ms"]), r["p50 spread"], num(r["p99_ms"]), r["p99 spread"],
+               num(r.get("cpu_util_cores"))] for r in d["closed"]]
+    systems = _systems(d)
+    rates = sorted({r["rate"] for r in d["open"]})
+    cell = {(r["system"], r["rate"]): r for r in d["open"]}
+
+    def at(system, rate):
+        r = cell.get((system, rate))
+        return "—" if r is None else f"{num(r['p50_ms'])} / {num(r['p99_ms'])} ({r['within_target']:.1%})"
+
+    opened = [[f"{num(rate)}/s"] + [at(s, rate) for s in systems] for rate in rates]
+    best = {s: held([r for r in d["open"] if r["system"] == s]) for s in systems}
+    opened.append(["highest rate held"] + ["none" if best[s] is None else num(best[s]) for s in systems])
+    target = d["open"][0].get("target_ms") if d["open"] else None
+    reps = d["config"]["reps"]
+    return "\n".join([
+        f"Closed loop: the median over {reps} repetitions (the range across them beside it), the systems taking "
+        "turns within each repetition.", "",
+        table(["system", "n per rep", "p50 ms", "p50 range", "p99 ms", "p99 range", "CPU cores"], closed), "",
+        f"Open loop: p50 / p99 ms of the repetitions pooled (the lowest share within {num(target)} ms over the "
+        "repetitions: 0 where a repetition's sweep had stopped below that rate); a rate is held where every "
+        "repetition had 99% within and no failure, counting up from the lowest.", "",
+        table(["rate"] + systems, opened), "", provenance(name, d)])
+
+
 def block_locality() -> str:
     out = []
     for name, link in (("locality", "loopback"), ("locality_10gbit", "10 Gbit/s link")):
@@ -477,6 +507,7 @@ BLOCKS = {
     "autoscaling": (block_autoscaling, ("autoscaling",)),
     "request-split-translation": (lambda: block_request_split("request_split_translation"),
                                   ("request_split_translation",)),
+    "translation-race": (lambda: block_side_by_side("translation_raced"), ("translation_raced",)),
 }
 
 
