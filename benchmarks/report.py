@@ -442,6 +442,7 @@ def block_side_by_side(name: str) -> str:
     best = {s: held([r for r in d["open"] if r["system"] == s]) for s in systems}
     opened.append(["highest rate held"] + ["none" if best[s] is None else num(best[s]) for s in systems])
     target = d["open"][0].get("target_ms") if d["open"] else None
+    pipe = d["closed"][0]["pipeline"]
     reps = d["config"]["reps"]
     return "\n".join([
         f"Closed loop: the median over {reps} repetitions (the range across them beside it), the systems taking "
@@ -450,7 +451,8 @@ def block_side_by_side(name: str) -> str:
         f"Open loop: p50 / p99 ms of the repetitions pooled (the lowest share within {num(target)} ms over the "
         "repetitions: 0 where a repetition's sweep had stopped below that rate); a rate is held where every "
         "repetition had 99% within and no failure, counting up from the lowest.", "",
-        table(["rate"] + systems, opened), "", provenance(name, d)])
+        table(["rate"] + systems, opened), "", provenance(name, d), "",
+        f"![{pipe}: p50 and p99 against offered rate, side by side](../benchmarks/results/{name}_{pipe}.png)"])
 
 
 def block_locality() -> str:
