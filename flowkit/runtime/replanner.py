@@ -5,8 +5,8 @@ request rate and p99 and the objective, it says whether to re-plan and returns t
 with the reason. It re-plans when the measured rate is ×3 (or ÷3) the planned one, or when the
 measured p99 is above the objective by more than chance (``beyond_chance``: more requests late
 than 1% late would make, with the second that held most of them set aside as a stall where the
-rest are on time: ``window.judge``; while the rate is changing, planned for, not calibrated on). The new
-plan keeps the deployed operators (fusion and the replicas deployed: changing them means
+rest are on time: ``window.judge``; while the rate is changing, planned for, not calibrated on).
+The new plan keeps the deployed operators (fusion and the replicas deployed: changing them means
 installing another plan on every worker) and chooses again what
 can change live: the workers (the fewest that hold the objective at the measured rate, up to
 the resources' maximum), each deployed batching stage's window (``resizable``; the batch size
@@ -27,11 +27,11 @@ shedding a spell brought are not kept for good. (Shedding also lowers the p99 me
 the spell lasts, an eased plan calibrates again.)
 
 ``Replanner`` is the thread (one per deployment with an objective) that measures every
-``interval`` seconds and applies a new plan (a measured fall of the rate, and an eased calibration, only once it has
-lasted longer than the measuring window, ``Replanner.fall_steps`` measurements running; a
-rise at once, judged over the window's last ``RISE_S`` seconds): the adaptive minimum and
-maximum workers of ``dep.adaptive`` (both the plan's: the serving autoscaler adds none beyond
-it), the batch windows and race widths on every worker
+``interval`` seconds and applies a new plan (a measured fall of the rate, and an eased
+calibration, only once it has lasted longer than the measuring window, ``Replanner.fall_steps``
+measurements running; a rise at once, judged over the window's last ``RISE_S`` seconds): the
+adaptive minimum and maximum workers of ``dep.adaptive`` (both the plan's: the serving
+autoscaler adds none beyond it), the batch windows and race widths on every worker
 (``dep.windows``) and ``dep.max_inflight`` (never above the ``max_inflight`` the user asked
 for). None loses a request: admission only refuses new requests, a resized batch queue keeps
 what it holds, and dask retires a worker gracefully (requests in flight on it are sent again).
@@ -46,8 +46,9 @@ import time
 from dataclasses import dataclass, replace
 
 from ..plan import Stage
-from ..planner import BATCH_GAIN, SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive, search_knobs, shed_limit
-from .window import LATE_SHARE, P99_SAMPLES, RISE_MIN, RISE_S, STALL_S, Stall, Window, beyond_chance, judge, window_rates
+from ..planner import (BATCH_GAIN, SLOPlan, fewest_workers, overheads_for, predict, reasons_for, require_positive,
+                       search_knobs, shed_limit)
+from .window import LATE_SHARE, RISE_MIN, RISE_S, STALL_S, Stall, Window, beyond_chance, judge, window_rates
 
 __all__ = ["Replan", "decide", "retarget", "over_http", "Replanner", "RATE_FACTOR", "STEADY"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["Window", "Stall", "judge", "window_rates", "beyond_chance", "P99_SAMPLES", "LATE_SHARE", "LATE_ALPHA", "RISE_S", "RISE_MIN"]
+__all__ = ["Window", "Stall", "judge", "window_rates", "beyond_chance", "P99_SAMPLES", "LATE_SHARE", "LATE_ALPHA",
+           "RISE_S", "RISE_MIN", "STALL_S"]
 
 P99_SAMPLES = 100   # requests a measured p99 needs: with fewer, it is their slowest one or two
 LATE_SHARE = 0.01   # the share of requests an objective on the p99 lets be late
@@ -76,10 +77,10 @@ def judge(requests: list[tuple[float, float]], slo_ms: float,
     """``(p99_ms, late, judged, stall)`` of ``requests`` (``(start, latency)``, s): where the
     late ones crowd into one ``stall_s`` span of starts and the rest — ``P99_SAMPLES`` or more —
     are no more than ``LATE_SHARE`` late, that span is set aside (``stall``) and the rest judged;
-    otherwise all of them (``stall`` None). One stall — a core that slept, the host taking the CPU away, a garbage
-    collection — makes a second's requests late together and alone puts a window's p99 over the
-    objective, which would calibrate the model by it for good; a plan short of its load has
-    late requests in the other seconds too, and is judged whole. The p99 is over the requests
+    otherwise all of them (``stall`` None). One stall — a core that slept, the host taking the
+    CPU away, a garbage collection — makes a second's requests late together and alone puts a
+    window's p99 over the objective, which would calibrate the model by it for good; a plan
+    short of its load has late requests in the other seconds too, and is judged whole. The p99 is over the requests
     judged, nan with fewer than ``P99_SAMPLES``.
 
     >>> steady = [(i / 100, 0.005) for i in range(500)]         # 5 s at 100 req/s, 5 ms each
@@ -97,8 +98,7 @@ def judge(requests: list[tuple[float, float]], slo_ms: float,
     (nan, (nan, 0, 0, None))
     """
     late_starts = sorted(s for s, t in requests if t * 1000 > slo_ms)
-    every = sorted(t for _, t in requests)
-    stall, kept = None, every
+    stall, kept = None, sorted(t for _, t in requests)
     if late_starts:   # the span of stall_s from a late start that holds the most late starts
         most, start, j = 0, 0.0, 0
         for i, s in enumerate(late_starts):   # (late_starts[j..i]: those less than stall_s before the i-th)
