@@ -67,6 +67,7 @@ the client's own scheduling noise on a 2-core machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -77,6 +78,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +87,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flowkit as fk  # noqa: E402
+import hog  # noqa: E402
 import slo_drive  # noqa: E402
 import slo_pipelines as P  # noqa: E402
 from _report import python_loop_ms  # noqa: E402
@@ -108,11 +111,13 @@ def _warm(dep, name: str, n: int = 20) -> None:
     dep.map([P.PIPELINES[name]["request"](i) for i in range(n)], progress=False, return_exceptions=True)
 
 
-def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "slo_drive.Run", object, list]:
+def measure(make_dep, name: str, phases, drive, seed: int = 0, spell=None) -> tuple[dict, "slo_drive.Run", object, dict]:
     """Deploy (``make_dep()``), store the pipeline's objects, warm up, ``drive`` ``phases``
-    (``slo_drive.drive`` or ``drive_http``); returns (times, run, the deployment's slo_plan or
-    None, the stalls its re-planner set aside as ``[wall-clock start, requests, late]``) with
-    the deployment closed. The times leave out the harness's own lead (``Run.lead_s``:
+    (``slo_drive.drive`` or ``drive_http``) — with ``spell`` ``(from_s, seconds, procs)``,
+    ``procs`` CPU hogs spinning from ``from_s`` into the load for ``seconds`` (a slow spell);
+    returns (times, run, the deployment's slo_plan or None, ``{"stalls": what its re-planner set
+    aside as [wall-clock start, requests, late], "spell": [wall-clock start, end] or None}``)
+    with the deployment closed. The times leave out the harness's own lead (``Run.lead_s``:
     load generator processes starting), which a grid search would not spend."""
     t0 = time.perf_counter()
     dep = make_dep()
@@ -124,16 +129,49 @@ def measure(make_dep, name: str, phases, drive, seed: int = 0) -> tuple[dict, "s
         _warm(dep, name)
         times["warm_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        run = drive(dep, P.PIPELINES[name]["request"], phases, seed)
+        with slow_spell(spell) as spelled:
+            run = drive(dep, P.PIPELINES[name]["request"], phases, seed)
         times["measure_s"] = time.perf_counter() - t2 - run.lead_s
         plan = dep.slo_plan
-        stalls = [[at, st.requests, st.late] for at, st in list(dep.replanner.stalls)] if dep.replanner else []
+        live = {"stalls": [[at, st.requests, st.late] for at, st in list(dep.replanner.stalls)] if dep.replanner else [],
+                "spell": spelled or None}
     finally:
         t3 = time.perf_counter()
         dep.close()
         times["close_s"] = time.perf_counter() - t3
     times["total_s"] = time.perf_counter() - t0 - run.lead_s
-    return times, run, plan, stalls
+    return times, run, plan, live
+
+
+@contextlib.contextmanager
+def slow_spell(spell):
+    """``spell`` ``(from_s, seconds, procs)``: ``procs`` processes spinning (``hog.start_hog``)
+    from ``from_s`` after the load's start (``slo_drive.LEAD_S`` from now) for ``seconds``;
+    yields the list that gets the spell's wall-clock start and end. None: nothing."""
+    happened: list = []
+    if not spell:
+        yield happened
+        return
+    at, seconds, procs = spell
+    done, spinning = threading.Event(), []
+
+    def run():
+        if done.wait(slo_drive.LEAD_S + at):
+            return
+        happened.append(time.time())
+        spinning.extend(hog.start_hog(procs))
+        done.wait(seconds)
+        hog.stop_hog(spinning)
+        happened.append(time.time())
+
+    thread = threading.Thread(target=run, name="slow-spell", daemon=True)
+    thread.start()
+    try:
+        yield happened
+    finally:
+        done.set()
+        thread.join(15)
+        hog.stop_hog(spinning)
 
 
 def grid_configs(flow, prof, workers: int, batches, waits, races):
@@ -280,7 +318,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny durations, nothing written to results/")
     ap.add_argument("--charts", action="store_true", help="only draw the charts again from results/slo.json")
     ap.add_argument("--name", default="slo", help="results/<name>.json and .md (charts: only for the default, slo)")
+    ap.add_argument("--spell", default=None, metavar="FROM:SECONDS:PROCS",
+                    help="a slow spell in every defaults and planned case: PROCS CPU hogs spinning from FROM s "
+                         "into the load for SECONDS s (the re-planner calibrating on it, then easing)")
     args = ap.parse_args()
+    spell = tuple(float(x) for x in args.spell.split(":")) if args.spell else None
+    if spell and (len(spell) != 3 or spell[2] != int(spell[2]) or min(spell) < 0):
+        ap.error("--spell FROM:SECONDS:PROCS, e.g. 15:15:2")
+    spell = spell and (spell[0], spell[1], int(spell[2]))
     if args.charts:
         for path in charts(json.loads((RESULTS / "slo.json").read_text()), RESULTS):
             print("wrote", path)
@@ -352,10 +397,12 @@ def main() -> None:
             if w == W:
                 for n in names:
                     for rate in rates:
-                        times, run, _, _ = measure(lambda: fk.deploy(flows[n], cluster=client), n,
-                                                   [(args.seconds, rate)], DRIVES[args.load])
+                        times, run, _, live = measure(lambda: fk.deploy(flows[n], cluster=client), n,
+                                                      [(args.seconds, rate)], DRIVES[args.load], spell=spell)
                         defaults[n][rate] = {"workers": W, "times": times, "server": run.server_summary(),
-                                             "by_slo": {s: run.summary(s) for s in slos}}
+                                             "by_slo": {s: run.summary(s) for s in slos}, "spell": live["spell"],
+                                             "windows": {s: slo_drive.windows(run, s) for s in slos},
+                                             "wall_start": run.wall_start}
                         print(f"   defaults {n} @ {rate:g}/s on {W} workers: p99 "
                               f"{defaults[n][rate]['by_slo'][slos[0]]['p99_all_ms']:.3g} ms")
     out["meta"]["cluster_start_s"] = cluster_s
@@ -365,9 +412,9 @@ def main() -> None:
         for slo, rate in cases:
             row = {"slo_ms": slo, "rate": rate}
             try:
-                times, run, plan, stalls = measure(
+                times, run, plan, live = measure(
                     lambda: fk.deploy(flows[n], slo_ms=slo, rate=rate, profile=profiles[n], max_workers=W), n,
-                    [(args.seconds, rate)], DRIVES[args.load])
+                    [(args.seconds, rate)], DRIVES[args.load], spell=spell)
                 table = plan.table()
                 s = run.summary(slo)
                 row["planned"] = {
@@ -375,7 +422,7 @@ def main() -> None:
                     "planning_s": plan.planning_s, "evaluated": plan.evaluated, "times": times,
                     "predicted_p99_ms": plan.prediction.p99_ms, **s, **run.server_summary(),
                     "p99_error": plan.prediction.p99_ms / s["p99_all_ms"] - 1 if s["p99_all_ms"] else None,
-                    "replans": [str(r) for r in plan.replans], "explain": plan.explain(), "stalls": stalls,
+                    "replans": [str(r) for r in plan.replans], "explain": plan.explain(), **live,
                     # per 1-s window of scheduled time (from wall_start): whether late requests came
                     # in a burst (a stall) or spread (a plan short of the load) before a re-plan
                     "windows": slo_drive.windows(run, slo), "wall_start": run.wall_start,
@@ -385,6 +432,8 @@ def main() -> None:
             if rate in defaults[n]:
                 d = defaults[n][rate]
                 row["defaults"] = {"workers": d["workers"], **d["by_slo"][slo], **d["server"], "times": d["times"]}
+                if spell:
+                    row["defaults"].update(spell=d["spell"], windows=d["windows"][slo], wall_start=d["wall_start"])
             if not args.no_grid:
                 best, total, to_best = grid_best(grid[n][rate], slo)
                 row["grid"] = {"configs": len(grid[n][rate]), "grid_search_s": total, "grid_search_to_best_s": to_best,
@@ -439,8 +488,8 @@ def step(name, flow, prof, args, W) -> dict:
     slo, rate = parse_cases(args.step)[0]
     S1, S2 = args.step_before, args.step_after
     try:
-        times, run, plan, stalls = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W),
-                                           name, [(S1, rate), (S2, 3 * rate)], DRIVES[args.load])
+        times, run, plan, live = measure(lambda: fk.deploy(flow, slo_ms=slo, rate=rate, profile=prof, max_workers=W),
+                                         name, [(S1, rate), (S2, 3 * rate)], DRIVES[args.load])
     except fk.SLOUnreachable as e:
         return {"slo_ms": slo, "rate": rate, "refused": str(e)}
     wins = slo_drive.windows(run, slo)
@@ -449,7 +498,7 @@ def step(name, flow, prof, args, W) -> dict:
     out = {"slo_ms": slo, "rate": rate, "after_rate": 3 * rate, "before_s": S1, "after_s": S2,
            "recovery_s": rec, "before": run.summary(slo, 0, S1), "after": run.summary(slo, S1),
            "windows": wins, "workers_planned_final": plan.workers, "times": times,
-           "stalls": [[at - step_wall, n, late] for at, n, late in stalls],
+           "stalls": [[at - step_wall, n, late] for at, n, late in live["stalls"]],
            "replans": [{"at_s": r.at - step_wall, "reason": r.reason, "changes": [list(map(str, c)) for c in r.changes],
                         "applied": list(r.applied)} for r in plan.replans]}
     print(f"\n== {name}: x3 rate step {rate:g} -> {3 * rate:g} req/s at p99 <= {slo:g} ms: "
