@@ -172,6 +172,20 @@ def slow_spell(spell):
         done.set()
         thread.join(15)
         hog.stop_hog(spinning)
+        if len(happened) == 1:   # (the case ended during its spell: it ended then)
+            happened.append(time.time())
+
+
+def parse_spell(text: str) -> tuple[float, float, int]:
+    """``--spell FROM:SECONDS:PROCS`` as ``(from_s, seconds, procs)``."""
+    try:
+        at, seconds, procs = text.split(":")
+        spell = float(at), float(seconds), int(procs)
+    except ValueError:
+        spell = (-1.0,)
+    if min(spell) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: FROM:SECONDS:PROCS, e.g. 15:15:2")
+    return spell
 
 
 def grid_configs(flow, prof, workers: int, batches, waits, races):
@@ -318,14 +332,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny durations, nothing written to results/")
     ap.add_argument("--charts", action="store_true", help="only draw the charts again from results/slo.json")
     ap.add_argument("--name", default="slo", help="results/<name>.json and .md (charts: only for the default, slo)")
-    ap.add_argument("--spell", default=None, metavar="FROM:SECONDS:PROCS",
+    ap.add_argument("--spell", default=None, type=parse_spell, metavar="FROM:SECONDS:PROCS",
                     help="a slow spell in every defaults and planned case: PROCS CPU hogs spinning from FROM s "
                          "into the load for SECONDS s (the re-planner calibrating on it, then easing)")
     args = ap.parse_args()
-    spell = tuple(float(x) for x in args.spell.split(":")) if args.spell else None
-    if spell and (len(spell) != 3 or spell[2] != int(spell[2]) or min(spell) < 0):
-        ap.error("--spell FROM:SECONDS:PROCS, e.g. 15:15:2")
-    spell = spell and (spell[0], spell[1], int(spell[2]))
+    spell = args.spell
     if args.charts:
         for path in charts(json.loads((RESULTS / "slo.json").read_text()), RESULTS):
             print("wrote", path)

@@ -262,19 +262,27 @@ def test_the_slo_table_gives_every_row_the_header_s_cells():
 def test_a_slow_spell_spins_its_hogs_from_its_start_for_its_length_and_leaves_none(monkeypatch):
     """slo.py --spell: the hogs start once the load has (LEAD_S, then FROM), spin for SECONDS,
     and none outlives the case, however it ends."""
-    import psutil
-
     monkeypatch.setattr(slo.slo_drive, "LEAD_S", 0.0)
     started = []
     real_start = slo.hog.start_hog
-    monkeypatch.setattr(slo.hog, "start_hog", lambda procs: started.extend(real_start(procs)) or started)
+
+    def start_hog(procs):
+        new = real_start(procs)
+        started.extend(new)
+        return new
+
+    monkeypatch.setattr(slo.hog, "start_hog", start_hog)
     with slo.slow_spell((0.0, 0.3, 2)) as happened:
         wait_until(lambda: len(happened) == 2, "the spell to start and end")
     assert len(started) == 2 and happened[1] - happened[0] >= 0.3
     assert all(p.poll() is not None for p in started)
     with slo.slow_spell((0.0, 3600.0, 1)) as happened:   # a case that ends during its spell
         wait_until(lambda: len(happened) == 1, "the spell to start")
-    assert all(not psutil.pid_exists(p.pid) or p.poll() is not None for p in started[2:]) and len(started) == 3
+    assert len(started) == 3 and all(p.poll() is not None for p in started) and len(happened) == 2
     with slo.slow_spell(None) as happened:
         pass
     assert happened == []
+    assert slo.parse_spell("15:15:2") == (15.0, 15.0, 2)
+    for bad in ("15:15", "a:1:2", "15:15:2.5", "-1:5:2"):
+        with pytest.raises(slo.argparse.ArgumentTypeError, match="FROM:SECONDS:PROCS"):
+            slo.parse_spell(bad)
