@@ -295,8 +295,8 @@ def video_pipeline():
 
 
 def translation_pipeline():
-    """The same for the translation pipeline (its translator raced, ``compete=2``), on a request
-    of 12 words, the middle of the benchmark's 4 to 19."""
+    """The same for the translation pipeline (served with its RULES; ``unraced`` forces
+    ``compete=1``), on a request of 12 words, the middle of the benchmark's 4 to 19."""
     from pipelines import translation
 
     row = next(r for r in translation.requests(100) if len(r["text"].split()) == 12)
