@@ -5,7 +5,9 @@ Two synthetic pipelines (benchmarks/slo_pipelines.py: sleeps and spins, so they 
 ``cascade`` (a CPU step, a batching model, a high-variance remote call, a small post step) and
 ``recommender`` (a CPU-light step, two dynamic lookups of objects stored with ``dep.put``, a
 small batching top-k); and, not in the default run, ``scorer`` (a CPU-bound batching model and a
-high-variance remote call: the case for room to race, ``--only scorer``). Each is profiled once (``fk.profile`` on a one-worker LocalCluster; its
+high-variance remote call: the case for room to race, ``--only scorer``) and ``fetcher`` (a
+blocking call to a remote service: the case for a scale-out, ``--only fetcher``). Each is
+profiled once (``fk.profile`` on a one-worker LocalCluster; its
 time is reported apart from planning), then for every case (objective ``slo_ms`` : ``rate``):
 
 - **planned**: ``fk.deploy(flow, slo_ms=, rate=, profile=, max_workers=W)`` on the embedded
@@ -62,6 +64,7 @@ the client's own scheduling noise on a 2-core machine).
     python benchmarks/slo.py --quick              # a smoke run: tiny durations, writes nothing to results/
     python benchmarks/slo.py --only cascade --cases 60:40 --no-grid --no-step
     python benchmarks/slo.py --only scorer --cases 30:20 --no-grid --step 30:20 --name slo_scorer_step
+    python benchmarks/slo.py --only fetcher --cases 50:25 --no-grid --step 50:25 --step-after 20 --name slo_fetcher
 """
 
 from __future__ import annotations

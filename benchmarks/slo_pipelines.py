@@ -11,6 +11,12 @@ as one function, for Ray Serve in slo_ray.py).
   high-variance remote call (lognormal, ~2 ms median, capped at 40 ms). Its model keeps one
   worker busy enough that a x3 rate step needs a second one, and its remote call is worth racing
   once there is: the case for a plan with room to race (``planner.with_room``).
+- ``fetcher``: a 0.3 ms CPU step, a blocking call to a remote feature service (~9 ms, lognormal,
+  capped at 40 ms: it holds the worker's one thread while it waits, as a synchronous client
+  does, but not a core), a 0.2 ms CPU step. One worker serves about 100 requests a second, so a
+  x3 step from 25 to 75 req/s needs a second worker, and two workers need little CPU: the case
+  for a scale-out on a 2-core machine, where the scorer's steps either stayed on one worker or
+  went past what the cores hold.
 """
 
 from __future__ import annotations
@@ -128,11 +134,36 @@ def scorer():
     return f
 
 
+# -- fetcher ------------------------------------------------------------------------------------
+def parse(row):
+    spin(0.0003)
+    return row["x"] % 512
+
+
+def fetch_features(row):
+    time.sleep(min(0.04, random.lognormvariate(np.log(0.009), 0.25)))
+    return float(row["key"]) * 0.5
+
+
+def score(row):
+    spin(0.0002)
+    return row["feat"] > 100
+
+
+def fetcher():
+    import flowkit as fk
+
+    f = fk.Flow("slo_fetcher", {"x": int})
+    f.map(parse, names=["key"]).map(fetch_features, names=["feat"]).map(score, names=["hit"])
+    return f
+
+
 # -- the registry -------------------------------------------------------------------------------
 PIPELINES = {
     "cascade": {"flow": cascade, "request": cascade_request, "store": dict},
     "recommender": {"flow": recommender, "request": recommender_request, "store": recommender_store},
     "scorer": {"flow": scorer, "request": cascade_request, "store": dict},
+    "fetcher": {"flow": fetcher, "request": cascade_request, "store": dict},
 }
 
 
@@ -146,6 +177,8 @@ def floor(name: str, row: dict, store: dict) -> dict:
     """The pipeline's stages as one plain function over one row (Ray Serve's replica runs this)."""
     if name == "scorer":
         return {"e": enrich({"r": rank([{"f": features(row)}])[0]})}
+    if name == "fetcher":
+        return {"hit": score({"feat": fetch_features({"key": parse(row)})})}
     if name == "cascade":
         y = prep(row)
         m = model([{"y": y}])[0]
@@ -159,6 +192,8 @@ def floor_batch(name: str, rows: list[dict], store: dict) -> list[dict]:
     """As ``floor`` with the batching stage run once over ``rows`` (Ray Serve's @serve.batch)."""
     if name == "scorer":
         return [{"e": enrich({"r": r})} for r in rank([{"f": features(row)} for row in rows])]
+    if name == "fetcher":   # (nothing batches)
+        return [floor(name, row, store) for row in rows]
     if name == "cascade":
         ms = model([{"y": prep(r)} for r in rows])
         return [{"z": post({"t": remote({"m": m})})} for m in ms]

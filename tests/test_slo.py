@@ -19,7 +19,7 @@ from flowkit.planner import (Knobs, Overheads, Resources, SLOUnreachable, StageS
 from flowkit.latency_model import race_skipped
 from flowkit.queueing import wait_tail
 from flowkit.profiling import ONE_ROW_RUNS, OpProfile, Profile, flow_version
-from flowkit.runtime.replanner import Replan, decide, retarget
+from flowkit.runtime.replanner import RAISE, Replan, decide, retarget
 from flowkit.runtime.window import beyond_chance
 
 from .waiting import wait_until
@@ -818,6 +818,15 @@ def test_a_p99_above_the_objective_calibrates_the_model_and_adds_workers():
     assert new.workers == 3 and "no plan holds it on 3 workers" in why
     assert "workers: 3, all there may be: no plan on them holds the objective" in new.explain()
     assert new.replans[-1].changes == (("max_inflight", capped.shed_inflight, new.shed_inflight),)
+
+
+def test_one_measurement_raises_a_calibration_by_raise_at_most_and_a_lasting_shortfall_raises_it_again():
+    plan = single_plan(rate=150)
+    wild = 20 * plan.prediction.p99_ms   # one window 20x the model's (a stall over two seconds, a host pause)
+    hot, why = decide(plan, 150, p99_ms=wild)
+    assert hot.calibration == pytest.approx(RAISE) and f"calibrates it x{RAISE:g} at most" in why
+    hotter, _ = decide(hot, 150, p99_ms=wild)   # it lasts: raised again, to what is measured at most
+    assert hotter.calibration == pytest.approx(min(RAISE ** 2, wild / hot.prediction.p99_ms))
 
 
 def test_a_calibration_eases_at_most_by_half_at_a_time_once_the_measured_p99_falls_back_while_steady():

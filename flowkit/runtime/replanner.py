@@ -20,7 +20,8 @@ meet becomes ``slo_ms / (measured p99 / predicted p99)`` where that is tighter t
 margin for the model's error (``slo_ms / (1 + SLOPlan.margin)``), so the model's optimism is paid
 for with workers, and, once they run out, with earlier shedding (for the calibration only: a
 plan short of the margin is the best predicted, and sheds only where the queue would outlast
-the objective as calibrated). A calibration eases when, within the objective and with the load
+the objective as calibrated). One measurement raises a calibration by ``RAISE`` at most: a
+shortfall that lasts raises it again at the next. A calibration eases when, within the objective and with the load
 steady, the measured p99 runs a quarter or more below the calibrated ratio (a slow spell
 passed): to what is measured, halved at most at a time, not below 1 (``EASE``) — the workers and
 shedding a spell brought are not kept for good. (Shedding also lowers the p99 measured: where
@@ -50,11 +51,13 @@ from ..planner import (BATCH_GAIN, SLOPlan, fewest_workers, overheads_for, predi
                        search_knobs, shed_limit)
 from .window import LATE_SHARE, RISE_MIN, RISE_S, STALL_S, Stall, Window, beyond_chance, judge, window_rates
 
-__all__ = ["Replan", "decide", "retarget", "over_http", "Replanner", "RATE_FACTOR", "STEADY"]
+__all__ = ["Replan", "decide", "retarget", "over_http", "Replanner", "RATE_FACTOR", "RAISE", "STEADY"]
 
 logger = logging.getLogger("flowkit.deploy")
 
 RATE_FACTOR = 3.0
+RAISE = 4.0         # one measurement raises a calibration by this factor at most (a sustained shortfall
+                    # raises it again at the next: one window's wildest reading does not set it alone)
 EASE = 2.0          # a calibration eases by this factor at most at a time ...
 EASE_GAP = 1.25     # ... once measured p99s run this far below it (the model's margin, MODEL_ERROR: within it,
                     # a calibration changes nothing)
@@ -116,6 +119,8 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
     ('p99 40 ms measured, above the objective of 30 ms', 4, 2.0)
     >>> new.replans[-1].changes
     (('workers', 3, 4), ('max_inflight', 10, 9))
+    >>> round(decide(plan, rate=150, p99_ms=400)[0].calibration, 1)   # ~21x the model's, in one measurement
+    4.0
     >>> new, why = decide(plan, rate=150, p99_ms=40, rate_now=250)   # a rise under way: planned for, not calibrated
     >>> why, new.workers, new.calibration, new.rate
     ('p99 40 ms measured, above the objective of 30 ms, while the rate changes (250 req/s over the last 2 s)', 4, 1.0, 250.0)
@@ -147,7 +152,10 @@ def decide(plan: SLOPlan, rate: float, p99_ms: float, slo_ms: float | None = Non
         else:
             predicted = predict(plan.specs, plan.knobs, rate, plan.resources, plan.overheads, plan.rows).p99_ms
             if math.isfinite(predicted) and predicted > 0 and math.isfinite(p99_ms):   # (inf: nothing answered)
-                calibration = max(calibration, p99_ms / predicted)
+                ratio = p99_ms / predicted
+                calibration = max(calibration, min(ratio, calibration * RAISE))
+                if ratio > calibration:
+                    reason += f" ({ratio:.2g}x the model's; one measurement calibrates it x{RAISE:g} at most)"
     elif math.isnan(p99_ms):
         return None, f"{rate:.3g} req/s (planned for {plan.rate:.3g}); too few requests yet to judge a p99"
     else:
